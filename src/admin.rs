@@ -1,0 +1,51 @@
+//! The admin listener, on a port of its own so no upstream path is shadowed:
+//! `GET /healthz` and `GET /status`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+
+use crate::admission::Scheduler;
+use crate::Body;
+
+/// Serve the admin endpoints until the task is dropped.
+pub async fn serve(listener: TcpListener, scheduler: Arc<Scheduler>) {
+    crate::server::serve_fn(listener, move |req| {
+        let scheduler = scheduler.clone();
+        async move { Ok::<_, Infallible>(handle(&scheduler, &req)) }
+    })
+    .await
+}
+
+fn handle(scheduler: &Scheduler, req: &Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/status") => {
+            let body = serde_json::to_string_pretty(&scheduler.snapshot())
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+            text(StatusCode::OK, "application/json", body)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: the admin listener serves GET /healthz and GET /status\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static headers are valid")
+}

@@ -1,0 +1,71 @@
+//! Why admission turned a request away.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why a request was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The queue was full of requests at least as urgent.
+    QueueFull,
+    /// The request waited `queue_timeout` without being dispatched.
+    QueueTimeout,
+    /// The request was queued, then pushed out by a more urgent one.
+    Evicted,
+    /// The scheduler went away (shutdown).
+    Closed,
+}
+
+impl Reason {
+    /// The stable label of this reason, used in error bodies and metrics.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::QueueFull | Reason::Evicted => "queue_full",
+            Reason::QueueTimeout => "queue_timeout",
+            Reason::Closed => "shutting_down",
+        }
+    }
+}
+
+/// The request was not admitted; come back after `retry_after`.
+#[derive(Clone, Debug)]
+pub struct Overloaded {
+    reason: Reason,
+    retry_after: Duration,
+}
+
+impl Overloaded {
+    pub(crate) fn new(reason: Reason, retry_after: Duration) -> Self {
+        Self {
+            reason,
+            retry_after,
+        }
+    }
+
+    /// Why.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// When the request would likely be admitted, from the measured drain rate.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+impl fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            Reason::QueueFull => f.write_str("the queue is full; retry after the advised delay"),
+            Reason::QueueTimeout => {
+                f.write_str("the request waited in the queue for the longest time allowed; retry after the advised delay")
+            }
+            Reason::Evicted => f.write_str(
+                "the queue is full and this request was displaced by a more urgent one; retry after the advised delay",
+            ),
+            Reason::Closed => f.write_str("the proxy is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for Overloaded {}

@@ -1,0 +1,180 @@
+//! The admission response future: wait for a slot, then drive the inner call.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Response};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::util::Oneshot;
+use tower::Service;
+
+use super::scheduler::Ticket;
+use super::{Overloaded, Permit, PermitBody};
+use crate::BoxError;
+
+/// How long the request waited in the queue, set on admitted requests'
+/// responses as a header so a client can subtract it itself.
+pub const QUEUE_MS_HEADER: &str = "x-anteroom-queue-ms";
+
+/// The time an admitted request spent queued, left in the response's
+/// extensions for the layers above.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueWait(pub Duration);
+
+pin_project! {
+    /// Response future of [`Admission`](super::Admission).
+    pub struct ResponseFuture<S, R>
+    where
+        S: Service<R>,
+    {
+        #[pin]
+        state: State<S, R>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, R>
+    where
+        S: Service<R>,
+    {
+        Waiting {
+            ticket: Ticket,
+            #[pin]
+            deadline: Sleep,
+            pending: Option<(S, R)>,
+            // False once the deadline fired but the ticket had already been
+            // dispatched: its grant is on its way, keep waiting for it.
+            timed: bool,
+            since: Instant,
+        },
+        Running {
+            #[pin]
+            fut: Oneshot<S, R>,
+            permit: Option<Permit>,
+            waited: Option<Duration>,
+        },
+        Rejected {
+            err: Option<Overloaded>,
+        },
+    }
+}
+
+impl<S, R> ResponseFuture<S, R>
+where
+    S: Service<R>,
+{
+    pub(crate) fn pass(svc: S, req: R) -> Self {
+        Self::running(svc, req, None, None)
+    }
+
+    pub(crate) fn admitted(svc: S, req: R, permit: Permit) -> Self {
+        Self::running(svc, req, Some(permit), Some(Duration::ZERO))
+    }
+
+    fn running(svc: S, req: R, permit: Option<Permit>, waited: Option<Duration>) -> Self {
+        Self {
+            state: State::Running {
+                fut: Oneshot::new(svc, req),
+                permit,
+                waited,
+            },
+        }
+    }
+
+    pub(crate) fn queued(svc: S, req: R, ticket: Ticket, timeout: Duration) -> Self {
+        let since = Instant::now();
+        Self {
+            state: State::Waiting {
+                ticket,
+                deadline: tokio::time::sleep_until(since + timeout),
+                pending: Some((svc, req)),
+                timed: true,
+                since,
+            },
+        }
+    }
+
+    pub(crate) fn rejected(err: Overloaded) -> Self {
+        Self {
+            state: State::Rejected { err: Some(err) },
+        }
+    }
+}
+
+impl<S, R, B> Future for ResponseFuture<S, R>
+where
+    S: Service<R, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<PermitBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Waiting {
+                    ticket,
+                    deadline,
+                    pending,
+                    timed,
+                    since,
+                } => {
+                    let grant = match ticket.poll_grant(cx) {
+                        Poll::Ready(grant) => grant,
+                        Poll::Pending => {
+                            if *timed && deadline.poll(cx).is_ready() {
+                                match ticket.expire() {
+                                    Some(err) => return Poll::Ready(Err(err.into())),
+                                    None => *timed = false,
+                                }
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    let permit = grant?;
+                    let waited = since.elapsed();
+                    let (svc, req) = pending.take().expect("polled after completion");
+                    this.state.set(State::Running {
+                        fut: Oneshot::new(svc, req),
+                        permit: Some(permit),
+                        waited: Some(waited),
+                    });
+                }
+                StateProj::Running {
+                    fut,
+                    permit,
+                    waited,
+                } => {
+                    // An error drops the permit with this future: the slot
+                    // comes back at once.
+                    let mut resp = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    if let Some(waited) = *waited {
+                        let ms = waited.as_millis() as u64;
+                        resp.headers_mut()
+                            .insert(QUEUE_MS_HEADER, HeaderValue::from(ms));
+                        resp.extensions_mut().insert(QueueWait(waited));
+                    }
+                    let permit = permit.take();
+                    return Poll::Ready(Ok(resp.map(|body| PermitBody::new(body, permit))));
+                }
+                StateProj::Rejected { err } => {
+                    let err = err.take().expect("polled after completion");
+                    return Poll::Ready(Err(err.into()));
+                }
+            }
+        }
+    }
+}
+
+impl<S, R> std::fmt::Debug for ResponseFuture<S, R>
+where
+    S: Service<R>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,71 @@
+//! Step 1 of the request path: admit, queue by priority, or shed.
+//!
+//! At most `max_concurrency` admitted requests are in flight at the upstream.
+//! A request that finds every slot taken (or others already waiting) joins a
+//! bounded [`PriorityQueue`] ordered by `(priority, arrival)`. It leaves the
+//! queue when a slot is handed to it, when it has waited `queue_timeout`
+//! (429 `queue_timeout`), when a more urgent request evicts it from a full
+//! queue (429 `queue_full`), or when its client goes away (dropping the future
+//! drops the [`Ticket`], which removes it at once).
+//!
+//! The slot is a [`Permit`]: it travels inside the response body
+//! ([`PermitBody`]) and is released when the last byte was taken, the body
+//! failed, or the client disconnected. Release hands the slot straight to the
+//! most urgent waiter, so a freed slot is never up for grabs by a newcomer.
+//!
+//! Only requests that [`classify`](crate::classify) marked with an
+//! [`Admit`](crate::classify::Admit) extension go through the queue; anything
+//! else (GET /v1/models, …) passes straight through.
+//!
+//! # Differences from `tower::limit::ConcurrencyLimit`
+//! tower's limit waits in `poll_ready`, which cannot see the request, so it
+//! cannot order by priority, and it releases its permit when the headers
+//! arrive, which ignores a streamed body. Here `poll_ready` is always ready,
+//! the waiting happens in the [`ResponseFuture`](future::ResponseFuture), and
+//! the permit lives until the body ends.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use anteroom::admission::{AdmissionLayer, Limits, Scheduler};
+//! use anteroom::classify::Admit;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let scheduler = Scheduler::new(Limits {
+//!     max_concurrency: 1,
+//!     max_queue: 100,
+//!     queue_timeout: Duration::from_secs(30),
+//!     retry_after_cap: Duration::from_secs(60),
+//! });
+//! let svc = ServiceBuilder::new()
+//!     .layer(AdmissionLayer::new(scheduler.clone(), Duration::from_secs(30)))
+//!     .service(service_fn(|_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+//!     }));
+//! let mut req = http::Request::new(());
+//! req.extensions_mut().insert(Admit { priority: 0 });
+//! let resp = svc.oneshot(req).await.unwrap();
+//! assert_eq!(scheduler.snapshot().running, 1); // the body still holds the slot
+//! drop(resp);
+//! assert_eq!(scheduler.snapshot().running, 0);
+//! # }
+//! ```
+
+pub mod error;
+pub mod future;
+mod layer;
+mod permit;
+pub mod queue;
+mod scheduler;
+mod service;
+
+pub use error::{Overloaded, Reason};
+pub use layer::AdmissionLayer;
+pub use permit::{Permit, PermitBody};
+pub use queue::PriorityQueue;
+pub use scheduler::{Acquire, Limits, Scheduler, Snapshot, Ticket};
+pub use service::Admission;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,392 @@
+//! The shared admission state: how many requests run, who waits, and how fast
+//! the line moves.
+//!
+//! One `parking_lot::Mutex` guards it. Every critical section is a handful of
+//! integer updates and one `BTreeMap` operation, with no await and no I/O
+//! inside; wake-ups (oneshot sends) happen after the lock is released.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::error::{Overloaded, Reason};
+use super::permit::Permit;
+use super::queue::{Key, PriorityQueue, Push};
+use crate::classify::Priority;
+
+/// Settings of the admission step, the slice of the config it needs.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most requests in flight at the upstream.
+    pub max_concurrency: usize,
+    /// Most requests waiting.
+    pub max_queue: usize,
+    /// Most time a request may wait.
+    pub queue_timeout: Duration,
+    /// Ceiling of the advised retry delay.
+    pub retry_after_cap: Duration,
+}
+
+/// What a queued request receives: a permit, or the news that it was evicted.
+pub(crate) type Grant = Result<Permit, Overloaded>;
+
+/// The outcome of asking for a slot.
+#[derive(Debug)]
+pub enum Acquire {
+    /// A slot was free and nobody waited: go.
+    Admitted(Permit),
+    /// Wait on this ticket.
+    Queued(Ticket),
+    /// No room in the queue.
+    Rejected(Overloaded),
+}
+
+/// Smoothing factor of the service-time average: each completion moves it a
+/// tenth of the way, so a few outliers do not swing the advice but a real
+/// change of backend speed shows within a few dozen requests.
+const EWMA_ALPHA: f64 = 0.1;
+
+/// Admission state shared by every clone of the admission service.
+///
+/// Cloning the `Arc<Scheduler>` never creates a new queue: every request of
+/// one proxy goes through the same one.
+#[derive(Debug)]
+pub struct Scheduler {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    running: usize,
+    max_concurrency: usize,
+    queue: PriorityQueue<oneshot::Sender<Grant>>,
+    /// Waiting requests per priority, for /status and metrics.
+    waiting_by_priority: BTreeMap<Priority, usize>,
+    /// Running requests per priority.
+    running_by_priority: BTreeMap<Priority, usize>,
+    /// Smoothed time a permit is held (dispatch to last byte), in seconds.
+    service_secs: Option<f64>,
+    /// Sum of the start times of running permits, in seconds since `epoch`,
+    /// so the mean age of running requests is known before any completes.
+    running_start_sum: f64,
+    completed: u64,
+    epoch: Instant,
+    retry_after_cap: Duration,
+}
+
+/// A snapshot for /status.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Snapshot {
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Requests in flight at the upstream.
+    pub running: usize,
+    /// The current limit.
+    pub max_concurrency: usize,
+    /// The queue's bound.
+    pub max_queue: usize,
+    /// Requests completed since start.
+    pub completed: u64,
+    /// Smoothed service time per request, in milliseconds, once measured.
+    pub service_time_ms: Option<f64>,
+    /// Waiting requests by priority.
+    pub waiting_by_priority: BTreeMap<Priority, usize>,
+    /// Running requests by priority.
+    pub running_by_priority: BTreeMap<Priority, usize>,
+}
+
+impl Scheduler {
+    /// A scheduler with these limits.
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                running: 0,
+                max_concurrency: limits.max_concurrency,
+                queue: PriorityQueue::new(limits.max_queue),
+                waiting_by_priority: BTreeMap::new(),
+                running_by_priority: BTreeMap::new(),
+                service_secs: None,
+                running_start_sum: 0.0,
+                completed: 0,
+                epoch: Instant::now(),
+                retry_after_cap: limits.retry_after_cap,
+            }),
+        })
+    }
+
+    /// Ask for a slot at `priority`.
+    pub fn acquire(self: &Arc<Self>, priority: Priority) -> Acquire {
+        let now = Instant::now();
+        let mut evicted = None;
+        let outcome = {
+            let mut st = self.state.lock();
+            let cap = st.retry_after_cap;
+            if st.running < st.max_concurrency && st.queue.is_empty() {
+                st.start(priority, now);
+                Acquire::Admitted(Permit::new(self.clone(), priority, now))
+            } else {
+                let (tx, rx) = oneshot::channel();
+                match st.queue.push(priority, tx) {
+                    Push::Queued(key) => {
+                        *st.waiting_by_priority.entry(priority).or_default() += 1;
+                        Acquire::Queued(Ticket::new(self.clone(), key, rx))
+                    }
+                    Push::Evicted {
+                        key,
+                        victim_key,
+                        victim,
+                    } => {
+                        *st.waiting_by_priority.entry(priority).or_default() += 1;
+                        dec(&mut st.waiting_by_priority, victim_key.priority());
+                        // The victim was last in line; had it stayed, it would
+                        // now stand behind everyone queued.
+                        let place = st.queue.len() + 1;
+                        let retry = st.retry_after(place, cap);
+                        evicted = Some((victim, retry));
+                        Acquire::Queued(Ticket::new(self.clone(), key, rx))
+                    }
+                    Push::Full(_) => {
+                        let place = st.queue.ahead_of_new(priority) + 1;
+                        let retry = st.retry_after(place, cap);
+                        Acquire::Rejected(Overloaded::new(Reason::QueueFull, retry))
+                    }
+                }
+            }
+        };
+        if let Some((victim, retry)) = evicted {
+            // A closed receiver means that client already left: nothing to tell.
+            let _ = victim.send(Err(Overloaded::new(Reason::Evicted, retry)));
+        }
+        outcome
+    }
+
+    /// Change the concurrency limit (hot reload, adaptive limits). Raising it
+    /// dispatches waiters at once; lowering it lets running requests finish.
+    pub fn set_max_concurrency(self: &Arc<Self>, max: usize) {
+        self.state.lock().max_concurrency = max;
+        self.dispatch();
+    }
+
+    /// A snapshot of the state, for /status.
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.state.lock();
+        Snapshot {
+            waiting: st.queue.len(),
+            running: st.running,
+            max_concurrency: st.max_concurrency,
+            max_queue: st.queue.capacity(),
+            completed: st.completed,
+            service_time_ms: st.service_secs.map(|s| s * 1000.0),
+            waiting_by_priority: st.waiting_by_priority.clone(),
+            running_by_priority: st.running_by_priority.clone(),
+        }
+    }
+
+    /// The delay to advise a request that would stand `place`-th in line.
+    pub fn advise(&self, place: usize) -> Duration {
+        let st = self.state.lock();
+        st.retry_after(place, st.retry_after_cap)
+    }
+
+    /// Called by a [`Permit`] when its request is over: account for it, then
+    /// hand the slot to the next waiter, if any.
+    pub(crate) fn release(self: &Arc<Self>, priority: Priority, started: Instant) {
+        {
+            let mut st = self.state.lock();
+            st.finish(priority, started, Instant::now());
+        }
+        self.dispatch();
+    }
+
+    /// Give free slots to waiters, most urgent first. Sends happen outside the
+    /// lock; a waiter whose client has left is skipped and its slot offered on.
+    fn dispatch(self: &Arc<Self>) {
+        loop {
+            let now = Instant::now();
+            let next = {
+                let mut st = self.state.lock();
+                if st.running >= st.max_concurrency {
+                    return;
+                }
+                let Some((key, tx)) = st.queue.pop() else {
+                    return;
+                };
+                dec(&mut st.waiting_by_priority, key.priority());
+                st.start(key.priority(), now);
+                (key, tx)
+            };
+            let (key, tx) = next;
+            let permit = Permit::new(self.clone(), key.priority(), now);
+            if let Err(Ok(permit)) = tx.send(Ok(permit)) {
+                // The waiter went away between our pop and the send: undo the
+                // start without recording a service time, and try the next one.
+                permit.disarm();
+                let mut st = self.state.lock();
+                st.abandon(key.priority(), now);
+            }
+        }
+    }
+
+    /// Take a waiter out of the queue (it gave up). Returns true when it was
+    /// still there, false when it had already been dispatched or evicted.
+    pub(crate) fn cancel(&self, key: &Key) -> bool {
+        let mut st = self.state.lock();
+        if st.queue.remove(key).is_some() {
+            dec(&mut st.waiting_by_priority, key.priority());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Take a waiter out of the queue because it waited too long, and say
+    /// when to come back: after the requests that stood ahead of it drain.
+    pub(crate) fn time_out(&self, key: &Key) -> Option<Overloaded> {
+        let mut st = self.state.lock();
+        let cap = st.retry_after_cap;
+        let place = st.queue.ahead_of(key) + 1;
+        st.queue.remove(key)?;
+        dec(&mut st.waiting_by_priority, key.priority());
+        let retry = st.retry_after(place, cap);
+        Some(Overloaded::new(Reason::QueueTimeout, retry))
+    }
+}
+
+fn dec(map: &mut BTreeMap<Priority, usize>, priority: Priority) {
+    if let Some(n) = map.get_mut(&priority) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&priority);
+        }
+    }
+}
+
+impl State {
+    fn secs(&self, t: Instant) -> f64 {
+        t.duration_since(self.epoch).as_secs_f64()
+    }
+
+    fn start(&mut self, priority: Priority, now: Instant) {
+        self.running += 1;
+        *self.running_by_priority.entry(priority).or_default() += 1;
+        self.running_start_sum += self.secs(now);
+    }
+
+    fn abandon(&mut self, priority: Priority, started: Instant) {
+        self.running -= 1;
+        dec(&mut self.running_by_priority, priority);
+        self.running_start_sum -= self.secs(started);
+        if self.running == 0 {
+            self.running_start_sum = 0.0;
+        }
+    }
+
+    fn finish(&mut self, priority: Priority, started: Instant, now: Instant) {
+        self.abandon(priority, started);
+        self.completed += 1;
+        let took = now.duration_since(started).as_secs_f64();
+        self.service_secs = Some(match self.service_secs {
+            None => took,
+            Some(avg) => avg + EWMA_ALPHA * (took - avg),
+        });
+    }
+
+    /// The measured time one slot takes to turn over: the smoothed service
+    /// time once any request completed, else the mean age of the running
+    /// requests (a lower bound of their service time), else nothing known.
+    fn service_estimate(&self, now: Instant) -> Option<f64> {
+        if let Some(s) = self.service_secs {
+            return Some(s);
+        }
+        if self.running > 0 {
+            let mean_start = self.running_start_sum / self.running as f64;
+            return Some((self.secs(now) - mean_start).max(0.0));
+        }
+        None
+    }
+
+    /// The wait of a request standing `place`-th in line (1 = next): the line
+    /// drains at `max_concurrency / service_time` requests per second.
+    fn retry_after(&self, place: usize, cap: Duration) -> Duration {
+        let slots = self.max_concurrency.max(1) as f64;
+        let secs = match self.service_estimate(Instant::now()) {
+            Some(s) => place as f64 * s / slots,
+            // Nothing has run yet and nothing is running, so the line is not
+            // moving because of load: the earliest sensible retry.
+            None => 0.0,
+        };
+        Duration::from_secs_f64(secs.max(0.001)).min(cap)
+    }
+}
+
+/// A place in the queue. Await it with [`Ticket::wait`]; dropping it gives the
+/// place up (and, if a permit was already on its way, the slot back).
+#[derive(Debug)]
+pub struct Ticket {
+    scheduler: Arc<Scheduler>,
+    key: Key,
+    rx: oneshot::Receiver<Grant>,
+    done: bool,
+}
+
+impl Ticket {
+    fn new(scheduler: Arc<Scheduler>, key: Key, rx: oneshot::Receiver<Grant>) -> Self {
+        Self {
+            scheduler,
+            key,
+            rx,
+            done: false,
+        }
+    }
+
+    /// The priority it waits at.
+    pub fn priority(&self) -> Priority {
+        self.key.priority()
+    }
+
+    /// Poll for the grant.
+    pub(crate) fn poll_grant(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Grant> {
+        use std::future::Future;
+        match std::pin::Pin::new(&mut self.rx).poll(cx) {
+            std::task::Poll::Ready(Ok(grant)) => {
+                self.done = true;
+                std::task::Poll::Ready(grant)
+            }
+            // The scheduler never drops a sender without sending, except when
+            // the scheduler itself is gone.
+            std::task::Poll::Ready(Err(_)) => {
+                self.done = true;
+                std::task::Poll::Ready(Err(Overloaded::new(Reason::Closed, Duration::from_secs(1))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// The queue timeout fired: leave the queue and say when to come back.
+    /// `None` when the ticket had already left the queue (dispatched or
+    /// evicted at the same moment): its grant is on its way, keep polling.
+    pub(crate) fn expire(&mut self) -> Option<Overloaded> {
+        let err = self.scheduler.time_out(&self.key)?;
+        self.done = true;
+        Some(err)
+    }
+
+    /// Wait for the grant.
+    pub async fn wait(mut self) -> Grant {
+        std::future::poll_fn(|cx| self.poll_grant(cx)).await
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.done {
+            // Leave the queue. If the permit was already sent, dropping `rx`
+            // right after drops it, which hands the slot to the next waiter.
+            self.scheduler.cancel(&self.key);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tower::Service;
+
+use super::future::ResponseFuture;
+use super::scheduler::{Acquire, Scheduler};
+use super::PermitBody;
+use crate::classify::Admit;
+use crate::BoxError;
+
+/// Admission control in front of `S`: see the [module docs](super).
+#[derive(Clone, Debug)]
+pub struct Admission<S> {
+    inner: S,
+    scheduler: Arc<Scheduler>,
+    queue_timeout: Duration,
+}
+
+impl<S> Admission<S> {
+    /// Admit through `scheduler` in front of `inner`.
+    pub fn new(inner: S, scheduler: Arc<Scheduler>, queue_timeout: Duration) -> Self {
+        Self {
+            inner,
+            scheduler,
+            queue_timeout,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwrap the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Admission<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<PermitBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Request<ReqBody>>;
+
+    /// Always ready: `poll_ready` cannot see the request's priority, so the
+    /// waiting happens in the response future. The inner service's readiness
+    /// is awaited there too, once the request holds a slot.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let inner = self.inner.clone();
+        let Some(admit) = req.extensions().get::<Admit>().copied() else {
+            return ResponseFuture::pass(inner, req);
+        };
+        match self.scheduler.acquire(admit.priority) {
+            Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
+            Acquire::Queued(ticket) => {
+                ResponseFuture::queued(inner, req, ticket, self.queue_timeout)
+            }
+            Acquire::Rejected(err) => ResponseFuture::rejected(err),
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Admission against in-process services, on tokio's paused clock.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+
+use super::*;
+use crate::classify::Admit;
+use crate::error::describe;
+
+fn limits(max_concurrency: usize, max_queue: usize) -> Limits {
+    Limits {
+        max_concurrency,
+        max_queue,
+        queue_timeout: Duration::from_secs(30),
+        retry_after_cap: Duration::from_secs(60),
+    }
+}
+
+fn req(priority: i32, tag: &str) -> Request<String> {
+    let mut r = Request::new(tag.to_string());
+    r.extensions_mut().insert(Admit { priority });
+    r
+}
+
+/// A service that records the order requests reach it and answers at once.
+#[derive(Clone)]
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+impl Service<Request<String>> for Recorder {
+    type Response = Response<Empty<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: Request<String>) -> Self::Future {
+        self.0.lock().push(r.body().clone());
+        std::future::ready(Ok(Response::new(Empty::new())))
+    }
+}
+
+fn recorder(log: Arc<Mutex<Vec<String>>>) -> Recorder {
+    Recorder(log)
+}
+
+#[tokio::test(start_paused = true)]
+async fn freed_slot_goes_to_the_most_urgent_then_earliest_waiter() {
+    let scheduler = Scheduler::new(limits(1, 100));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(30),
+        ))
+        .service(recorder(log.clone()));
+
+    // The first request takes the slot and holds it through its body.
+    let first = svc.clone().oneshot(req(0, "first")).await.unwrap();
+    let order = [
+        (5, "a5"),
+        (1, "b1"),
+        (3, "c3"),
+        (1, "d1"),
+        (-2, "e-2"),
+        (5, "f5"),
+    ];
+    let mut waiting = Vec::new();
+    for (p, tag) in order {
+        let fut = svc.clone().oneshot(req(p, tag));
+        let handle = tokio::spawn(async move {
+            let resp = fut.await.unwrap();
+            // Hold the slot a moment so the next dispatch is a separate step.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(resp);
+        });
+        waiting.push(handle);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(scheduler.snapshot().waiting, 6);
+    drop(first);
+    for h in waiting {
+        h.await.unwrap();
+    }
+    assert_eq!(*log.lock(), ["first", "e-2", "b1", "d1", "c3", "a5", "f5"]);
+    let snap = scheduler.snapshot();
+    assert_eq!((snap.running, snap.waiting, snap.completed), (0, 0, 7));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_permit_is_held_until_the_body_ends() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(30),
+        ))
+        .service(service_fn(|_r: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"hi"),
+            )))
+        }));
+    let resp = svc.clone().oneshot(req(0, "x")).await.unwrap();
+    assert_eq!(
+        scheduler.snapshot().running,
+        1,
+        "headers alone do not free the slot"
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hi");
+    assert_eq!(
+        scheduler.snapshot().running,
+        0,
+        "the end of the body frees it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_inner_call_returns_the_slot() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(30),
+        ))
+        .service(service_fn(|_r: Request<String>| async {
+            Err::<Response<Empty<Bytes>>, _>(std::io::Error::other("upstream down"))
+        }));
+    assert!(svc.clone().oneshot(req(0, "x")).await.is_err());
+    assert_eq!(scheduler.snapshot().running, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_admit_pass_straight_through() {
+    let scheduler = Scheduler::new(limits(1, 0));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(30),
+        ))
+        .service(recorder(log.clone()));
+    let _busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
+    // Queue off and the slot taken: an admitted request is refused ...
+    assert!(svc.clone().oneshot(req(0, "refused")).await.is_err());
+    // ... but a request without the Admit mark is not counted at all.
+    let resp = svc
+        .clone()
+        .oneshot(Request::new("models".to_string()))
+        .await
+        .unwrap();
+    assert!(resp.headers().get(future::QUEUE_MS_HEADER).is_none());
+    assert_eq!(*log.lock(), ["busy", "models"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_timeout_answers_429_and_leaves_the_queue() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(5),
+        ))
+        .service(recorder(Arc::default()));
+    let _busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
+    let waiter = tokio::spawn(svc.clone().oneshot(req(0, "late")));
+    tokio::time::sleep(Duration::from_millis(4_900)).await;
+    assert_eq!(scheduler.snapshot().waiting, 1);
+    let err = waiter.await.unwrap().unwrap_err();
+    let d = describe(&*err);
+    assert_eq!((d.status.as_u16(), d.code), (429, "queue_timeout"));
+    assert_eq!(scheduler.snapshot().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_queued_request_frees_its_place_at_once() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(30),
+        ))
+        .service(recorder(log.clone()));
+    let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
+    let gone = tokio::spawn(svc.clone().oneshot(req(0, "gone")));
+    let next = tokio::spawn(svc.clone().oneshot(req(0, "next")));
+    tokio::task::yield_now().await;
+    assert_eq!(scheduler.snapshot().waiting, 2);
+    gone.abort();
+    let _ = gone.await;
+    assert_eq!(
+        scheduler.snapshot().waiting,
+        1,
+        "the client that left is out of the line"
+    );
+    drop(busy);
+    next.await.unwrap().unwrap();
+    assert_eq!(*log.lock(), ["busy", "next"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn eviction_tells_the_displaced_waiter_with_a_429() {
+    let scheduler = Scheduler::new(limits(1, 2));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(30),
+        ))
+        .service(recorder(Arc::default()));
+    let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
+    let older = tokio::spawn(svc.clone().oneshot(req(5, "older")));
+    tokio::task::yield_now().await;
+    let newer = tokio::spawn(svc.clone().oneshot(req(5, "newer")));
+    tokio::task::yield_now().await;
+    let urgent = tokio::spawn(svc.clone().oneshot(req(0, "urgent")));
+    let err = newer.await.unwrap().unwrap_err();
+    assert_eq!(describe(&*err).code, "queue_full");
+    assert_eq!(scheduler.snapshot().waiting, 2);
+    drop(busy);
+    drop(urgent.await.unwrap().unwrap());
+    drop(older.await.unwrap().unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permit_delivered_to_a_vanished_waiter_is_passed_on() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let Acquire::Admitted(first) = scheduler.acquire(0) else {
+        panic!("the slot is free")
+    };
+    let Acquire::Queued(ticket_a) = scheduler.acquire(0) else {
+        panic!("queued")
+    };
+    let Acquire::Queued(ticket_b) = scheduler.acquire(0) else {
+        panic!("queued")
+    };
+    // Release: the permit is sent to A, who has not polled yet.
+    drop(first);
+    assert_eq!(scheduler.snapshot().running, 1);
+    // A goes away with the permit sitting in its channel: it goes to B.
+    drop(ticket_a);
+    let permit = ticket_b.wait().await.expect("B gets the slot");
+    assert_eq!(scheduler.snapshot().running, 1);
+    drop(permit);
+    assert_eq!(scheduler.snapshot().running, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn raising_the_limit_dispatches_waiters() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let Acquire::Admitted(_first) = scheduler.acquire(0) else {
+        panic!()
+    };
+    let Acquire::Queued(ticket) = scheduler.acquire(0) else {
+        panic!()
+    };
+    scheduler.set_max_concurrency(2);
+    let _second = ticket.wait().await.expect("dispatched by the raise");
+    assert_eq!(scheduler.snapshot().running, 2);
+}
+
+/// The advised delay follows the measured drain rate: with a known service
+/// time and queue length, it is within a factor of two of the true wait.
+#[tokio::test(start_paused = true)]
+async fn retry_after_tracks_the_true_wait() {
+    for (service, slots, queued) in [(2_000u64, 1usize, 10usize), (500, 4, 40), (300, 2, 3)] {
+        let service = Duration::from_millis(service);
+        let scheduler = Scheduler::new(Limits {
+            retry_after_cap: Duration::from_secs(3600),
+            ..limits(slots, queued)
+        });
+        // Warm up: a few requests at the known service time.
+        for _ in 0..20 {
+            let Acquire::Admitted(p) = scheduler.acquire(0) else {
+                panic!()
+            };
+            tokio::time::advance(service).await;
+            drop(p);
+        }
+        // Fill every slot, then the queue; each slot was taken at a
+        // different moment of its service, as under steady load.
+        let mut running = std::collections::VecDeque::new();
+        for i in 0..slots {
+            let Acquire::Admitted(p) = scheduler.acquire(0) else {
+                panic!()
+            };
+            running.push_back(p);
+            if i + 1 < slots {
+                tokio::time::advance(service / slots as u32).await;
+            }
+        }
+        let mut tickets = std::collections::VecDeque::new();
+        for _ in 0..queued {
+            let Acquire::Queued(t) = scheduler.acquire(0) else {
+                panic!()
+            };
+            tickets.push_back(t);
+        }
+        let Acquire::Rejected(err) = scheduler.acquire(0) else {
+            panic!("the queue is full")
+        };
+        let advised = err.retry_after();
+        // Now play it out: each running request ends `service` after it
+        // started; count the time until the whole queue has been dispatched,
+        // which is when the rejected request would have got its slot.
+        let started = tokio::time::Instant::now();
+        let mut live: std::collections::VecDeque<(tokio::time::Instant, Permit)> = running
+            .drain(..)
+            .map(|p| (p.started() + service, p))
+            .collect();
+        while !tickets.is_empty() {
+            let (ends, p) = live.pop_front().unwrap();
+            tokio::time::advance(ends.saturating_duration_since(tokio::time::Instant::now())).await;
+            drop(p);
+            let t = tickets.pop_front().unwrap();
+            let p = t.wait().await.unwrap();
+            live.push_back((tokio::time::Instant::now() + service, p));
+        }
+        let (ends, _) = live.front().unwrap();
+        let true_wait = ends.saturating_duration_since(started);
+        let ratio = advised.as_secs_f64() / true_wait.as_secs_f64();
+        assert!(
+            (0.5..=2.0).contains(&ratio),
+            "service {service:?} slots {slots} queued {queued}: advised {advised:?}, true wait {true_wait:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_capped() {
+    let scheduler = Scheduler::new(Limits {
+        retry_after_cap: Duration::from_secs(60),
+        ..limits(1, 1000)
+    });
+    let Acquire::Admitted(p) = scheduler.acquire(0) else {
+        panic!()
+    };
+    tokio::time::advance(Duration::from_secs(30)).await;
+    drop(p);
+    assert_eq!(scheduler.advise(500), Duration::from_secs(60));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grant_racing_the_deadline_is_not_lost() {
+    // The deadline fires at the moment the slot is handed over: the request
+    // must run, not be told to go away while its slot leaks.
+    let scheduler = Scheduler::new(limits(1, 10));
+    let (tx, rx) = oneshot::channel::<()>();
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(
+            scheduler.clone(),
+            Duration::from_secs(1),
+        ))
+        .service(recorder(Arc::default()));
+    let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
+    let waiter = tokio::spawn(svc.clone().oneshot(req(0, "w")));
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(busy);
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
+    let outcome = waiter.await.unwrap();
+    // Either outcome is fine, as long as the books balance afterwards.
+    drop(outcome);
+    let snap = scheduler.snapshot();
+    assert_eq!((snap.running, snap.waiting), (0, 0));
+}

@@ -1,0 +1,54 @@
+//! Assembling the proxy: the one place where the order of the layers is decided.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder};
+
+use crate::admission::{AdmissionLayer, Scheduler};
+use crate::classify::{ClassifiedBody, ClassifyLayer};
+use crate::config::Config;
+use crate::edge::EdgeLayer;
+use crate::upstream::Upstream;
+use crate::{Body, BoxError};
+
+/// The whole proxy as one cloneable service: what the server runs per request.
+pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// The request body the upstream client sends: buffered for admitted requests,
+/// streamed for the rest.
+pub type UpstreamBody = ClassifiedBody<Incoming>;
+
+/// Build the proxy for `config`, admitting through `scheduler`.
+pub fn build_stack(config: &Config, scheduler: Arc<Scheduler>) -> Stack {
+    let upstream = Upstream::<UpstreamBody>::new(config.upstream.clone(), &config.client);
+    build_stack_with(config, scheduler, upstream)
+}
+
+/// Build the proxy around any upstream service (tests use a fake).
+pub fn build_stack_with<U, B>(config: &Config, scheduler: Arc<Scheduler>, upstream: U) -> Stack
+where
+    U: Service<Request<UpstreamBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    U::Error: Into<BoxError>,
+    U::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    // Layers added first see the request first; this reads top-down like the
+    // request path in the crate docs.
+    let svc = ServiceBuilder::new()
+        // Outermost: every error from below becomes an OpenAI-shaped response
+        // carrying the request id, and the body is boxed once.
+        .layer(EdgeLayer)
+        // Decide admitted or not and read the priority; buffers admitted
+        // bodies, so a 400/413 is answered before the request takes a place.
+        .layer(ClassifyLayer::new(config.routes.clone()))
+        // Queue by priority, hold a slot until the response body ends.
+        .layer(AdmissionLayer::new(scheduler, config.limits.queue_timeout))
+        // Innermost: the pooled client to the model server.
+        .service(upstream);
+    BoxCloneSyncService::new(svc)
+}

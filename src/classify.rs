@@ -1,0 +1,301 @@
+//! Step 0 of the request path: decide whether a request goes through
+//! admission, and at what priority.
+//!
+//! A request is *admitted* (queued and counted) when its method is POST and its
+//! path is one of the configured generation endpoints. For those, the body is
+//! buffered up to `max_body_bytes` (larger: 413) so its priority can be read
+//! and so it can be replayed later; the buffered body is forwarded unchanged.
+//! The priority comes from the `x-priority` header (an integer; anything else
+//! is a 400), else from the body's top-level `priority` field (vLLM's request
+//! field) when it is an integer, else the default. Lower is sooner.
+//!
+//! Everything else passes through with its body streamed, untouched.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, Request};
+use http_body::Body;
+use http_body_util::combinators::Collect;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower::{Layer, Service};
+
+use crate::error::{BadRequest, BodyTooLarge};
+use crate::json_scan;
+use crate::BoxError;
+
+/// A request's priority: lower is served sooner.
+pub type Priority = i32;
+
+/// The header that sets a request's priority.
+pub const PRIORITY_HEADER: &str = "x-priority";
+
+/// Marks a request for admission, at this priority. Set by [`Classify`],
+/// read by [`Admission`](crate::admission::Admission).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admit {
+    /// Where it queues.
+    pub priority: Priority,
+}
+
+/// The body handed on: buffered for admitted requests, streamed otherwise.
+pub type ClassifiedBody<B> = Either<Full<Bytes>, B>;
+
+/// Which requests are admitted and how their bodies are read: the slice of
+/// the config this step needs.
+#[derive(Clone, Debug)]
+pub struct Routes {
+    /// Paths of the generation endpoints (POST only).
+    pub admit_paths: Vec<String>,
+    /// Largest request body buffered.
+    pub max_body_bytes: usize,
+    /// Priority of a request that names none.
+    pub default_priority: Priority,
+}
+
+impl Routes {
+    fn admits(&self, method: &Method, path: &str) -> bool {
+        method == Method::POST && self.admit_paths.iter().any(|p| p == path)
+    }
+}
+
+/// Builds [`Classify`] services. Cloning shares the routes.
+#[derive(Clone, Debug)]
+pub struct ClassifyLayer {
+    routes: Arc<Routes>,
+}
+
+impl ClassifyLayer {
+    /// Classify by these routes.
+    pub fn new(routes: Routes) -> Self {
+        Self {
+            routes: Arc::new(routes),
+        }
+    }
+}
+
+impl<S> Layer<S> for ClassifyLayer {
+    type Service = Classify<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Classify {
+            inner,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+/// Marks generation requests for admission: see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Classify<S> {
+    inner: S,
+    routes: Arc<Routes>,
+}
+
+impl<S, B> Service<Request<B>> for Classify<S>
+where
+    S: Service<Request<ClassifiedBody<B>>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is driven by the Oneshot in the future, once the body is in.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let svc = self.inner.clone();
+        if !self.routes.admits(req.method(), req.uri().path()) {
+            let req = req.map(Either::Right);
+            return ResponseFuture::calling(svc, req);
+        }
+        let header_priority = match header_priority(&req) {
+            Ok(p) => p,
+            Err(e) => return ResponseFuture::failed(e.into()),
+        };
+        let limit = self.routes.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return ResponseFuture::failed(BodyTooLarge::new(limit).into());
+        }
+        let (parts, body) = req.into_parts();
+        ResponseFuture {
+            state: State::Collecting {
+                collect: Limited::new(body, limit).collect(),
+                rest: Some(Pending {
+                    parts,
+                    svc,
+                    header_priority,
+                    default_priority: self.routes.default_priority,
+                    limit,
+                }),
+            },
+        }
+    }
+}
+
+/// Read `x-priority`: absent is `None`, anything but an `i32` is an error.
+fn header_priority<B>(req: &Request<B>) -> Result<Option<Priority>, BadRequest> {
+    let Some(value) = req.headers().get(PRIORITY_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<Priority>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            BadRequest::new(
+                "invalid_priority",
+                format!(
+                    "the {PRIORITY_HEADER} header must be an integer from {} to {} (lower is served sooner)",
+                    Priority::MIN,
+                    Priority::MAX
+                ),
+            )
+        })
+}
+
+struct Pending<S> {
+    parts: Parts,
+    svc: S,
+    header_priority: Option<Priority>,
+    default_priority: Priority,
+    limit: usize,
+}
+
+pin_project! {
+    /// Response future of [`Classify`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<ClassifiedBody<B>>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<ClassifiedBody<B>>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        Collecting {
+            #[pin]
+            collect: Collect<Limited<B>>,
+            rest: Option<Pending<S>>,
+        },
+        Calling {
+            #[pin]
+            fut: Oneshot<S, Request<ClassifiedBody<B>>>,
+        },
+        Failed {
+            err: Option<BoxError>,
+        },
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<ClassifiedBody<B>>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn calling(svc: S, req: Request<ClassifiedBody<B>>) -> Self {
+        Self {
+            state: State::Calling {
+                fut: Oneshot::new(svc, req),
+            },
+        }
+    }
+
+    fn failed(err: BoxError) -> Self {
+        Self {
+            state: State::Failed { err: Some(err) },
+        }
+    }
+}
+
+impl<S, B> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<ClassifiedBody<B>>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Collecting { collect, rest } => {
+                    let collected = ready!(collect.poll(cx));
+                    let Pending {
+                        mut parts,
+                        svc,
+                        header_priority,
+                        default_priority,
+                        limit,
+                    } = rest.take().expect("polled after completion");
+                    let bytes = match collected {
+                        Ok(c) => c.to_bytes(),
+                        Err(e) if e.is::<LengthLimitError>() => {
+                            return Poll::Ready(Err(BodyTooLarge::new(limit).into()))
+                        }
+                        Err(e) => {
+                            return Poll::Ready(Err(BadRequest::new(
+                                "invalid_body",
+                                format!("could not read the request body: {e}"),
+                            )
+                            .into()))
+                        }
+                    };
+                    let priority = header_priority
+                        .or_else(|| json_scan::scan(&bytes).priority)
+                        .unwrap_or(default_priority);
+                    parts.extensions.insert(Admit { priority });
+                    let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+                    this.state.set(State::Calling {
+                        fut: Oneshot::new(svc, req),
+                    });
+                }
+                StateProj::Calling { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Failed { err } => {
+                    return Poll::Ready(Err(err.take().expect("polled after completion")))
+                }
+            }
+        }
+    }
+}
+
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<ClassifiedBody<B>>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

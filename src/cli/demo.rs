@@ -1,0 +1,203 @@
+//! `anteroom demo`: the whole story in a few seconds, on loopback.
+//!
+//! A serial simulator (one request at a time, like LM Studio) sits behind
+//! anteroom with `max_concurrency = 1` and a short queue. An eval-like burst
+//! of low-priority (10) requests arrives at once, then interactive requests
+//! (priority 0) arrive one by one. The table shows the interactive ones
+//! jumping the line (and displacing batch work from the full queue) while the
+//! batch overflow gets 429s with a measured `Retry-After`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::config::FileConfig;
+use crate::sim::{self, Mode, SimConfig};
+use crate::BoxError;
+
+/// Flags of `anteroom demo`.
+#[derive(Clone, Debug, Args)]
+pub struct DemoArgs {
+    /// Low-priority requests in the burst.
+    #[arg(long, default_value_t = 40)]
+    pub batch: usize,
+    /// Interactive requests, sent one after another during the burst.
+    #[arg(long, default_value_t = 6)]
+    pub interactive: usize,
+    /// Queue bound of the demo proxy (small, to show 429s).
+    #[arg(long, default_value_t = 24)]
+    pub max_queue: usize,
+}
+
+/// One request's outcome.
+#[derive(Clone, Debug)]
+struct Outcome {
+    priority: i32,
+    status: u16,
+    queue_ms: Option<u64>,
+    total: Duration,
+    retry_after_ms: Option<u64>,
+}
+
+/// Run the demo and print the table.
+pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let sim = sim::start(
+        loopback,
+        SimConfig {
+            mode: Mode::Serial,
+            ttft: Duration::from_millis(30),
+            tokens_per_second: 200.0,
+            output_tokens: 16,
+            ..SimConfig::default()
+        },
+    )
+    .await?;
+    let file = FileConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        upstream: sim.url(),
+        max_concurrency: 1,
+        max_queue: args.max_queue,
+        queue_timeout: "30s".into(),
+        ..FileConfig::default()
+    };
+    let config = file.validate()?;
+    let proxy = super::serve::start(&config).await?;
+    println!(
+        "anteroom demo: simulator (serial, ~105 ms per request) at {}, anteroom at {} \
+         (max_concurrency 1, max_queue {})",
+        sim.addr, proxy.addr, args.max_queue
+    );
+    println!(
+        "sending {} batch requests (priority 10) at once, then {} interactive ones (priority 0)...\n",
+        args.batch, args.interactive
+    );
+
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/v1/chat/completions", proxy.url());
+    let mut tasks = Vec::new();
+    for _ in 0..args.batch {
+        tasks.push(tokio::spawn(send(
+            client.clone(),
+            url.clone(),
+            10,
+            Duration::ZERO,
+        )));
+    }
+    for i in 0..args.interactive {
+        let delay = Duration::from_millis(200 + 300 * i as u64);
+        tasks.push(tokio::spawn(send(client.clone(), url.clone(), 0, delay)));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await??);
+    }
+    print_table(&outcomes);
+    let stats = sim.stats();
+    println!(
+        "\nthe simulator saw {} requests, at most {} at once (max_concurrency 1 held).",
+        stats.received, stats.peak_in_flight
+    );
+    Ok(())
+}
+
+async fn send(
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: String,
+    priority: i32,
+    delay: Duration,
+) -> Result<Outcome, BoxError> {
+    tokio::time::sleep(delay).await;
+    let body = serde_json::json!({
+        "model": "anteroom-sim",
+        "stream": true,
+        "messages": [{"role": "user", "content": "Say something."}],
+    });
+    let req = Request::post(url)
+        .header("content-type", "application/json")
+        .header("x-priority", priority)
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let start = Instant::now();
+    let resp = client.request(req).await?;
+    let status = resp.status().as_u16();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let queue_ms = header(crate::admission::future::QUEUE_MS_HEADER);
+    let retry_after_ms = header("retry-after-ms");
+    resp.into_body().collect().await?;
+    Ok(Outcome {
+        priority,
+        status,
+        queue_ms,
+        total: start.elapsed(),
+        retry_after_ms,
+    })
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+fn print_table(outcomes: &[Outcome]) {
+    println!(
+        "{:>8} {:>5} {:>4} {:>5} {:>15} {:>15} {:>15} {:>16}",
+        "priority",
+        "sent",
+        "ok",
+        "429",
+        "queue p50 ms",
+        "queue max ms",
+        "total p50 ms",
+        "retry-after ms"
+    );
+    let mut priorities: Vec<i32> = outcomes.iter().map(|o| o.priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    for p in priorities {
+        let of: Vec<&Outcome> = outcomes.iter().filter(|o| o.priority == p).collect();
+        let ok = of.iter().filter(|o| o.status == 200).count();
+        let rejected = of.iter().filter(|o| o.status == 429).count();
+        let mut queue: Vec<u64> = of.iter().filter_map(|o| o.queue_ms).collect();
+        queue.sort_unstable();
+        let mut total: Vec<u64> = of
+            .iter()
+            .filter(|o| o.status == 200)
+            .map(|o| o.total.as_millis() as u64)
+            .collect();
+        total.sort_unstable();
+        let mut retry: Vec<u64> = of.iter().filter_map(|o| o.retry_after_ms).collect();
+        retry.sort_unstable();
+        let retry = if retry.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{}..{}", retry[0], retry[retry.len() - 1])
+        };
+        println!(
+            "{:>8} {:>5} {:>4} {:>5} {:>15} {:>15} {:>15} {:>16}",
+            p,
+            of.len(),
+            ok,
+            rejected,
+            percentile(&queue, 0.5),
+            queue.last().copied().unwrap_or(0),
+            percentile(&total, 0.5),
+            retry
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! `anteroom serve`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use tokio::net::TcpListener;
+
+use crate::admission::Scheduler;
+use crate::config::{Config, ConfigError, FileConfig};
+use crate::BoxError;
+
+/// Flags of `anteroom serve`: one per config key, each overriding the file.
+#[derive(Clone, Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The model server, e.g. http://127.0.0.1:1234 (key: upstream).
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Proxy listen address (key: listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listen address for /healthz and /status (key: admin_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Most requests in flight at the upstream (key: max_concurrency).
+    #[arg(long, value_name = "N")]
+    pub max_concurrency: Option<usize>,
+    /// Most requests waiting (key: max_queue).
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
+    /// Most time a request waits, e.g. 180s (key: queue_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub queue_timeout: Option<String>,
+    /// Ceiling of the advised Retry-After (key: retry_after_cap).
+    #[arg(long, value_name = "DURATION")]
+    pub retry_after_cap: Option<String>,
+    /// Largest buffered request body in bytes (key: max_body_bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Most time to the upstream's response headers (key: upstream_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub upstream_timeout: Option<String>,
+    /// Most time to connect to the upstream (key: connect_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// How long idle upstream connections are kept (key: pool_idle_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub pool_idle_timeout: Option<String>,
+    /// A path whose POSTs are admitted; repeat for several; replaces the
+    /// list (key: admit_paths).
+    #[arg(long = "admit-path", value_name = "PATH")]
+    pub admit_paths: Vec<String>,
+    /// Priority of requests that name none (key: default_priority).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub default_priority: Option<i32>,
+}
+
+impl ServeArgs {
+    /// The config file (or the defaults) with these flags applied.
+    pub fn file_config(&self) -> Result<FileConfig, ConfigError> {
+        let mut f = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &self.$field { f.$field = v.clone(); }
+            )*};
+        }
+        set!(
+            upstream,
+            listen,
+            admin_listen,
+            max_concurrency,
+            max_queue,
+            queue_timeout,
+            retry_after_cap,
+            max_body_bytes,
+            upstream_timeout,
+            connect_timeout,
+            pool_idle_timeout,
+            default_priority
+        );
+        if !self.admit_paths.is_empty() {
+            f.admit_paths = self.admit_paths.clone();
+        }
+        Ok(f)
+    }
+
+    /// The validated config.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        self.file_config()?.validate()
+    }
+}
+
+/// A running proxy: its addresses and scheduler.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the proxy listens.
+    pub addr: std::net::SocketAddr,
+    /// Where the admin listener listens.
+    pub admin_addr: std::net::SocketAddr,
+    /// The admission state.
+    pub scheduler: Arc<Scheduler>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Bind both listeners and serve in the background.
+pub async fn start(config: &Config) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let admin = TcpListener::bind(config.admin_listen).await?;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let scheduler = Scheduler::new(config.limits.clone());
+    let stack = crate::app::build_stack(config, scheduler.clone());
+    let tasks = vec![
+        tokio::spawn(crate::server::serve(
+            listener,
+            stack,
+            std::future::pending(),
+        )),
+        tokio::spawn(crate::admin::serve(admin, scheduler.clone())),
+    ];
+    Ok(Running {
+        addr,
+        admin_addr,
+        scheduler,
+        tasks,
+    })
+}
+
+/// `anteroom serve`: run until SIGINT or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
+    let config = args.config()?;
+    let running = start(&config).await.map_err(|e| {
+        format!(
+            "cannot listen on {} or {}: {e}",
+            config.listen, config.admin_listen
+        )
+    })?;
+    tracing::info!(
+        listen = %running.addr,
+        admin = %running.admin_addr,
+        upstream = %config.upstream.authority(),
+        max_concurrency = config.limits.max_concurrency,
+        max_queue = config.limits.max_queue,
+        "anteroom serving"
+    );
+    super::shutdown_signal().await;
+    tracing::info!("shutting down");
+    drop(running);
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! `anteroom simulate`.
+
+use clap::Args;
+
+use crate::config::parse_duration;
+use crate::sim::{self, Mode, SimConfig};
+use crate::BoxError;
+
+/// Flags of `anteroom simulate`.
+#[derive(Clone, Debug, Args)]
+pub struct SimulateArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:1234", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// serial: one request at a time (LM Studio); batch: up to --slots at once (vLLM).
+    #[arg(long, value_enum, default_value = "serial")]
+    pub mode: Mode,
+    /// Concurrent requests in batch mode.
+    #[arg(long, default_value_t = 8)]
+    pub slots: usize,
+    /// Time to first token.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub ttft: std::time::Duration,
+    /// Output tokens per second of one request alone.
+    #[arg(long, default_value_t = 100.0)]
+    pub tokens_per_second: f64,
+    /// Output tokens when a request sets no max_tokens.
+    #[arg(long, default_value_t = 16)]
+    pub output_tokens: usize,
+    /// Batch mode: each other running request slows every token by this share.
+    #[arg(long, default_value_t = 0.1)]
+    pub batch_slowdown: f64,
+    /// Model name.
+    #[arg(long, default_value = "anteroom-sim")]
+    pub model: String,
+}
+
+impl SimulateArgs {
+    /// The simulator config.
+    pub fn sim_config(&self) -> SimConfig {
+        SimConfig {
+            mode: self.mode,
+            slots: self.slots,
+            ttft: self.ttft,
+            tokens_per_second: self.tokens_per_second,
+            output_tokens: self.output_tokens,
+            batch_slowdown: self.batch_slowdown,
+            model: self.model.clone(),
+        }
+    }
+}
+
+/// Run until SIGINT or SIGTERM.
+pub async fn run(args: SimulateArgs) -> Result<(), BoxError> {
+    let handle = sim::start(args.listen, args.sim_config()).await?;
+    tracing::info!(listen = %handle.addr, mode = ?args.mode, "simulator serving");
+    super::shutdown_signal().await;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Configuration: the TOML file's types, their defaults, and validation into
+//! the typed runtime config the layers take their slices from.
+//!
+//! Every key can also be given as a command-line flag of `anteroom serve`
+//! (`max_queue` is `--max-queue`); a flag overrides the file. Unknown keys and
+//! bad values are refused at start with a message that names the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::admission::Limits;
+use crate::classify::{Priority, Routes};
+use crate::upstream::{ClientSettings, Origin};
+
+/// The config file, as written. Every field has a default; `config/default.toml`
+/// lists them all.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Address the proxy listens on.
+    pub listen: String,
+    /// Address of the admin listener (/healthz, /status).
+    pub admin_listen: String,
+    /// The model server: `http://host:port`, optionally with a path prefix.
+    pub upstream: String,
+    /// Most requests in flight at the upstream.
+    pub max_concurrency: usize,
+    /// Most requests waiting for a slot; 0 turns queueing off.
+    pub max_queue: usize,
+    /// Most time a request may wait for a slot, e.g. "180s".
+    pub queue_timeout: String,
+    /// Ceiling of the advised `Retry-After`.
+    pub retry_after_cap: String,
+    /// Largest request body of an admitted request, in bytes.
+    pub max_body_bytes: usize,
+    /// Most time from dispatching a request to the upstream's response headers.
+    pub upstream_timeout: String,
+    /// Most time to open a connection to the upstream.
+    pub connect_timeout: String,
+    /// How long an idle upstream connection is kept for reuse.
+    pub pool_idle_timeout: String,
+    /// Paths whose POST requests go through admission.
+    pub admit_paths: Vec<String>,
+    /// Priority of a request that names none (lower is sooner).
+    pub default_priority: Priority,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:8081".into(),
+            upstream: "http://127.0.0.1:1234".into(),
+            max_concurrency: 4,
+            max_queue: 4096,
+            queue_timeout: "180s".into(),
+            retry_after_cap: "60s".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            upstream_timeout: "600s".into(),
+            connect_timeout: "5s".into(),
+            pool_idle_timeout: "90s".into(),
+            admit_paths: vec![
+                "/v1/chat/completions".into(),
+                "/v1/completions".into(),
+                "/v1/embeddings".into(),
+                "/v1/responses".into(),
+            ],
+            default_priority: 0,
+        }
+    }
+}
+
+/// A config that failed to load or validate. The message names the key.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated runtime config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Upstream origin.
+    pub upstream: Origin,
+    /// Admission limits.
+    pub limits: Limits,
+    /// Which requests are admitted.
+    pub routes: Routes,
+    /// Upstream client settings.
+    pub client: ClientSettings,
+}
+
+impl FileConfig {
+    /// Read and parse a file; unknown keys are refused.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parse TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_string()))
+    }
+
+    /// Check every value and build the runtime config.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let addr = |key: &str, v: &str| {
+            v.parse::<SocketAddr>().map_err(|e| {
+                ConfigError(format!(
+                    "{key}: `{v}` is not an address like 127.0.0.1:8080 ({e})"
+                ))
+            })
+        };
+        let listen = addr("listen", &self.listen)?;
+        let admin_listen = addr("admin_listen", &self.admin_listen)?;
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(ConfigError(format!(
+                "admin_listen: must differ from listen ({listen})"
+            )));
+        }
+        let upstream =
+            Origin::parse(&self.upstream).map_err(|e| ConfigError(format!("upstream: {e}")))?;
+        if self.max_concurrency == 0 {
+            return Err(ConfigError("max_concurrency: must be at least 1".into()));
+        }
+        let queue_timeout = positive("queue_timeout", &self.queue_timeout)?;
+        let retry_after_cap = positive("retry_after_cap", &self.retry_after_cap)?;
+        let upstream_timeout = positive("upstream_timeout", &self.upstream_timeout)?;
+        let connect_timeout = positive("connect_timeout", &self.connect_timeout)?;
+        let pool_idle_timeout = parse_duration(&self.pool_idle_timeout)
+            .map_err(|e| ConfigError(format!("pool_idle_timeout: {e}")))?;
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError("max_body_bytes: must be at least 1".into()));
+        }
+        if let Some(bad) = self.admit_paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(ConfigError(format!(
+                "admit_paths: `{bad}` must be a path starting with /"
+            )));
+        }
+        Ok(Config {
+            listen,
+            admin_listen,
+            upstream,
+            limits: Limits {
+                max_concurrency: self.max_concurrency,
+                max_queue: self.max_queue,
+                queue_timeout,
+                retry_after_cap,
+            },
+            routes: Routes {
+                admit_paths: self.admit_paths.clone(),
+                max_body_bytes: self.max_body_bytes,
+                default_priority: self.default_priority,
+            },
+            client: ClientSettings {
+                connect_timeout,
+                response_timeout: upstream_timeout,
+                pool_idle_timeout,
+            },
+        })
+    }
+}
+
+fn positive(key: &str, v: &str) -> Result<Duration, ConfigError> {
+    match parse_duration(v) {
+        Ok(d) if d > Duration::ZERO => Ok(d),
+        Ok(_) => Err(ConfigError(format!("{key}: must be more than zero"))),
+        Err(e) => Err(ConfigError(format!("{key}: {e}"))),
+    }
+}
+
+/// Parse a duration such as `500ms`, `30s`, `1.5s`, `2m` or `1h`.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let s = v.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{v}` needs a unit: ms, s, m or h (e.g. 30s)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{v}` is not a duration like 30s or 500ms"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("`{v}`: unknown unit `{other}` (use ms, s, m or h)")),
+    };
+    let secs = n * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("`{v}` is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "30", "s", "3x", "-1s", "1.2.3s", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = FileConfig::default().validate().unwrap();
+        assert_eq!(c.limits.max_concurrency, 4);
+        assert_eq!(c.limits.queue_timeout, Duration::from_secs(180));
+        assert_eq!(c.routes.max_body_bytes, 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = FileConfig::parse("max_concurent = 3").unwrap_err();
+        assert!(err.0.contains("max_concurent"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("max_concurrency = 0", "max_concurrency"),
+            ("queue_timeout = \"soon\"", "queue_timeout"),
+            ("queue_timeout = \"0s\"", "queue_timeout"),
+            ("upstream = \"localhost:1234\"", "upstream"),
+            ("listen = \"nowhere\"", "listen"),
+            ("admit_paths = [\"v1/chat\"]", "admit_paths"),
+            ("max_body_bytes = 0", "max_body_bytes"),
+        ];
+        for (text, key) in cases {
+            let err = FileConfig::parse(text)
+                .and_then(|f| f.validate().map(|_| ()))
+                .unwrap_err();
+            assert!(err.0.contains(key), "{text}: {err}");
+        }
+        let err = FileConfig::parse("max_queue = \"many\"").unwrap_err();
+        assert!(err.0.contains("max_queue"), "{err}");
+    }
+}

@@ -1,0 +1,323 @@
+//! Errors of the request path and the one place that turns them into
+//! responses.
+//!
+//! Inside the stack every failure is a small named struct carried as a
+//! [`BoxError`]. At the edge, [`rescue`] walks the error's `source()` chain
+//! and answers with the right status and an OpenAI-shaped body:
+//!
+//! ```json
+//! {"error":{"message":"…","type":"…","param":null,"code":"…"}}
+//! ```
+//!
+//! | status | `type` | `code` | when |
+//! |---|---|---|---|
+//! | 400 | `invalid_request_error` | `invalid_priority`, `invalid_body` | bad `x-priority`; unreadable body |
+//! | 413 | `invalid_request_error` | `request_too_large` | body over `max_body_bytes` |
+//! | 429 | `rate_limit_error` | `queue_full`, `queue_timeout` | queue full (or displaced by a more urgent request); waited too long |
+//! | 502 | `upstream_error` | `upstream_unavailable` | upstream refused, reset, or answered garbage |
+//! | 503 | `server_error` | `shutting_down` | the proxy is closing |
+//! | 504 | `upstream_error` | `upstream_timeout` | no response headers within `upstream_timeout` |
+//! | 500 | `server_error` | `internal_error` | anything else (a bug) |
+//!
+//! A 429 also carries `Retry-After` (whole seconds, at least 1) and
+//! `retry-after-ms` (milliseconds, at least 1).
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::admission::{Overloaded, Reason};
+use crate::BoxError;
+
+/// The request itself is wrong (400).
+#[derive(Debug)]
+pub struct BadRequest {
+    code: &'static str,
+    message: String,
+}
+
+impl BadRequest {
+    pub(crate) fn new(code: &'static str, message: String) -> Self {
+        Self { code, message }
+    }
+}
+
+impl fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl StdError for BadRequest {}
+
+/// The request body is larger than `max_body_bytes` (413).
+#[derive(Debug)]
+pub struct BodyTooLarge {
+    limit: usize,
+}
+
+impl BodyTooLarge {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self { limit }
+    }
+}
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the request body is larger than the {} bytes this proxy buffers (max_body_bytes)",
+            self.limit
+        )
+    }
+}
+
+impl StdError for BodyTooLarge {}
+
+/// The upstream could not be reached or broke the exchange (502).
+#[derive(Debug)]
+pub struct UpstreamUnavailable {
+    source: BoxError,
+}
+
+impl UpstreamUnavailable {
+    pub(crate) fn new(source: impl Into<BoxError>) -> Self {
+        Self {
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for UpstreamUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the upstream server could not be reached: {}",
+            chain(&*self.source)
+        )
+    }
+}
+
+impl StdError for UpstreamUnavailable {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// The upstream sent no response headers in time (504).
+#[derive(Debug)]
+pub struct UpstreamTimeout {
+    after: Duration,
+}
+
+impl UpstreamTimeout {
+    pub(crate) fn new(after: Duration) -> Self {
+        Self { after }
+    }
+}
+
+impl fmt::Display for UpstreamTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the upstream server sent no response within {:?} (upstream_timeout)",
+            self.after
+        )
+    }
+}
+
+impl StdError for UpstreamTimeout {}
+
+/// A request-path error, as the error body describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Described {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// OpenAI error `type`.
+    pub kind: &'static str,
+    /// Stable `code`, also the metric label.
+    pub code: &'static str,
+    /// Advised delay before a retry.
+    pub retry_after: Option<Duration>,
+}
+
+/// The first error of type `E` in `err`'s source chain.
+pub fn cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Classify an error: status, type, code and retry advice. A flat list, most
+/// specific first.
+pub fn describe(err: &(dyn StdError + 'static)) -> Described {
+    let d = |status, kind, code, retry_after| Described {
+        status,
+        kind,
+        code,
+        retry_after,
+    };
+    if let Some(e) = cause::<Overloaded>(err) {
+        return match e.reason() {
+            Reason::Closed => d(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                e.reason().code(),
+                Some(e.retry_after()),
+            ),
+            _ => d(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                e.reason().code(),
+                Some(e.retry_after()),
+            ),
+        };
+    }
+    if let Some(e) = cause::<BadRequest>(err) {
+        return d(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            e.code,
+            None,
+        );
+    }
+    if cause::<BodyTooLarge>(err).is_some() {
+        return d(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            None,
+        );
+    }
+    if cause::<UpstreamTimeout>(err).is_some() {
+        return d(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            "upstream_timeout",
+            None,
+        );
+    }
+    if cause::<UpstreamUnavailable>(err).is_some() {
+        return d(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_unavailable",
+            None,
+        );
+    }
+    d(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "internal_error",
+        None,
+    )
+}
+
+/// Turn any request-path error into the response the client gets.
+pub fn rescue(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
+    let d = describe(err);
+    if d.status.is_server_error() {
+        tracing::warn!(code = d.code, error = %chain(err), "request failed");
+    } else {
+        tracing::debug!(code = d.code, error = %chain(err), "request refused");
+    }
+    error_response(&d, &chain(err))
+}
+
+/// An OpenAI-shaped error response.
+pub fn error_response(d: &Described, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": d.kind,
+            "param": null,
+            "code": d.code,
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = d.status;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(after) = d.retry_after {
+        let (secs, ms) = retry_after_values(after);
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        h.insert("retry-after-ms", HeaderValue::from(ms));
+    }
+    resp
+}
+
+/// `Retry-After` in whole seconds (rounded up, at least 1) and
+/// `retry-after-ms` (rounded up, at least 1).
+pub fn retry_after_values(after: Duration) -> (u64, u64) {
+    let ms = (after.as_micros().div_ceil(1000) as u64).max(1);
+    let secs = ms.div_ceil(1000).max(1);
+    (secs, ms)
+}
+
+/// `err` and its sources, joined by ": ", without repeating a message that a
+/// wrapper already included.
+pub fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_and_never_says_zero() {
+        assert_eq!(retry_after_values(Duration::ZERO), (1, 1));
+        assert_eq!(retry_after_values(Duration::from_micros(1)), (1, 1));
+        assert_eq!(retry_after_values(Duration::from_millis(1000)), (1, 1000));
+        assert_eq!(retry_after_values(Duration::from_millis(1001)), (2, 1001));
+        assert_eq!(retry_after_values(Duration::from_secs(60)), (60, 60000));
+    }
+
+    #[test]
+    fn overloaded_is_a_429_with_retry_advice() {
+        let err: BoxError =
+            Overloaded::new(Reason::QueueTimeout, Duration::from_millis(1500)).into();
+        let resp = rescue(&*err);
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()["retry-after"], "2");
+        assert_eq!(resp.headers()["retry-after-ms"], "1500");
+    }
+
+    #[test]
+    fn causes_are_found_through_wrappers() {
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err: BoxError = UpstreamUnavailable::new(inner).into();
+        let d = describe(&*err);
+        assert_eq!(d.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(d.code, "upstream_unavailable");
+        assert!(chain(&*err).contains("refused"));
+    }
+
+    #[test]
+    fn unknown_errors_are_internal() {
+        let err: BoxError = "something odd".into();
+        assert_eq!(describe(&*err).status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

@@ -1,0 +1,192 @@
+//! Find a few top-level fields of a JSON object without parsing it.
+//!
+//! A chat request can carry megabytes of prompt; admission only needs
+//! `priority` (and telemetry `model` and `stream`). This scanner walks the
+//! object's top level once, skipping nested values and strings without
+//! allocating or decoding them. It never fails: on malformed input it returns
+//! what it found before the fault, and the request is forwarded unchanged for
+//! the backend to judge.
+
+/// The top-level fields anteroom reads from a request body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fields<'a> {
+    /// `priority`, when it is an integer that fits an `i32`.
+    pub priority: Option<i32>,
+    /// `model`, the raw bytes between the quotes (escapes left as they are).
+    pub model: Option<&'a [u8]>,
+    /// `stream`, when it is `true` or `false`.
+    pub stream: Option<bool>,
+}
+
+/// Scan `body` for the [`Fields`].
+pub fn scan(body: &[u8]) -> Fields<'_> {
+    let mut out = Fields::default();
+    let _ = scan_into(body, &mut out);
+    out
+}
+
+fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
+    let mut i = skip_ws(b, 0);
+    if *b.get(i)? != b'{' {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if *b.get(i)? == b'}' {
+        return Some(());
+    }
+    loop {
+        if *b.get(i)? != b'"' {
+            return None;
+        }
+        let key_end = string_end(b, i)?;
+        let key = &b[i + 1..key_end];
+        i = skip_ws(b, key_end + 1);
+        if *b.get(i)? != b':' {
+            return None;
+        }
+        let start = skip_ws(b, i + 1);
+        let end = value_end(b, start)?;
+        let value = &b[start..end];
+        match key {
+            b"priority" => out.priority = parse_i32(value),
+            b"model" if value.first() == Some(&b'"') => {
+                out.model = Some(&value[1..value.len() - 1])
+            }
+            b"stream" => {
+                out.stream = match value {
+                    b"true" => Some(true),
+                    b"false" => Some(false),
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+        i = skip_ws(b, end);
+        match *b.get(i)? {
+            b',' => i = skip_ws(b, i + 1),
+            b'}' => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Index of the closing quote of the string that opens at `i`.
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        match *b.get(j)? {
+            b'"' => return Some(j),
+            b'\\' => j += 2,
+            _ => j += 1,
+        }
+    }
+}
+
+/// Index just past the value that starts at `i`.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string_end(b, i).map(|e| e + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match *b.get(j)? {
+                    b'"' => j = string_end(b, j)?,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while let Some(&c) = b.get(j) {
+                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    break;
+                }
+                j += 1;
+            }
+            (j > i).then_some(j)
+        }
+    }
+}
+
+fn parse_i32(v: &[u8]) -> Option<i32> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_top_level_fields() {
+        let f = scan(br#"{"model":"llama-3","messages":[{"role":"user","content":"hi"}],"stream":true,"priority":-5}"#);
+        assert_eq!(f.priority, Some(-5));
+        assert_eq!(f.model, Some(&b"llama-3"[..]));
+        assert_eq!(f.stream, Some(true));
+    }
+
+    #[test]
+    fn ignores_nested_fields_of_the_same_name() {
+        let f = scan(br#"{"metadata":{"priority":1,"model":"x"},"messages":[{"priority":2}],"priority" : 7 }"#);
+        assert_eq!(f.priority, Some(7));
+        assert_eq!(f.model, None);
+    }
+
+    #[test]
+    fn strings_with_braces_quotes_and_escapes_are_skipped_whole() {
+        let f = scan(br#"{"prompt":"a \"}\" {[ \\","priority":3}"#);
+        assert_eq!(f.priority, Some(3));
+    }
+
+    #[test]
+    fn non_integer_priority_is_not_a_priority() {
+        assert_eq!(scan(br#"{"priority":1.5}"#).priority, None);
+        assert_eq!(scan(br#"{"priority":"high"}"#).priority, None);
+        assert_eq!(scan(br#"{"priority":99999999999}"#).priority, None);
+        assert_eq!(scan(br#"{"priority":null}"#).priority, None);
+    }
+
+    #[test]
+    fn malformed_input_never_panics_and_keeps_what_came_before() {
+        let f = scan(br#"{"priority":4,"messages":[{"#);
+        assert_eq!(f.priority, Some(4));
+        for input in [
+            &b""[..],
+            b"{",
+            b"[1,2]",
+            b"not json",
+            b"{\"a",
+            b"{\"a\":",
+            b"{\"a\":}",
+            b"{\"a\":1 \"b\":2}",
+            b"\xff\xfe",
+            b"{\"priority\":\"\\",
+            b"}}}",
+            b"{\"a\":]}",
+        ] {
+            let _ = scan(input);
+        }
+    }
+
+    #[test]
+    fn last_occurrence_wins_like_serde_json_would_reject_or_take() {
+        // Duplicate keys are not valid for most servers; we take the last one
+        // as JavaScript's JSON.parse does.
+        assert_eq!(scan(br#"{"priority":1,"priority":2}"#).priority, Some(2));
+    }
+}

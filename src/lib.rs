@@ -1,0 +1,41 @@
+//! anteroom: `async fn(Request) -> Result<Response, Error>` in front of an
+//! OpenAI-compatible model server, deciding who goes in and when.
+//!
+//! At most `max_concurrency` generation requests are in flight at the
+//! upstream (a streamed generation counts until its last byte); the rest wait
+//! in a bounded priority queue; when it cannot take more, the client gets an
+//! honest 429 with a `Retry-After` computed from the measured drain rate.
+//! Everything else passes through byte for byte.
+//!
+//! # The request path
+//!
+//! ```text
+//! client ─▶ server ─▶ Edge ─▶ Classify ─▶ Admission ─▶ Upstream ─▶ model server
+//!           (accept)  (id,     (priority,   (queue,       (pooled
+//!                     rescue)  buffer body) permit)       client)
+//! client ◀──────────── PermitBody (slot released at end of body or drop) ◀── upstream body
+//! ```
+//!
+//! [`app::build_stack`] is the one place that orders these layers.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod admin;
+pub mod admission;
+pub mod app;
+pub mod classify;
+pub mod cli;
+pub mod config;
+pub mod edge;
+pub mod error;
+pub mod json_scan;
+pub mod server;
+pub mod sim;
+pub mod upstream;
+
+/// The error type inside the stack.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body every listener serves.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;

@@ -1,0 +1,84 @@
+//! The accept loop: TCP → hyper-util's HTTP/1.1-or-HTTP/2 connection → service.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::app::Stack;
+use crate::upstream::rewrite::ClientAddr;
+use crate::Body;
+
+/// Serve the proxy stack on `listener` until `shutdown` resolves. Each request
+/// carries its connection's [`ClientAddr`].
+pub async fn serve(listener: TcpListener, stack: Stack, shutdown: impl Future<Output = ()>) {
+    accept_loop(listener, shutdown, move |addr| {
+        let svc = stack
+            .clone()
+            .map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(ClientAddr(addr));
+                req
+            });
+        TowerToHyperService::new(svc)
+    })
+    .await
+}
+
+/// Serve a plain async function (the admin listener, the simulator) until the
+/// task is dropped.
+pub async fn serve_fn<F, Fut>(listener: TcpListener, f: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    accept_loop(listener, std::future::pending(), move |_| {
+        hyper::service::service_fn(f.clone())
+    })
+    .await
+}
+
+async fn accept_loop<S, M>(listener: TcpListener, shutdown: impl Future<Output = ()>, make: M)
+where
+    M: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors or a connection reset before
+                    // accept: keep serving the others.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // SSE events are small writes: send each at once.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
+        let svc = make(addr);
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(error = %e, %addr, "connection ended with an error");
+            }
+        });
+    }
+}

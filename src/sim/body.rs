@@ -1,0 +1,196 @@
+//! The simulator's token stream: SSE events written on a timer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use tokio::time::Sleep;
+
+use super::{InFlight, SimState, Slot};
+use crate::BoxError;
+
+/// One simulated generation.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) id: u64,
+    pub(crate) model: String,
+    pub(crate) chat: bool,
+    pub(crate) tokens: usize,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) include_usage: bool,
+}
+
+impl Completion {
+    fn usage(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.tokens,
+            "total_tokens": self.prompt_tokens + self.tokens,
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.chat, chunk) {
+            (true, true) => "chat.completion.chunk",
+            (true, false) => "chat.completion",
+            (false, _) => "text_completion",
+        }
+    }
+
+    fn choice(&self, text: &str, finish: Option<&str>) -> serde_json::Value {
+        if self.chat {
+            let delta = if text.is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::json!({"content": text})
+            };
+            serde_json::json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        } else {
+            serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+        }
+    }
+
+    fn chunk(&self, choices: serde_json::Value, usage: Option<serde_json::Value>) -> Bytes {
+        let mut v = serde_json::json!({
+            "id": format!("cmpl-sim-{}", self.id),
+            "object": self.object(true),
+            "created": 0,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+
+    /// The whole response of a non-streamed request.
+    pub(crate) fn full_response(&self) -> serde_json::Value {
+        let text: String = (0..self.tokens).map(token_text).collect();
+        let choice = if self.chat {
+            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"})
+        } else {
+            serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"})
+        };
+        serde_json::json!({
+            "id": format!("cmpl-sim-{}", self.id),
+            "object": self.object(false),
+            "created": 0,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(),
+        })
+    }
+}
+
+fn token_text(i: usize) -> String {
+    format!("tok{i} ")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Tokens(usize),
+    Finish,
+    Usage,
+    Done,
+    End,
+}
+
+/// The SSE body: the first token after the time to first token, then one
+/// token per interval, then the finish chunk, the usage chunk (if asked for)
+/// and `[DONE]`. Dropping it early counts the request as cancelled.
+pub(crate) struct SseBody {
+    state: Arc<SimState>,
+    completion: Completion,
+    phase: Phase,
+    sleep: Pin<Box<Sleep>>,
+    guard: InFlight,
+    _slot: Option<Slot>,
+}
+
+impl SseBody {
+    pub(crate) fn new(
+        state: Arc<SimState>,
+        completion: Completion,
+        guard: InFlight,
+        slot: Slot,
+    ) -> Self {
+        let sleep = Box::pin(tokio::time::sleep(state.cfg.ttft));
+        let phase = if completion.tokens == 0 {
+            Phase::Finish
+        } else {
+            Phase::Tokens(0)
+        };
+        Self {
+            state,
+            completion,
+            phase,
+            sleep,
+            guard,
+            _slot: Some(slot),
+        }
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let data = match this.phase {
+            Phase::Tokens(i) => {
+                ready!(this.sleep.as_mut().poll(cx));
+                let text = if this.completion.chat && i == 0 {
+                    // The first chat chunk carries the role too, as OpenAI's do.
+                    let v = serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": token_text(i)}, "logprobs": null, "finish_reason": null}]);
+                    this.completion.chunk(v, None)
+                } else {
+                    let c = this.completion.choice(&token_text(i), None);
+                    this.completion.chunk(serde_json::json!([c]), None)
+                };
+                this.phase = if i + 1 < this.completion.tokens {
+                    let next = tokio::time::Instant::now() + this.state.token_interval();
+                    this.sleep.as_mut().reset(next);
+                    Phase::Tokens(i + 1)
+                } else {
+                    Phase::Finish
+                };
+                text
+            }
+            Phase::Finish => {
+                ready!(this.sleep.as_mut().poll(cx));
+                this.phase = if this.completion.include_usage {
+                    Phase::Usage
+                } else {
+                    Phase::Done
+                };
+                let c = this.completion.choice("", Some("stop"));
+                this.completion.chunk(serde_json::json!([c]), None)
+            }
+            Phase::Usage => {
+                this.phase = Phase::Done;
+                this.completion
+                    .chunk(serde_json::json!([]), Some(this.completion.usage()))
+            }
+            Phase::Done => {
+                this.phase = Phase::End;
+                this.guard.finish();
+                this._slot = None;
+                Bytes::from_static(b"data: [DONE]\n\n")
+            }
+            Phase::End => return Poll::Ready(None),
+        };
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.phase == Phase::End
+    }
+}

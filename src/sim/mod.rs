@@ -1,0 +1,410 @@
+//! A built-in OpenAI-compatible model server with configurable timing, for
+//! tests, benches and the demo.
+//!
+//! `serial` mode serves one request at a time and lets the rest wait inside
+//! the server, as LM Studio and a one-slot llama-server do. `batch` mode runs
+//! up to `slots` at once, each token slower the more run together, as vLLM
+//! does. Streams are real SSE, written token by token on a timer.
+//!
+//! It counts what it sees (`GET /sim/stats`): requests received, the peak
+//! number in flight (received and not finished, waiting ones included),
+//! completed and cancelled (the client went away mid-response) requests, and
+//! the `x-request-id`s in the order they arrived.
+
+mod body;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::Body;
+use body::{Completion, SseBody};
+
+/// How the simulated server schedules requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// One request at a time; the rest wait inside the server.
+    Serial,
+    /// Up to `slots` at once, each token slower as more run together.
+    Batch,
+}
+
+/// The simulated model's timing.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Scheduling mode.
+    pub mode: Mode,
+    /// Concurrent requests in batch mode.
+    pub slots: usize,
+    /// Time to first token, from the moment a request holds a slot.
+    pub ttft: Duration,
+    /// Output tokens per second of one request running alone.
+    pub tokens_per_second: f64,
+    /// Output length when the request sets no `max_tokens`.
+    pub output_tokens: usize,
+    /// In batch mode, each other running request makes every token this
+    /// much slower (0.1: 10% per neighbour).
+    pub batch_slowdown: f64,
+    /// Model name reported.
+    pub model: String,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Serial,
+            slots: 8,
+            ttft: Duration::from_millis(50),
+            tokens_per_second: 100.0,
+            output_tokens: 16,
+            batch_slowdown: 0.1,
+            model: "anteroom-sim".into(),
+        }
+    }
+}
+
+/// What the simulator saw, served at `GET /sim/stats`.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct Stats {
+    /// Requests received.
+    pub received: u64,
+    /// Requests in flight now (waiting for a slot or running).
+    pub in_flight: usize,
+    /// Most requests in flight at once.
+    pub peak_in_flight: usize,
+    /// Generations that ran to their end.
+    pub completed: u64,
+    /// Generations whose client went away before their end.
+    pub cancelled: u64,
+    /// `x-request-id` of each generation request, in arrival order (first 100,000).
+    pub order: Vec<String>,
+}
+
+const ORDER_LOG_MAX: usize = 100_000;
+
+/// Shared counters.
+#[derive(Debug)]
+pub struct SimState {
+    cfg: SimConfig,
+    slots: Arc<Semaphore>,
+    received: AtomicU64,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+    running: AtomicUsize,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+    order: Mutex<Vec<String>>,
+    next_id: AtomicU64,
+}
+
+impl SimState {
+    fn new(cfg: SimConfig) -> Arc<Self> {
+        let slots = match cfg.mode {
+            Mode::Serial => 1,
+            Mode::Batch => cfg.slots.max(1),
+        };
+        Arc::new(Self {
+            cfg,
+            slots: Arc::new(Semaphore::new(slots)),
+            received: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            completed: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            order: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            received: self.received.load(Ordering::SeqCst),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            peak_in_flight: self.peak.load(Ordering::SeqCst),
+            completed: self.completed.load(Ordering::SeqCst),
+            cancelled: self.cancelled.load(Ordering::SeqCst),
+            order: self.order.lock().clone(),
+        }
+    }
+
+    /// Time between two tokens of one request now, given how many run.
+    fn token_interval(&self) -> Duration {
+        let base = 1.0 / self.cfg.tokens_per_second.max(1e-3);
+        let factor = match self.cfg.mode {
+            Mode::Serial => 1.0,
+            Mode::Batch => {
+                let others = self.running.load(Ordering::Relaxed).saturating_sub(1);
+                1.0 + self.cfg.batch_slowdown * others as f64
+            }
+        };
+        Duration::from_secs_f64(base * factor)
+    }
+}
+
+/// Counts a request in flight until dropped; `finish` marks it completed,
+/// a drop without it marks it cancelled.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    state: Arc<SimState>,
+    finished: bool,
+}
+
+impl InFlight {
+    fn enter(state: &Arc<SimState>) -> Self {
+        state.received.fetch_add(1, Ordering::SeqCst);
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.peak.fetch_max(now, Ordering::SeqCst);
+        Self {
+            state: state.clone(),
+            finished: false,
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.state.completed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A slot of the simulated server, holding the running count.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    state: Arc<SimState>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.state.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A running simulator.
+#[derive(Debug)]
+pub struct SimHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub state: Arc<SimState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SimHandle {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.state.stats()
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Start a simulator on `listener` in the background.
+pub fn spawn(listener: TcpListener, cfg: SimConfig) -> std::io::Result<SimHandle> {
+    let addr = listener.local_addr()?;
+    let state = SimState::new(cfg);
+    let task = tokio::spawn(serve(listener, state.clone()));
+    Ok(SimHandle { addr, state, task })
+}
+
+/// Bind `addr` and start a simulator on it.
+pub async fn start(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<SimHandle> {
+    spawn(TcpListener::bind(addr).await?, cfg)
+}
+
+/// Serve until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
+    let handler = move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(state, req).await) }
+    };
+    crate::server::serve_fn(listener, handler).await;
+}
+
+async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/v1/models") => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "object": "list",
+                "data": [{"id": state.cfg.model, "object": "model", "created": 0, "owned_by": "anteroom-sim"}],
+            }),
+        ),
+        (Method::GET, "/sim/stats") => json(
+            StatusCode::OK,
+            serde_json::to_value(state.stats()).unwrap_or_default(),
+        ),
+        (Method::GET, "/health") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (Method::POST, "/v1/chat/completions") => generate(state, req, true).await,
+        (Method::POST, "/v1/completions") => generate(state, req, false).await,
+        (Method::POST, "/v1/embeddings") => embed(state, req).await,
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": {"message": format!("no route {path}"), "type": "invalid_request_error", "param": null, "code": "not_found"}}),
+        ),
+    }
+}
+
+/// Parse the request and take a slot; `None` with an error response.
+async fn admit(
+    state: &Arc<SimState>,
+    req: Request<Incoming>,
+) -> Result<(InFlight, serde_json::Value, usize, Slot), Response<Body>> {
+    let mut guard = InFlight::enter(state);
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    {
+        let mut order = state.order.lock();
+        if order.len() < ORDER_LOG_MAX {
+            order.push(id);
+        }
+    }
+    let bytes = match req.into_body().collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            // The client went away while sending.
+            return Err(json(StatusCode::BAD_REQUEST, serde_json::json!({})));
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            guard.finish();
+            return Err(json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": {"message": format!("invalid JSON: {e}"), "type": "invalid_request_error", "param": null, "code": "invalid_json"}}),
+            ));
+        }
+    };
+    let prompt_tokens = (bytes.len() / 4).max(1);
+    let permit = state
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the simulator never closes its semaphore");
+    state.running.fetch_add(1, Ordering::SeqCst);
+    let slot = Slot {
+        state: state.clone(),
+        _permit: permit,
+    };
+    Ok((guard, value, prompt_tokens, slot))
+}
+
+async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> Response<Body> {
+    let (guard, value, prompt_tokens, slot) = match admit(&state, req).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let n = value
+        .get("max_tokens")
+        .or_else(|| value.get("max_completion_tokens"))
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .unwrap_or(state.cfg.output_tokens);
+    let stream = value
+        .get("stream")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let include_usage = value
+        .pointer("/stream_options/include_usage")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let model = value
+        .get("model")
+        .and_then(|v| v.as_str())
+        .unwrap_or(&state.cfg.model)
+        .to_string();
+    let completion = Completion {
+        id: state.next_id.fetch_add(1, Ordering::Relaxed),
+        model,
+        chat,
+        tokens: n,
+        prompt_tokens,
+        include_usage,
+    };
+    if stream {
+        let body = SseBody::new(state.clone(), completion, guard, slot);
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-cache")
+            .body(body.boxed_unsync())
+            .expect("static headers are valid");
+    }
+    tokio::time::sleep(state.cfg.ttft).await;
+    for _ in 1..n {
+        tokio::time::sleep(state.token_interval()).await;
+    }
+    let mut guard = guard;
+    guard.finish();
+    drop(slot);
+    json(StatusCode::OK, completion.full_response())
+}
+
+async fn embed(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
+    let (mut guard, _value, prompt_tokens, slot) = match admit(&state, req).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    tokio::time::sleep(state.cfg.ttft).await;
+    guard.finish();
+    drop(slot);
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+            "model": state.cfg.model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }),
+    )
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(value.to_string()))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static headers are valid")
+}
