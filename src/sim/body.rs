@@ -15,7 +15,7 @@ use crate::BoxError;
 /// One simulated generation.
 #[derive(Debug)]
 pub(crate) struct Completion {
-    pub(crate) id: u64,
+    pub(crate) id: String,
     pub(crate) model: String,
     pub(crate) chat: bool,
     pub(crate) tokens: usize,

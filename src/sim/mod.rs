@@ -282,7 +282,7 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
 async fn admit(
     state: &Arc<SimState>,
     req: Request<Incoming>,
-) -> Result<(InFlight, serde_json::Value, usize, Slot), Response<Body>> {
+) -> Result<(InFlight, serde_json::Value, usize, Slot, String), Response<Body>> {
     let mut guard = InFlight::enter(state);
     let id = req
         .headers()
@@ -293,7 +293,7 @@ async fn admit(
     {
         let mut order = state.order.lock();
         if order.len() < ORDER_LOG_MAX {
-            order.push(id);
+            order.push(id.clone());
         }
     }
     let bytes = match req.into_body().collect().await {
@@ -325,11 +325,11 @@ async fn admit(
         state: state.clone(),
         _permit: permit,
     };
-    Ok((guard, value, prompt_tokens, slot))
+    Ok((guard, value, prompt_tokens, slot, id))
 }
 
 async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> Response<Body> {
-    let (guard, value, prompt_tokens, slot) = match admit(&state, req).await {
+    let (guard, value, prompt_tokens, slot, request_id) = match admit(&state, req).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -353,7 +353,13 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
         .unwrap_or(&state.cfg.model)
         .to_string();
     let completion = Completion {
-        id: state.next_id.fetch_add(1, Ordering::Relaxed),
+        // The request id when given, so two runs of one request (direct and
+        // through the proxy) produce identical bytes.
+        id: if request_id == "-" {
+            state.next_id.fetch_add(1, Ordering::Relaxed).to_string()
+        } else {
+            request_id
+        },
         model,
         chat,
         tokens: n,
@@ -379,7 +385,7 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
 }
 
 async fn embed(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
-    let (mut guard, _value, prompt_tokens, slot) = match admit(&state, req).await {
+    let (mut guard, _value, prompt_tokens, slot, _) = match admit(&state, req).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };

@@ -1,0 +1,271 @@
+//! What passes through: streams byte for byte and as they are written,
+//! headers, ids; and what is refused, with which error.
+
+mod support;
+
+use std::time::Duration;
+
+use anteroom::sim::Mode;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_through_the_proxy_is_byte_identical_to_a_direct_one() {
+    trace_init();
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let proxy = proxy(&sim.url(), |_| {}).await;
+    let client = client();
+    for (stream, include_usage) in [(true, false), (true, true), (false, false)] {
+        let body = serde_json::json!({
+            "model": "m", "stream": stream, "max_tokens": 12,
+            "stream_options": {"include_usage": include_usage},
+            "messages": [{"role": "user", "content": "hi"}],
+        })
+        .to_string();
+        let send = |base: String| {
+            let client = client.clone();
+            let body = body.clone();
+            async move {
+                let req = Request::post(format!("{base}/v1/chat/completions"))
+                    .header("x-request-id", "same-id")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let ct = resp.headers()["content-type"].clone();
+                (ct, body_bytes(resp).await)
+            }
+        };
+        let (direct_ct, direct) = send(sim.url()).await;
+        let (proxied_ct, proxied) = send(proxy.url()).await;
+        assert_eq!(direct_ct, proxied_ct);
+        assert_eq!(direct, proxied, "stream={stream} usage={include_usage}");
+        if stream {
+            let text = String::from_utf8_lossy(&proxied);
+            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert_eq!(text.contains("\"usage\""), include_usage);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_event_arrives_before_the_backend_wrote_the_last() {
+    trace_init();
+    let mut cfg = sim_config(Mode::Serial);
+    cfg.tokens_per_second = 20.0;
+    let sim = sim(cfg).await;
+    let proxy = proxy(&sim.url(), |_| {}).await;
+    let client = client();
+    let mut resp = chat(&client, &proxy.url(), None, "s", true, 20).await;
+    assert_eq!(resp.status(), 200);
+    let frame = resp.body_mut().frame().await.unwrap().unwrap();
+    let data = frame.into_data().unwrap();
+    assert!(data.starts_with(b"data: {"), "{data:?}");
+    assert!(data.ends_with(b"\n\n"), "one whole event");
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.completed, stats.in_flight),
+        (0, 1),
+        "the backend is still writing"
+    );
+    let rest = body_bytes(resp).await;
+    assert!(rest.ends_with(b"data: [DONE]\n\n"));
+    assert_eq!(sim.stats().completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_kept_or_generated_and_returned() {
+    trace_init();
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let proxy = proxy(&sim.url(), |_| {}).await;
+    let client = client();
+    let resp = chat(&client, &proxy.url(), None, "my-id-1", false, 1).await;
+    assert_eq!(resp.headers()["x-request-id"], "my-id-1");
+    assert!(resp.headers().contains_key("x-anteroom-queue-ms"));
+    body_bytes(resp).await;
+    let resp = client
+        .request(
+            Request::post(format!("{}/v1/chat/completions", proxy.url()))
+                .body(Full::new(Bytes::from(chat_body(false, 1))))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let generated = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated.len(), 32);
+    body_bytes(resp).await;
+    assert_eq!(
+        sim.stats().order,
+        ["my-id-1", generated.as_str()],
+        "the upstream got the same ids"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_priority_header_is_a_400() {
+    trace_init();
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let proxy = proxy(&sim.url(), |_| {}).await;
+    let client = client();
+    for bad in ["high", "1.5", "", "99999999999"] {
+        let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
+            .header("x-priority", bad)
+            .body(Full::new(Bytes::from(chat_body(false, 1))))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 400, "x-priority: {bad:?}");
+        let body = body_json(resp).await;
+        assert_eq!(body["error"]["code"], "invalid_priority");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(sim.stats().received, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_a_413_whether_declared_or_streamed() {
+    trace_init();
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let proxy = proxy(&sim.url(), |c| c.max_body_bytes = 1000).await;
+    let client = client();
+    let big = format!("{{\"prompt\":\"{}\"}}", "x".repeat(2000));
+    let req = Request::post(format!("{}/v1/completions", proxy.url()))
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(body_json(resp).await["error"]["code"], "request_too_large");
+
+    // Chunked, no content-length: found while reading.
+    let chunks = big
+        .as_bytes()
+        .chunks(300)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let chunked_client: hyper_util::client::legacy::Client<_, Chunked> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = Request::post(format!("{}/v1/completions", proxy.url()))
+        .body(Chunked(chunks))
+        .unwrap();
+    let resp = chunked_client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(sim.stats().received, 0);
+}
+
+/// A body of unknown length, sent chunked.
+struct Chunked(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Chunked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_json_body_is_forwarded_at_the_default_priority() {
+    trace_init();
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let proxy = proxy(&sim.url(), |_| {}).await;
+    let client = client();
+    let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("x-request-id", "garbage")
+        .body(Full::new(Bytes::from_static(b"this is { not json")))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    // The backend judged it, not the proxy.
+    assert_eq!(resp.status(), 400);
+    assert_eq!(body_json(resp).await["error"]["code"], "invalid_json");
+    assert_eq!(sim.stats().order, ["garbage"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_a_502() {
+    trace_init();
+    // Bind then drop: nothing listens on that port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = proxy(&format!("http://127.0.0.1:{port}"), |_| {}).await;
+    let client = client();
+    for stream in [false, true] {
+        let resp = chat(&client, &proxy.url(), None, "x", stream, 1).await;
+        assert_eq!(resp.status(), 502);
+        let body = body_json(resp).await;
+        assert_eq!(body["error"]["code"], "upstream_unavailable");
+        assert_eq!(body["error"]["type"], "upstream_error");
+    }
+    assert_eq!(
+        proxy.scheduler.snapshot().running,
+        0,
+        "failed requests return their slot"
+    );
+    let resp = client
+        .get(format!("{}/v1/models", proxy.url()).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_is_a_504() {
+    trace_init();
+    let mut cfg = sim_config(Mode::Batch);
+    cfg.ttft = Duration::from_secs(5);
+    let sim = sim(cfg).await;
+    let proxy = proxy(&sim.url(), |c| c.upstream_timeout = "100ms".into()).await;
+    let client = client();
+    let resp = chat(&client, &proxy.url(), None, "slow", false, 1).await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(body_json(resp).await["error"]["code"], "upstream_timeout");
+    assert_eq!(proxy.scheduler.snapshot().running, 0);
+    wait_until("the backend to see the request dropped", || {
+        sim.stats().cancelled == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_reports_health_and_status() {
+    trace_init();
+    let sim = sim(sim_config(Mode::Serial)).await;
+    let proxy = proxy(&sim.url(), |c| c.max_concurrency = 1).await;
+    let client = client();
+    let admin = format!("http://{}", proxy.admin_addr);
+    let resp = client
+        .get(format!("{admin}/healthz").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let busy = chat(&client, &proxy.url(), Some(3), "busy", true, 10_000).await;
+    let (c, u) = (client.clone(), proxy.url());
+    let waiting = tokio::spawn(async move { chat(&c, &u, Some(7), "w", false, 1).await.status() });
+    wait_until("queued", || proxy.scheduler.snapshot().waiting == 1).await;
+    let status = body_json(
+        client
+            .get(format!("{admin}/status").parse().unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status["running"], 1);
+    assert_eq!(status["waiting"], 1);
+    assert_eq!(status["max_concurrency"], 1);
+    assert_eq!(status["running_by_priority"]["3"], 1);
+    assert_eq!(status["waiting_by_priority"]["7"], 1);
+    drop(busy);
+    assert_eq!(waiting.await.unwrap(), 200);
+    let resp = client
+        .get(format!("{admin}/v1/models").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}

@@ -1,0 +1,127 @@
+//! Shared helpers of the integration tests: a simulator, a proxy in front of
+//! it, a client, and bounded waiting.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use anteroom::cli::serve::{self, Running};
+use anteroom::config::FileConfig;
+use anteroom::sim::{self, Mode, SimConfig, SimHandle};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Log to the test's output when RUST_LOG is set.
+pub fn trace_init() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A simulator with quick defaults.
+pub fn sim_config(mode: Mode) -> SimConfig {
+    SimConfig {
+        mode,
+        slots: 64,
+        ttft: Duration::from_millis(10),
+        tokens_per_second: 1000.0,
+        output_tokens: 4,
+        batch_slowdown: 0.0,
+        ..SimConfig::default()
+    }
+}
+
+pub async fn sim(cfg: SimConfig) -> SimHandle {
+    sim::start("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .unwrap()
+}
+
+/// A proxy on loopback in front of `upstream`, with the config adjusted by `f`.
+pub async fn proxy(upstream: &str, f: impl FnOnce(&mut FileConfig)) -> Running {
+    let mut file = FileConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        upstream: upstream.into(),
+        ..FileConfig::default()
+    };
+    f(&mut file);
+    serve::start(&file.validate().unwrap()).await.unwrap()
+}
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A chat request body.
+pub fn chat_body(stream: bool, max_tokens: usize) -> String {
+    serde_json::json!({
+        "model": "anteroom-sim",
+        "stream": stream,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hello"}],
+    })
+    .to_string()
+}
+
+/// POST a chat completion; `priority` goes into `x-priority`, `id` into
+/// `x-request-id`.
+pub async fn chat(
+    client: &HttpClient,
+    base: &str,
+    priority: Option<i32>,
+    id: &str,
+    stream: bool,
+    max_tokens: usize,
+) -> Response<Incoming> {
+    let mut b = Request::post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", id);
+    if let Some(p) = priority {
+        b = b.header("x-priority", p);
+    }
+    client
+        .request(
+            b.body(Full::new(Bytes::from(chat_body(stream, max_tokens))))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
+/// Read a whole body.
+pub async fn body_bytes(resp: Response<Incoming>) -> Bytes {
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+/// The body as JSON.
+pub async fn body_json(resp: Response<Incoming>) -> serde_json::Value {
+    let b = body_bytes(resp).await;
+    serde_json::from_slice(&b)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&b)))
+}
+
+/// Poll `cond` every few milliseconds; panic with `what` after 10 s.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A header as a number.
+pub fn header_u64<B>(resp: &Response<B>, name: &str) -> Option<u64> {
+    resp.headers().get(name)?.to_str().ok()?.parse().ok()
+}
