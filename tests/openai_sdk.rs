@@ -1,0 +1,132 @@
+//! A real client: the official OpenAI Python SDK, through anteroom.
+//!
+//! The SDK is installed into a virtual environment under the target dir on
+//! first use (or taken from `ANTEROOM_PYTHON`, which .ci/run sets); without
+//! python3 and the package index this test fails, it does not skip.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use anteroom::sim::Mode;
+use support::*;
+
+fn python_with_openai() -> PathBuf {
+    if let Some(p) = std::env::var_os("ANTEROOM_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let python = venv.join("bin").join("python");
+    let has_openai = |py: &PathBuf| {
+        Command::new(py)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_openai(&python) {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the OpenAI SDK test");
+        assert!(made.success(), "python3 -m venv failed");
+        let pip = Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "openai>=1.40"])
+            .status()
+            .expect("pip in the new venv");
+        assert!(pip.success(), "pip install openai failed");
+    }
+    assert!(has_openai(&python), "the openai package is not importable");
+    python
+}
+
+fn run_script(python: &PathBuf, base: &str, mode: &str) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("{base}/v1"))
+        .arg(mode)
+        .output()
+        .expect("run the SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script {mode} failed:\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("the script prints JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_streams_and_retries_a_429_after_the_advised_delay() {
+    trace_init();
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mut cfg = sim_config(Mode::Serial);
+    cfg.ttft = Duration::from_millis(100);
+    cfg.tokens_per_second = 100.0;
+    let sim = sim(cfg).await;
+    let proxy = proxy(&sim.url(), |c| {
+        c.max_concurrency = 1;
+        c.max_queue = 0;
+    })
+    .await;
+    let base = proxy.url();
+
+    let (py, b) = (python.clone(), base.clone());
+    let basic = tokio::task::spawn_blocking(move || run_script(&py, &b, "basic"))
+        .await
+        .unwrap();
+    assert_eq!(basic["streamed"], "tok0 tok1 tok2 tok3 tok4 ");
+
+    // Teach the proxy the service time (~390 ms), then keep the only slot busy
+    // for about that long while the SDK asks.
+    let client = client();
+    for i in 0..5 {
+        body_bytes(chat(&client, &base, None, &format!("warm{i}"), false, 30).await).await;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
+    let mut child = tokio::process::Command::new(&python)
+        .arg(script)
+        .arg(format!("{base}/v1"))
+        .arg("retry")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the SDK script");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+    assert_eq!(ready.unwrap().unwrap().as_deref(), Some("ready"));
+    let (c, u) = (client.clone(), base.clone());
+    let busy =
+        tokio::spawn(async move { body_bytes(chat(&c, &u, None, "busy", false, 30).await).await });
+    wait_until("the slot to be taken", || {
+        proxy.scheduler.snapshot().running == 1
+    })
+    .await;
+    stdin.write_all(b"go\n").await.unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+    let line = line.unwrap().unwrap().unwrap_or_default();
+    let status = child.wait().await.unwrap();
+    busy.await.unwrap();
+    let retry: serde_json::Value = serde_json::from_str(&line).expect("the script prints JSON");
+    assert!(status.success(), "SDK retry run failed: {retry}");
+    assert_eq!(retry["seen"][0][0], 429, "{retry}");
+    assert_eq!(
+        retry["seen"].as_array().unwrap().last().unwrap()[0],
+        200,
+        "{retry}"
+    );
+    let advised = retry["advised_s"].as_f64().unwrap();
+    assert!(
+        advised > 0.1 && advised < 2.0,
+        "advice from the measured ~0.4 s service time: {retry}"
+    );
+}

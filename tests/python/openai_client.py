@@ -1,0 +1,73 @@
+"""The official OpenAI Python SDK against anteroom, unchanged but for its base URL.
+
+Usage: openai_client.py BASE_URL basic|retry
+Prints one JSON line with what it saw; exits non-zero when an expectation fails.
+"""
+
+import json
+import sys
+import time
+
+import openai
+
+base_url, mode = sys.argv[1], sys.argv[2]
+seen = []  # (status, retry-after-ms, monotonic time) of every HTTP response
+
+
+def on_response(response):
+    seen.append(
+        (
+            response.status_code,
+            response.headers.get("retry-after-ms"),
+            response.headers.get("retry-after"),
+            time.monotonic(),
+        )
+    )
+
+
+factory = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient
+client = openai.OpenAI(
+    base_url=base_url,
+    api_key="not-needed",
+    max_retries=2,
+    http_client=factory(event_hooks={"response": [on_response]}),
+)
+messages = [{"role": "user", "content": "hello"}]
+out = {"mode": mode}
+
+if mode == "basic":
+    full = client.chat.completions.create(model="anteroom-sim", messages=messages, max_tokens=5)
+    out["content"] = full.choices[0].message.content
+    out["usage"] = full.usage.completion_tokens
+    parts = []
+    for chunk in client.chat.completions.create(
+        model="anteroom-sim", messages=messages, max_tokens=5, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    out["streamed"] = "".join(parts)
+    expected = "tok0 tok1 tok2 tok3 tok4 "
+    ok = out["content"] == expected and out["streamed"] == expected and out["usage"] == 5
+elif mode == "retry":
+    # Say we are ready (the import is slow), and wait for the test to fill
+    # the proxy before asking.
+    print("ready", flush=True)
+    sys.stdin.readline()
+    resp = client.chat.completions.create(model="anteroom-sim", messages=messages, max_tokens=1)
+    out["content"] = resp.choices[0].message.content
+    out["seen"] = [[s, ms, secs] for s, ms, secs, _ in seen]
+    ok = len(seen) >= 2 and seen[0][0] == 429 and seen[-1][0] == 200
+    if ok:
+        advised = float(seen[0][1]) / 1000.0
+        waited = seen[1][3] - seen[0][3]
+        out["advised_s"] = advised
+        out["waited_s"] = waited
+        # The SDK slept the advised delay before its retry (the retry's own
+        # round trip comes on top).
+        ok = waited >= advised * 0.95 and int(seen[0][2]) >= 1
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+out["ok"] = ok
+print(json.dumps(out))
+sys.exit(0 if ok else 1)
