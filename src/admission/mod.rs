@@ -64,7 +64,7 @@ pub use error::{Overloaded, Reason};
 pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};
 pub use queue::PriorityQueue;
-pub use scheduler::{Acquire, Limits, Scheduler, Snapshot, Ticket};
+pub use scheduler::{Acquire, Grant, Limits, Scheduler, Snapshot, Ticket};
 pub use service::Admission;
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub struct Limits {
 }
 
 /// What a queued request receives: a permit, or the news that it was evicted.
-pub(crate) type Grant = Result<Permit, Overloaded>;
+pub type Grant = Result<Permit, Overloaded>;
 
 /// The outcome of asking for a slot.
 #[derive(Debug)]
@@ -346,6 +346,18 @@ impl Ticket {
     /// The priority it waits at.
     pub fn priority(&self) -> Priority {
         self.key.priority()
+    }
+
+    /// Its place: tickets order as the queue serves them.
+    pub fn key(&self) -> Key {
+        self.key
+    }
+
+    /// The grant, if it has arrived, without waiting.
+    pub fn try_take(&mut self) -> Option<Grant> {
+        let grant = self.rx.try_recv().ok()?;
+        self.done = true;
+        Some(grant)
     }
 
     /// Poll for the grant.

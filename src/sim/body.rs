@@ -107,6 +107,9 @@ pub(crate) struct SseBody {
     completion: Completion,
     phase: Phase,
     sleep: Pin<Box<Sleep>>,
+    /// False when the next frame is due at once (zero intervals skip the
+    /// timer, which would round them up to a millisecond).
+    waiting: bool,
     guard: InFlight,
     _slot: Option<Slot>,
 }
@@ -119,6 +122,7 @@ impl SseBody {
         slot: Slot,
     ) -> Self {
         let sleep = Box::pin(tokio::time::sleep(state.cfg.ttft));
+        let waiting = !state.cfg.ttft.is_zero();
         let phase = if completion.tokens == 0 {
             Phase::Finish
         } else {
@@ -129,6 +133,7 @@ impl SseBody {
             completion,
             phase,
             sleep,
+            waiting,
             guard,
             _slot: Some(slot),
         }
@@ -146,7 +151,9 @@ impl Body for SseBody {
         let this = &mut *self;
         let data = match this.phase {
             Phase::Tokens(i) => {
-                ready!(this.sleep.as_mut().poll(cx));
+                if this.waiting {
+                    ready!(this.sleep.as_mut().poll(cx));
+                }
                 let text = if this.completion.chat && i == 0 {
                     // The first chat chunk carries the role too, as OpenAI's do.
                     let v = serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": token_text(i)}, "logprobs": null, "finish_reason": null}]);
@@ -156,8 +163,13 @@ impl Body for SseBody {
                     this.completion.chunk(serde_json::json!([c]), None)
                 };
                 this.phase = if i + 1 < this.completion.tokens {
-                    let next = tokio::time::Instant::now() + this.state.token_interval();
-                    this.sleep.as_mut().reset(next);
+                    let interval = this.state.token_interval();
+                    this.waiting = !interval.is_zero();
+                    if this.waiting {
+                        this.sleep
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + interval);
+                    }
                     Phase::Tokens(i + 1)
                 } else {
                     Phase::Finish
@@ -165,7 +177,9 @@ impl Body for SseBody {
                 text
             }
             Phase::Finish => {
-                ready!(this.sleep.as_mut().poll(cx));
+                if this.waiting {
+                    ready!(this.sleep.as_mut().poll(cx));
+                }
                 this.phase = if this.completion.include_usage {
                     Phase::Usage
                 } else {

@@ -141,8 +141,14 @@ impl SimState {
     }
 
     /// Time between two tokens of one request now, given how many run.
+    /// Below a microsecond it is zero: tokio's timer resolves to a
+    /// millisecond, and a bench that asks for a million tokens a second wants
+    /// no waiting at all, not a millisecond per token.
     fn token_interval(&self) -> Duration {
         let base = 1.0 / self.cfg.tokens_per_second.max(1e-3);
+        if base <= 1e-6 {
+            return Duration::ZERO;
+        }
         let factor = match self.cfg.mode {
             Mode::Serial => 1.0,
             Mode::Batch => {
@@ -374,9 +380,9 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
             .body(body.boxed_unsync())
             .expect("static headers are valid");
     }
-    tokio::time::sleep(state.cfg.ttft).await;
+    pause(state.cfg.ttft).await;
     for _ in 1..n {
-        tokio::time::sleep(state.token_interval()).await;
+        pause(state.token_interval()).await;
     }
     let mut guard = guard;
     guard.finish();
@@ -389,7 +395,7 @@ async fn embed(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
         Ok(x) => x,
         Err(resp) => return resp,
     };
-    tokio::time::sleep(state.cfg.ttft).await;
+    pause(state.cfg.ttft).await;
     guard.finish();
     drop(slot);
     json(
@@ -401,6 +407,14 @@ async fn embed(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }),
     )
+}
+
+/// Sleep, but not at all for zero (a zero sleep still waits for the timer's
+/// next millisecond tick).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {

@@ -1,0 +1,224 @@
+//! What anteroom adds: latency and CPU per request against a direct
+//! connection to the simulator.
+//!
+//! Runs the simulator and `anteroom serve` as separate processes (the
+//! release binary), drives them from this process on loopback, and reads the
+//! proxy's CPU time from /proc, so the CPU figure is the proxy's alone.
+//! Every loop is bounded in count. Run: `cargo bench --bench overhead`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const SEQUENTIAL: usize = 2_000;
+const CONCURRENT: usize = 20_000;
+const CONCURRENCY: usize = 32;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_anteroom"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env(
+                "TOKIO_WORKER_THREADS",
+                std::env::var("BENCH_WORKERS").unwrap_or("2".into()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start anteroom"),
+    )
+}
+
+/// utime + stime of a process, from /proc (clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("linux /proc");
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, url: &str) {
+    for _ in 0..500 {
+        if let Ok(r) = client.get(url.parse().unwrap()).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+fn body(stream: bool, tokens: usize) -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "model": "m", "stream": stream, "max_tokens": tokens,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        })
+        .to_string(),
+    )
+}
+
+async fn one(client: &Client<HttpConnector, Full<Bytes>>, url: &str, body: &Bytes) -> usize {
+    let req = Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()))
+        .unwrap();
+    let resp = client.request(req).await.expect("request");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    resp.into_body().collect().await.unwrap().to_bytes().len()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn sequential(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    body: &Bytes,
+) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(SEQUENTIAL);
+    for _ in 0..SEQUENTIAL {
+        let t = Instant::now();
+        one(client, url, body).await;
+        out.push(t.elapsed());
+    }
+    out.sort();
+    out
+}
+
+async fn concurrent(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    body: &Bytes,
+    n: usize,
+) -> Duration {
+    let t = Instant::now();
+    let per = n / CONCURRENCY;
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                one(&client, &url, &body).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    t.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test --benches asks for a list; nothing to list
+    }
+    let sim_port = free_port();
+    let proxy_port = free_port();
+    let admin_port = free_port();
+    let sim_addr = format!("127.0.0.1:{sim_port}");
+    let _sim = spawn(&[
+        "simulate",
+        "--listen",
+        &sim_addr,
+        "--mode",
+        "batch",
+        "--slots",
+        "1024",
+        "--ttft",
+        "0ms",
+        "--tokens-per-second",
+        "1000000",
+        "--batch-slowdown",
+        "0",
+    ]);
+    let proxy = spawn(&[
+        "serve",
+        "--upstream",
+        &format!("http://{sim_addr}"),
+        "--listen",
+        &format!("127.0.0.1:{proxy_port}"),
+        "--admin-listen",
+        &format!("127.0.0.1:{admin_port}"),
+        "--max-concurrency",
+        "64",
+        "--max-queue",
+        "100000",
+        "--queue-timeout",
+        "60s",
+    ]);
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(CONCURRENCY * 2)
+        .build_http();
+    wait_ready(&client, &format!("http://{sim_addr}/v1/models")).await;
+    wait_ready(&client, &format!("http://127.0.0.1:{admin_port}/healthz")).await;
+    let direct = format!("http://{sim_addr}/v1/chat/completions");
+    let proxied = format!("http://127.0.0.1:{proxy_port}/v1/chat/completions");
+
+    println!("anteroom overhead (loopback; simulator with zero model time)\n");
+    for (name, b, n) in [
+        (
+            "small JSON (1 token, non-streamed)",
+            body(false, 1),
+            CONCURRENT,
+        ),
+        (
+            "SSE stream of 32 events (30 tokens)",
+            body(true, 30),
+            CONCURRENT / 4,
+        ),
+    ] {
+        // Warm both paths' connection pools.
+        concurrent(&client, &direct, &b, CONCURRENCY * 10).await;
+        concurrent(&client, &proxied, &b, CONCURRENCY * 10).await;
+        let d = sequential(&client, &direct, &b).await;
+        let p = sequential(&client, &proxied, &b).await;
+        let cpu0 = cpu_time(proxy.0.id());
+        let wall = concurrent(&client, &proxied, &b, n).await;
+        let cpu = cpu_time(proxy.0.id()) - cpu0;
+        let wall_direct = concurrent(&client, &direct, &b, n).await;
+        println!("{name}:");
+        println!(
+            "  latency, one at a time ({SEQUENTIAL}): direct p50 {:?} p99 {:?} | through anteroom p50 {:?} p99 {:?} | added p50 {:?}",
+            pct(&d, 0.5), pct(&d, 0.99), pct(&p, 0.5), pct(&p, 0.99),
+            pct(&p, 0.5).saturating_sub(pct(&d, 0.5)),
+        );
+        println!(
+            "  {n} requests at concurrency {CONCURRENCY}: {:.0} req/s through anteroom, {:.0} req/s direct",
+            n as f64 / wall.as_secs_f64(),
+            n as f64 / wall_direct.as_secs_f64()
+        );
+        println!(
+            "  anteroom CPU: {:.1} µs per request (user+system, {:?} over {n})\n",
+            cpu.as_secs_f64() * 1e6 / n as f64,
+            cpu
+        );
+    }
+}

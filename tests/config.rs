@@ -1,0 +1,132 @@
+//! The shipped config files and the command line.
+
+use std::process::Command;
+
+use anteroom::config::FileConfig;
+
+fn config_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+#[test]
+fn every_shipped_config_parses_and_validates() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(config_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let file = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            file.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "default, lmstudio and vllm at least");
+}
+
+#[test]
+fn default_toml_lists_exactly_the_defaults() {
+    let file = FileConfig::load(&config_dir().join("default.toml")).unwrap();
+    assert_eq!(file, FileConfig::default());
+    // Every key is written out, none left to the defaults.
+    let text = std::fs::read_to_string(config_dir().join("default.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    let full = toml::Table::try_from(FileConfig::default()).unwrap();
+    let mut keys: Vec<_> = table.keys().collect();
+    let mut all: Vec<_> = full.keys().collect();
+    keys.sort();
+    all.sort();
+    assert_eq!(keys, all);
+}
+
+#[test]
+fn shipped_configs_say_what_they_are_for() {
+    let lm = FileConfig::load(&config_dir().join("lmstudio.toml")).unwrap();
+    assert_eq!(lm.max_concurrency, 1);
+    assert!(lm.upstream.ends_with(":1234"));
+    let vllm = FileConfig::load(&config_dir().join("vllm.toml")).unwrap();
+    assert!(vllm.max_concurrency > 1);
+    assert!(vllm.upstream.ends_with(":8000"));
+}
+
+fn anteroom(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn serve_refuses_an_unknown_key_and_names_it() {
+    let dir = std::env::temp_dir().join(format!("anteroom-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "max_concurent = 3\n").unwrap();
+    let out = anteroom(&["serve", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_concurent"));
+
+    std::fs::write(&bad, "queue_timeout = \"soon\"\n").unwrap();
+    let out = anteroom(&["serve", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queue_timeout"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn serve_refuses_bad_flag_values_and_names_the_key() {
+    let out = anteroom(&["serve", "--max-concurrency", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_concurrency"));
+    let out = anteroom(&["serve", "--queue-timeout", "10 parsecs"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queue_timeout"));
+}
+
+#[test]
+fn flags_override_the_file() {
+    use anteroom::cli::serve::ServeArgs;
+    let args = ServeArgs {
+        config: Some(config_dir().join("lmstudio.toml")),
+        max_concurrency: Some(7),
+        queue_timeout: Some("5s".into()),
+        ..ServeArgs::default()
+    };
+    let file = args.file_config().unwrap();
+    assert_eq!(file.max_concurrency, 7);
+    assert_eq!(file.queue_timeout, "5s");
+    assert_eq!(
+        file.upstream, "http://127.0.0.1:1234",
+        "the file's other keys stay"
+    );
+}
+
+#[test]
+fn the_cli_contract_is_accepted() {
+    use anteroom::cli::{Cli, Command as Sub};
+    use clap::Parser;
+    let cli = Cli::try_parse_from([
+        "anteroom",
+        "serve",
+        "--upstream",
+        "http://127.0.0.1:1234",
+        "--listen",
+        "127.0.0.1:8080",
+        "--admin-listen",
+        "127.0.0.1:8081",
+        "--max-concurrency",
+        "2",
+        "--max-queue",
+        "10",
+        "--queue-timeout",
+        "500ms",
+        "--config",
+        "x.toml",
+    ])
+    .unwrap();
+    let Sub::Serve(args) = cli.command else {
+        panic!("serve")
+    };
+    assert_eq!(args.max_queue, Some(10));
+    assert_eq!(args.queue_timeout.as_deref(), Some("500ms"));
+}
