@@ -7,7 +7,9 @@
 //! Every loop is bounded in count. Run: `cargo bench --bench overhead`.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::Request;
@@ -135,6 +137,81 @@ async fn concurrent(
     t.elapsed()
 }
 
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("linux /proc");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Memory of 10,000 waiting requests: a backend that never answers in time,
+/// `max_concurrency` 1, and 10,000 clients each with one request queued.
+async fn queued_memory() {
+    const WAITING: usize = 10_000;
+    let sim_addr = format!("127.0.0.1:{}", free_port());
+    let _sim = spawn(&[
+        "simulate", "--listen", &sim_addr, "--mode", "serial", "--ttft", "120s",
+    ]);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let proxy = spawn(&[
+        "serve",
+        "--upstream",
+        &format!("http://{sim_addr}"),
+        "--listen",
+        &listen,
+        "--admin-listen",
+        &admin,
+        "--max-concurrency",
+        "1",
+        "--max-queue",
+        "20000",
+        "--queue-timeout",
+        "120s",
+    ]);
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    wait_ready(&client, &format!("http://{admin}/healthz")).await;
+    let idle = rss_kib(proxy.0.id());
+    let url = format!("http://{listen}/v1/chat/completions");
+    let b = body(false, 16);
+    let mut tasks = Vec::new();
+    for _ in 0..WAITING + 1 {
+        let (client, url, b) = (client.clone(), url.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            let req = Request::post(url).body(Full::new(b)).unwrap();
+            let _ = client.request(req).await;
+        }));
+    }
+    let status_url = format!("http://{admin}/status");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let resp = client.get(status_url.parse().unwrap()).await.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        if v["waiting"].as_u64() == Some(WAITING as u64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "queue did not fill: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let full = rss_kib(proxy.0.id());
+    println!(
+        "memory: {WAITING} waiting requests ({} B bodies, one connection each): RSS {} KiB idle, {} KiB queued, {:.1} KiB per waiting request (connection buffers included)",
+        b.len(),
+        idle,
+        full,
+        (full - idle) as f64 / WAITING as f64
+    );
+    for t in tasks {
+        t.abort();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -182,6 +259,9 @@ async fn main() {
     let direct = format!("http://{sim_addr}/v1/chat/completions");
     let proxied = format!("http://127.0.0.1:{proxy_port}/v1/chat/completions");
 
+    if std::env::var_os("BENCH_SKIP_MEMORY").is_none() {
+        queued_memory().await;
+    }
     println!("anteroom overhead (loopback; simulator with zero model time)\n");
     for (name, b, n) in [
         (
