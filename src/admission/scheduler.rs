@@ -50,6 +50,11 @@ pub enum Acquire {
 /// change of backend speed shows within a few dozen requests.
 const EWMA_ALPHA: f64 = 0.1;
 
+/// Until the first completion is measured, a slot is assumed to take at least
+/// this long: a short LLM generation. Replaced by the measurement as soon as
+/// one request completes.
+const COLD_SERVICE_SECS: f64 = 1.0;
+
 /// Admission state shared by every clone of the admission service.
 ///
 /// Cloning the `Arc<Scheduler>` never creates a new queue: every request of
@@ -295,16 +300,19 @@ impl State {
         });
     }
 
-    /// The measured time one slot takes to turn over: the smoothed service
-    /// time once any request completed, else the mean age of the running
-    /// requests (a lower bound of their service time), else nothing known.
+    /// The time one slot takes to turn over: the smoothed service time once
+    /// any request completed. Before that, the mean age of the running
+    /// requests (a lower bound of their service time), but at least
+    /// [`COLD_SERVICE_SECS`]: at a cold start every request arrived at once,
+    /// their age is near zero, and advising a retry in milliseconds would
+    /// spend a client's few retries before anything could have finished.
     fn service_estimate(&self, now: Instant) -> Option<f64> {
         if let Some(s) = self.service_secs {
             return Some(s);
         }
         if self.running > 0 {
             let mean_start = self.running_start_sum / self.running as f64;
-            return Some((self.secs(now) - mean_start).max(0.0));
+            return Some((self.secs(now) - mean_start).max(COLD_SERVICE_SECS));
         }
         None
     }

@@ -378,3 +378,18 @@ async fn a_grant_racing_the_deadline_is_not_lost() {
     let snap = scheduler.snapshot();
     assert_eq!((snap.running, snap.waiting), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_advises_no_less_than_a_second_per_turn_until_measured() {
+    let scheduler = Scheduler::new(limits(1, 0));
+    let Acquire::Admitted(p) = scheduler.acquire(0) else {
+        panic!()
+    };
+    tokio::time::advance(Duration::from_millis(10)).await;
+    // Nothing finished: the 10 ms age of the running request is no measure.
+    assert_eq!(scheduler.advise(3), Duration::from_secs(3));
+    tokio::time::advance(Duration::from_millis(190)).await;
+    drop(p);
+    // One request took 200 ms: that is the measure now.
+    assert_eq!(scheduler.advise(3), Duration::from_millis(600));
+}
