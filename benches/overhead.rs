@@ -262,7 +262,15 @@ async fn main() {
     if std::env::var_os("BENCH_SKIP_MEMORY").is_none() {
         queued_memory().await;
     }
-    println!("anteroom overhead (loopback; simulator with zero model time)\n");
+    // The same load through nginx, for a baseline measured the same way,
+    // when nginx is installed (it is not needed for anteroom's tests).
+    let nginx = start_nginx(&sim_addr).await;
+    let mut targets = vec![("anteroom", proxied.clone(), proxy.0.id())];
+    if let Some((_, url, pid)) = &nginx {
+        targets.push(("nginx", url.clone(), *pid));
+    }
+
+    println!("proxy overhead (loopback; simulator with zero model time)\n");
     for (name, b, n) in [
         (
             "small JSON (1 token, non-streamed)",
@@ -275,30 +283,79 @@ async fn main() {
             CONCURRENT / 4,
         ),
     ] {
-        // Warm both paths' connection pools.
-        concurrent(&client, &direct, &b, CONCURRENCY * 10).await;
-        concurrent(&client, &proxied, &b, CONCURRENCY * 10).await;
-        let d = sequential(&client, &direct, &b).await;
-        let p = sequential(&client, &proxied, &b).await;
-        let cpu0 = cpu_time(proxy.0.id());
-        let wall = concurrent(&client, &proxied, &b, n).await;
-        let cpu = cpu_time(proxy.0.id()) - cpu0;
-        let wall_direct = concurrent(&client, &direct, &b, n).await;
         println!("{name}:");
+        concurrent(&client, &direct, &b, CONCURRENCY * 10).await;
+        let d = sequential(&client, &direct, &b).await;
+        let wall_direct = concurrent(&client, &direct, &b, n).await;
         println!(
-            "  latency, one at a time ({SEQUENTIAL}): direct p50 {:?} p99 {:?} | through anteroom p50 {:?} p99 {:?} | added p50 {:?}",
-            pct(&d, 0.5), pct(&d, 0.99), pct(&p, 0.5), pct(&p, 0.99),
-            pct(&p, 0.5).saturating_sub(pct(&d, 0.5)),
-        );
-        println!(
-            "  {n} requests at concurrency {CONCURRENCY}: {:.0} req/s through anteroom, {:.0} req/s direct",
-            n as f64 / wall.as_secs_f64(),
+            "  direct:   one at a time p50 {:?} p99 {:?}; {:.0} req/s at concurrency {CONCURRENCY}",
+            pct(&d, 0.5),
+            pct(&d, 0.99),
             n as f64 / wall_direct.as_secs_f64()
         );
-        println!(
-            "  anteroom CPU: {:.1} µs per request (user+system, {:?} over {n})\n",
-            cpu.as_secs_f64() * 1e6 / n as f64,
-            cpu
-        );
+        for (proxy_name, url, pid) in &targets {
+            // Warm the proxy's upstream pool.
+            concurrent(&client, url, &b, CONCURRENCY * 10).await;
+            let p = sequential(&client, url, &b).await;
+            let cpu0 = cpu_time(*pid);
+            let wall = concurrent(&client, url, &b, n).await;
+            let cpu = cpu_time(*pid) - cpu0;
+            println!(
+                "  {proxy_name:<9} one at a time p50 {:?} p99 {:?} (adds {:?} at p50); {:.0} req/s; CPU {:.1} µs per request ({:?} over {n})",
+                pct(&p, 0.5),
+                pct(&p, 0.99),
+                pct(&p, 0.5).saturating_sub(pct(&d, 0.5)),
+                n as f64 / wall.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / n as f64,
+                cpu
+            );
+        }
+        println!();
     }
+}
+
+/// nginx as a reverse proxy to `upstream`: one worker, no master process (so
+/// its pid is the one doing the work), upstream keep-alive, no buffering of
+/// the response (as for SSE), no access log.
+async fn start_nginx(upstream: &str) -> Option<(Proc, String, u32)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let dir = std::env::temp_dir().join(format!("anteroom-bench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let port = free_port();
+    let conf = format!(
+        "daemon off; master_process off; worker_processes 1; error_log stderr error; pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
+  upstream sim {{ server {upstream}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://sim; proxy_http_version 1.1; proxy_set_header Connection \"\";
+      proxy_buffering off;
+    }}
+  }}
+}}
+",
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).ok()?;
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .ok()?;
+    let pid = child.id();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    wait_ready(&client, &format!("http://127.0.0.1:{port}/v1/models")).await;
+    Some((Proc(child), url, pid))
 }
