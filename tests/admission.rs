@@ -79,14 +79,7 @@ async fn queued_requests_reach_the_backend_by_priority_then_arrival() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_with_retry_advice_and_an_openai_error() {
     trace_init();
-    let sim = sim(sim_config(Mode::Serial)).await;
-    let proxy = proxy(&sim.url(), |c| {
-        c.max_concurrency = 1;
-        c.max_queue = 2;
-    })
-    .await;
-    let client = client();
-    let busy = chat(&client, &proxy.url(), None, "busy", true, 10_000).await;
+    let (sim, proxy, client, busy) = one_slot_busy(|c| c.max_queue = 2).await;
     let mut queued = Vec::new();
     for i in 0..2 {
         let (client, url) = (client.clone(), proxy.url());
@@ -123,14 +116,7 @@ async fn a_full_queue_answers_429_with_retry_advice_and_an_openai_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_waits_too_long_gets_429_queue_timeout() {
     trace_init();
-    let sim = sim(sim_config(Mode::Serial)).await;
-    let proxy = proxy(&sim.url(), |c| {
-        c.max_concurrency = 1;
-        c.queue_timeout = "150ms".into();
-    })
-    .await;
-    let client = client();
-    let busy = chat(&client, &proxy.url(), None, "busy", true, 10_000).await;
+    let (_sim, proxy, client, busy) = one_slot_busy(|c| c.queue_timeout = "150ms".into()).await;
     let resp = chat(&client, &proxy.url(), None, "late", false, 1).await;
     assert_eq!(resp.status(), 429);
     assert!(header_u64(&resp, "retry-after").unwrap() >= 1);
@@ -142,14 +128,7 @@ async fn a_request_that_waits_too_long_gets_429_queue_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_urgent_request_evicts_the_least_urgent_newest_from_a_full_queue() {
     trace_init();
-    let sim = sim(sim_config(Mode::Serial)).await;
-    let proxy = proxy(&sim.url(), |c| {
-        c.max_concurrency = 1;
-        c.max_queue = 2;
-    })
-    .await;
-    let client = client();
-    let busy = chat(&client, &proxy.url(), None, "busy", true, 10_000).await;
+    let (sim, proxy, client, busy) = one_slot_busy(|c| c.max_queue = 2).await;
     let spawn = |p: i32, id: &'static str| {
         let (client, url) = (client.clone(), proxy.url());
         tokio::spawn(async move {
@@ -175,14 +154,7 @@ async fn an_urgent_request_evicts_the_least_urgent_newest_from_a_full_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_the_queue_gives_its_place_up_at_once() {
     trace_init();
-    let sim = sim(sim_config(Mode::Serial)).await;
-    let proxy = proxy(&sim.url(), |c| {
-        c.max_concurrency = 1;
-        c.queue_timeout = "60s".into();
-    })
-    .await;
-    let client = client();
-    let busy = chat(&client, &proxy.url(), None, "busy", true, 10_000).await;
+    let (sim, proxy, client, busy) = one_slot_busy(|c| c.queue_timeout = "60s".into()).await;
     let (c1, u1) = (client.clone(), proxy.url());
     let leaver = tokio::spawn(async move { chat(&c1, &u1, None, "leaver", false, 1).await });
     wait_until("leaver queued", || proxy.scheduler.snapshot().waiting == 1).await;
@@ -232,14 +204,7 @@ async fn a_client_leaving_mid_stream_frees_the_slot_and_ends_the_upstream_reques
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_generation_routes_pass_while_the_queue_is_full() {
     trace_init();
-    let sim = sim(sim_config(Mode::Serial)).await;
-    let proxy = proxy(&sim.url(), |c| {
-        c.max_concurrency = 1;
-        c.max_queue = 0;
-    })
-    .await;
-    let client = client();
-    let busy = chat(&client, &proxy.url(), None, "busy", true, 10_000).await;
+    let (_sim, proxy, client, busy) = one_slot_busy(|c| c.max_queue = 0).await;
     let refused = chat(&client, &proxy.url(), None, "refused", false, 1).await;
     assert_eq!(refused.status(), 429);
     let models = client
