@@ -14,9 +14,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_through_the_proxy_is_byte_identical_to_a_direct_one() {
     trace_init();
-    let sim = sim(sim_config(Mode::Batch)).await;
-    let proxy = proxy(&sim.url(), |_| {}).await;
-    let client = client();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
     for (stream, include_usage) in [(true, false), (true, true), (false, false)] {
         let body = serde_json::json!({
             "model": "m", "stream": stream, "max_tokens": 12,
@@ -54,9 +52,7 @@ async fn the_first_event_arrives_before_the_backend_wrote_the_last() {
     trace_init();
     let mut cfg = sim_config(Mode::Serial);
     cfg.tokens_per_second = 20.0;
-    let sim = sim(cfg).await;
-    let proxy = proxy(&sim.url(), |_| {}).await;
-    let client = client();
+    let (sim, proxy, client) = setup(cfg, |_| {}).await;
     let mut resp = chat(&client, &proxy.url(), None, "s", true, 20).await;
     assert_eq!(resp.status(), 200);
     let frame = resp.body_mut().frame().await.unwrap().unwrap();
@@ -77,9 +73,7 @@ async fn the_first_event_arrives_before_the_backend_wrote_the_last() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_kept_or_generated_and_returned() {
     trace_init();
-    let sim = sim(sim_config(Mode::Batch)).await;
-    let proxy = proxy(&sim.url(), |_| {}).await;
-    let client = client();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
     let resp = chat(&client, &proxy.url(), None, "my-id-1", false, 1).await;
     assert_eq!(resp.headers()["x-request-id"], "my-id-1");
     assert!(resp.headers().contains_key("x-anteroom-queue-ms"));
@@ -105,9 +99,7 @@ async fn request_ids_are_kept_or_generated_and_returned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_priority_header_is_a_400() {
     trace_init();
-    let sim = sim(sim_config(Mode::Batch)).await;
-    let proxy = proxy(&sim.url(), |_| {}).await;
-    let client = client();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
     for bad in ["high", "1.5", "", "99999999999"] {
         let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
             .header("x-priority", bad)
@@ -125,9 +117,7 @@ async fn a_bad_priority_header_is_a_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_is_a_413_whether_declared_or_streamed() {
     trace_init();
-    let sim = sim(sim_config(Mode::Batch)).await;
-    let proxy = proxy(&sim.url(), |c| c.max_body_bytes = 1000).await;
-    let client = client();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| c.max_body_bytes = 1000).await;
     let big = format!("{{\"prompt\":\"{}\"}}", "x".repeat(2000));
     let req = Request::post(format!("{}/v1/completions", proxy.url()))
         .body(Full::new(Bytes::from(big.clone())))
@@ -171,9 +161,7 @@ impl http_body::Body for Chunked {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_json_body_is_forwarded_at_the_default_priority() {
     trace_init();
-    let sim = sim(sim_config(Mode::Batch)).await;
-    let proxy = proxy(&sim.url(), |_| {}).await;
-    let client = client();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
     let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
         .header("x-request-id", "garbage")
         .body(Full::new(Bytes::from_static(b"this is { not json")))
@@ -220,9 +208,7 @@ async fn a_slow_upstream_is_a_504() {
     trace_init();
     let mut cfg = sim_config(Mode::Batch);
     cfg.ttft = Duration::from_secs(5);
-    let sim = sim(cfg).await;
-    let proxy = proxy(&sim.url(), |c| c.upstream_timeout = "100ms".into()).await;
-    let client = client();
+    let (sim, proxy, client) = setup(cfg, |c| c.upstream_timeout = "100ms".into()).await;
     let resp = chat(&client, &proxy.url(), None, "slow", false, 1).await;
     assert_eq!(resp.status(), 504);
     assert_eq!(body_json(resp).await["error"]["code"], "upstream_timeout");
@@ -236,9 +222,7 @@ async fn a_slow_upstream_is_a_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_reports_health_and_status() {
     trace_init();
-    let sim = sim(sim_config(Mode::Serial)).await;
-    let proxy = proxy(&sim.url(), |c| c.max_concurrency = 1).await;
-    let client = client();
+    let (_sim, proxy, client) = setup(sim_config(Mode::Serial), |c| c.max_concurrency = 1).await;
     let admin = format!("http://{}", proxy.admin_addr);
     let resp = client
         .get(format!("{admin}/healthz").parse().unwrap())

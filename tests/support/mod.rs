@@ -57,19 +57,27 @@ pub async fn proxy(upstream: &str, f: impl FnOnce(&mut FileConfig)) -> Running {
     serve::start(&file.validate().unwrap()).await.unwrap()
 }
 
+/// A simulator with `cfg`, a proxy in front of it adjusted by `f`, and a client.
+pub async fn setup(
+    cfg: SimConfig,
+    f: impl FnOnce(&mut FileConfig),
+) -> (SimHandle, Running, HttpClient) {
+    let sim = sim(cfg).await;
+    let proxy = proxy(&sim.url(), f).await;
+    (sim, proxy, client())
+}
+
 /// A serial simulator behind a one-slot proxy (adjusted by `f`), with the
 /// slot held by a stream long enough to outlast the test (10,000 tokens):
 /// drop the returned response to free it.
 pub async fn one_slot_busy(
     f: impl FnOnce(&mut FileConfig),
 ) -> (SimHandle, Running, HttpClient, Response<Incoming>) {
-    let sim = sim(sim_config(Mode::Serial)).await;
-    let proxy = proxy(&sim.url(), |c| {
+    let (sim, proxy, client) = setup(sim_config(Mode::Serial), |c| {
         c.max_concurrency = 1;
         f(c);
     })
     .await;
-    let client = client();
     let busy = chat(&client, &proxy.url(), None, "busy", true, 10_000).await;
     (sim, proxy, client, busy)
 }
