@@ -39,19 +39,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Start the anteroom binary. `BENCH_WORKERS=N` runs it on N tokio workers;
+/// without it, tokio's default (one per core), as users run it.
 fn spawn(args: &[&str]) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_anteroom"))
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .env(
-                "TOKIO_WORKER_THREADS",
-                std::env::var("BENCH_WORKERS").unwrap_or("2".into()),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start anteroom"),
-    )
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anteroom"));
+    cmd.args(args).env("RUST_LOG", "warn").stdout(Stdio::null());
+    if let Some(n) = std::env::var_os("BENCH_WORKERS") {
+        cmd.env("TOKIO_WORKER_THREADS", n);
+    }
+    Proc(cmd.spawn().expect("start anteroom"))
 }
 
 /// utime + stime of a process, from /proc (clock ticks of 10 ms).
