@@ -284,11 +284,18 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
     }
 }
 
-/// Parse the request and take a slot; `None` with an error response.
-async fn admit(
-    state: &Arc<SimState>,
-    req: Request<Incoming>,
-) -> Result<(InFlight, serde_json::Value, usize, Slot, String), Response<Body>> {
+/// A generation request the simulator has read and given a slot.
+struct Admitted {
+    guard: InFlight,
+    value: serde_json::Value,
+    prompt_tokens: usize,
+    slot: Slot,
+    /// Its `x-request-id`, or "-".
+    request_id: String,
+}
+
+/// Parse the request and take a slot; `Err` with an error response.
+async fn admit(state: &Arc<SimState>, req: Request<Incoming>) -> Result<Admitted, Response<Body>> {
     let mut guard = InFlight::enter(state);
     let id = req
         .headers()
@@ -331,11 +338,23 @@ async fn admit(
         state: state.clone(),
         _permit: permit,
     };
-    Ok((guard, value, prompt_tokens, slot, id))
+    Ok(Admitted {
+        guard,
+        value,
+        prompt_tokens,
+        slot,
+        request_id: id,
+    })
 }
 
 async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> Response<Body> {
-    let (guard, value, prompt_tokens, slot, request_id) = match admit(&state, req).await {
+    let Admitted {
+        guard,
+        value,
+        prompt_tokens,
+        slot,
+        request_id,
+    } = match admit(&state, req).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -391,7 +410,12 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
 }
 
 async fn embed(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
-    let (mut guard, _value, prompt_tokens, slot, _) = match admit(&state, req).await {
+    let Admitted {
+        mut guard,
+        prompt_tokens,
+        slot,
+        ..
+    } = match admit(&state, req).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
