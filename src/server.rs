@@ -45,8 +45,13 @@ where
     .await
 }
 
-async fn accept_loop<S, M>(listener: TcpListener, shutdown: impl Future<Output = ()>, make: M)
-where
+/// Accept connections until `shutdown`, serving each with the service `make`
+/// builds for its peer address.
+pub(crate) async fn accept_loop<S, M>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    make: M,
+) where
     M: Fn(SocketAddr) -> S,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Send

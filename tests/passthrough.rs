@@ -253,3 +253,105 @@ async fn the_admin_listener_reports_health_and_status() {
         .unwrap();
     assert_eq!(resp.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    trace_init();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
+    for i in 0..10 {
+        // Non-streamed (known length), streamed (chunked), and a GET.
+        let resp = chat(&client, &proxy.url(), None, &format!("n{i}"), false, 3).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+        let resp = chat(&client, &proxy.url(), None, &format!("s{i}"), true, 3).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+        let resp = client
+            .get(format!("{}/v1/models", proxy.url()).parse().unwrap())
+            .await
+            .unwrap();
+        body_bytes(resp).await;
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.received, 20);
+    assert_eq!(
+        stats.connections, 1,
+        "one keep-alive connection served every request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_the_client_is_not_reused() {
+    trace_init();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
+    let mut resp = chat(&client, &proxy.url(), None, "cut", true, 10_000).await;
+    resp.body_mut().frame().await.unwrap().unwrap();
+    drop(resp);
+    wait_until("the cut stream to reach the backend", || {
+        sim.stats().cancelled == 1
+    })
+    .await;
+    // The next request gets a fresh connection and a whole answer.
+    let resp = chat(&client, &proxy.url(), None, "next", false, 3).await;
+    assert_eq!(resp.status(), 200);
+    assert!(body_json(resp).await["choices"][0]["message"]["content"].is_string());
+    assert_eq!(sim.stats().connections, 2);
+}
+
+/// An upstream that announces keep-alive but closes every connection after
+/// its response, as llama.cpp's server does: a pooled connection it closed
+/// must never surface as a 502.
+async fn closing_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+                    )
+                    .await;
+                // Close right after the response, keep-alive notwithstanding.
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_closes_after_each_response_never_causes_a_502() {
+    trace_init();
+    let (url, accepted) = closing_upstream().await;
+    let proxy = proxy(&url, |_| {}).await;
+    let client = client();
+    for i in 0..50 {
+        let resp = client
+            .get(format!("{}/v1/models", proxy.url()).parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(&body_bytes(resp).await[..], b"ok");
+        if i % 2 == 0 {
+            // Half the time give the close a moment to land in the pool.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 50);
+}

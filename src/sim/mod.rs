@@ -6,7 +6,7 @@
 //! up to `slots` at once, each token slower the more run together, as vLLM
 //! does. Streams are real SSE, written token by token on a timer.
 //!
-//! It counts what it sees (`GET /sim/stats`): requests received, the peak
+//! It counts what it sees (`GET /sim/stats`): connections accepted, requests received, the peak
 //! number in flight (received and not finished, waiting ones included),
 //! completed and cancelled (the client went away mid-response) requests, and
 //! the `x-request-id`s in the order they arrived.
@@ -77,6 +77,8 @@ impl Default for SimConfig {
 /// What the simulator saw, served at `GET /sim/stats`.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Stats {
+    /// Connections accepted.
+    pub connections: u64,
     /// Requests received.
     pub received: u64,
     /// Requests in flight now (waiting for a slot or running).
@@ -98,6 +100,7 @@ const ORDER_LOG_MAX: usize = 100_000;
 pub struct SimState {
     cfg: SimConfig,
     slots: Arc<Semaphore>,
+    connections: AtomicU64,
     received: AtomicU64,
     in_flight: AtomicUsize,
     peak: AtomicUsize,
@@ -117,6 +120,7 @@ impl SimState {
         Arc::new(Self {
             cfg,
             slots: Arc::new(Semaphore::new(slots)),
+            connections: AtomicU64::new(0),
             received: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
@@ -131,6 +135,7 @@ impl SimState {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         Stats {
+            connections: self.connections.load(Ordering::SeqCst),
             received: self.received.load(Ordering::SeqCst),
             in_flight: self.in_flight.load(Ordering::SeqCst),
             peak_in_flight: self.peak.load(Ordering::SeqCst),
@@ -252,11 +257,15 @@ pub async fn start(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<SimHandl
 
 /// Serve until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
-    let handler = move |req: Request<Incoming>| {
+    crate::server::accept_loop(listener, std::future::pending(), move |_addr| {
+        state.connections.fetch_add(1, Ordering::SeqCst);
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(state, req).await) }
-    };
-    crate::server::serve_fn(listener, handler).await;
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(state, req).await) }
+        })
+    })
+    .await;
 }
 
 async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {

@@ -7,28 +7,28 @@
 //! removed both ways ([`rewrite`]). The response body is handed back as it
 //! arrives: nothing is buffered.
 
+mod pool;
 pub mod rewrite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture as ClientFuture};
-use hyper_util::rt::TokioExecutor;
 use pin_project_lite::pin_project;
 use tokio::time::Timeout;
 use tower::Service;
 
+pub use pool::PooledBody;
 pub use rewrite::Origin;
 
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
 use crate::BoxError;
+use pool::Pool;
 
 /// Connection settings of the upstream client.
 #[derive(Clone, Debug)]
@@ -41,21 +41,27 @@ pub struct ClientSettings {
     pub pool_idle_timeout: Duration,
 }
 
-/// The upstream origin behind a pooled HTTP/1.1 client.
+/// The upstream origin behind a pool of keep-alive HTTP/1.1 connections.
 ///
-/// Cloning shares the connection pool.
+/// Cloning shares the pool.
 #[derive(Debug)]
-pub struct Upstream<B> {
-    client: Client<HttpConnector, B>,
+pub struct Upstream<B>
+where
+    B: Body + 'static,
+{
+    pool: Arc<Pool<B>>,
     origin: Origin,
     response_timeout: Duration,
 }
 
 // By hand: a derive would require `B: Clone`, which request bodies are not.
-impl<B> Clone for Upstream<B> {
+impl<B> Clone for Upstream<B>
+where
+    B: Body + 'static,
+{
     fn clone(&self) -> Self {
         Self {
-            client: self.client.clone(),
+            pool: self.pool.clone(),
             origin: self.origin.clone(),
             response_timeout: self.response_timeout,
         }
@@ -64,46 +70,46 @@ impl<B> Clone for Upstream<B> {
 
 impl<B> Upstream<B>
 where
-    B: Body + Send + 'static + Unpin,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     /// A client for `origin`.
     pub fn new(origin: Origin, settings: &ClientSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        // Each SSE event is a small write; Nagle would hold it back.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .build(connector);
         Self {
-            client,
+            pool: Pool::new(
+                origin.clone(),
+                settings.connect_timeout,
+                settings.pool_idle_timeout,
+            ),
             origin,
             response_timeout: settings.response_timeout,
         }
     }
 }
 
+type SendFuture<B> =
+    Pin<Box<dyn Future<Output = Result<Response<PooledBody<B>>, BoxError>> + Send>>;
+
 impl<B> Service<Request<B>> for Upstream<B>
 where
-    B: Body<Data = Bytes> + Send + 'static + Unpin,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<PooledBody<B>>;
     type Error = BoxError;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pooled client is always ready: it opens connections on demand.
+        // The pool is always ready: it opens connections on demand.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         rewrite::request(&mut req, &self.origin);
+        // One allocation per request: hyper's send future cannot be named.
+        let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
         ResponseFuture {
-            inner: tokio::time::timeout(self.response_timeout, self.client.request(req)),
+            inner: tokio::time::timeout(self.response_timeout, send),
             after: self.response_timeout,
         }
     }
@@ -111,16 +117,31 @@ where
 
 pin_project! {
     /// Response future of [`Upstream`].
-    #[derive(Debug)]
-    pub struct ResponseFuture {
+    pub struct ResponseFuture<B>
+    where
+        B: Body,
+        B: 'static,
+    {
         #[pin]
-        inner: Timeout<ClientFuture>,
+        inner: Timeout<SendFuture<B>>,
         after: Duration,
     }
 }
 
-impl Future for ResponseFuture {
-    type Output = Result<Response<Incoming>, BoxError>;
+impl<B> std::fmt::Debug for ResponseFuture<B>
+where
+    B: Body + 'static,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<B> Future for ResponseFuture<B>
+where
+    B: Body + 'static,
+{
+    type Output = Result<Response<PooledBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();

@@ -11,10 +11,9 @@ use http::{Request, Response, Uri, Version};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// Where requests go: scheme, authority and an optional path prefix.
+/// Where requests go: an http:// authority and an optional path prefix.
 #[derive(Clone, Debug)]
 pub struct Origin {
-    scheme: Scheme,
     authority: Authority,
     /// Path prefix without a trailing slash ("" for none).
     prefix: String,
@@ -44,11 +43,7 @@ impl Origin {
             return Err(format!("`{url}`: an upstream URL cannot have a query"));
         }
         let prefix = uri.path().trim_end_matches('/').to_string();
-        Ok(Self {
-            scheme,
-            authority,
-            prefix,
-        })
+        Ok(Self { authority, prefix })
     }
 
     /// The authority (host:port).
@@ -56,19 +51,27 @@ impl Origin {
         &self.authority
     }
 
+    /// The origin-form URI (`/path?query`, behind the prefix) an HTTP/1.1
+    /// request to the upstream carries.
     fn uri_for(&self, pq: Option<&PathAndQuery>) -> Uri {
         let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
-        let builder = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone());
-        let built = if self.prefix.is_empty() {
-            builder.path_and_query(pq)
-        } else {
-            builder.path_and_query(format!("{}{}", self.prefix, pq))
-        };
-        // Scheme and authority were validated at start and `pq` came from a
-        // parsed URI, so the parts always fit together.
-        built.build().expect("origin and path parts are valid")
+        if self.prefix.is_empty() {
+            match pq.parse() {
+                Ok(uri) => return uri,
+                Err(_) => unreachable!("a path and query taken from a parsed URI parses"),
+            }
+        }
+        // The prefix was validated at start and `pq` came from a parsed URI,
+        // so the two always fit together.
+        format!("{}{}", self.prefix, pq)
+            .parse()
+            .expect("prefix and path are valid")
+    }
+
+    /// The Host header value for the upstream.
+    fn host(&self) -> HeaderValue {
+        HeaderValue::from_str(self.authority.as_str())
+            .expect("an authority is a valid header value")
     }
 }
 
@@ -113,9 +116,9 @@ pub fn request<B>(req: &mut Request<B>, origin: &Origin) {
     let client = req.extensions().get::<ClientAddr>().copied();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    // The client's Host named us; the upstream gets its own (set by the
-    // client from the URI), and the original travels as x-forwarded-host.
-    if let Some(host) = headers.remove(header::HOST) {
+    // The client's Host named us; the upstream gets its own, and the
+    // original travels as x-forwarded-host.
+    if let Some(host) = headers.insert(header::HOST, origin.host()) {
         headers.insert("x-forwarded-host", host);
     }
     if let Some(ClientAddr(addr)) = client {
@@ -149,12 +152,9 @@ mod tests {
             .body(())
             .unwrap();
         request(&mut req, &o);
-        assert_eq!(
-            req.uri().to_string(),
-            "http://127.0.0.1:1234/v1/chat/completions?x=1"
-        );
+        assert_eq!(req.uri().to_string(), "/v1/chat/completions?x=1");
+        assert_eq!(req.headers()["host"], "127.0.0.1:1234");
         assert_eq!(req.headers()["x-forwarded-host"], "evil.example");
-        assert!(req.headers().get("host").is_none());
     }
 
     #[test]
@@ -162,7 +162,8 @@ mod tests {
         let o = Origin::parse("http://h:8000/base/").unwrap();
         let mut req = Request::builder().uri("/v1/models").body(()).unwrap();
         request(&mut req, &o);
-        assert_eq!(req.uri().to_string(), "http://h:8000/base/v1/models");
+        assert_eq!(req.uri().to_string(), "/base/v1/models");
+        assert_eq!(req.headers()["host"], "h:8000");
     }
 
     #[test]

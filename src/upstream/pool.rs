@@ -1,0 +1,311 @@
+//! Upstream HTTP/1.1 connections, driven in the request's own task.
+//!
+//! hyper-util's pooled client runs every connection in a task of its own and
+//! hands each response frame across a channel, one task wake-up (often a
+//! cross-thread wake-up) per frame; for an SSE stream that is one hop per
+//! event, and each event then leaves in a write of its own. Here a connection
+//! is owned by whoever uses it: the request future while it waits for the
+//! response headers, then the response body ([`PooledBody`]), which polls the
+//! connection itself whenever it needs the next frame. Frames the connection
+//! already has are handed over in the same poll, so the server writes a burst
+//! of events in one go, and nothing crosses threads.
+//!
+//! Idle connections wait in a lock-free queue. An idle connection is not
+//! polled, so one the upstream closed is found out when it is taken: it is
+//! polled once on checkout and dropped if it has ended; and a request that the
+//! connection never accepted (hyper hands it back) is sent again on a fresh
+//! connection, which is safe because the upstream never saw it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::rewrite::Origin;
+use crate::BoxError;
+
+/// Most idle connections kept. Above the concurrency any one backend is run
+/// at; a connection that finds the pool full is closed.
+const MAX_IDLE: usize = 512;
+
+type Io = TokioIo<TcpStream>;
+
+/// One upstream connection: the handle to send on and the connection state
+/// machine that must be polled for anything to move.
+struct Conn<B>
+where
+    B: Body + 'static,
+{
+    sender: http1::SendRequest<B>,
+    driver: Option<http1::Connection<Io, B>>,
+    idle_since: Instant,
+}
+
+impl<B> Conn<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Drive the connection. `Ready` once it has ended (closed or failed);
+    /// after that it is never polled again.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        let Some(driver) = self.driver.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let polled = Pin::new(driver).poll(cx);
+        if polled.is_ready() {
+            self.driver = None;
+        }
+        polled
+    }
+
+    /// Still usable for another request?
+    fn reusable(&mut self) -> bool {
+        // Let it take in whatever ended the last exchange (or the upstream's
+        // close) without registering anyone for a wake-up.
+        let mut cx = Context::from_waker(Waker::noop());
+        self.drive(&mut cx).is_pending() && self.sender.is_ready()
+    }
+}
+
+/// The connections to one upstream origin. Cloning shares them.
+pub(crate) struct Pool<B>
+where
+    B: Body + 'static,
+{
+    idle: ArrayQueue<Conn<B>>,
+    origin: Origin,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl<B> std::fmt::Debug for Pool<B>
+where
+    B: Body + 'static,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("origin", &self.origin)
+            .field("idle", &self.idle.len())
+            .finish()
+    }
+}
+
+impl<B> Pool<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn new(
+        origin: Origin,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            idle: ArrayQueue::new(MAX_IDLE),
+            origin,
+            connect_timeout,
+            idle_timeout,
+        })
+    }
+
+    /// An idle connection that is still good, if there is one.
+    fn checkout(&self) -> Option<Conn<B>> {
+        while let Some(mut conn) = self.idle.pop() {
+            if conn.idle_since.elapsed() < self.idle_timeout && conn.reusable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, mut conn: Conn<B>) {
+        if conn.reusable() {
+            conn.idle_since = Instant::now();
+            // A full pool closes the connection.
+            let _ = self.idle.push(conn);
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn<B>, BoxError> {
+        let authority = self.origin.authority();
+        let port = authority.port_u16().unwrap_or(80);
+        let addr = (
+            authority.host().trim_matches(|c| c == '[' || c == ']'),
+            port,
+        );
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to {authority} took longer than {:?}",
+                    self.connect_timeout
+                )
+            })??;
+        // Each SSE event is a small write; Nagle would hold it back.
+        stream.set_nodelay(true)?;
+        let (sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        Ok(Conn {
+            sender,
+            driver: Some(driver),
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Send `req` and wait for the response headers. The response body owns
+    /// the connection and returns it here when it has been read to the end.
+    pub(crate) async fn send(
+        self: Arc<Self>,
+        mut req: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, BoxError> {
+        let mut reused = true;
+        let mut conn = match self.checkout() {
+            Some(c) => c,
+            None => {
+                reused = false;
+                self.connect().await?
+            }
+        };
+        loop {
+            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+            let outcome = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                // The connection writes the request and reads the response
+                // as we drive it; look again at once for what it delivered
+                // (when it ended, the response resolves with an error).
+                let _ = conn.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match outcome {
+                Ok(resp) => {
+                    let pool = self.clone();
+                    return Ok(resp.map(|incoming| PooledBody {
+                        incoming,
+                        conn: Some(conn),
+                        pool,
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the upstream closed this idle connection
+                    // under us. Safe to send again, once, on a fresh one.
+                    Some(back) if reused => {
+                        tracing::debug!(error = %e.error(), "pooled connection was closed; reconnecting");
+                        req = back;
+                        reused = false;
+                        conn = self.connect().await?;
+                    }
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+}
+
+/// The upstream's response body, holding the connection it arrives on.
+///
+/// Dropped before its end (the client went away), it closes the connection,
+/// which is how the upstream learns to stop generating.
+pub struct PooledBody<B>
+where
+    B: Body + 'static,
+{
+    incoming: Incoming,
+    conn: Option<Conn<B>>,
+    pool: Arc<Pool<B>>,
+}
+
+impl<B> std::fmt::Debug for PooledBody<B>
+where
+    B: Body + 'static,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
+impl<B> PooledBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Read to the end: the connection can serve another request.
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(conn);
+        }
+    }
+}
+
+impl<B> Body for PooledBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let mut drove = false;
+        loop {
+            match Pin::new(&mut this.incoming).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(frame)) => {
+                    // A reader that trusts is_end_stream (hyper's server does,
+                    // for a body of known length) never asks again: give the
+                    // connection back with the last frame.
+                    if this.incoming.is_end_stream() {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(frame));
+                }
+                Poll::Pending => {}
+            }
+            // No frame yet: drive the connection once, which reads the socket
+            // and hands over what it decoded, then look again. After that we
+            // are registered for both the socket and the frame channel.
+            if drove {
+                return Poll::Pending;
+            }
+            drove = true;
+            if let Some(conn) = this.conn.as_mut() {
+                if conn.drive(cx).is_ready() {
+                    // It ended (or failed): the body now yields its end or
+                    // the error, and the connection is gone.
+                    this.conn = None;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
