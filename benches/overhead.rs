@@ -145,8 +145,9 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Memory of 10,000 waiting requests: a backend that never answers in time,
-/// `max_concurrency` 1, and 10,000 clients each with one request queued.
-async fn queued_memory() {
+/// `max_concurrency` 1, and 10,000 requests queued, over HTTP/1.1 (one
+/// connection each) or HTTP/2 (multiplexed on one connection).
+async fn queued_memory(http2: bool) {
     const WAITING: usize = 10_000;
     let sim_addr = format!("127.0.0.1:{}", free_port());
     let _sim = spawn(&[
@@ -171,16 +172,25 @@ async fn queued_memory() {
     ]);
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
+    // HTTP/2: hyper's server allows 200 concurrent streams per connection,
+    // so 10,001 streams take 51 connections, one client each.
+    let loads: Vec<Client<HttpConnector, Full<Bytes>>> = (0..if http2 { 51 } else { 1 })
+        .map(|_| {
+            Client::builder(TokioExecutor::new())
+                .http2_only(http2)
+                .build_http()
+        })
+        .collect();
     wait_ready(&client, &format!("http://{admin}/healthz")).await;
     let idle = rss_kib(proxy.0.id());
     let url = format!("http://{listen}/v1/chat/completions");
     let b = body(false, 16);
     let mut tasks = Vec::new();
-    for _ in 0..WAITING + 1 {
-        let (client, url, b) = (client.clone(), url.clone(), b.clone());
+    for i in 0..WAITING + 1 {
+        let (load, url, b) = (loads[i % loads.len()].clone(), url.clone(), b.clone());
         tasks.push(tokio::spawn(async move {
             let req = Request::post(url).body(Full::new(b)).unwrap();
-            let _ = client.request(req).await;
+            let _ = load.request(req).await;
         }));
     }
     let status_url = format!("http://{admin}/status");
@@ -197,8 +207,9 @@ async fn queued_memory() {
     }
     let full = rss_kib(proxy.0.id());
     println!(
-        "memory: {WAITING} waiting requests ({} B bodies, one connection each): RSS {} KiB idle, {} KiB queued, {:.1} KiB per waiting request (connection buffers included)",
+        "memory: {WAITING} waiting requests ({} B bodies, {}): RSS {} KiB idle, {} KiB queued, {:.1} KiB per waiting request",
         b.len(),
+        if http2 { "HTTP/2, multiplexed" } else { "HTTP/1.1, one connection each" },
         idle,
         full,
         (full - idle) as f64 / WAITING as f64
@@ -256,7 +267,8 @@ async fn main() {
     let proxied = format!("http://127.0.0.1:{proxy_port}/v1/chat/completions");
 
     if std::env::var_os("BENCH_SKIP_MEMORY").is_none() {
-        queued_memory().await;
+        queued_memory(false).await;
+        queued_memory(true).await;
     }
     // The same load through nginx, for a baseline measured the same way,
     // when nginx is installed (it is not needed for anteroom's tests).
