@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::{HeaderValue, Request, Response};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
@@ -25,7 +26,7 @@ use crate::{error, Body, BoxError};
 
 /// The request id header, kept when the client sends a usable one and
 /// generated otherwise; the upstream and the response carry it.
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's id, in its extensions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,7 +76,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let id = match req.headers().get(REQUEST_ID) {
+        let id = match req.headers().get(&REQUEST_ID) {
             Some(v) if usable_id(v) => v.clone(),
             _ => {
                 let v = generate_id();
@@ -116,12 +117,15 @@ fn generate_id() -> HeaderValue {
         h.finish()
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = format!(
-        "{:016x}{:016x}",
-        splitmix(seed ^ n),
-        splitmix(seed.rotate_left(17) ^ n)
-    );
-    HeaderValue::from_str(&id).expect("hex digits are a valid header value")
+    // Hex by hand: `format!` cost more than the rest of this layer.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let halves = [splitmix(seed ^ n), splitmix(seed.rotate_left(17) ^ n)];
+    let mut id = [0u8; 32];
+    for (i, byte) in id.iter_mut().enumerate() {
+        let word = halves[i / 16];
+        *byte = HEX[((word >> (60 - 4 * (i % 16))) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -178,6 +182,20 @@ mod tests {
         assert_ne!(a, b);
         assert!(usable_id(&a));
         assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn generated_ids_are_lowercase_hex_of_both_halves() {
+        let id = generate_id();
+        let s = id.to_str().unwrap();
+        assert!(
+            s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{s}"
+        );
+        // Both 64-bit halves are filled (not zero-padded).
+        assert_ne!(&s[..16], "0000000000000000");
+        assert_ne!(&s[16..], "0000000000000000");
     }
 
     #[test]

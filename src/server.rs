@@ -21,10 +21,11 @@ use crate::Body;
 /// carries its connection's [`ClientAddr`].
 pub async fn serve(listener: TcpListener, stack: Stack, shutdown: impl Future<Output = ()>) {
     accept_loop(listener, shutdown, move |addr| {
+        let client = ClientAddr::new(addr);
         let svc = stack
             .clone()
             .map_request(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(addr));
+                req.extensions_mut().insert(client.clone());
                 req
             });
         TowerToHyperService::new(svc)

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use http::header::HeaderName;
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -17,7 +18,7 @@ use crate::BoxError;
 
 /// How long the request waited in the queue, set on admitted requests'
 /// responses as a header so a client can subtract it itself.
-pub const QUEUE_MS_HEADER: &str = "x-anteroom-queue-ms";
+pub const QUEUE_MS_HEADER: HeaderName = HeaderName::from_static("x-anteroom-queue-ms");
 
 /// The time an admitted request spent queued, left in the response's
 /// extensions for the layers above.

@@ -7,14 +7,37 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 
 /// The peer address of the client connection, set by the server on every
-/// request it reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
+/// request it reads. The IP is formatted once per connection, not per request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAddr {
+    addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl ClientAddr {
+    /// The connection's peer.
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Self { addr, ip }
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Where requests go: an http:// authority and an optional path prefix.
 #[derive(Clone, Debug)]
 pub struct Origin {
     authority: Authority,
+    /// The Host header the upstream gets, made once.
+    host: HeaderValue,
     /// Path prefix without a trailing slash ("" for none).
     prefix: String,
 }
@@ -43,7 +66,13 @@ impl Origin {
             return Err(format!("`{url}`: an upstream URL cannot have a query"));
         }
         let prefix = uri.path().trim_end_matches('/').to_string();
-        Ok(Self { authority, prefix })
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| format!("`{url}`: the host is not a valid header value ({e})"))?;
+        Ok(Self {
+            authority,
+            host,
+            prefix,
+        })
     }
 
     /// The authority (host:port).
@@ -67,29 +96,29 @@ impl Origin {
             .parse()
             .expect("prefix and path are valid")
     }
-
-    /// The Host header value for the upstream.
-    fn host(&self) -> HeaderValue {
-        HeaderValue::from_str(self.authority.as_str())
-            .expect("an authority is a valid header value")
-    }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the non-standard
-/// `proxy-connection` and `keep-alive` that clients still send.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Is this a hop-by-hop header (RFC 9110 §7.6.1, plus the non-standard
+/// `keep-alive` and `proxy-connection` that clients still send)?
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Standard names compare as enum values; the two others by string.
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
 
 /// Remove hop-by-hop headers, including those the `Connection` header names.
+/// Most requests carry none: one pass over the names finds that out, without
+/// a hash lookup per hop-by-hop name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -101,10 +130,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in hop {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// Point the request at the upstream and set the forwarding headers.
@@ -113,25 +146,30 @@ pub fn request<B>(req: &mut Request<B>, origin: &Origin) {
     *req.uri_mut() = uri;
     // The upstream connection is HTTP/1.1 whatever the client spoke.
     *req.version_mut() = Version::HTTP_11;
-    let client = req.extensions().get::<ClientAddr>().copied();
+    let client_ip = req.extensions().get::<ClientAddr>().map(|c| c.ip.clone());
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     // The client's Host named us; the upstream gets its own, and the
     // original travels as x-forwarded-host.
-    if let Some(host) = headers.insert(header::HOST, origin.host()) {
-        headers.insert("x-forwarded-host", host);
+    if let Some(host) = headers.insert(header::HOST, origin.host.clone()) {
+        headers.insert(X_FORWARDED_HOST, host);
     }
-    if let Some(ClientAddr(addr)) = client {
-        let ip = addr.ip().to_string();
-        let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert("x-forwarded-for", v);
+    if let Some(ip) = client_ip {
+        match headers.entry(X_FORWARDED_FOR) {
+            header::Entry::Vacant(v) => {
+                v.insert(ip);
+            }
+            header::Entry::Occupied(mut o) => {
+                let mut joined = o.get().as_bytes().to_vec();
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(ip.as_bytes());
+                if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                    o.insert(v);
+                }
+            }
         }
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
 }
 
 /// Clean the upstream's response for the client.
@@ -180,7 +218,7 @@ mod tests {
             .body(())
             .unwrap();
         req.extensions_mut()
-            .insert(ClientAddr("10.1.2.3:5555".parse().unwrap()));
+            .insert(ClientAddr::new("10.1.2.3:5555".parse().unwrap()));
         request(&mut req, &o);
         let h = req.headers();
         for gone in [
@@ -206,7 +244,7 @@ mod tests {
             .body(())
             .unwrap();
         req.extensions_mut()
-            .insert(ClientAddr("[::1]:5".parse().unwrap()));
+            .insert(ClientAddr::new("[::1]:5".parse().unwrap()));
         request(&mut req, &o);
         assert_eq!(req.headers()["x-forwarded-for"], "1.1.1.1, ::1");
     }
