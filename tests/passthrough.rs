@@ -272,6 +272,13 @@ async fn upstream_connections_are_kept_alive_and_reused() {
             .unwrap();
         body_bytes(resp).await;
     }
+    // Bodiless responses (HEAD) are never read to an end by the server.
+    for _ in 0..5 {
+        let req = Request::head(format!("{}/v1/models", proxy.url()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        body_bytes(client.request(req).await.unwrap()).await;
+    }
     let stats = sim.stats();
     assert_eq!(stats.received, 20);
     assert_eq!(

@@ -200,6 +200,7 @@ where
                         incoming,
                         conn: Some(conn),
                         pool,
+                        checkin: Pool::checkin,
                     }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -229,6 +230,9 @@ where
     incoming: Incoming,
     conn: Option<Conn<B>>,
     pool: Arc<Pool<B>>,
+    /// `Pool::checkin`, captured where its bounds are known, so `Drop` (which
+    /// cannot add bounds) can call it.
+    checkin: fn(&Pool<B>, Conn<B>),
 }
 
 impl<B> std::fmt::Debug for PooledBody<B>
@@ -249,6 +253,22 @@ where
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn);
+        }
+    }
+}
+
+impl<B> Drop for PooledBody<B>
+where
+    B: Body + 'static,
+{
+    fn drop(&mut self) {
+        // A body that was empty from the start (HEAD, 204, 304) is never
+        // polled: hyper's server trusts is_end_stream. Its connection is
+        // still good. Anything else dropped before its end closes it.
+        if self.incoming.is_end_stream() {
+            if let Some(conn) = self.conn.take() {
+                (self.checkin)(&self.pool, conn);
+            }
         }
     }
 }
