@@ -1,5 +1,5 @@
 //! The admin listener, on a port of its own so no upstream path is shadowed:
-//! `GET /healthz` and `GET /status`.
+//! `GET /healthz`, `GET /status` and `GET /metrics` (Prometheus).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,18 +11,20 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use crate::admission::Scheduler;
+use crate::telemetry::Recorder;
 use crate::Body;
 
 /// Serve the admin endpoints until the task is dropped.
-pub async fn serve(listener: TcpListener, scheduler: Arc<Scheduler>) {
+pub async fn serve(listener: TcpListener, scheduler: Arc<Scheduler>, recorder: Arc<Recorder>) {
     crate::server::serve_fn(listener, move |req| {
         let scheduler = scheduler.clone();
-        async move { Ok::<_, Infallible>(handle(&scheduler, &req)) }
+        let recorder = recorder.clone();
+        async move { Ok::<_, Infallible>(handle(&scheduler, &recorder, &req)) }
     })
     .await
 }
 
-fn handle(scheduler: &Scheduler, req: &Request<Incoming>) -> Response<Body> {
+fn handle(scheduler: &Scheduler, recorder: &Recorder, req: &Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/status") => {
@@ -30,10 +32,16 @@ fn handle(scheduler: &Scheduler, req: &Request<Incoming>) -> Response<Body> {
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
             text(StatusCode::OK, "application/json", body)
         }
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            recorder.metrics.encode(&scheduler.snapshot()),
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: the admin listener serves GET /healthz and GET /status\n".into(),
+            "not found: the admin listener serves GET /healthz, GET /status and GET /metrics\n"
+                .into(),
         ),
     }
 }

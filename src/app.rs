@@ -12,6 +12,7 @@ use crate::admission::{AdmissionLayer, Scheduler};
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::Config;
 use crate::edge::EdgeLayer;
+use crate::telemetry::{Recorder, TelemetryLayer};
 use crate::upstream::Upstream;
 use crate::{Body, BoxError};
 
@@ -22,14 +23,20 @@ pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallib
 /// streamed for the rest.
 pub type UpstreamBody = ClassifiedBody<Incoming>;
 
-/// Build the proxy for `config`, admitting through `scheduler`.
-pub fn build_stack(config: &Config, scheduler: Arc<Scheduler>) -> Stack {
+/// Build the proxy for `config`, admitting through `scheduler` and recording
+/// into `recorder`.
+pub fn build_stack(config: &Config, scheduler: Arc<Scheduler>, recorder: Arc<Recorder>) -> Stack {
     let upstream = Upstream::<UpstreamBody>::new(config.upstream.clone(), &config.client);
-    build_stack_with(config, scheduler, upstream)
+    build_stack_with(config, scheduler, recorder, upstream)
 }
 
 /// Build the proxy around any upstream service (tests use a fake).
-pub fn build_stack_with<U, B>(config: &Config, scheduler: Arc<Scheduler>, upstream: U) -> Stack
+pub fn build_stack_with<U, B>(
+    config: &Config,
+    scheduler: Arc<Scheduler>,
+    recorder: Arc<Recorder>,
+    upstream: U,
+) -> Stack
 where
     U: Service<Request<UpstreamBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     U::Error: Into<BoxError>,
@@ -43,6 +50,10 @@ where
         // Outermost: every error from below becomes an OpenAI-shaped response
         // carrying the request id, and the body is boxed once.
         .layer(EdgeLayer)
+        // Times the request and keeps its one record; inside the rescue so
+        // it sees errors as errors (with their code), outside everything
+        // else so its clock starts at arrival and stops at the last byte.
+        .layer(TelemetryLayer::new(recorder))
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
         .layer(ClassifyLayer::new(config.routes.clone()))

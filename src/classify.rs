@@ -28,7 +28,11 @@ use tower::{Layer, Service};
 
 use crate::error::{BadRequest, BodyTooLarge};
 use crate::json_scan;
+use crate::telemetry::{Classified, Tap};
 use crate::BoxError;
+
+/// The longest `model` name kept for the request's record.
+const MAX_MODEL_LEN: usize = 256;
 
 /// A request's priority: lower is served sooner.
 pub type Priority = i32;
@@ -271,9 +275,20 @@ where
                             .into()))
                         }
                     };
+                    let fields = json_scan::scan(&bytes);
                     let priority = header_priority
-                        .or_else(|| json_scan::scan(&bytes).priority)
+                        .or(fields.priority)
                         .unwrap_or(default_priority);
+                    if let Some(tap) = parts.extensions.get::<Tap>() {
+                        tap.classify(Classified {
+                            model: fields.model.map(|m| {
+                                String::from_utf8_lossy(&m[..m.len().min(MAX_MODEL_LEN)])
+                                    .into_owned()
+                            }),
+                            priority,
+                            stream: fields.stream.unwrap_or(false),
+                        });
+                    }
                     parts.extensions.insert(Admit { priority });
                     let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
                     this.state.set(State::Calling {

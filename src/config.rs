@@ -6,7 +6,7 @@
 //! bad values are refused at start with a message that names the key.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,9 @@ pub struct FileConfig {
     pub admit_paths: Vec<String>,
     /// Priority of a request that names none (lower is sooner).
     pub default_priority: Priority,
+    /// File the request log (one JSON line per request) is appended to;
+    /// empty: no request log.
+    pub request_log: String,
 }
 
 impl Default for FileConfig {
@@ -69,6 +72,7 @@ impl Default for FileConfig {
                 "/v1/responses".into(),
             ],
             default_priority: 0,
+            request_log: String::new(),
         }
     }
 }
@@ -100,6 +104,8 @@ pub struct Config {
     pub routes: Routes,
     /// Upstream client settings.
     pub client: ClientSettings,
+    /// Where the request log goes, if anywhere.
+    pub request_log: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -170,6 +176,8 @@ impl FileConfig {
                 response_timeout: upstream_timeout,
                 pool_idle_timeout,
             },
+            request_log: (!self.request_log.trim().is_empty())
+                .then(|| PathBuf::from(self.request_log.trim())),
         })
     }
 }

@@ -10,10 +10,12 @@
 //! # The request path
 //!
 //! ```text
-//! client ─▶ server ─▶ Edge ─▶ Classify ─▶ Admission ─▶ Upstream ─▶ model server
-//!           (accept)  (id,     (priority,   (queue,       (pooled
-//!                     rescue)  buffer body) permit)       client)
-//! client ◀──────────── PermitBody (slot released at end of body or drop) ◀── upstream body
+//! client ─▶ server ─▶ Edge ─▶ Telemetry ─▶ Classify ─▶ Admission ─▶ Upstream ─▶ model server
+//!           (accept)  (id,     (Tap: the     (priority,   (queue,       (pooled client;
+//!                     rescue)  request's     buffer body) permit)       stamps dispatch
+//!                              record)                                  and headers)
+//! client ◀── TimedBody (first token, token events, usage, last byte → one Record)
+//!                 ◀── PermitBody (slot released at end of body or drop) ◀── upstream body
 //! ```
 //!
 //! [`app::build_stack`] is the one place that orders these layers.
@@ -32,6 +34,7 @@ pub mod error;
 pub mod json_scan;
 pub mod server;
 pub mod sim;
+pub mod telemetry;
 pub mod upstream;
 
 /// The error type inside the stack.

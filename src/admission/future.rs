@@ -5,8 +5,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::header::HeaderName;
-use http::{HeaderValue, Response};
+use http::Response;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
@@ -15,15 +14,6 @@ use tower::Service;
 use super::scheduler::Ticket;
 use super::{Overloaded, Permit, PermitBody};
 use crate::BoxError;
-
-/// How long the request waited in the queue, set on admitted requests'
-/// responses as a header so a client can subtract it itself.
-pub const QUEUE_MS_HEADER: HeaderName = HeaderName::from_static("x-anteroom-queue-ms");
-
-/// The time an admitted request spent queued, left in the response's
-/// extensions for the layers above.
-#[derive(Clone, Copy, Debug)]
-pub struct QueueWait(pub Duration);
 
 pin_project! {
     /// Response future of [`Admission`](super::Admission).
@@ -50,13 +40,11 @@ pin_project! {
             // False once the deadline fired but the ticket had already been
             // dispatched: its grant is on its way, keep waiting for it.
             timed: bool,
-            since: Instant,
         },
         Running {
             #[pin]
             fut: Oneshot<S, R>,
             permit: Option<Permit>,
-            waited: Option<Duration>,
         },
         Rejected {
             err: Option<Overloaded>,
@@ -69,32 +57,29 @@ where
     S: Service<R>,
 {
     pub(crate) fn pass(svc: S, req: R) -> Self {
-        Self::running(svc, req, None, None)
+        Self::running(svc, req, None)
     }
 
     pub(crate) fn admitted(svc: S, req: R, permit: Permit) -> Self {
-        Self::running(svc, req, Some(permit), Some(Duration::ZERO))
+        Self::running(svc, req, Some(permit))
     }
 
-    fn running(svc: S, req: R, permit: Option<Permit>, waited: Option<Duration>) -> Self {
+    fn running(svc: S, req: R, permit: Option<Permit>) -> Self {
         Self {
             state: State::Running {
                 fut: Oneshot::new(svc, req),
                 permit,
-                waited,
             },
         }
     }
 
     pub(crate) fn queued(svc: S, req: R, ticket: Ticket, timeout: Duration) -> Self {
-        let since = Instant::now();
         Self {
             state: State::Waiting {
                 ticket,
-                deadline: tokio::time::sleep_until(since + timeout),
+                deadline: tokio::time::sleep_until(Instant::now() + timeout),
                 pending: Some((svc, req)),
                 timed: true,
-                since,
             },
         }
     }
@@ -122,7 +107,6 @@ where
                     deadline,
                     pending,
                     timed,
-                    since,
                 } => {
                     let grant = match ticket.poll_grant(cx) {
                         Poll::Ready(grant) => grant,
@@ -137,28 +121,16 @@ where
                         }
                     };
                     let permit = grant?;
-                    let waited = since.elapsed();
                     let (svc, req) = pending.take().expect("polled after completion");
                     this.state.set(State::Running {
                         fut: Oneshot::new(svc, req),
                         permit: Some(permit),
-                        waited: Some(waited),
                     });
                 }
-                StateProj::Running {
-                    fut,
-                    permit,
-                    waited,
-                } => {
+                StateProj::Running { fut, permit } => {
                     // An error drops the permit with this future: the slot
                     // comes back at once.
-                    let mut resp = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    if let Some(waited) = *waited {
-                        let ms = waited.as_millis() as u64;
-                        resp.headers_mut()
-                            .insert(QUEUE_MS_HEADER, HeaderValue::from(ms));
-                        resp.extensions_mut().insert(QueueWait(waited));
-                    }
+                    let resp = ready!(fut.poll(cx)).map_err(Into::into)?;
                     let permit = permit.take();
                     return Poll::Ready(Ok(resp.map(|body| PermitBody::new(body, permit))));
                 }

@@ -134,7 +134,7 @@ async fn send(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
     };
-    let queue_ms = header(crate::admission::future::QUEUE_MS_HEADER.as_str());
+    let queue_ms = header(crate::telemetry::QUEUE_MS_HEADER.as_str());
     let retry_after_ms = header("retry-after-ms");
     resp.into_body().collect().await?;
     Ok(Outcome {

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::admission::Scheduler;
 use crate::config::{Config, ConfigError, FileConfig};
+use crate::telemetry::Recorder;
 use crate::BoxError;
 
 /// Flags of `anteroom serve`: one per config key, each overriding the file.
@@ -56,6 +57,9 @@ pub struct ServeArgs {
     /// Priority of requests that name none (key: default_priority).
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub default_priority: Option<i32>,
+    /// Append one JSON line per request to this file (key: request_log).
+    #[arg(long, value_name = "PATH")]
+    pub request_log: Option<String>,
 }
 
 impl ServeArgs {
@@ -82,7 +86,8 @@ impl ServeArgs {
             upstream_timeout,
             connect_timeout,
             pool_idle_timeout,
-            default_priority
+            default_priority,
+            request_log
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
@@ -105,6 +110,8 @@ pub struct Running {
     pub admin_addr: std::net::SocketAddr,
     /// The admission state.
     pub scheduler: Arc<Scheduler>,
+    /// Metrics and the request log.
+    pub recorder: Arc<Recorder>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -130,19 +137,25 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let scheduler = Scheduler::new(config.limits.clone());
-    let stack = crate::app::build_stack(config, scheduler.clone());
+    let recorder = Recorder::new(config.request_log.as_deref())?;
+    let stack = crate::app::build_stack(config, scheduler.clone(), recorder.clone());
     let tasks = vec![
         tokio::spawn(crate::server::serve(
             listener,
             stack,
             std::future::pending(),
         )),
-        tokio::spawn(crate::admin::serve(admin, scheduler.clone())),
+        tokio::spawn(crate::admin::serve(
+            admin,
+            scheduler.clone(),
+            recorder.clone(),
+        )),
     ];
     Ok(Running {
         addr,
         admin_addr,
         scheduler,
+        recorder,
         tasks,
     })
 }
@@ -152,7 +165,7 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
     let config = args.config()?;
     let running = start(&config).await.map_err(|e| {
         format!(
-            "cannot listen on {} or {}: {e}",
+            "cannot start (listen on {} and {}, open the request log): {e}",
             config.listen, config.admin_listen
         )
     })?;
@@ -166,6 +179,9 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
     );
     super::shutdown_signal().await;
     tracing::info!("shutting down");
+    // Stop taking requests, then write out every record already taken.
+    let recorder = running.recorder.clone();
     drop(running);
+    recorder.flush().await;
     Ok(())
 }

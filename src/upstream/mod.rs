@@ -27,6 +27,7 @@ pub use pool::PooledBody;
 pub use rewrite::Origin;
 
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
+use crate::telemetry::Tap;
 use crate::BoxError;
 use pool::Pool;
 
@@ -106,11 +107,16 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         rewrite::request(&mut req, &self.origin);
+        let tap = req.extensions_mut().remove::<Tap>();
+        if let Some(tap) = &tap {
+            tap.dispatched();
+        }
         // One allocation per request: hyper's send future cannot be named.
         let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
         ResponseFuture {
             inner: tokio::time::timeout(self.response_timeout, send),
             after: self.response_timeout,
+            tap,
         }
     }
 }
@@ -125,6 +131,7 @@ pin_project! {
         #[pin]
         inner: Timeout<SendFuture<B>>,
         after: Duration,
+        tap: Option<Tap>,
     }
 }
 
@@ -145,7 +152,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        Poll::Ready(match ready!(this.inner.poll(cx)) {
+        let result = ready!(this.inner.poll(cx));
+        if let Some(tap) = this.tap.take() {
+            tap.headers_arrived();
+        }
+        Poll::Ready(match result {
             Ok(Ok(mut resp)) => {
                 rewrite::response(&mut resp);
                 Ok(resp)

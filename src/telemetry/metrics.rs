@@ -1,0 +1,376 @@
+//! Prometheus metrics, named after vLLM's (`vllm:time_to_first_token_seconds`
+//! → `anteroom_time_to_first_token_seconds`) so dashboards translate.
+//!
+//! Label sets are bounded: `priority` is the priority itself from −20 to 20
+//! and `"<-20"` / `">20"` beyond, never a raw client string; `status` is an
+//! HTTP status code; `reason` and `outcome` are anteroom's own fixed words.
+//! Label handles are resolved once per label value and cached, so recording
+//! a request costs atomic adds and no map lookup or lock.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use super::record::{Outcome, Record};
+use crate::admission::Snapshot;
+use crate::classify::Priority;
+
+/// Priorities with a label of their own; the rest share `<-20` / `>20`.
+const LABELLED: std::ops::RangeInclusive<Priority> = -20..=20;
+const CLASSES: usize = 43;
+
+/// Latency buckets (seconds) for waits and whole requests: milliseconds to
+/// ten minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 320.0, 640.0,
+];
+/// Per-token buckets (seconds): a fast GPU to a slow CPU.
+const TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+    0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+];
+
+/// The label value of a priority.
+pub fn priority_label(p: Priority) -> String {
+    if p < *LABELLED.start() {
+        format!("<{}", LABELLED.start())
+    } else if p > *LABELLED.end() {
+        format!(">{}", LABELLED.end())
+    } else {
+        p.to_string()
+    }
+}
+
+fn class_of(p: Priority) -> usize {
+    (p.clamp(LABELLED.start() - 1, LABELLED.end() + 1) - (LABELLED.start() - 1)) as usize
+}
+
+/// Handles for one priority class.
+#[derive(Debug)]
+struct ByPriority {
+    queue: Histogram,
+    ttft: Histogram,
+    backend_ttft: Histogram,
+    itl: Histogram,
+    tpot: Histogram,
+    e2e: Histogram,
+    prompt_tokens: IntCounter,
+    generation_tokens: IntCounter,
+}
+
+/// All of anteroom's metrics, in a registry of their own.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    queue: HistogramVec,
+    ttft: HistogramVec,
+    backend_ttft: HistogramVec,
+    itl: HistogramVec,
+    tpot: HistogramVec,
+    e2e: HistogramVec,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
+    requests: IntCounterVec,
+    rejections: IntCounterVec,
+    waiting: IntGaugeVec,
+    running: IntGaugeVec,
+    max_concurrency: IntGauge,
+    max_queue: IntGauge,
+    /// Records the request log could not take (its channel was full).
+    pub log_dropped: IntCounter,
+    /// Records written to the request log.
+    pub log_written: IntCounter,
+    by_priority: [OnceLock<ByPriority>; CLASSES],
+    by_status: Box<[OnceLock<IntCounter>]>,
+    by_outcome: [IntCounter; 5],
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("metric definitions are valid")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are valid")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definitions are valid")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Self {
+        let p = &["priority"];
+        let queue = histogram(
+            "anteroom_request_queue_time_seconds",
+            "Time from arrival to dispatch to the upstream (for rejected requests: to the rejection).",
+            LATENCY_BUCKETS,
+            p,
+        );
+        let ttft = histogram(
+            "anteroom_time_to_first_token_seconds",
+            "Time from arrival to the first generated token handed to the client, queue included.",
+            LATENCY_BUCKETS,
+            p,
+        );
+        let backend_ttft = histogram(
+            "anteroom_backend_time_to_first_token_seconds",
+            "Time from dispatch to the first generated token: the backend's own time to first token.",
+            LATENCY_BUCKETS,
+            p,
+        );
+        let itl = histogram(
+            "anteroom_inter_token_latency_seconds",
+            "Gap between consecutive token events of a stream.",
+            TOKEN_BUCKETS,
+            p,
+        );
+        let tpot = histogram(
+            "anteroom_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            TOKEN_BUCKETS,
+            p,
+        );
+        let e2e = histogram(
+            "anteroom_e2e_request_latency_seconds",
+            "Time from arrival to the last byte handed to the client.",
+            LATENCY_BUCKETS,
+            p,
+        );
+        let prompt_tokens = counter(
+            "anteroom_prompt_tokens_total",
+            "Prompt tokens of finished requests, from the backend's usage.",
+            p,
+        );
+        let generation_tokens = counter(
+            "anteroom_generation_tokens_total",
+            "Generated tokens of finished requests (usage, else counted token events).",
+            p,
+        );
+        let requests = counter(
+            "anteroom_requests_total",
+            "Requests answered, by the status sent (499: the client left first).",
+            &["status"],
+        );
+        let outcomes = counter(
+            "anteroom_request_outcomes_total",
+            "Requests by how they ended: ok, rejected, error, truncated, cancelled.",
+            &["outcome"],
+        );
+        let rejections = counter(
+            "anteroom_request_rejections_total",
+            "Requests anteroom refused, by reason (its error code).",
+            &["reason"],
+        );
+        let waiting = gauge(
+            "anteroom_num_requests_waiting",
+            "Requests waiting in the queue.",
+            p,
+        );
+        let running = gauge(
+            "anteroom_num_requests_running",
+            "Requests in flight at the upstream.",
+            p,
+        );
+        let max_concurrency = IntGauge::new(
+            "anteroom_max_concurrency",
+            "The current limit of requests in flight at the upstream.",
+        )
+        .expect("metric definitions are valid");
+        let max_queue = IntGauge::new(
+            "anteroom_max_queue",
+            "The most requests that may wait in the queue.",
+        )
+        .expect("metric definitions are valid");
+        let log_dropped = IntCounter::new(
+            "anteroom_request_log_dropped_total",
+            "Request records lost because the request log's writer could not keep up.",
+        )
+        .expect("metric definitions are valid");
+        let log_written = IntCounter::new(
+            "anteroom_request_log_written_total",
+            "Request records written to the request log.",
+        )
+        .expect("metric definitions are valid");
+
+        let registry = Registry::new();
+        for c in [
+            Box::new(queue.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ttft.clone()),
+            Box::new(backend_ttft.clone()),
+            Box::new(itl.clone()),
+            Box::new(tpot.clone()),
+            Box::new(e2e.clone()),
+            Box::new(prompt_tokens.clone()),
+            Box::new(generation_tokens.clone()),
+            Box::new(requests.clone()),
+            Box::new(outcomes.clone()),
+            Box::new(rejections.clone()),
+            Box::new(waiting.clone()),
+            Box::new(running.clone()),
+            Box::new(max_concurrency.clone()),
+            Box::new(max_queue.clone()),
+            Box::new(log_dropped.clone()),
+            Box::new(log_written.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        let by_outcome = [
+            Outcome::Ok,
+            Outcome::Rejected,
+            Outcome::Error,
+            Outcome::Truncated,
+            Outcome::Cancelled,
+        ]
+        .map(|o| outcomes.with_label_values(&[o.as_str()]));
+        Self {
+            registry,
+            queue,
+            ttft,
+            backend_ttft,
+            itl,
+            tpot,
+            e2e,
+            prompt_tokens,
+            generation_tokens,
+            requests,
+            rejections,
+            waiting,
+            running,
+            max_concurrency,
+            max_queue,
+            log_dropped,
+            log_written,
+            by_priority: std::array::from_fn(|_| OnceLock::new()),
+            by_status: (0..600).map(|_| OnceLock::new()).collect(),
+            by_outcome,
+        }
+    }
+
+    fn priority(&self, p: Priority) -> &ByPriority {
+        self.by_priority[class_of(p)].get_or_init(|| {
+            let l = [priority_label(p)];
+            let l = [l[0].as_str()];
+            ByPriority {
+                queue: self.queue.with_label_values(&l),
+                ttft: self.ttft.with_label_values(&l),
+                backend_ttft: self.backend_ttft.with_label_values(&l),
+                itl: self.itl.with_label_values(&l),
+                tpot: self.tpot.with_label_values(&l),
+                e2e: self.e2e.with_label_values(&l),
+                prompt_tokens: self.prompt_tokens.with_label_values(&l),
+                generation_tokens: self.generation_tokens.with_label_values(&l),
+            }
+        })
+    }
+
+    /// Count a finished request. `gaps_us` are its inter-token gaps.
+    pub fn observe(&self, r: &Record, gaps_us: &[u32]) {
+        let status = usize::from(r.status).min(599);
+        self.by_status[status]
+            .get_or_init(|| self.requests.with_label_values(&[&status.to_string()]))
+            .inc();
+        self.by_outcome[r.outcome as usize].inc();
+        if r.outcome == Outcome::Rejected {
+            if let Some(code) = &r.error {
+                self.rejections.with_label_values(&[code]).inc();
+            }
+        }
+        // Latency and tokens only for admitted (generation) requests: a
+        // GET /v1/models is not a model latency.
+        let Some(p) = r.priority else { return };
+        let m = self.priority(p);
+        let secs = |ms: Option<f64>| ms.map(|v| v / 1000.0);
+        if let Some(v) = secs(r.queue_ms) {
+            m.queue.observe(v);
+        }
+        if r.outcome != Outcome::Ok {
+            return;
+        }
+        for (h, v) in [
+            (&m.ttft, r.ttft_ms),
+            (&m.backend_ttft, r.backend_ttft_ms),
+            (&m.tpot, r.tpot_ms),
+            (&m.e2e, r.e2e_ms),
+        ] {
+            if let Some(v) = secs(v) {
+                h.observe(v);
+            }
+        }
+        for &g in gaps_us {
+            m.itl.observe(f64::from(g) / 1e6);
+        }
+        if let Some(n) = r.prompt_tokens {
+            m.prompt_tokens.inc_by(n);
+        }
+        if let Some(n) = r.completion_tokens {
+            m.generation_tokens.inc_by(n);
+        }
+    }
+
+    /// The text exposition, with the queue gauges taken from `snapshot`.
+    pub fn encode(&self, snapshot: &Snapshot) -> String {
+        self.max_concurrency.set(snapshot.max_concurrency as i64);
+        self.max_queue.set(snapshot.max_queue as i64);
+        for (vec, by) in [
+            (&self.waiting, &snapshot.waiting_by_priority),
+            (&self.running, &snapshot.running_by_priority),
+        ] {
+            vec.reset();
+            // Always show the default class, so the series exist at zero.
+            vec.with_label_values(&["0"]).set(0);
+            for (&p, &n) in by {
+                vec.with_label_values(&[&priority_label(p)]).add(n as i64);
+            }
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Names of every metric family registered (for checking dashboards).
+    pub fn names(&self) -> Vec<String> {
+        self.registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_labels_are_bounded() {
+        assert_eq!(priority_label(0), "0");
+        assert_eq!(priority_label(-20), "-20");
+        assert_eq!(priority_label(-21), "<-20");
+        assert_eq!(priority_label(i32::MIN), "<-20");
+        assert_eq!(priority_label(i32::MAX), ">20");
+        let classes: std::collections::BTreeSet<usize> = [i32::MIN, -21, -20, 0, 20, 21, i32::MAX]
+            .iter()
+            .map(|&p| class_of(p))
+            .collect();
+        assert_eq!(classes.len(), 5);
+        assert!(classes.iter().all(|&c| c < CLASSES));
+        assert_eq!(class_of(i32::MIN), class_of(-1000));
+    }
+}

@@ -1,0 +1,543 @@
+//! Step 0b of the request path: where every request's time goes, kept as one
+//! [`Record`] per request.
+//!
+//! The [`Telemetry`] layer sits just inside the edge's rescue, so it sees
+//! every request: admitted, passed through, rejected or failed. It puts a
+//! [`Tap`] in the request's extensions, which the steps below fill in as the
+//! request passes them ([`classify`](crate::classify) notes the model,
+//! priority and `stream`; the [`upstream`](crate::upstream) notes when the
+//! request was dispatched and when the response headers came back), and it
+//! wraps the response body in a [`TimedBody`] that watches the bytes go out:
+//! the first token, each token event, the `usage` numbers, the last byte.
+//! The body is observed, never changed (see [`observe`]).
+//!
+//! When the body ends, fails, or is dropped because the client left, or when
+//! the request fails before it has a response, the record is finished once:
+//! counted in the [`Metrics`] and handed to the [`RequestLog`] if there is
+//! one. A request whose client leaves while it is queued is recorded too
+//! (status 499, outcome `cancelled`).
+//!
+//! ```text
+//! arrival ── queue_ms ──▶ dispatch ── upstream_headers_ms ──▶ headers ──▶ first token ──▶ … ──▶ last byte
+//!    │                       └──────────── backend_ttft_ms ───────────────────┘                      │
+//!    └──────────────────────────────── ttft_ms ──────────────────────────────┘                      │
+//!    └──────────────────────────────────────────── e2e_ms ──────────────────────────────────────────┘
+//! ```
+//!
+//! Admitted responses also get `server-timing: queue;dur=…, upstream;dur=…`
+//! (W3C Server Timing, milliseconds) and `x-anteroom-queue-ms`, so a client
+//! can take the queue out of its own latency figures.
+
+pub mod log;
+pub mod metrics;
+pub mod observe;
+pub mod record;
+
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+pub use log::RequestLog;
+pub use metrics::Metrics;
+pub use observe::{Framing, Observer};
+pub use record::{Outcome, Record, TokenSource};
+
+use crate::admission::Overloaded;
+use crate::classify::Priority;
+use crate::edge::REQUEST_ID;
+use crate::error;
+use crate::upstream::rewrite::ClientAddr;
+use crate::BoxError;
+
+/// The W3C Server-Timing header.
+pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+/// Milliseconds the request spent queued (arrival → dispatch), on admitted
+/// responses.
+pub const QUEUE_MS_HEADER: HeaderName = HeaderName::from_static("x-anteroom-queue-ms");
+
+/// Where finished records go: the metrics, and the request log if any.
+#[derive(Debug)]
+pub struct Recorder {
+    /// The Prometheus metrics.
+    pub metrics: Metrics,
+    log: Option<RequestLog>,
+}
+
+impl Recorder {
+    /// A recorder writing the request log to `log_path`, if given.
+    pub fn new(log_path: Option<&Path>) -> io::Result<Arc<Self>> {
+        let metrics = Metrics::new();
+        let log = log_path
+            .map(|p| RequestLog::open(p, metrics.log_written.clone(), metrics.log_dropped.clone()))
+            .transpose()?;
+        Ok(Arc::new(Self { metrics, log }))
+    }
+
+    /// Count a finished request and log it.
+    pub fn record(&self, record: Record, gaps_us: &[u32]) {
+        self.metrics.observe(&record, gaps_us);
+        if let Some(log) = &self.log {
+            log.send(record);
+        }
+    }
+
+    /// Wait until every record taken so far is written (no-op without a log).
+    pub async fn flush(&self) {
+        if let Some(log) = &self.log {
+            log.flush().await;
+        }
+    }
+}
+
+/// What [`classify`](crate::classify) learnt about an admitted request.
+#[derive(Clone, Debug, Default)]
+pub struct Classified {
+    /// `model` from the body (at most 256 bytes of it).
+    pub model: Option<String>,
+    /// The priority it queues at.
+    pub priority: Priority,
+    /// `stream: true` in the body.
+    pub stream: bool,
+}
+
+/// A request's notes, filled in by the steps it passes. Cloning shares them.
+#[derive(Clone, Debug)]
+pub struct Tap(Arc<TapInner>);
+
+#[derive(Debug)]
+struct TapInner {
+    arrival: Instant,
+    /// Nanoseconds after arrival, plus one; zero while unset.
+    dispatched: AtomicU64,
+    headers: AtomicU64,
+    classified: OnceLock<Classified>,
+}
+
+impl Tap {
+    fn new(arrival: Instant) -> Self {
+        Self(Arc::new(TapInner {
+            arrival,
+            dispatched: AtomicU64::new(0),
+            headers: AtomicU64::new(0),
+            classified: OnceLock::new(),
+        }))
+    }
+
+    /// Note what classify found.
+    pub fn classify(&self, c: Classified) {
+        let _ = self.0.classified.set(c);
+    }
+
+    /// Note that the request was handed to the upstream now.
+    pub fn dispatched(&self) {
+        self.stamp(&self.0.dispatched);
+    }
+
+    /// Note that the upstream's response headers arrived now.
+    pub fn headers_arrived(&self) {
+        self.stamp(&self.0.headers);
+    }
+
+    fn stamp(&self, at: &AtomicU64) {
+        let ns = self
+            .0
+            .arrival
+            .elapsed()
+            .as_nanos()
+            .min(u64::MAX as u128 - 1) as u64;
+        at.store(ns + 1, Ordering::Relaxed);
+    }
+
+    fn read(&self, at: &AtomicU64) -> Option<Duration> {
+        match at.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n - 1)),
+        }
+    }
+}
+
+/// Builds [`Telemetry`] services.
+#[derive(Clone, Debug)]
+pub struct TelemetryLayer {
+    recorder: Arc<Recorder>,
+}
+
+impl TelemetryLayer {
+    /// Record into `recorder`.
+    pub fn new(recorder: Arc<Recorder>) -> Self {
+        Self { recorder }
+    }
+}
+
+impl<S> Layer<S> for TelemetryLayer {
+    type Service = Telemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Telemetry {
+            inner,
+            recorder: self.recorder.clone(),
+        }
+    }
+}
+
+/// Times every request and keeps its record: see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Telemetry<S> {
+    inner: S,
+    recorder: Arc<Recorder>,
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Telemetry<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body,
+{
+    type Response = Response<TimedBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let now = Instant::now();
+        let tap = Tap::new(now);
+        let capture = Capture {
+            recorder: self.recorder.clone(),
+            tap: tap.clone(),
+            received: SystemTime::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            client: req.extensions().get::<ClientAddr>().map(|c| c.addr().ip()),
+            request_id: req.headers().get(REQUEST_ID).cloned(),
+            status: 499,
+            error: None,
+            rejected: false,
+            observer: Observer::new(Framing::Opaque),
+            first_byte: None,
+            first_token: None,
+            last_token: None,
+            gaps_us: Vec::new(),
+            finished: false,
+        };
+        req.extensions_mut().insert(tap);
+        ResponseFuture {
+            inner: self.inner.call(req),
+            capture: Some(capture),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Telemetry`].
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        capture: Option<Capture>,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Body,
+{
+    type Output = Result<Response<TimedBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let mut capture = this.capture.take().expect("polled after completion");
+        match result {
+            Ok(mut resp) => {
+                capture.status = resp.status().as_u16();
+                let ct = resp.headers().get(http::header::CONTENT_TYPE);
+                capture.observer = Observer::new(Framing::of(ct.map(HeaderValue::as_bytes)));
+                capture.timing_headers(resp.headers_mut());
+                Poll::Ready(Ok(resp.map(|inner| TimedBody { inner, capture })))
+            }
+            Err(e) => {
+                let e: BoxError = e.into();
+                let d = error::describe(&*e);
+                capture.status = d.status.as_u16();
+                capture.error = Some(d.code);
+                capture.rejected = error::cause::<Overloaded>(&*e).is_some();
+                capture.finish(Outcome::Ok);
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+}
+
+/// A request's record in the making; finished exactly once, at the latest
+/// when it is dropped.
+#[derive(Debug)]
+struct Capture {
+    recorder: Arc<Recorder>,
+    tap: Tap,
+    received: SystemTime,
+    method: Method,
+    uri: Uri,
+    client: Option<IpAddr>,
+    request_id: Option<HeaderValue>,
+    status: u16,
+    error: Option<&'static str>,
+    rejected: bool,
+    observer: Observer,
+    first_byte: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    /// Gaps between token events, microseconds.
+    gaps_us: Vec<u32>,
+    finished: bool,
+}
+
+fn ms(d: Duration) -> f64 {
+    // Microsecond resolution is plenty and keeps the log short.
+    (d.as_micros() as f64) / 1000.0
+}
+
+impl Capture {
+    fn queued(&self) -> Option<Duration> {
+        self.tap.read(&self.tap.0.dispatched)
+    }
+
+    /// `server-timing` and `x-anteroom-queue-ms` on an admitted response.
+    fn timing_headers(&self, headers: &mut http::HeaderMap) {
+        if self.tap.0.classified.get().is_none() {
+            return;
+        }
+        let (Some(queue), Some(upstream)) = (self.queued(), self.tap.read(&self.tap.0.headers))
+        else {
+            return;
+        };
+        let upstream = upstream.saturating_sub(queue);
+        let mut buf = [0u8; 80];
+        let mut w = &mut buf[..];
+        use std::io::Write as _;
+        let ok = write!(
+            w,
+            "queue;dur={:.3}, upstream;dur={:.3}",
+            ms(queue),
+            ms(upstream)
+        )
+        .is_ok();
+        let len = 80 - w.len();
+        if ok {
+            if let Ok(v) = HeaderValue::from_bytes(&buf[..len]) {
+                headers.append(SERVER_TIMING, v);
+            }
+        }
+        headers.insert(QUEUE_MS_HEADER, HeaderValue::from(queue.as_millis() as u64));
+    }
+
+    fn on_data(&mut self, data: &Bytes) {
+        let tokens = self.observer.feed(data);
+        if tokens == 0 && self.first_byte.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        self.first_byte.get_or_insert(now);
+        if tokens == 0 {
+            return;
+        }
+        match self.last_token {
+            None => self.first_token = Some(now),
+            Some(last) => self
+                .gaps_us
+                .push(now.duration_since(last).as_micros().min(u32::MAX as u128) as u32),
+        }
+        // Several events in one frame reached the client together.
+        self.gaps_us
+            .extend(std::iter::repeat_n(0, tokens as usize - 1));
+        self.last_token = Some(now);
+    }
+
+    /// Finish the record. `ended` is how the body ended as far as the body
+    /// knows: `Ok` (its end was reached), `Truncated` or `Cancelled`.
+    fn finish(&mut self, ended: Outcome) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let partial = self.observer.finish();
+        let e2e = self.tap.0.arrival.elapsed();
+        let classified = self.tap.0.classified.get();
+        let dispatched = self.queued();
+        let headers = self.tap.read(&self.tap.0.headers);
+        let outcome = match ended {
+            Outcome::Ok if self.rejected => Outcome::Rejected,
+            Outcome::Ok if self.status >= 400 => Outcome::Error,
+            other => other,
+        };
+        let sse = self.observer.framing() == Framing::Sse;
+        let arrival = self.tap.0.arrival;
+        let first = if sse {
+            self.first_token
+        } else {
+            self.first_byte
+        };
+        let ttft = first.map(|t| t.duration_since(arrival));
+        let usage = self.observer.usage;
+        let (completion_tokens, tokens_from) = match usage.completion_tokens {
+            Some(n) => (Some(n), Some(TokenSource::Usage)),
+            None if sse => (
+                Some(u64::from(self.observer.token_events)),
+                Some(TokenSource::Counted),
+            ),
+            None => (None, None),
+        };
+        let tpot = match (self.first_token, self.last_token, completion_tokens) {
+            (Some(a), Some(b), Some(n)) if sse && n > 1 => {
+                Some(ms(b.duration_since(a)) / (n - 1) as f64)
+            }
+            _ => None,
+        };
+        self.gaps_us.sort_unstable();
+        let pct = |q: f64| -> Option<f64> {
+            let n = self.gaps_us.len();
+            (n > 0).then(|| {
+                let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
+                f64::from(self.gaps_us[i]) / 1000.0
+            })
+        };
+        let queue_ms = match dispatched {
+            Some(d) => Some(ms(d)),
+            None if self.rejected => Some(ms(e2e)),
+            None => None,
+        };
+        let record = Record {
+            request_id: self
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            received: record::rfc3339(self.received),
+            method: self.method.as_str().to_owned(),
+            path: self.uri.path().to_owned(),
+            model: classified.and_then(|c| c.model.clone()),
+            priority: classified.map(|c| c.priority),
+            client: self.client,
+            stream: sse || classified.is_some_and(|c| c.stream),
+            status: self.status,
+            error: self.error.map(str::to_owned),
+            outcome,
+            queue_ms,
+            upstream_headers_ms: match (dispatched, headers) {
+                (Some(d), Some(h)) => Some(ms(h.saturating_sub(d))),
+                _ => None,
+            },
+            ttft_ms: ttft.map(ms),
+            backend_ttft_ms: match (ttft, dispatched) {
+                (Some(t), Some(d)) => Some(ms(t.saturating_sub(d))),
+                _ => None,
+            },
+            e2e_ms: Some(ms(e2e)),
+            tpot_ms: tpot,
+            itl_p50_ms: pct(0.5),
+            itl_p90_ms: pct(0.9),
+            itl_p99_ms: pct(0.99),
+            itl_max_ms: pct(1.0),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens,
+            tokens_from,
+            events: sse.then_some(self.observer.events),
+            malformed: self.observer.malformed > 0 || partial,
+        };
+        self.recorder.record(record, &self.gaps_us);
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        // The client left before there was a response (or a body to time).
+        self.finish(Outcome::Cancelled);
+    }
+}
+
+pin_project! {
+    /// A response body that times its bytes and observes its events on the
+    /// way to the client. The bytes pass unchanged.
+    #[derive(Debug)]
+    pub struct TimedBody<B>
+    where
+        B: Body,
+    {
+        #[pin]
+        inner: B,
+        capture: Capture,
+    }
+
+    impl<B> PinnedDrop for TimedBody<B>
+    where
+        B: Body,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // A body that is known to be over (HEAD, an empty body) need not
+            // be polled to its end; anything else dropped early is a client
+            // that left.
+            let ended = if this.inner.is_end_stream() {
+                Outcome::Ok
+            } else {
+                Outcome::Cancelled
+            };
+            this.capture.finish(ended);
+        }
+    }
+}
+
+impl<B> Body for TimedBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    this.capture.on_data(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.capture.finish(Outcome::Ok);
+                }
+            }
+            Some(Err(_)) => this.capture.finish(Outcome::Truncated),
+            None => this.capture.finish(Outcome::Ok),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

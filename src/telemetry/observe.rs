@@ -1,0 +1,519 @@
+//! Reading a response as it passes, without changing or holding it.
+//!
+//! An [`Observer`] is fed every data frame of a response body. For an SSE
+//! stream (`text/event-stream`) it splits the bytes into lines, and for each
+//! `data:` line decides whether the event carries generated output (a token
+//! event), is the `[DONE]` marker, or carries the `usage` numbers. For a JSON
+//! body it keeps references to the frames (no copy) and reads `usage` at the
+//! end. Anything else is not looked at.
+//!
+//! Nothing is parsed into a tree: [`scan_event`] walks the strings of an
+//! event with `memchr` and looks only at the keys that matter. A token event
+//! is one with a non-empty
+//! - `content`, `reasoning_content`, `reasoning` or `refusal` string (chat
+//!   `delta`), or a `tool_calls` / `function_call` value (chat tool calls);
+//! - `text` string (completions);
+//! - `delta` string in a `response.*.delta` event (the Responses API).
+//!
+//! Token counts come from the last `usage` object seen (`prompt_tokens` /
+//! `completion_tokens`, or the Responses API's `input_tokens` /
+//! `output_tokens`).
+//!
+//! Costs: no allocation per event. A line split across two frames is copied
+//! into a carry buffer that is reused for the whole stream; a JSON body's
+//! frames are kept as `Bytes` handles (reference counts), and joined only if
+//! there is more than one, once, at the end.
+
+use bytes::Bytes;
+use memchr::{memchr, memchr2, memmem};
+
+/// What kind of body is being observed, from its `content-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// `text/event-stream`: scanned event by event.
+    Sse,
+    /// `application/json`: `usage` read at the end.
+    Json,
+    /// Anything else: passed through unobserved.
+    Opaque,
+}
+
+impl Framing {
+    /// The framing of a response with this `content-type`.
+    pub fn of(content_type: Option<&[u8]>) -> Self {
+        let Some(ct) = content_type else {
+            return Framing::Opaque;
+        };
+        let starts = |p: &[u8]| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
+        if starts(b"text/event-stream") {
+            Framing::Sse
+        } else if starts(b"application/json") {
+            Framing::Json
+        } else {
+            Framing::Opaque
+        }
+    }
+}
+
+/// Token counts reported by the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: Option<u64>,
+    /// Generated (output) tokens.
+    pub completion_tokens: Option<u64>,
+}
+
+/// What one SSE `data:` payload was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Carries generated output.
+    Token,
+    /// Valid, but no output (a role chunk, a finish chunk, a usage chunk).
+    Other,
+    /// `[DONE]`.
+    Done,
+    /// Not a JSON object.
+    Malformed,
+}
+
+/// Lines longer than this are not assembled across frames (counted as
+/// malformed instead): a bound on what one stream can make us hold.
+const MAX_CARRY: usize = 1 << 20;
+/// A JSON body larger than this is not kept for its `usage`.
+const MAX_JSON: usize = 8 << 20;
+
+/// Observes one response body. See the [module docs](self).
+#[derive(Debug)]
+pub struct Observer {
+    framing: Framing,
+    /// An SSE line begun in an earlier frame.
+    carry: Vec<u8>,
+    carry_overflow: bool,
+    /// A JSON body's frames, kept until the end.
+    json: Vec<Bytes>,
+    json_len: usize,
+    /// `data:` events seen.
+    pub events: u32,
+    /// Events that carried output.
+    pub token_events: u32,
+    /// Events that were not JSON.
+    pub malformed: u32,
+    /// `[DONE]` was seen.
+    pub done: bool,
+    /// The last `usage` numbers seen.
+    pub usage: Usage,
+}
+
+impl Observer {
+    /// An observer for a body of this framing.
+    pub fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            carry: Vec::new(),
+            carry_overflow: false,
+            json: Vec::new(),
+            json_len: 0,
+            events: 0,
+            token_events: 0,
+            malformed: 0,
+            done: false,
+            usage: Usage::default(),
+        }
+    }
+
+    /// The framing observed.
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// Observe one data frame; returns how many token events it completed.
+    pub fn feed(&mut self, chunk: &Bytes) -> u32 {
+        match self.framing {
+            Framing::Sse => {
+                let before = self.token_events;
+                self.feed_sse(chunk);
+                self.token_events - before
+            }
+            Framing::Json => {
+                self.json_len += chunk.len();
+                if self.json_len <= MAX_JSON {
+                    self.json.push(chunk.clone());
+                } else {
+                    self.json = Vec::new();
+                }
+                0
+            }
+            Framing::Opaque => 0,
+        }
+    }
+
+    /// The body ended: read what was held back. Returns whether an SSE
+    /// stream stopped in the middle of a line.
+    pub fn finish(&mut self) -> bool {
+        match self.framing {
+            Framing::Sse => {
+                let partial = !self.carry.is_empty() || self.carry_overflow;
+                if !self.carry.is_empty() {
+                    // A last line without its newline still counts.
+                    let line = std::mem::take(&mut self.carry);
+                    self.line(&line);
+                }
+                partial
+            }
+            Framing::Json => {
+                let chunks = std::mem::take(&mut self.json);
+                if self.json_len <= MAX_JSON {
+                    match chunks.as_slice() {
+                        [] => {}
+                        [one] => self.usage = json_usage(one),
+                        many => self.usage = json_usage(&many.concat()),
+                    }
+                }
+                false
+            }
+            Framing::Opaque => false,
+        }
+    }
+
+    fn feed_sse(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        if !self.carry.is_empty() || self.carry_overflow {
+            let Some(nl) = memchr(b'\n', rest) else {
+                self.carry_more(rest);
+                return;
+            };
+            self.carry_more(&rest[..nl]);
+            rest = &rest[nl + 1..];
+            if self.carry_overflow {
+                self.carry_overflow = false;
+                self.events += 1;
+                self.malformed += 1;
+            } else {
+                let line = std::mem::take(&mut self.carry);
+                self.line(&line);
+                // Give the buffer back so its capacity is reused.
+                self.carry = line;
+                self.carry.clear();
+            }
+        }
+        while let Some(nl) = memchr(b'\n', rest) {
+            self.line(&rest[..nl]);
+            rest = &rest[nl + 1..];
+        }
+        if !rest.is_empty() {
+            self.carry_more(rest);
+        }
+    }
+
+    fn carry_more(&mut self, bytes: &[u8]) {
+        if self.carry_overflow || self.carry.len() + bytes.len() > MAX_CARRY {
+            self.carry_overflow = true;
+            self.carry = Vec::new();
+        } else {
+            self.carry.extend_from_slice(bytes);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(payload) = line.strip_prefix(b"data:") else {
+            return; // event:, id:, retry:, comments, blank separators
+        };
+        self.events += 1;
+        match scan_event(payload, &mut self.usage) {
+            Event::Token => self.token_events += 1,
+            Event::Done => self.done = true,
+            Event::Malformed => self.malformed += 1,
+            Event::Other => {}
+        }
+    }
+}
+
+/// Classify one SSE `data:` payload and update `usage` from it.
+pub fn scan_event(payload: &[u8], usage: &mut Usage) -> Event {
+    let p = trim(payload);
+    if p == b"[DONE]" {
+        return Event::Done;
+    }
+    if p.first() != Some(&b'{') {
+        return Event::Malformed;
+    }
+    let mut content = false;
+    let mut responses_event = false;
+    let mut responses_delta = false;
+    let mut delta_text = false;
+    let mut in_usage = false;
+    walk_keys(p, |key, value| match key {
+        b"content" | b"reasoning_content" | b"reasoning" | b"refusal" | b"text" => {
+            content |= nonempty_string(value)
+        }
+        b"tool_calls" => content |= nonempty_array(value),
+        b"function_call" => content |= value.first() == Some(&b'{'),
+        b"delta" => delta_text |= nonempty_string(value),
+        b"type" if value.starts_with(b"\"response.") => {
+            responses_event = true;
+            let end = string_end(value, 0).unwrap_or(0);
+            responses_delta = value[..end].ends_with(b".delta");
+        }
+        b"usage" => in_usage = value.first() == Some(&b'{'),
+        b"prompt_tokens" | b"input_tokens" if in_usage => {
+            if let Some(n) = leading_u64(value) {
+                usage.prompt_tokens = Some(n);
+            }
+        }
+        b"completion_tokens" | b"output_tokens" if in_usage => {
+            if let Some(n) = leading_u64(value) {
+                usage.completion_tokens = Some(n);
+            }
+        }
+        _ => {}
+    });
+    let token = if responses_event {
+        // Responses API: only `*.delta` events are output; the `*.done` and
+        // `response.completed` events repeat the whole text.
+        responses_delta && delta_text
+    } else {
+        content
+    };
+    if token {
+        Event::Token
+    } else {
+        Event::Other
+    }
+}
+
+/// The `usage` of a whole JSON response body.
+pub fn json_usage(body: &[u8]) -> Usage {
+    let mut usage = Usage::default();
+    // `usage` comes last in every server's answer; start at its key rather
+    // than walking a long generated text.
+    if let Some(at) = memmem::rfind(body, b"\"usage\"") {
+        let mut in_usage = false;
+        walk_keys(&body[at..], |key, value| match key {
+            b"usage" => in_usage = value.first() == Some(&b'{'),
+            b"prompt_tokens" | b"input_tokens" if in_usage => {
+                usage.prompt_tokens = leading_u64(value).or(usage.prompt_tokens)
+            }
+            b"completion_tokens" | b"output_tokens" if in_usage => {
+                usage.completion_tokens = leading_u64(value).or(usage.completion_tokens)
+            }
+            _ => {}
+        });
+    }
+    usage
+}
+
+/// Call `f(key, value_and_rest)` for every object key in `b`, at any depth.
+/// Strings are skipped whole (escapes honoured), so text inside a value is
+/// never taken for a key.
+fn walk_keys<'a>(b: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) {
+    let mut i = 0;
+    while let Some(q) = memchr(b'"', &b[i..]) {
+        let start = i + q;
+        let Some(end) = string_end(b, start) else {
+            return;
+        };
+        let mut j = end + 1;
+        while matches!(b.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            j += 1;
+        }
+        if b.get(j) == Some(&b':') {
+            j += 1;
+            while matches!(b.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+                j += 1;
+            }
+            f(&b[start + 1..end], &b[j..]);
+            i = j;
+        } else {
+            i = end + 1;
+        }
+    }
+}
+
+/// Index of the quote closing the string that opens at `i`.
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        let k = j + memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[k] == b'"' {
+            return Some(k);
+        }
+        j = k + 2;
+    }
+}
+
+fn nonempty_string(v: &[u8]) -> bool {
+    v.first() == Some(&b'"') && v.get(1).is_some_and(|&c| c != b'"')
+}
+
+fn nonempty_array(v: &[u8]) -> bool {
+    v.first() == Some(&b'[') && trim(&v[1..]).first().is_some_and(|&c| c != b']')
+}
+
+fn leading_u64(v: &[u8]) -> Option<u64> {
+    let digits = v.iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&v[..digits]).ok()?.parse().ok()
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(s: &str) -> (Event, Usage) {
+        let mut u = Usage::default();
+        (scan_event(s.as_bytes(), &mut u), u)
+    }
+
+    #[test]
+    fn chat_content_and_role_chunks() {
+        let role = r#" {"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+        assert_eq!(event(role).0, Event::Other);
+        let tok =
+            r#" {"id":"x","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
+        assert_eq!(event(tok).0, Event::Token);
+        let null = r#"{"choices":[{"delta":{"content":null},"finish_reason":"stop"}]}"#;
+        assert_eq!(event(null).0, Event::Other);
+        let spaced = r#"{"choices": [{"delta": {"content" : "x"}}]}"#;
+        assert_eq!(event(spaced).0, Event::Token);
+        let reasoning = r#"{"choices":[{"delta":{"reasoning_content":"hmm"}}]}"#;
+        assert_eq!(event(reasoning).0, Event::Token);
+    }
+
+    #[test]
+    fn keys_inside_strings_are_not_keys() {
+        // The generated text itself talks about JSON.
+        let s = r#"{"choices":[{"delta":{"role":"assistant","x":"\"content\":\"boo\""}}]}"#;
+        assert_eq!(event(s).0, Event::Other);
+        let s = r#"{"choices":[{"delta":{"content":"say \"text\": \"hi\\\" there"}}]}"#;
+        assert_eq!(event(s).0, Event::Token);
+    }
+
+    #[test]
+    fn tool_calls_and_completions() {
+        let tc = r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\""}}]}}]}"#;
+        assert_eq!(event(tc).0, Event::Token);
+        let empty = r#"{"choices":[{"delta":{"tool_calls":[ ]}}]}"#;
+        assert_eq!(event(empty).0, Event::Other);
+        let text = r#"{"object":"text_completion","choices":[{"text":" the","index":0}]}"#;
+        assert_eq!(event(text).0, Event::Token);
+    }
+
+    #[test]
+    fn usage_chunk_and_done() {
+        let u = r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46}}"#;
+        let (e, usage) = event(u);
+        assert_eq!(e, Event::Other);
+        assert_eq!(usage.prompt_tokens, Some(12));
+        assert_eq!(usage.completion_tokens, Some(34));
+        assert_eq!(event(" [DONE]").0, Event::Done);
+        assert_eq!(event(" not json").0, Event::Malformed);
+        // `usage: null` on every chunk (vLLM without include_usage) is no usage.
+        let n = r#"{"choices":[{"delta":{"content":"a"}}],"usage":null}"#;
+        assert_eq!(event(n), (Event::Token, Usage::default()));
+    }
+
+    #[test]
+    fn responses_api_counts_only_deltas() {
+        let d = r#"{"type":"response.output_text.delta","item_id":"m","delta":"Hel"}"#;
+        assert_eq!(event(d).0, Event::Token);
+        let done = r#"{"type":"response.output_text.done","item_id":"m","text":"Hello"}"#;
+        assert_eq!(event(done).0, Event::Other);
+        let completed = r#"{"type":"response.completed","response":{"output":[{"content":[{"type":"output_text","text":"Hello"}]}],"usage":{"input_tokens":5,"output_tokens":2}}}"#;
+        let (e, u) = event(completed);
+        assert_eq!(e, Event::Other);
+        assert_eq!(u.prompt_tokens, Some(5));
+        assert_eq!(u.completion_tokens, Some(2));
+    }
+
+    #[test]
+    fn json_body_usage() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"\"usage\":{\"completion_tokens\":999}"}}],"usage":{"prompt_tokens":3,"completion_tokens":7}}"#;
+        let u = json_usage(body);
+        assert_eq!(u.prompt_tokens, Some(3));
+        assert_eq!(u.completion_tokens, Some(7));
+        assert_eq!(json_usage(br#"{"id":"x"}"#), Usage::default());
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        );
+        for w in ["Hello", " wor", "ld"] {
+            s.extend_from_slice(
+                format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{w}\"}}}}]}}\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+        s.extend_from_slice(b": keep-alive comment\n\nevent: x\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n");
+        s
+    }
+
+    #[test]
+    fn every_split_of_a_stream_reads_the_same() {
+        let s = stream();
+        for cut in 0..=s.len() {
+            for cut2 in [cut, (cut + 7).min(s.len()), s.len()] {
+                let mut o = Observer::new(Framing::Sse);
+                let mut tokens = 0;
+                tokens += o.feed(&Bytes::copy_from_slice(&s[..cut]));
+                tokens += o.feed(&Bytes::copy_from_slice(&s[cut..cut2]));
+                tokens += o.feed(&Bytes::copy_from_slice(&s[cut2..]));
+                assert!(!o.finish(), "cut at {cut}/{cut2}");
+                assert_eq!(tokens, 3, "cut at {cut}/{cut2}");
+                assert_eq!(o.token_events, 3);
+                assert_eq!(o.events, 6);
+                assert_eq!(o.malformed, 0);
+                assert!(o.done);
+                assert_eq!(o.usage.completion_tokens, Some(3));
+                assert_eq!(o.usage.prompt_tokens, Some(9));
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_cut_mid_line_is_reported() {
+        let s = stream();
+        let cut = s.len() - 20;
+        let mut o = Observer::new(Framing::Sse);
+        o.feed(&Bytes::copy_from_slice(&s[..cut]));
+        assert!(o.finish());
+        assert!(!o.done);
+    }
+
+    #[test]
+    fn json_frames_are_joined_for_usage() {
+        let body = br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":4,"completion_tokens":2}}"#;
+        let mut o = Observer::new(Framing::Json);
+        for piece in body.chunks(7) {
+            assert_eq!(o.feed(&Bytes::copy_from_slice(piece)), 0);
+        }
+        o.finish();
+        assert_eq!(o.usage.completion_tokens, Some(2));
+        assert_eq!(o.usage.prompt_tokens, Some(4));
+    }
+
+    #[test]
+    fn framing_from_content_type() {
+        assert_eq!(
+            Framing::of(Some(b"text/event-stream; charset=utf-8")),
+            Framing::Sse
+        );
+        assert_eq!(Framing::of(Some(b"Application/JSON")), Framing::Json);
+        assert_eq!(Framing::of(Some(b"text/plain")), Framing::Opaque);
+        assert_eq!(Framing::of(None), Framing::Opaque);
+    }
+}

@@ -1,0 +1,158 @@
+//! The one record every request leaves: what it was, what happened to it, and
+//! where its time went.
+
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::classify::Priority;
+
+/// How a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A response with a status below 400, sent to its last byte.
+    Ok,
+    /// Turned away by anteroom itself (queue full or timed out, shutting
+    /// down): the client is told when to come back.
+    Rejected,
+    /// An error status, from anteroom (400, 413, 502, 504, …) or from the
+    /// upstream.
+    Error,
+    /// The upstream's body failed part-way: the client got a cut response.
+    Truncated,
+    /// The client went away before the response was complete.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The label value in metrics and the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+            Outcome::Truncated => "truncated",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where the token counts came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// The backend's `usage` object.
+    Usage,
+    /// Counted by anteroom: one per token event of the stream.
+    Counted,
+}
+
+/// One request, as written to the request log (one JSON object per line).
+///
+/// Times are milliseconds as floats (microsecond resolution); a field is
+/// `null` when it does not apply (no queue for a pass-through request, no
+/// first token for an error).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The `x-request-id` the client sent, or the one anteroom generated.
+    pub request_id: String,
+    /// Wall-clock time the request's headers were read, RFC 3339 UTC.
+    pub received: String,
+    /// HTTP method.
+    pub method: String,
+    /// Request path (the query is left out: it may hold secrets).
+    pub path: String,
+    /// `model` from the JSON body.
+    pub model: Option<String>,
+    /// Priority it was admitted at; `null` for requests that bypass admission.
+    pub priority: Option<Priority>,
+    /// The client's IP address.
+    pub client: Option<IpAddr>,
+    /// Whether the response was a stream (`stream: true` or an SSE response).
+    pub stream: bool,
+    /// Status sent to the client; 499 when the client left before any.
+    pub status: u16,
+    /// anteroom's error code (`queue_full`, `upstream_timeout`, …).
+    pub error: Option<String>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Arrival → dispatch to the upstream (for a rejected request: arrival →
+    /// rejection, the time it waited in vain).
+    pub queue_ms: Option<f64>,
+    /// Dispatch → the upstream's response headers.
+    pub upstream_headers_ms: Option<f64>,
+    /// Arrival → the first generated token was handed to the client (for a
+    /// non-streamed response: its first body byte).
+    pub ttft_ms: Option<f64>,
+    /// Dispatch → first token: the backend's own time to first token.
+    pub backend_ttft_ms: Option<f64>,
+    /// Arrival → last byte handed to the client.
+    pub e2e_ms: Option<f64>,
+    /// Mean time per output token after the first.
+    pub tpot_ms: Option<f64>,
+    /// Inter-token latency (gap between token events) of this request: median.
+    pub itl_p50_ms: Option<f64>,
+    /// Inter-token latency, 90th percentile.
+    pub itl_p90_ms: Option<f64>,
+    /// Inter-token latency, 99th percentile.
+    pub itl_p99_ms: Option<f64>,
+    /// Inter-token latency, largest gap.
+    pub itl_max_ms: Option<f64>,
+    /// Prompt tokens (from `usage` only).
+    pub prompt_tokens: Option<u64>,
+    /// Generated tokens.
+    pub completion_tokens: Option<u64>,
+    /// Where the token counts came from.
+    pub tokens_from: Option<TokenSource>,
+    /// SSE `data:` events seen.
+    pub events: Option<u32>,
+    /// SSE events that were not JSON, or a stream that stopped mid-line.
+    pub malformed: bool,
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T21:05:03.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day): Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_813_503_123);
+        assert_eq!(rfc3339(t), "2026-11-27T21:05:03.123Z");
+        // A leap day.
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(t), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,497 @@
+//! Latency capture: the request log's records, the timing headers, the
+//! metrics, over real sockets with the simulator (or a canned upstream) as
+//! the backend.
+
+mod support;
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anteroom::cli::serve::Running;
+use anteroom::config::FileConfig;
+use anteroom::sim::{Mode, SimConfig};
+use anteroom::telemetry::{Outcome, Record, TokenSource};
+use anteroom::BoxError;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use support::*;
+use tokio::time::Instant;
+
+/// A fresh request log path under the test target dir.
+fn log_path(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("request-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Flush the proxy's log and read every record in it.
+async fn records(proxy: &Running, path: &PathBuf) -> Vec<Record> {
+    proxy.recorder.flush().await;
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line ({e}): {l}")))
+        .collect()
+}
+
+fn by_id(records: &[Record]) -> HashMap<String, Record> {
+    let mut map = HashMap::new();
+    for r in records {
+        assert!(
+            map.insert(r.request_id.clone(), r.clone()).is_none(),
+            "two records for {}",
+            r.request_id
+        );
+    }
+    map
+}
+
+fn near(what: &str, got: Option<f64>, want: f64, tolerance: f64) {
+    let got = got.unwrap_or_else(|| panic!("{what} missing"));
+    assert!(
+        (got - want).abs() <= tolerance,
+        "{what}: {got:.1} ms, expected {want:.1} ± {tolerance} ms"
+    );
+}
+
+#[tokio::test]
+async fn queue_wait_and_model_time_are_split_exactly() {
+    trace_init();
+    let log = log_path("split");
+    let cfg = SimConfig {
+        mode: Mode::Serial,
+        ttft: Duration::from_millis(150),
+        tokens_per_second: 50.0, // 20 ms per token
+        ..sim_config(Mode::Serial)
+    };
+    let log_s = log.display().to_string();
+    let (_sim, proxy, client) = setup(cfg, |c| {
+        c.max_concurrency = 1;
+        c.request_log = log_s;
+    })
+    .await;
+    let url = proxy.url();
+
+    // A holds the one slot for ~150 + 10 × 20 ms; B waits for all of it.
+    let a = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { body_bytes(chat(&client, &url, None, "split-a", true, 10).await).await }
+    });
+    wait_until("A running", || proxy.scheduler.snapshot().running == 1).await;
+    let sent = Instant::now();
+    let b = chat(&client, &url, None, "split-b", true, 10).await;
+    let timing = b.headers()["server-timing"].to_str().unwrap().to_owned();
+    let queue_header = header_u64(&b, "x-anteroom-queue-ms").unwrap();
+    let mut body = b.into_body();
+    let first = loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+            break sent.elapsed();
+        }
+    };
+    while body.frame().await.is_some() {}
+    a.await.unwrap();
+
+    let recs = by_id(&records(&proxy, &log).await);
+    let (a, b) = (&recs["split-a"], &recs["split-b"]);
+    assert_eq!(b.outcome, Outcome::Ok);
+    assert_eq!(b.status, 200);
+    assert!(b.stream);
+    assert_eq!(b.priority, Some(0));
+    assert_eq!(b.model.as_deref(), Some("anteroom-sim"));
+    assert_eq!(b.path, "/v1/chat/completions");
+    // B was dispatched when A's last byte left.
+    near("B queue vs A e2e", b.queue_ms, a.e2e_ms.unwrap(), 15.0);
+    assert!(b.queue_ms.unwrap() > 250.0, "{:?}", b.queue_ms);
+    // The model's own times are the simulator's settings.
+    near("backend ttft", b.backend_ttft_ms, 150.0, 25.0);
+    near("tpot", b.tpot_ms, 20.0, 4.0);
+    near("itl p50", b.itl_p50_ms, 20.0, 5.0);
+    // What the client saw is the sum, and the client's own stopwatch agrees.
+    near(
+        "ttft = queue + backend ttft",
+        b.ttft_ms,
+        b.queue_ms.unwrap() + b.backend_ttft_ms.unwrap(),
+        0.01,
+    );
+    near(
+        "client stopwatch",
+        b.ttft_ms,
+        first.as_secs_f64() * 1000.0,
+        10.0,
+    );
+    // Tokens from the backend's usage? The simulator sends none unless asked:
+    // anteroom counted the token events.
+    assert_eq!(b.completion_tokens, Some(10));
+    assert_eq!(b.tokens_from, Some(TokenSource::Counted));
+    assert!(!b.malformed);
+    // The headers say the same.
+    assert_eq!(queue_header, b.queue_ms.unwrap() as u64);
+    assert!(
+        timing.starts_with("queue;dur=") && timing.contains(", upstream;dur="),
+        "{timing}"
+    );
+    let queue_dur: f64 = timing["queue;dur=".len()..timing.find(',').unwrap()]
+        .parse()
+        .unwrap();
+    near(
+        "server-timing queue",
+        Some(queue_dur),
+        b.queue_ms.unwrap(),
+        0.01,
+    );
+}
+
+#[tokio::test]
+async fn usage_is_read_from_streams_and_json_bodies() {
+    let log = log_path("usage");
+    let log_s = log.display().to_string();
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| c.request_log = log_s).await;
+    let url = proxy.url();
+    for (id, body) in [
+        (
+            "u-stream",
+            r#"{"model":"m1","stream":true,"stream_options":{"include_usage":true},"max_tokens":7,"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+        (
+            "u-json",
+            r#"{"model":"m2","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    ] {
+        let req = Request::post(format!("{url}/v1/chat/completions"))
+            .header("x-request-id", id)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+    }
+    let recs = by_id(&records(&proxy, &log).await);
+    let s = &recs["u-stream"];
+    assert_eq!(s.completion_tokens, Some(7));
+    assert_eq!(s.tokens_from, Some(TokenSource::Usage));
+    assert!(s.prompt_tokens.is_some());
+    assert_eq!(s.events, Some(7 + 1 + 1 + 1)); // tokens, finish, usage, [DONE]
+    let j = &recs["u-json"];
+    assert!(!j.stream);
+    assert_eq!(j.model.as_deref(), Some("m2"));
+    assert_eq!(j.completion_tokens, Some(5));
+    assert_eq!(j.tokens_from, Some(TokenSource::Usage));
+    assert!(j.ttft_ms.is_some() && j.tpot_ms.is_none());
+}
+
+/// A body of canned frames, optionally failing at the end. The failure
+/// comes a little after the frames, as when a backend crashes mid-stream
+/// (failing at once would abort the connection before the headers left).
+struct Canned(
+    VecDeque<Result<Bytes, &'static str>>,
+    Pin<Box<tokio::time::Sleep>>,
+);
+
+impl Canned {
+    fn new(frames: VecDeque<Result<Bytes, &'static str>>) -> Self {
+        Self(
+            frames,
+            Box::pin(tokio::time::sleep(Duration::from_millis(50))),
+        )
+    }
+}
+
+impl HttpBody for Canned {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if matches!(self.0.front(), Some(Err(_))) {
+            std::task::ready!(self.1.as_mut().poll(cx));
+        }
+        Poll::Ready(
+            self.0
+                .pop_front()
+                .map(|r| r.map(Frame::data).map_err(Into::into)),
+        )
+    }
+}
+
+const TOOL_STREAM: &[&str] = &[
+    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"\"}}]}}]}\n\n",
+    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\"\"}}]}}]}\n",
+    "\ndata: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":\\\"Paris\\\"}\"}}]}}]}\n\n",
+    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n",
+];
+
+const CUT_STREAM: &[&str] = &[
+    "data: {\"choices\":[{\"delta\":{\"content\":\"one\"}}]}\n\n",
+    "data: {\"choices\":[{\"delta\":{\"content\":\"two\"}}]}\n\ndata: {\"choices\":[{\"del",
+];
+
+/// An upstream that answers `x-case: tools | cut` with canned SSE.
+async fn canned_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(anteroom::server::serve_fn(
+        listener,
+        |req: Request<Incoming>| async move {
+            let case = req.headers()["x-case"].to_str().unwrap().to_owned();
+            let frames: VecDeque<Result<Bytes, &'static str>> = match case.as_str() {
+                "tools" => TOOL_STREAM.iter().map(|s| Ok(Bytes::from(*s))).collect(),
+                _ => CUT_STREAM
+                    .iter()
+                    .map(|s| Ok(Bytes::from(*s)))
+                    .chain([Err("backend crashed")])
+                    .collect(),
+            };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Canned::new(frames).boxed_unsync())
+                    .unwrap(),
+            )
+        },
+    ));
+    url
+}
+
+async fn case(client: &HttpClient, url: &str, case: &str) -> (Vec<u8>, bool) {
+    let req = Request::post(format!("{url}/v1/chat/completions"))
+        .header("x-case", case)
+        .header("x-request-id", case)
+        .body(Full::new(Bytes::from(
+            r#"{"model":"tool-model","stream":true}"#,
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let mut failed = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => got.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    (got, failed)
+}
+
+#[tokio::test]
+async fn tool_call_and_cut_streams_pass_unchanged_and_are_recorded() {
+    trace_init();
+    let upstream = canned_upstream().await;
+    let log = log_path("canned");
+    let log_s = log.display().to_string();
+    let proxy = proxy(&upstream, |c| c.request_log = log_s).await;
+    let client = client();
+
+    let (tools, failed) = case(&client, &proxy.url(), "tools").await;
+    assert!(!failed);
+    assert_eq!(tools, TOOL_STREAM.concat().as_bytes());
+    let (cut, failed) = case(&client, &proxy.url(), "cut").await;
+    assert!(
+        failed,
+        "the client must see the stream fail, not end cleanly"
+    );
+    assert_eq!(cut, CUT_STREAM.concat().as_bytes());
+
+    let recs = by_id(&records(&proxy, &log).await);
+    let t = &recs["tools"];
+    assert_eq!(t.outcome, Outcome::Ok);
+    assert_eq!(t.model.as_deref(), Some("tool-model"));
+    assert_eq!(t.completion_tokens, Some(3), "three tool-call deltas");
+    assert_eq!(t.tokens_from, Some(TokenSource::Counted));
+    assert_eq!(t.events, Some(5));
+    assert!(!t.malformed);
+    let c = &recs["cut"];
+    assert_eq!(c.outcome, Outcome::Truncated);
+    assert_eq!(c.completion_tokens, Some(2));
+    assert!(c.malformed, "a stream that stops mid-line is marked");
+}
+
+#[tokio::test]
+async fn every_request_leaves_exactly_one_record_under_200_concurrent() {
+    let log = log_path("count");
+    let log_s = log.display().to_string();
+    let cfg = SimConfig {
+        ttft: Duration::from_millis(5),
+        ..sim_config(Mode::Batch)
+    };
+    let (_sim, proxy, _) = setup(cfg, |c| {
+        c.max_concurrency = 2;
+        c.max_queue = 40;
+        c.request_log = log_s;
+    })
+    .await;
+    let url = proxy.url();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each on its own connection, so all 200 arrive together.
+            let client = client();
+            let id = format!("req-{i}");
+            let resp = match i % 10 {
+                // A bad priority: 400 before admission.
+                0 => {
+                    let req = Request::post(format!("{url}/v1/chat/completions"))
+                        .header("x-request-id", &id)
+                        .header("x-priority", "soon")
+                        .body(Full::new(Bytes::from(chat_body(false, 2))))
+                        .unwrap();
+                    client.request(req).await.unwrap()
+                }
+                // Not admitted: passes through.
+                1 => {
+                    let req = Request::get(format!("{url}/v1/models"))
+                        .header("x-request-id", &id)
+                        .body(Full::default())
+                        .unwrap();
+                    client.request(req).await.unwrap()
+                }
+                n => chat(&client, &url, Some(n), &id, n % 2 == 0, 3).await,
+            };
+            let status = resp.status().as_u16();
+            body_bytes(resp).await;
+            (id, status)
+        }));
+    }
+    let mut seen = HashMap::new();
+    for t in tasks {
+        let (id, status) = t.await.unwrap();
+        seen.insert(id, status);
+    }
+    let recs = records(&proxy, &log).await;
+    assert_eq!(recs.len(), 200, "one line per request");
+    let recs = by_id(&recs);
+    let mut rejected = 0;
+    for (id, status) in &seen {
+        let r = &recs[id];
+        assert_eq!(r.status, *status, "{id}");
+        match status {
+            200 => assert_eq!(r.outcome, Outcome::Ok, "{id}"),
+            429 => {
+                rejected += 1;
+                assert_eq!(r.outcome, Outcome::Rejected);
+                assert_eq!(r.error.as_deref(), Some("queue_full"));
+                assert!(r.priority.is_some());
+            }
+            400 => assert_eq!(r.error.as_deref(), Some("invalid_priority")),
+            other => panic!("{id}: unexpected status {other}"),
+        }
+    }
+    assert!(rejected > 0, "the queue must have overflowed");
+    // The metrics agree with the log.
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains(&format!(
+            "anteroom_request_rejections_total{{reason=\"queue_full\"}} {rejected}"
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_is_recorded_as_cancelled() {
+    let log = log_path("cancel");
+    let log_s = log.display().to_string();
+    let (_sim, proxy, client, busy) = one_slot_busy(|c| c.request_log = log_s).await;
+    // Let the busy stream's first token through before it is dropped.
+    let mut busy = busy.into_body();
+    busy.frame().await.unwrap().unwrap();
+    let queued = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url());
+        async move { chat(&client, &url, None, "gone", false, 2).await }
+    });
+    wait_until("queued", || proxy.scheduler.snapshot().waiting == 1).await;
+    queued.abort();
+    wait_until("left the queue", || proxy.scheduler.snapshot().waiting == 0).await;
+    drop(busy);
+    wait_until("slot freed", || proxy.scheduler.snapshot().running == 0).await;
+    let recs = by_id(&records(&proxy, &log).await);
+    assert_eq!(recs["gone"].status, 499);
+    assert_eq!(recs["gone"].outcome, Outcome::Cancelled);
+    assert_eq!(recs["busy"].status, 200);
+    assert_eq!(recs["busy"].outcome, Outcome::Cancelled);
+    assert!(recs["busy"].ttft_ms.is_some());
+}
+
+async fn metrics(proxy: &Running) -> String {
+    let resp = client()
+        .request(
+            Request::get(format!("http://{}/metrics", proxy.admin_addr))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    String::from_utf8(body_bytes(resp).await.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_count_requests() {
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c: &mut FileConfig| {
+        c.max_concurrency = 3
+    })
+    .await;
+    for (i, p) in [0, 5, -30, 100].into_iter().enumerate() {
+        let resp = chat(
+            &client,
+            &proxy.url(),
+            Some(p),
+            &format!("m{i}"),
+            i % 2 == 0,
+            4,
+        )
+        .await;
+        body_bytes(resp).await;
+    }
+    let text = metrics(&proxy).await;
+    for want in [
+        "anteroom_requests_total{status=\"200\"} 4",
+        "anteroom_request_outcomes_total{outcome=\"ok\"} 4",
+        "anteroom_generation_tokens_total{priority=\"5\"} 4",
+        "anteroom_e2e_request_latency_seconds_count{priority=\"<-20\"} 1",
+        "anteroom_time_to_first_token_seconds_count{priority=\">20\"} 1",
+        "anteroom_max_concurrency 3",
+        "anteroom_num_requests_waiting{priority=\"0\"} 0",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in\n{text}");
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (.ci/run installs Debian's prometheus package)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
