@@ -32,6 +32,7 @@ pub mod config;
 pub mod edge;
 pub mod error;
 pub mod json_scan;
+pub mod report;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

@@ -495,3 +495,71 @@ async fn metrics_pass_promtool_and_count_requests() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn the_report_command_summarises_a_request_log() {
+    let log = log_path("report");
+    let log_s = log.display().to_string();
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| c.request_log = log_s).await;
+    for (i, p) in [0, 0, 0, 7, 7].into_iter().enumerate() {
+        let resp = chat(
+            &client,
+            &proxy.url(),
+            Some(p),
+            &format!("r{i}"),
+            i % 2 == 0,
+            3,
+        )
+        .await;
+        body_bytes(resp).await;
+    }
+    let resp = client
+        .request(
+            Request::get(format!("{}/v1/models", proxy.url()))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    body_bytes(resp).await;
+    proxy.recorder.flush().await;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"truncated\": \n"))
+        .unwrap();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["report", "--json", "--by", "priority"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["lines"], 7);
+    assert_eq!(r["malformed_lines"], 1);
+    assert_eq!(r["passed_through"], 1);
+    assert_eq!(r["all"]["requests"], 5);
+    assert_eq!(r["all"]["succeeded"], 5);
+    assert_eq!(r["all"]["output_tokens"], 15);
+    assert_eq!(r["by"]["0"]["requests"], 3);
+    assert_eq!(r["by"]["7"]["requests"], 2);
+    assert_eq!(r["all"]["ttft_ms"]["n"], 5);
+    assert!(r["all"]["e2e_ms"]["p50"].as_f64().unwrap() > 0.0);
+
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .arg("report")
+        .arg(&log)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("| all | 5 | 5 | 0 | 0 | 0 | 100.0% |"),
+        "{text}"
+    );
+    assert!(text.contains("| all | backend TTFT | 5 |"), "{text}");
+}

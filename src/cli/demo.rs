@@ -34,6 +34,10 @@ pub struct DemoArgs {
     /// Queue bound of the demo proxy (small, to show 429s).
     #[arg(long, default_value_t = 24)]
     pub max_queue: usize,
+    /// Keep the demo's request log in this file (default: a temporary file,
+    /// removed at the end).
+    #[arg(long, value_name = "PATH")]
+    pub request_log: Option<std::path::PathBuf>,
 }
 
 /// One request's outcome.
@@ -60,7 +64,18 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         },
     )
     .await?;
+    let (log_path, keep_log) = match &args.request_log {
+        Some(p) => (p.clone(), true),
+        None => (
+            std::env::temp_dir().join(format!("anteroom-demo-{}.jsonl", std::process::id())),
+            false,
+        ),
+    };
+    if !keep_log {
+        let _ = std::fs::remove_file(&log_path);
+    }
     let file = FileConfig {
+        request_log: log_path.display().to_string(),
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),
         upstream: sim.url(),
@@ -106,6 +121,22 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         "\nthe simulator saw {} requests, at most {} at once (max_concurrency 1 held).",
         stats.received, stats.peak_in_flight
     );
+
+    // The same run, as `anteroom report` sees it from the request log.
+    proxy.recorder.flush().await;
+    let log = std::fs::File::open(&log_path)
+        .map_err(|e| format!("cannot read the demo's request log: {e}"))?;
+    let report = crate::report::read(
+        std::io::BufReader::new(log),
+        Some(crate::report::GroupBy::Priority),
+    )?;
+    println!(
+        "\n`anteroom report --by priority` of this run's request log:\n\n{}",
+        crate::report::render(&report, &log_path.display().to_string())
+    );
+    if !keep_log {
+        let _ = std::fs::remove_file(&log_path);
+    }
     Ok(())
 }
 

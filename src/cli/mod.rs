@@ -1,6 +1,7 @@
 //! The subcommands. Thin: each parses its arguments and calls the library.
 
 pub mod demo;
+pub mod report;
 pub mod serve;
 pub mod simulate;
 
@@ -28,6 +29,9 @@ pub enum Command {
     /// Start a simulator and the proxy, send a burst of mixed-priority
     /// requests, print what happened, exit.
     Demo(demo::DemoArgs),
+    /// Summarise a request log: counts, rates, and queue wait / TTFT / TPOT
+    /// / end-to-end percentiles.
+    Report(report::ReportArgs),
 }
 
 /// Run a parsed command line.
@@ -36,6 +40,7 @@ pub async fn run(cli: Cli) -> Result<(), crate::BoxError> {
         Command::Serve(args) => serve::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Report(args) => report::run(&args),
     }
 }
 
