@@ -87,6 +87,7 @@ pub struct Metrics {
     by_priority: [OnceLock<ByPriority>; CLASSES],
     by_status: Box<[OnceLock<IntCounter>]>,
     by_outcome: [IntCounter; 5],
+    names: Vec<String>,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -208,6 +209,7 @@ impl Metrics {
         .expect("metric definitions are valid");
 
         let registry = Registry::new();
+        let mut names = Vec::new();
         for c in [
             Box::new(queue.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ttft.clone()),
@@ -227,6 +229,7 @@ impl Metrics {
             Box::new(log_dropped.clone()),
             Box::new(log_written.clone()),
         ] {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
         let by_outcome = [
@@ -258,6 +261,7 @@ impl Metrics {
             by_priority: std::array::from_fn(|_| OnceLock::new()),
             by_status: (0..600).map(|_| OnceLock::new()).collect(),
             by_outcome,
+            names,
         }
     }
 
@@ -344,13 +348,10 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// Names of every metric family registered (for checking dashboards).
-    pub fn names(&self) -> Vec<String> {
-        self.registry
-            .gather()
-            .iter()
-            .map(|f| f.name().to_string())
-            .collect()
+    /// Names of every metric family exported, whether or not it has a
+    /// sample yet (for checking dashboards against).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 }
 
