@@ -41,8 +41,11 @@ fn free_port() -> u16 {
 
 /// Start the anteroom binary. `BENCH_WORKERS=N` runs it on N tokio workers;
 /// without it, tokio's default (one per core), as users run it.
+/// `BENCH_BIN=PATH` runs another build instead (to compare two commits).
 fn spawn(args: &[&str]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anteroom"));
+    let bin =
+        std::env::var_os("BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_anteroom").into());
+    let mut cmd = Command::new(bin);
     cmd.args(args).env("RUST_LOG", "warn").stdout(Stdio::null());
     if let Some(n) = std::env::var_os("BENCH_WORKERS") {
         cmd.env("TOKIO_WORKER_THREADS", n);

@@ -111,32 +111,41 @@ async fn queue_wait_and_model_time_are_split_exactly() {
     assert_eq!(b.model.as_deref(), Some("anteroom-sim"));
     assert_eq!(b.path, "/v1/chat/completions");
     // B was dispatched when A's last byte left.
-    near("B queue vs A e2e", b.queue_ms, a.e2e_ms.unwrap(), 15.0);
-    assert!(b.queue_ms.unwrap() > 250.0, "{:?}", b.queue_ms);
+    near(
+        "B queue vs A e2e",
+        b.timings.queue_ms,
+        a.timings.e2e_ms.unwrap(),
+        15.0,
+    );
+    assert!(
+        b.timings.queue_ms.unwrap() > 250.0,
+        "{:?}",
+        b.timings.queue_ms
+    );
     // The model's own times are the simulator's settings.
-    near("backend ttft", b.backend_ttft_ms, 150.0, 25.0);
-    near("tpot", b.tpot_ms, 20.0, 4.0);
-    near("itl p50", b.itl_p50_ms, 20.0, 5.0);
+    near("backend ttft", b.timings.backend_ttft_ms, 150.0, 25.0);
+    near("tpot", b.timings.tpot_ms, 20.0, 4.0);
+    near("itl p50", b.timings.itl_p50_ms, 20.0, 5.0);
     // What the client saw is the sum, and the client's own stopwatch agrees.
     near(
         "ttft = queue + backend ttft",
-        b.ttft_ms,
-        b.queue_ms.unwrap() + b.backend_ttft_ms.unwrap(),
+        b.timings.ttft_ms,
+        b.timings.queue_ms.unwrap() + b.timings.backend_ttft_ms.unwrap(),
         0.01,
     );
     near(
         "client stopwatch",
-        b.ttft_ms,
+        b.timings.ttft_ms,
         first.as_secs_f64() * 1000.0,
         10.0,
     );
     // Tokens from the backend's usage? The simulator sends none unless asked:
     // anteroom counted the token events.
-    assert_eq!(b.completion_tokens, Some(10));
-    assert_eq!(b.tokens_from, Some(TokenSource::Counted));
-    assert!(!b.malformed);
+    assert_eq!(b.timings.completion_tokens, Some(10));
+    assert_eq!(b.timings.tokens_from, Some(TokenSource::Counted));
+    assert!(!b.timings.malformed);
     // The headers say the same.
-    assert_eq!(queue_header, b.queue_ms.unwrap() as u64);
+    assert_eq!(queue_header, b.timings.queue_ms.unwrap() as u64);
     assert!(
         timing.starts_with("queue;dur=") && timing.contains(", upstream;dur="),
         "{timing}"
@@ -147,7 +156,7 @@ async fn queue_wait_and_model_time_are_split_exactly() {
     near(
         "server-timing queue",
         Some(queue_dur),
-        b.queue_ms.unwrap(),
+        b.timings.queue_ms.unwrap(),
         0.01,
     );
 }
@@ -178,16 +187,16 @@ async fn usage_is_read_from_streams_and_json_bodies() {
     }
     let recs = by_id(&records(&proxy, &log).await);
     let s = &recs["u-stream"];
-    assert_eq!(s.completion_tokens, Some(7));
-    assert_eq!(s.tokens_from, Some(TokenSource::Usage));
-    assert!(s.prompt_tokens.is_some());
-    assert_eq!(s.events, Some(7 + 1 + 1 + 1)); // tokens, finish, usage, [DONE]
+    assert_eq!(s.timings.completion_tokens, Some(7));
+    assert_eq!(s.timings.tokens_from, Some(TokenSource::Usage));
+    assert!(s.timings.prompt_tokens.is_some());
+    assert_eq!(s.timings.events, Some(7 + 1 + 1 + 1)); // tokens, finish, usage, [DONE]
     let j = &recs["u-json"];
     assert!(!j.stream);
     assert_eq!(j.model.as_deref(), Some("m2"));
-    assert_eq!(j.completion_tokens, Some(5));
-    assert_eq!(j.tokens_from, Some(TokenSource::Usage));
-    assert!(j.ttft_ms.is_some() && j.tpot_ms.is_none());
+    assert_eq!(j.timings.completion_tokens, Some(5));
+    assert_eq!(j.timings.tokens_from, Some(TokenSource::Usage));
+    assert!(j.timings.ttft_ms.is_some() && j.timings.tpot_ms.is_none());
 }
 
 /// A body of canned frames, optionally failing at the end. The failure
@@ -313,14 +322,21 @@ async fn tool_call_and_cut_streams_pass_unchanged_and_are_recorded() {
     let t = &recs["tools"];
     assert_eq!(t.outcome, Outcome::Ok);
     assert_eq!(t.model.as_deref(), Some("tool-model"));
-    assert_eq!(t.completion_tokens, Some(3), "three tool-call deltas");
-    assert_eq!(t.tokens_from, Some(TokenSource::Counted));
-    assert_eq!(t.events, Some(5));
-    assert!(!t.malformed);
+    assert_eq!(
+        t.timings.completion_tokens,
+        Some(3),
+        "three tool-call deltas"
+    );
+    assert_eq!(t.timings.tokens_from, Some(TokenSource::Counted));
+    assert_eq!(t.timings.events, Some(5));
+    assert!(!t.timings.malformed);
     let c = &recs["cut"];
     assert_eq!(c.outcome, Outcome::Truncated);
-    assert_eq!(c.completion_tokens, Some(2));
-    assert!(c.malformed, "a stream that stops mid-line is marked");
+    assert_eq!(c.timings.completion_tokens, Some(2));
+    assert!(
+        c.timings.malformed,
+        "a stream that stops mid-line is marked"
+    );
 }
 
 #[tokio::test]
@@ -427,7 +443,7 @@ async fn a_client_that_leaves_is_recorded_as_cancelled() {
     assert_eq!(recs["gone"].outcome, Outcome::Cancelled);
     assert_eq!(recs["busy"].status, 200);
     assert_eq!(recs["busy"].outcome, Outcome::Cancelled);
-    assert!(recs["busy"].ttft_ms.is_some());
+    assert!(recs["busy"].timings.ttft_ms.is_some());
 }
 
 async fn metrics(proxy: &Running) -> String {
@@ -562,4 +578,61 @@ async fn the_report_command_summarises_a_request_log() {
         "{text}"
     );
     assert!(text.contains("| all | backend TTFT | 5 |"), "{text}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn after_sigterm_the_log_holds_every_finished_request() {
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let log = log_path("sigterm");
+    let (port, admin) = (free_port(), free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["serve", "--upstream", &sim.url()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .arg("--request-log")
+        .arg(&log)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let client = client();
+    let url = format!("http://127.0.0.1:{port}");
+    let health = format!("http://127.0.0.1:{admin}/healthz");
+    let mut up = false;
+    for _ in 0..500 {
+        let req = Request::get(&health).body(Full::default()).unwrap();
+        if client.request(req).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(up, "anteroom did not start");
+    const N: usize = 40;
+    for i in 0..N {
+        let resp = chat(&client, &url, None, &format!("t{i}"), i % 2 == 0, 2).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let ids: std::collections::BTreeSet<String> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Record>(l).unwrap().request_id)
+        .collect();
+    assert_eq!(lines.lines().count(), N);
+    assert_eq!(ids.len(), N);
 }

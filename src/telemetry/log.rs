@@ -18,13 +18,13 @@ use std::path::Path;
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot};
 
-use super::record::Record;
+use super::record::Finished;
 
 /// Records the channel holds before new ones are dropped.
 pub const CAPACITY: usize = 65_536;
 
 enum Msg {
-    Record(Box<Record>),
+    Record(Box<Finished>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -77,7 +77,7 @@ impl RequestLog {
     }
 
     /// Hand a record to the writer, or count it as dropped.
-    pub fn send(&self, record: Record) {
+    pub fn send(&self, record: Finished) {
         if let Err(e) = self.tx.try_send(Msg::Record(Box::new(record))) {
             self.dropped.inc();
             let n = self.dropped.get();
@@ -113,7 +113,7 @@ fn write_loop(
         match msg {
             Msg::Record(r) => {
                 line.clear();
-                let ok = serde_json::to_writer(&mut line, &*r).is_ok() && {
+                let ok = serde_json::to_writer(&mut line, &r.into_record()).is_ok() && {
                     line.push(b'\n');
                     out.write_all(&line).is_ok()
                 };
@@ -145,5 +145,83 @@ fn flush(out: &mut BufWriter<File>, broken: &mut bool) {
             *broken = true;
             tracing::error!(error = %e, "cannot flush the request log");
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::io::Read;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::telemetry::record::{Outcome, Timings};
+    use crate::telemetry::Tap;
+
+    fn finished(i: usize) -> Finished {
+        Finished {
+            request_id: Some(http::HeaderValue::from_str(&format!("r{i}")).unwrap()),
+            received: SystemTime::now(),
+            method: http::Method::POST,
+            uri: http::Uri::from_static("/v1/chat/completions"),
+            tap: Tap::new(tokio::time::Instant::now()),
+            client: None,
+            priority: Some(0),
+            stream: false,
+            status: 200,
+            error: None,
+            outcome: Outcome::Ok,
+            timings: Timings::default(),
+        }
+    }
+
+    /// A writer stuck on a full pipe (a disk that stopped) never blocks the
+    /// sender: what does not fit is dropped and counted, and the rest is
+    /// written once the pipe drains.
+    #[tokio::test]
+    async fn a_stalled_writer_drops_and_counts_instead_of_blocking() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-fifo");
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join(format!("log-{}.fifo", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // The reader end first (it opens at once with a writer pending).
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::File::open(reader_path).unwrap());
+        let file = OpenOptions::new().write(true).open(&fifo).unwrap();
+        let mut reader = reader.join().unwrap();
+
+        let written = IntCounter::new("w", "w").unwrap();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let log = RequestLog::with_writer(file, 16, written.clone(), dropped.clone()).unwrap();
+        // Nobody reads the pipe: its 64 KiB fill up, the writer blocks, the
+        // channel's 16 places fill up, and the rest must be dropped.
+        // (Were `send` to wait for the writer, this loop would never end.)
+        const SENT: usize = 5_000;
+        for i in 0..SENT {
+            log.send(finished(i));
+        }
+        assert!(dropped.get() > 0, "a full channel drops");
+
+        // Drain the pipe; everything taken gets written.
+        let drain = std::thread::spawn(move || {
+            let mut all = String::new();
+            reader.read_to_string(&mut all).unwrap();
+            all
+        });
+        log.flush().await;
+        drop(log);
+        let all = drain.join().unwrap();
+        let lines = all.lines().count() as u64;
+        assert_eq!(lines, written.get());
+        assert_eq!(
+            lines + dropped.get(),
+            SENT as u64,
+            "every record written or counted"
+        );
+        std::fs::remove_file(&fifo).unwrap();
     }
 }

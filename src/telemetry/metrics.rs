@@ -14,7 +14,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::record::{Outcome, Record};
+use super::record::{Finished, Outcome};
 use crate::admission::Snapshot;
 use crate::classify::Priority;
 
@@ -283,14 +283,14 @@ impl Metrics {
     }
 
     /// Count a finished request. `gaps_us` are its inter-token gaps.
-    pub fn observe(&self, r: &Record, gaps_us: &[u32]) {
+    pub fn observe(&self, r: &Finished, gaps_us: &[u32]) {
         let status = usize::from(r.status).min(599);
         self.by_status[status]
             .get_or_init(|| self.requests.with_label_values(&[&status.to_string()]))
             .inc();
         self.by_outcome[r.outcome as usize].inc();
         if r.outcome == Outcome::Rejected {
-            if let Some(code) = &r.error {
+            if let Some(code) = r.error {
                 self.rejections.with_label_values(&[code]).inc();
             }
         }
@@ -298,18 +298,19 @@ impl Metrics {
         // GET /v1/models is not a model latency.
         let Some(p) = r.priority else { return };
         let m = self.priority(p);
+        let t = &r.timings;
         let secs = |ms: Option<f64>| ms.map(|v| v / 1000.0);
-        if let Some(v) = secs(r.queue_ms) {
+        if let Some(v) = secs(t.queue_ms) {
             m.queue.observe(v);
         }
         if r.outcome != Outcome::Ok {
             return;
         }
         for (h, v) in [
-            (&m.ttft, r.ttft_ms),
-            (&m.backend_ttft, r.backend_ttft_ms),
-            (&m.tpot, r.tpot_ms),
-            (&m.e2e, r.e2e_ms),
+            (&m.ttft, t.ttft_ms),
+            (&m.backend_ttft, t.backend_ttft_ms),
+            (&m.tpot, t.tpot_ms),
+            (&m.e2e, t.e2e_ms),
         ] {
             if let Some(v) = secs(v) {
                 h.observe(v);
@@ -318,10 +319,10 @@ impl Metrics {
         for &g in gaps_us {
             m.itl.observe(f64::from(g) / 1e6);
         }
-        if let Some(n) = r.prompt_tokens {
+        if let Some(n) = t.prompt_tokens {
             m.prompt_tokens.inc_by(n);
         }
-        if let Some(n) = r.completion_tokens {
+        if let Some(n) = t.completion_tokens {
             m.generation_tokens.inc_by(n);
         }
     }

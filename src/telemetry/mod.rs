@@ -54,7 +54,7 @@ use tower::{Layer, Service};
 pub use log::RequestLog;
 pub use metrics::Metrics;
 pub use observe::{Framing, Observer};
-pub use record::{Outcome, Record, TokenSource};
+pub use record::{Finished, Outcome, Record, Timings, TokenSource};
 
 use crate::admission::Overloaded;
 use crate::classify::Priority;
@@ -88,10 +88,10 @@ impl Recorder {
     }
 
     /// Count a finished request and log it.
-    pub fn record(&self, record: Record, gaps_us: &[u32]) {
-        self.metrics.observe(&record, gaps_us);
+    pub fn record(&self, finished: Finished, gaps_us: &[u32]) {
+        self.metrics.observe(&finished, gaps_us);
         if let Some(log) = &self.log {
-            log.send(record);
+            log.send(finished);
         }
     }
 
@@ -135,6 +135,11 @@ impl Tap {
             headers: AtomicU64::new(0),
             classified: OnceLock::new(),
         }))
+    }
+
+    /// What classify found, if it has run.
+    pub fn classified(&self) -> Option<&Classified> {
+        self.0.classified.get()
     }
 
     /// Note what classify found.
@@ -310,6 +315,55 @@ struct Capture {
     finished: bool,
 }
 
+/// A small header value built on the stack.
+struct Buf {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl Buf {
+    fn new() -> Self {
+        Self {
+            bytes: [0; 64],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        let end = (self.len + b.len()).min(self.bytes.len());
+        self.bytes[self.len..end].copy_from_slice(&b[..end - self.len]);
+        self.len = end;
+    }
+
+    /// `d` as milliseconds with three decimals, e.g. `12.345`.
+    fn push_millis(&mut self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let mut digits = [0u8; 24];
+        let mut i = digits.len();
+        let mut n = us;
+        for _ in 0..3 {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        i -= 1;
+        digits[i] = b'.';
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     // Microsecond resolution is plenty and keeps the log short.
     (d.as_micros() as f64) / 1000.0
@@ -330,21 +384,14 @@ impl Capture {
             return;
         };
         let upstream = upstream.saturating_sub(queue);
-        let mut buf = [0u8; 80];
-        let mut w = &mut buf[..];
-        use std::io::Write as _;
-        let ok = write!(
-            w,
-            "queue;dur={:.3}, upstream;dur={:.3}",
-            ms(queue),
-            ms(upstream)
-        )
-        .is_ok();
-        let len = 80 - w.len();
-        if ok {
-            if let Ok(v) = HeaderValue::from_bytes(&buf[..len]) {
-                headers.append(SERVER_TIMING, v);
-            }
+        // By hand: float formatting cost more than the rest of this layer.
+        let mut out = Buf::new();
+        out.push(b"queue;dur=");
+        out.push_millis(queue);
+        out.push(b", upstream;dur=");
+        out.push_millis(upstream);
+        if let Ok(v) = HeaderValue::from_bytes(out.as_bytes()) {
+            headers.append(SERVER_TIMING, v);
         }
         headers.insert(QUEUE_MS_HEADER, HeaderValue::from(queue.as_millis() as u64));
     }
@@ -423,23 +470,7 @@ impl Capture {
             None if self.rejected => Some(ms(e2e)),
             None => None,
         };
-        let record = Record {
-            request_id: self
-                .request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned(),
-            received: record::rfc3339(self.received),
-            method: self.method.as_str().to_owned(),
-            path: self.uri.path().to_owned(),
-            model: classified.and_then(|c| c.model.clone()),
-            priority: classified.map(|c| c.priority),
-            client: self.client,
-            stream: sse || classified.is_some_and(|c| c.stream),
-            status: self.status,
-            error: self.error.map(str::to_owned),
-            outcome,
+        let timings = Timings {
             queue_ms,
             upstream_headers_ms: match (dispatched, headers) {
                 (Some(d), Some(h)) => Some(ms(h.saturating_sub(d))),
@@ -462,7 +493,21 @@ impl Capture {
             events: sse.then_some(self.observer.events),
             malformed: self.observer.malformed > 0 || partial,
         };
-        self.recorder.record(record, &self.gaps_us);
+        let finished = Finished {
+            request_id: self.request_id.take(),
+            received: self.received,
+            method: std::mem::take(&mut self.method),
+            uri: std::mem::take(&mut self.uri),
+            tap: self.tap.clone(),
+            client: self.client,
+            priority: classified.map(|c| c.priority),
+            stream: sse || classified.is_some_and(|c| c.stream),
+            status: self.status,
+            error: self.error,
+            outcome,
+            timings,
+        };
+        self.recorder.record(finished, &self.gaps_us);
     }
 }
 
@@ -539,5 +584,28 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milliseconds_are_written_with_three_decimals() {
+        for (us, want) in [
+            (0, "0.000"),
+            (7, "0.007"),
+            (999, "0.999"),
+            (12_345, "12.345"),
+            (1_234_567_891, "1234567.891"),
+        ] {
+            let mut b = Buf::new();
+            b.push_millis(Duration::from_micros(us));
+            assert_eq!(std::str::from_utf8(b.as_bytes()).unwrap(), want);
+        }
+        let mut b = Buf::new();
+        b.push(&[b'x'; 100]);
+        assert_eq!(b.as_bytes().len(), 64, "never past the buffer");
     }
 }

@@ -7,9 +7,10 @@
 //! body it keeps references to the frames (no copy) and reads `usage` at the
 //! end. Anything else is not looked at.
 //!
-//! Nothing is parsed into a tree: [`scan_event`] walks the strings of an
-//! event with `memchr` and looks only at the keys that matter. A token event
-//! is one with a non-empty
+//! Nothing is parsed into a tree: [`scan_event`] searches an event for the
+//! few `"key":` patterns that matter with SIMD substring search (`memchr`'s
+//! `memmem`). Whitespace after the colon is allowed, before it is not (no
+//! server writes that). A token event is one with a non-empty
 //! - `content`, `reasoning_content`, `reasoning` or `refusal` string (chat
 //!   `delta`), or a `tool_calls` / `function_call` value (chat tool calls);
 //! - `text` string (completions);
@@ -25,7 +26,10 @@
 //! there is more than one, once, at the end.
 
 use bytes::Bytes;
-use memchr::{memchr, memchr2, memmem};
+use std::sync::LazyLock;
+
+use memchr::memmem::{self, Finder};
+use memchr::{memchr, memchr2};
 
 /// What kind of body is being observed, from its `content-type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,7 +234,49 @@ impl Observer {
     }
 }
 
+/// A test of the value that follows a key.
+type Check = fn(&[u8]) -> bool;
+
+/// The byte patterns an event is searched for, each with a SIMD substring
+/// searcher built once. A pattern `"key":` cannot occur inside a JSON
+/// string (a quote there is always escaped, `\"`), so a hit is a key.
+struct Patterns {
+    content: Finder<'static>,
+    text: Finder<'static>,
+    others: [(Finder<'static>, Check); 5],
+    responses: Finder<'static>,
+    delta: Finder<'static>,
+    usage: Finder<'static>,
+}
+
+static PATTERNS: LazyLock<Patterns> = LazyLock::new(|| Patterns {
+    content: Finder::new(b"\"content\":"),
+    text: Finder::new(b"\"text\":"),
+    others: [
+        (Finder::new(b"\"reasoning_content\":"), nonempty_string),
+        (Finder::new(b"\"reasoning\":"), nonempty_string),
+        (Finder::new(b"\"refusal\":"), nonempty_string),
+        (Finder::new(b"\"tool_calls\":"), nonempty_array),
+        (Finder::new(b"\"function_call\":"), |v| {
+            v.first() == Some(&b'{')
+        }),
+    ],
+    responses: Finder::new(b"\"type\":\"response."),
+    delta: Finder::new(b"\"delta\":"),
+    usage: Finder::new(b"\"usage\":"),
+});
+
+/// Whether some value of the key `finder` finds satisfies `pred`.
+fn any_value(p: &[u8], finder: &Finder<'_>, pred: Check) -> bool {
+    let n = finder.needle().len();
+    finder.find_iter(p).any(|at| pred(trim_start(&p[at + n..])))
+}
+
 /// Classify one SSE `data:` payload and update `usage` from it.
+///
+/// A typical chat token event costs two substring searches: `"content":`
+/// (found) and `"usage":` (not found). The other keys are looked for only
+/// when there is no content.
 pub fn scan_event(payload: &[u8], usage: &mut Usage) -> Event {
     let p = trim(payload);
     if p == b"[DONE]" {
@@ -239,43 +285,41 @@ pub fn scan_event(payload: &[u8], usage: &mut Usage) -> Event {
     if p.first() != Some(&b'{') {
         return Event::Malformed;
     }
-    let mut content = false;
-    let mut responses_event = false;
-    let mut responses_delta = false;
-    let mut delta_text = false;
-    let mut in_usage = false;
-    walk_keys(p, |key, value| match key {
-        b"content" | b"reasoning_content" | b"reasoning" | b"refusal" | b"text" => {
-            content |= nonempty_string(value)
+    let pats = &*PATTERNS;
+    let mut token = any_value(p, &pats.content, nonempty_string);
+    if !token {
+        if let Some(at) = pats.responses.find(p) {
+            // Responses API: only `*.delta` events are output; the `*.done`
+            // and `response.completed` events repeat the whole text.
+            let ty = &p[at + pats.responses.needle().len() - "response.".len() - 1..];
+            let end = string_end(ty, 0).unwrap_or(0);
+            token = ty[..end].ends_with(b".delta") && any_value(p, &pats.delta, nonempty_string);
+        } else {
+            token = any_value(p, &pats.text, nonempty_string)
+                || pats
+                    .others
+                    .iter()
+                    .any(|(finder, pred)| any_value(p, finder, *pred));
         }
-        b"tool_calls" => content |= nonempty_array(value),
-        b"function_call" => content |= value.first() == Some(&b'{'),
-        b"delta" => delta_text |= nonempty_string(value),
-        b"type" if value.starts_with(b"\"response.") => {
-            responses_event = true;
-            let end = string_end(value, 0).unwrap_or(0);
-            responses_delta = value[..end].ends_with(b".delta");
+    }
+    if let Some(at) = pats.usage.find(p) {
+        let rest = &p[at..];
+        if trim_start(&rest[pats.usage.needle().len()..]).first() == Some(&b'{') {
+            walk_keys(rest, |key, value| match key {
+                Key::PromptTokens => {
+                    if let Some(n) = leading_u64(value) {
+                        usage.prompt_tokens = Some(n);
+                    }
+                }
+                Key::CompletionTokens => {
+                    if let Some(n) = leading_u64(value) {
+                        usage.completion_tokens = Some(n);
+                    }
+                }
+                _ => {}
+            });
         }
-        b"usage" => in_usage = value.first() == Some(&b'{'),
-        b"prompt_tokens" | b"input_tokens" if in_usage => {
-            if let Some(n) = leading_u64(value) {
-                usage.prompt_tokens = Some(n);
-            }
-        }
-        b"completion_tokens" | b"output_tokens" if in_usage => {
-            if let Some(n) = leading_u64(value) {
-                usage.completion_tokens = Some(n);
-            }
-        }
-        _ => {}
-    });
-    let token = if responses_event {
-        // Responses API: only `*.delta` events are output; the `*.done` and
-        // `response.completed` events repeat the whole text.
-        responses_delta && delta_text
-    } else {
-        content
-    };
+    }
     if token {
         Event::Token
     } else {
@@ -288,14 +332,16 @@ pub fn json_usage(body: &[u8]) -> Usage {
     let mut usage = Usage::default();
     // `usage` comes last in every server's answer; start at its key rather
     // than walking a long generated text.
-    if let Some(at) = memmem::rfind(body, b"\"usage\"") {
+    static USAGE: LazyLock<memmem::FinderRev<'static>> =
+        LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+    if let Some(at) = USAGE.rfind(body) {
         let mut in_usage = false;
         walk_keys(&body[at..], |key, value| match key {
-            b"usage" => in_usage = value.first() == Some(&b'{'),
-            b"prompt_tokens" | b"input_tokens" if in_usage => {
+            Key::Usage => in_usage = value.first() == Some(&b'{'),
+            Key::PromptTokens if in_usage => {
                 usage.prompt_tokens = leading_u64(value).or(usage.prompt_tokens)
             }
-            b"completion_tokens" | b"output_tokens" if in_usage => {
+            Key::CompletionTokens if in_usage => {
                 usage.completion_tokens = leading_u64(value).or(usage.completion_tokens)
             }
             _ => {}
@@ -304,30 +350,61 @@ pub fn json_usage(body: &[u8]) -> Usage {
     usage
 }
 
-/// Call `f(key, value_and_rest)` for every object key in `b`, at any depth.
-/// Strings are skipped whole (escapes honoured), so text inside a value is
-/// never taken for a key.
-fn walk_keys<'a>(b: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) {
-    let mut i = 0;
-    while let Some(q) = memchr(b'"', &b[i..]) {
-        let start = i + q;
-        let Some(end) = string_end(b, start) else {
-            return;
+/// The keys read inside a `usage` object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    Usage,
+    /// `prompt_tokens`, `input_tokens`.
+    PromptTokens,
+    /// `completion_tokens`, `output_tokens`.
+    CompletionTokens,
+}
+
+/// Which [`Key`] ends at `b[..end]` (`end` is the index of its closing
+/// quote), told by its last letter and then compared whole, quote included:
+/// no scan back to the key's start, no work for the keys nobody reads.
+fn key_before(b: &[u8], end: usize) -> Option<Key> {
+    use Key::*;
+    let candidates: &[(&[u8], Key)] = match b[..end].last()? {
+        b's' => &[
+            (b"completion_tokens", CompletionTokens),
+            (b"output_tokens", CompletionTokens),
+            (b"prompt_tokens", PromptTokens),
+            (b"input_tokens", PromptTokens),
+        ],
+        b'e' => &[(b"usage", Usage)],
+        _ => return None,
+    };
+    candidates.iter().find_map(|&(name, key)| {
+        let n = name.len();
+        (end > n && b[end - n - 1] == b'"' && &b[end - n..end] == name).then_some(key)
+    })
+}
+
+/// Call `f(key, value_and_rest)` for every [`Key`] in `b`, at any depth.
+///
+/// Keys are found from their colons: in JSON a `"` directly before a `:`
+/// (whitespace between allowed) ends a key, because inside a string every
+/// quote is escaped (`\"`), so text in a value is never taken for a key.
+/// One SIMD search for `:` per event; each hit costs a few byte compares.
+fn walk_keys<'a>(b: &'a [u8], mut f: impl FnMut(Key, &'a [u8])) {
+    for colon in memchr::memchr_iter(b':', b) {
+        let mut k = colon;
+        while k > 0 && matches!(b[k - 1], b' ' | b'\t' | b'\r' | b'\n') {
+            k -= 1;
+        }
+        // b[k - 1] must be an unescaped quote.
+        if k < 2 || b[k - 1] != b'"' || b[k - 2] == b'\\' {
+            continue;
+        }
+        let Some(key) = key_before(b, k - 1) else {
+            continue;
         };
-        let mut j = end + 1;
-        while matches!(b.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
-            j += 1;
+        let mut v = colon + 1;
+        while matches!(b.get(v), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            v += 1;
         }
-        if b.get(j) == Some(&b':') {
-            j += 1;
-            while matches!(b.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
-                j += 1;
-            }
-            f(&b[start + 1..end], &b[j..]);
-            i = j;
-        } else {
-            i = end + 1;
-        }
+        f(key, &b[v..]);
     }
 }
 
@@ -354,6 +431,14 @@ fn nonempty_array(v: &[u8]) -> bool {
 fn leading_u64(v: &[u8]) -> Option<u64> {
     let digits = v.iter().take_while(|c| c.is_ascii_digit()).count();
     std::str::from_utf8(&v[..digits]).ok()?.parse().ok()
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    &b[start..]
 }
 
 fn trim(b: &[u8]) -> &[u8] {
@@ -386,8 +471,20 @@ mod tests {
         assert_eq!(event(tok).0, Event::Token);
         let null = r#"{"choices":[{"delta":{"content":null},"finish_reason":"stop"}]}"#;
         assert_eq!(event(null).0, Event::Other);
-        let spaced = r#"{"choices": [{"delta": {"content" : "x"}}]}"#;
-        assert_eq!(event(spaced).0, Event::Token);
+        // Python's json.dumps style (a space after the colon) is read; a
+        // space before the colon (no server writes that) is not.
+        let spaced =
+            r#"{"choices": [{"delta": {"content": "x"}}], "usage": {"completion_tokens": 5}}"#;
+        assert_eq!(
+            event(spaced),
+            (
+                Event::Token,
+                Usage {
+                    prompt_tokens: None,
+                    completion_tokens: Some(5)
+                }
+            )
+        );
         let reasoning = r#"{"choices":[{"delta":{"reasoning_content":"hmm"}}]}"#;
         assert_eq!(event(reasoning).0, Event::Token);
     }

@@ -4,7 +4,10 @@
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use http::{HeaderValue, Method, Uri};
 use serde::{Deserialize, Serialize};
+
+use super::Tap;
 
 use crate::classify::Priority;
 
@@ -78,6 +81,15 @@ pub struct Record {
     pub error: Option<String>,
     /// How it ended.
     pub outcome: Outcome,
+    /// Where the time went, and the tokens.
+    #[serde(flatten)]
+    pub timings: Timings,
+}
+
+/// The numbers of a [`Record`]: computed on the request path without an
+/// allocation, and all the metrics need.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
     /// Arrival → dispatch to the upstream (for a rejected request: arrival →
     /// rejection, the time it waited in vain).
     pub queue_ms: Option<f64>,
@@ -110,6 +122,63 @@ pub struct Record {
     pub events: Option<u32>,
     /// SSE events that were not JSON, or a stream that stopped mid-line.
     pub malformed: bool,
+}
+
+/// A finished request as the request path hands it on: numbers and cheap
+/// handles (reference-counted or `Copy`). The strings of its [`Record`] are
+/// made by [`Finished::into_record`], on the request log's thread, and only
+/// when there is a log.
+#[derive(Debug)]
+pub struct Finished {
+    /// `x-request-id`.
+    pub request_id: Option<HeaderValue>,
+    /// Wall-clock arrival.
+    pub received: SystemTime,
+    /// Method.
+    pub method: Method,
+    /// URI (only its path is logged).
+    pub uri: Uri,
+    /// What classify noted (model, priority, stream), if it was admitted.
+    pub tap: Tap,
+    /// Client IP.
+    pub client: Option<IpAddr>,
+    /// Priority, for admitted requests.
+    pub priority: Option<Priority>,
+    /// Streamed.
+    pub stream: bool,
+    /// Status sent.
+    pub status: u16,
+    /// anteroom's error code.
+    pub error: Option<&'static str>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The numbers.
+    pub timings: Timings,
+}
+
+impl Finished {
+    /// The log line's record.
+    pub fn into_record(self) -> Record {
+        Record {
+            request_id: self
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            received: rfc3339(self.received),
+            method: self.method.as_str().to_owned(),
+            path: self.uri.path().to_owned(),
+            model: self.tap.classified().and_then(|c| c.model.clone()),
+            priority: self.priority,
+            client: self.client,
+            stream: self.stream,
+            status: self.status,
+            error: self.error.map(str::to_owned),
+            outcome: self.outcome,
+            timings: self.timings,
+        }
+    }
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T21:05:03.123Z`.
