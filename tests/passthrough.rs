@@ -309,6 +309,14 @@ async fn a_stream_cut_by_the_client_is_not_reused() {
 /// its response, as llama.cpp's server does: a pooled connection it closed
 /// must never surface as a 502.
 async fn closing_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    closing_upstream_after(Duration::ZERO).await
+}
+
+/// Like [`closing_upstream`], but the close comes `delay` after the response
+/// (an idle timeout on the upstream's side).
+async fn closing_upstream_after(
+    delay: Duration,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -335,7 +343,8 @@ async fn closing_upstream() -> (String, std::sync::Arc<std::sync::atomic::Atomic
                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
                     )
                     .await;
-                // Close right after the response, keep-alive notwithstanding.
+                // Close after the response, keep-alive notwithstanding.
+                tokio::time::sleep(delay).await;
             });
         }
     });
@@ -361,4 +370,24 @@ async fn an_upstream_that_closes_after_each_response_never_causes_a_502() {
         }
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 50);
+}
+
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_are_reaped_without_a_request() {
+    let (url, accepted) = closing_upstream_after(Duration::from_millis(100)).await;
+    let proxy = proxy(&url, |_| {}).await;
+    let resp = client()
+        .get(format!("{}/v1/models", proxy.url()).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(&body_bytes(resp).await[..], b"ok");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Pooled while the upstream still held it open ...
+    assert_eq!(proxy.upstream.idle_connections(), 1);
+    // ... and dropped by the housekeeping tick once the upstream closed it,
+    // with no request coming to find out.
+    wait_until("closed idle connection reaped", || {
+        proxy.upstream.idle_connections() == 0
+    })
+    .await;
 }

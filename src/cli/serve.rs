@@ -7,8 +7,10 @@ use clap::Args;
 use tokio::net::TcpListener;
 
 use crate::admission::Scheduler;
+use crate::app::UpstreamBody;
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::telemetry::Recorder;
+use crate::upstream::Upstream;
 use crate::BoxError;
 
 /// Flags of `anteroom serve`: one per config key, each overriding the file.
@@ -112,6 +114,8 @@ pub struct Running {
     pub scheduler: Arc<Scheduler>,
     /// Metrics and the request log.
     pub recorder: Arc<Recorder>,
+    /// The upstream client (its connection pool).
+    pub upstream: Upstream<UpstreamBody>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -138,8 +142,15 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
     let admin_addr = admin.local_addr()?;
     let scheduler = Scheduler::new(config.limits.clone());
     let recorder = Recorder::new(config.request_log.as_deref())?;
-    let stack = crate::app::build_stack(config, scheduler.clone(), recorder.clone());
+    let upstream = Upstream::<UpstreamBody>::new(config.upstream.clone(), &config.client);
+    let stack = crate::app::build_stack_with(
+        config,
+        scheduler.clone(),
+        recorder.clone(),
+        upstream.clone(),
+    );
     let tasks = vec![
+        tokio::spawn(upstream.clone().housekeeping()),
         tokio::spawn(crate::server::serve(
             listener,
             stack,
@@ -156,6 +167,7 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
         admin_addr,
         scheduler,
         recorder,
+        upstream,
         tasks,
     })
 }

@@ -131,6 +131,28 @@ where
         None
     }
 
+    pub(crate) fn idle_len(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Close idle connections that have ended (the upstream closed them)
+    /// or idled past the timeout, instead of holding them until the next
+    /// checkout. Returns how many are left.
+    pub(crate) fn reap(&self) -> usize {
+        for _ in 0..self.idle.len() {
+            let Some(mut conn) = self.idle.pop() else {
+                break;
+            };
+            if conn.idle_since.elapsed() < self.idle_timeout && conn.reusable() {
+                // Reaping is not use: keep its idle time.
+                if let Err(conn) = self.idle.push(conn) {
+                    drop(conn);
+                }
+            }
+        }
+        self.idle.len()
+    }
+
     fn checkin(&self, mut conn: Conn<B>) {
         if conn.reusable() {
             conn.idle_since = Instant::now();
