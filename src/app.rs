@@ -9,6 +9,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
 use crate::admission::{AdmissionLayer, Scheduler};
+use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::Config;
 use crate::edge::EdgeLayer;
@@ -53,12 +54,16 @@ where
         // Times the request and keeps its one record; inside the rescue so
         // it sees errors as errors (with their code), outside everything
         // else so its clock starts at arrival and stops at the last byte.
-        .layer(TelemetryLayer::new(recorder))
+        .layer(TelemetryLayer::new(recorder.clone()))
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
         .layer(ClassifyLayer::new(config.routes.clone()))
         // Queue by priority, hold a slot until the response body ends.
         .layer(AdmissionLayer::new(scheduler, config.limits.queue_timeout))
+        // Inside the slot: a request the upstream refuses waits and goes
+        // again without losing its place; below the response's way out, so
+        // a refusal the client never sees can be retried.
+        .layer(BackoffLayer::new(config.retry.clone(), recorder.clone()))
         // Innermost: the pooled client to the model server.
         .service(upstream);
     BoxCloneSyncService::new(svc)

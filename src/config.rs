@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::Limits;
+use crate::backoff::RetryPolicy;
 use crate::classify::{Priority, Routes};
 use crate::upstream::{ClientSettings, Origin};
 
@@ -49,6 +50,18 @@ pub struct FileConfig {
     /// File the request log (one JSON line per request) is appended to;
     /// empty: no request log.
     pub request_log: String,
+    /// Most times a request the upstream refused (429, 503, connection
+    /// refused or reset) is sent again; 0 turns retrying off.
+    pub max_retries: u32,
+    /// First back-off delay when the upstream advises none (doubled per
+    /// retry, fully jittered).
+    pub retry_base_delay: String,
+    /// Longest wait for one retry; an upstream that advises longer gets its
+    /// answer passed to the client.
+    pub retry_max_delay: String,
+    /// Retries may be at most this share of the requests of the last ten
+    /// seconds (plus 10).
+    pub retry_budget: f64,
 }
 
 impl Default for FileConfig {
@@ -73,6 +86,10 @@ impl Default for FileConfig {
             ],
             default_priority: 0,
             request_log: String::new(),
+            max_retries: 3,
+            retry_base_delay: "500ms".into(),
+            retry_max_delay: "30s".into(),
+            retry_budget: 0.2,
         }
     }
 }
@@ -106,6 +123,8 @@ pub struct Config {
     pub client: ClientSettings,
     /// Where the request log goes, if anywhere.
     pub request_log: Option<PathBuf>,
+    /// Retrying refused requests.
+    pub retry: RetryPolicy,
 }
 
 impl FileConfig {
@@ -148,6 +167,14 @@ impl FileConfig {
         let connect_timeout = positive("connect_timeout", &self.connect_timeout)?;
         let pool_idle_timeout = parse_duration(&self.pool_idle_timeout)
             .map_err(|e| ConfigError(format!("pool_idle_timeout: {e}")))?;
+        let retry_base_delay = positive("retry_base_delay", &self.retry_base_delay)?;
+        let retry_max_delay = positive("retry_max_delay", &self.retry_max_delay)?;
+        if !(0.0..=10.0).contains(&self.retry_budget) {
+            return Err(ConfigError(format!(
+                "retry_budget: {} must be a share from 0 to 10 (0.2: one retry per five requests)",
+                self.retry_budget
+            )));
+        }
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes: must be at least 1".into()));
         }
@@ -178,6 +205,12 @@ impl FileConfig {
             },
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),
+            retry: RetryPolicy {
+                max_retries: self.max_retries,
+                base_delay: retry_base_delay,
+                max_delay: retry_max_delay,
+                budget: self.retry_budget,
+            },
         })
     }
 }

@@ -10,10 +10,10 @@
 //! # The request path
 //!
 //! ```text
-//! client ─▶ server ─▶ Edge ─▶ Telemetry ─▶ Classify ─▶ Admission ─▶ Upstream ─▶ model server
-//!           (accept)  (id,     (Tap: the     (priority,   (queue,       (pooled client;
-//!                     rescue)  request's     buffer body) permit)       stamps dispatch
-//!                              record)                                  and headers)
+//! client ─▶ server ─▶ Edge ─▶ Telemetry ─▶ Classify ─▶ Admission ─▶ Backoff ─▶ Upstream ─▶ model server
+//!           (accept)  (id,     (Tap: the     (priority,   (queue,       (429/503:   (pooled client;
+//!                     rescue)  request's     buffer body) permit)       wait, retry, stamps dispatch
+//!                              record)                                  pause all)  and headers)
 //! client ◀── TimedBody (first token, token events, usage, last byte → one Record)
 //!                 ◀── PermitBody (slot released at end of body or drop) ◀── upstream body
 //! ```
@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod backoff;
 pub mod classify;
 pub mod cli;
 pub mod config;

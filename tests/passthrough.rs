@@ -343,8 +343,12 @@ async fn closing_upstream_after(
                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
                     )
                     .await;
-                // Close after the response, keep-alive notwithstanding.
-                tokio::time::sleep(delay).await;
+                // Close after the response, keep-alive notwithstanding (at
+                // once when there is no delay: even a zero sleep would
+                // wait for the next timer tick).
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
             });
         }
     });

@@ -62,6 +62,18 @@ pub struct ServeArgs {
     /// Append one JSON line per request to this file (key: request_log).
     #[arg(long, value_name = "PATH")]
     pub request_log: Option<String>,
+    /// Most retries of a request the upstream refused (key: max_retries).
+    #[arg(long, value_name = "N")]
+    pub max_retries: Option<u32>,
+    /// First back-off delay without upstream advice (key: retry_base_delay).
+    #[arg(long, value_name = "DURATION")]
+    pub retry_base_delay: Option<String>,
+    /// Longest wait for one retry (key: retry_max_delay).
+    #[arg(long, value_name = "DURATION")]
+    pub retry_max_delay: Option<String>,
+    /// Retries as a share of recent requests (key: retry_budget).
+    #[arg(long, value_name = "SHARE")]
+    pub retry_budget: Option<f64>,
 }
 
 impl ServeArgs {
@@ -89,7 +101,11 @@ impl ServeArgs {
             connect_timeout,
             pool_idle_timeout,
             default_priority,
-            request_log
+            request_log,
+            max_retries,
+            retry_base_delay,
+            retry_max_delay,
+            retry_budget
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();

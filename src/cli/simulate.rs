@@ -33,6 +33,16 @@ pub struct SimulateArgs {
     /// Model name.
     #[arg(long, default_value = "anteroom-sim")]
     pub model: String,
+    /// Share of generation requests refused (0 to 1), like an overloaded
+    /// backend.
+    #[arg(long, default_value_t = 0.0)]
+    pub reject_share: f64,
+    /// Status of a refusal (429 or 503).
+    #[arg(long, default_value_t = 429)]
+    pub reject_status: u16,
+    /// Retry-After sent with a refusal (none by default).
+    #[arg(long, value_parser = parse_duration)]
+    pub reject_retry_after: Option<std::time::Duration>,
 }
 
 impl SimulateArgs {
@@ -46,6 +56,9 @@ impl SimulateArgs {
             output_tokens: self.output_tokens,
             batch_slowdown: self.batch_slowdown,
             model: self.model.clone(),
+            reject_share: self.reject_share,
+            reject_status: self.reject_status,
+            reject_retry_after: self.reject_retry_after,
         }
     }
 }

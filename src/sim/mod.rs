@@ -58,6 +58,13 @@ pub struct SimConfig {
     pub batch_slowdown: f64,
     /// Model name reported.
     pub model: String,
+    /// Share of generation requests refused with `reject_status` (0 to 1),
+    /// spread evenly: 0.3 refuses the 3rd, 6th, 10th, … request.
+    pub reject_share: f64,
+    /// Status of a refusal: 429 (TGI, OpenAI) or 503 (vLLM, Ollama).
+    pub reject_status: u16,
+    /// `Retry-After` / `retry-after-ms` sent with a refusal, if any.
+    pub reject_retry_after: Option<Duration>,
 }
 
 impl Default for SimConfig {
@@ -70,6 +77,9 @@ impl Default for SimConfig {
             output_tokens: 16,
             batch_slowdown: 0.1,
             model: "anteroom-sim".into(),
+            reject_share: 0.0,
+            reject_status: 429,
+            reject_retry_after: None,
         }
     }
 }
@@ -89,6 +99,8 @@ pub struct Stats {
     pub completed: u64,
     /// Generations whose client went away before their end.
     pub cancelled: u64,
+    /// Generation requests refused (`reject_share`).
+    pub rejected: u64,
     /// `x-request-id` of each generation request, in arrival order (first 100,000).
     pub order: Vec<String>,
 }
@@ -107,6 +119,8 @@ pub struct SimState {
     running: AtomicUsize,
     completed: AtomicU64,
     cancelled: AtomicU64,
+    rejected: AtomicU64,
+    generation_requests: AtomicU64,
     order: Mutex<Vec<String>>,
     next_id: AtomicU64,
 }
@@ -127,6 +141,8 @@ impl SimState {
             running: AtomicUsize::new(0),
             completed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            generation_requests: AtomicU64::new(0),
             order: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
         })
@@ -141,6 +157,7 @@ impl SimState {
             peak_in_flight: self.peak.load(Ordering::SeqCst),
             completed: self.completed.load(Ordering::SeqCst),
             cancelled: self.cancelled.load(Ordering::SeqCst),
+            rejected: self.rejected.load(Ordering::SeqCst),
             order: self.order.lock().clone(),
         }
     }
@@ -283,6 +300,9 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
             serde_json::to_value(state.stats()).unwrap_or_default(),
         ),
         (Method::GET, "/health") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (Method::POST, "/v1/chat/completions" | "/v1/completions") if state.refuses() => {
+            refuse(state, req).await
+        }
         (Method::POST, "/v1/chat/completions") => generate(state, req, true).await,
         (Method::POST, "/v1/completions") => generate(state, req, false).await,
         (Method::POST, "/v1/embeddings") => embed(state, req).await,
@@ -291,6 +311,44 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
             serde_json::json!({"error": {"message": format!("no route {path}"), "type": "invalid_request_error", "param": null, "code": "not_found"}}),
         ),
     }
+}
+
+impl SimState {
+    /// Whether this generation request is one of the `reject_share`.
+    fn refuses(&self) -> bool {
+        let share = self.cfg.reject_share.clamp(0.0, 1.0);
+        if share == 0.0 {
+            return false;
+        }
+        let n = self.generation_requests.fetch_add(1, Ordering::SeqCst) as f64;
+        ((n + 1.0) * share).floor() > (n * share).floor()
+    }
+}
+
+/// Refuse a generation request as an overloaded server does.
+async fn refuse(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
+    state.received.fetch_add(1, Ordering::SeqCst);
+    state.rejected.fetch_add(1, Ordering::SeqCst);
+    // Read the body so the connection stays usable.
+    let _ = req.into_body().collect().await;
+    let status =
+        StatusCode::from_u16(state.cfg.reject_status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let mut resp = json(
+        status,
+        serde_json::json!({"error": {"message": "Model is overloaded", "type": "server_error", "param": null, "code": "overloaded"}}),
+    );
+    if let Some(after) = state.cfg.reject_retry_after {
+        let h = resp.headers_mut();
+        h.insert(
+            "retry-after",
+            http::HeaderValue::from(after.as_secs_f64().ceil().max(1.0) as u64),
+        );
+        h.insert(
+            "retry-after-ms",
+            http::HeaderValue::from(after.as_millis() as u64),
+        );
+    }
+    resp
 }
 
 /// A generation request the simulator has read and given a slot.

@@ -84,6 +84,13 @@ pub struct Metrics {
     pub log_dropped: IntCounter,
     /// Records written to the request log.
     pub log_written: IntCounter,
+    /// Times an upstream 429/503 paused the upstream for everyone.
+    pub upstream_pauses: IntCounter,
+    /// Requests that came with `x-stainless-retry-count` > 0: the client's
+    /// own retries.
+    pub client_retries: IntCounter,
+    retries: [IntCounter; 3],
+    given_up: IntCounterVec,
     by_priority: [OnceLock<ByPriority>; CLASSES],
     by_status: Box<[OnceLock<IntCounter>]>,
     by_outcome: [IntCounter; 5],
@@ -208,6 +215,27 @@ impl Metrics {
         )
         .expect("metric definitions are valid");
 
+        let upstream_retries = counter(
+            "anteroom_upstream_retries_total",
+            "Requests sent again after the upstream refused them, by reason.",
+            &["reason"],
+        );
+        let given_up = counter(
+            "anteroom_upstream_retries_given_up_total",
+            "Refused requests not retried again, by why: max_retries, too_long (advised wait over retry_max_delay), budget.",
+            &["why"],
+        );
+        let upstream_pauses = IntCounter::new(
+            "anteroom_upstream_pauses_total",
+            "Times an upstream 429/503 paused dispatch to the upstream for every request.",
+        )
+        .expect("metric definitions are valid");
+        let client_retries = IntCounter::new(
+            "anteroom_client_retries_total",
+            "Requests that were a client's own retry (x-stainless-retry-count above 0).",
+        )
+        .expect("metric definitions are valid");
+
         let registry = Registry::new();
         let mut names = Vec::new();
         for c in [
@@ -228,6 +256,10 @@ impl Metrics {
             Box::new(max_queue.clone()),
             Box::new(log_dropped.clone()),
             Box::new(log_written.clone()),
+            Box::new(upstream_retries.clone()),
+            Box::new(given_up.clone()),
+            Box::new(upstream_pauses.clone()),
+            Box::new(client_retries.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
@@ -262,7 +294,26 @@ impl Metrics {
             by_status: (0..600).map(|_| OnceLock::new()).collect(),
             by_outcome,
             names,
+            upstream_pauses,
+            client_retries,
+            retries: [
+                crate::backoff::Reason::TooManyRequests,
+                crate::backoff::Reason::Unavailable,
+                crate::backoff::Reason::Connection,
+            ]
+            .map(|r| upstream_retries.with_label_values(&[r.as_str()])),
+            given_up,
         }
+    }
+
+    /// Count a retry.
+    pub fn retry(&self, reason: crate::backoff::Reason) {
+        self.retries[reason as usize].inc();
+    }
+
+    /// Count a refused request that was not retried again.
+    pub fn retries_given_up(&self, why: &str) {
+        self.given_up.with_label_values(&[why]).inc();
     }
 
     fn priority(&self, p: Priority) -> &ByPriority {

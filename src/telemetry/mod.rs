@@ -38,7 +38,7 @@ use std::io;
 use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -65,6 +65,8 @@ use crate::BoxError;
 
 /// The W3C Server-Timing header.
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+/// The OpenAI SDKs' retry counter: above 0 on a client's own retry.
+const CLIENT_RETRY: HeaderName = HeaderName::from_static("x-stainless-retry-count");
 /// Milliseconds the request spent queued (arrival → dispatch), on admitted
 /// responses.
 pub const QUEUE_MS_HEADER: HeaderName = HeaderName::from_static("x-anteroom-queue-ms");
@@ -124,15 +126,17 @@ struct TapInner {
     /// Nanoseconds after arrival, plus one; zero while unset.
     dispatched: AtomicU64,
     headers: AtomicU64,
+    retries: AtomicU32,
     classified: OnceLock<Classified>,
 }
 
 impl Tap {
-    fn new(arrival: Instant) -> Self {
+    pub(crate) fn new(arrival: Instant) -> Self {
         Self(Arc::new(TapInner {
             arrival,
             dispatched: AtomicU64::new(0),
             headers: AtomicU64::new(0),
+            retries: AtomicU32::new(0),
             classified: OnceLock::new(),
         }))
     }
@@ -150,6 +154,11 @@ impl Tap {
     /// Note that the request was handed to the upstream now.
     pub fn dispatched(&self) {
         self.stamp(&self.0.dispatched);
+    }
+
+    /// Note that the request is being sent again.
+    pub fn retried(&self) {
+        self.0.retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Note that the upstream's response headers arrived now.
@@ -221,6 +230,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        if req
+            .headers()
+            .get(CLIENT_RETRY)
+            .is_some_and(|v| v.as_bytes() != b"0")
+        {
+            self.recorder.metrics.client_retries.inc();
+        }
         let now = Instant::now();
         let tap = Tap::new(now);
         let capture = Capture {
@@ -492,6 +508,7 @@ impl Capture {
             tokens_from,
             events: sse.then_some(self.observer.events),
             malformed: self.observer.malformed > 0 || partial,
+            upstream_retries: self.tap.0.retries.load(Ordering::Relaxed),
         };
         let finished = Finished {
             request_id: self.request_id.take(),

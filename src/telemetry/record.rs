@@ -122,6 +122,10 @@ pub struct Timings {
     pub events: Option<u32>,
     /// SSE events that were not JSON, or a stream that stopped mid-line.
     pub malformed: bool,
+    /// Times anteroom sent it again after the upstream refused it (429, 503,
+    /// a refused connection).
+    #[serde(default)]
+    pub upstream_retries: u32,
 }
 
 /// A finished request as the request path hands it on: numbers and cheap

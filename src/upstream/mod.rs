@@ -1,4 +1,4 @@
-//! Step 2 of the request path, the innermost service: send the request to the
+//! Step 3 of the request path, the innermost service: send the request to the
 //! upstream origin over a pooled keep-alive connection.
 //!
 //! The request's path and query are kept and its scheme and authority

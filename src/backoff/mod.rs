@@ -1,0 +1,350 @@
+//! Step 2 of the request path: when the upstream pushes back, wait and try
+//! again, within limits, instead of failing the eval.
+//!
+//! An admitted request whose upstream answer is 429 or 503, or whose
+//! connection was refused or reset before any response byte (a 502 so
+//! far), is sent again after a delay: the upstream's own `retry-after-ms` /
+//! `Retry-After` when it gives one, else exponential back-off with full
+//! jitter (`retry_base_delay` × 2ⁿ, capped by `retry_max_delay`, a random
+//! share of it). At most `max_retries` times, and only while the
+//! [`RetryBudget`] allows: retries may be at most `retry_budget` of the
+//! requests of the last ten seconds (plus a small reserve), so a backend
+//! that refuses everything is not hammered by retries.
+//!
+//! Nothing of a refused answer has reached the client (this layer is below
+//! the point where the response goes out), so a retry is never visible to
+//! it. The request keeps its slot while it waits, and with it its place
+//! ahead of less urgent work. An upstream's 429/503 also pauses the upstream
+//! for everyone ([`Cooldown`]): requests about to be dispatched wait out the
+//! advised time instead of each collecting a 429 of its own.
+//!
+//! When it gives up, the client gets the upstream's own answer, with a
+//! `Retry-After` (and `retry-after-ms`) added if the upstream sent none, or
+//! the 502 for a connection that never worked. Only admitted requests, whose
+//! bodies are buffered and can be sent again, are retried; a time-out (504)
+//! is not retried: the upstream may still be working on the request.
+
+pub mod budget;
+pub mod cooldown;
+pub mod retry_after;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use tower::{Layer, Service, ServiceExt};
+
+pub use budget::RetryBudget;
+pub use cooldown::Cooldown;
+
+use crate::classify::Admit;
+use crate::error::{self, UpstreamUnavailable};
+use crate::telemetry::{Recorder, Tap};
+use crate::BoxError;
+
+/// The retry settings: the slice of the config this step needs.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Most retries of one request.
+    pub max_retries: u32,
+    /// First back-off delay (doubled per retry) when the upstream advises
+    /// none.
+    pub base_delay: Duration,
+    /// Longest wait for one retry: an upstream that advises longer is not
+    /// waited for (its answer goes to the client).
+    pub max_delay: Duration,
+    /// Retries as a share of recent requests.
+    pub budget: f64,
+}
+
+/// Why a request was retried; the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The upstream answered 429.
+    TooManyRequests,
+    /// The upstream answered 503.
+    Unavailable,
+    /// The connection was refused or reset before any response.
+    Connection,
+}
+
+impl Reason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TooManyRequests => "status_429",
+            Reason::Unavailable => "status_503",
+            Reason::Connection => "connection",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    policy: RetryPolicy,
+    budget: RetryBudget,
+    cooldown: Cooldown,
+    recorder: Arc<Recorder>,
+}
+
+/// Builds [`Backoff`] services; clones share the budget and the cooldown.
+#[derive(Clone, Debug)]
+pub struct BackoffLayer {
+    shared: Arc<Shared>,
+}
+
+impl BackoffLayer {
+    /// Retry by `policy`, counting into `recorder`'s metrics.
+    pub fn new(policy: RetryPolicy, recorder: Arc<Recorder>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                budget: RetryBudget::new(policy.budget),
+                policy,
+                cooldown: Cooldown::default(),
+                recorder,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for BackoffLayer {
+    type Service = Backoff<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Backoff {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Retries refused requests: see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Backoff<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+type Req<B> = Request<Either<Full<Bytes>, B>>;
+type RetryFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+impl<S, B, ResB> Service<Req<B>> for Backoff<S>
+where
+    S: Service<Req<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Send + 'static,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, Response<ResB>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req<B>) -> Self::Future {
+        // Only admitted requests, whose bodies are in memory, can be sent
+        // again; the rest go straight through.
+        let admitted = req.extensions().get::<Admit>().is_some();
+        if !admitted || self.shared.policy.max_retries == 0 {
+            return ResponseFuture::direct(self.inner.call(req));
+        }
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            Either::Left(full) => full,
+            Either::Right(streamed) => {
+                let req = Request::from_parts(parts, Either::Right(streamed));
+                return ResponseFuture::direct(self.inner.call(req));
+            }
+        };
+        // Every attempt, the first included, waits out a pause first, so it
+        // goes through a clone made ready in the loop.
+        let retry = retry_loop(self.inner.clone(), parts, body, self.shared.clone());
+        ResponseFuture::retrying(Box::pin(retry))
+    }
+}
+
+/// Send, and send again while the upstream pushes back and the policy allows.
+async fn retry_loop<S, B, ResB>(
+    svc: S,
+    parts: http::request::Parts,
+    body: Full<Bytes>,
+    shared: Arc<Shared>,
+) -> Result<Response<ResB>, BoxError>
+where
+    S: Service<Req<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    let policy = &shared.policy;
+    let metrics = &shared.recorder.metrics;
+    shared.budget.deposit();
+    let mut result = attempt(svc.clone(), &parts, &body, &shared).await;
+    let mut retries = 0u32;
+    loop {
+        let (reason, advised) = match &result {
+            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                (Reason::TooManyRequests, retry_after::parse(resp.headers()))
+            }
+            Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                (Reason::Unavailable, retry_after::parse(resp.headers()))
+            }
+            Err(e) if error::cause::<UpstreamUnavailable>(&**e).is_some() => {
+                (Reason::Connection, None)
+            }
+            _ => return result,
+        };
+        let delay = advised.unwrap_or_else(|| {
+            let ceiling = policy
+                .base_delay
+                .saturating_mul(1u32 << retries.min(20))
+                .min(policy.max_delay);
+            jitter(ceiling)
+        });
+        if reason != Reason::Connection {
+            // The upstream speaks for every request: pause it for all.
+            shared.cooldown.pause(delay.min(policy.max_delay));
+            metrics.upstream_pauses.inc();
+        }
+        let give_up = if retries >= policy.max_retries {
+            Some("max_retries")
+        } else if delay > policy.max_delay {
+            Some("too_long")
+        } else if !shared.budget.withdraw() {
+            Some("budget")
+        } else {
+            None
+        };
+        if let Some(why) = give_up {
+            metrics.retries_given_up(why);
+            tracing::debug!(
+                reason = reason.as_str(),
+                why,
+                retries,
+                "upstream refused; giving up"
+            );
+            return result.map(|resp| with_retry_advice(resp, delay));
+        }
+        retries += 1;
+        metrics.retry(reason);
+        if let Some(tap) = parts.extensions.get::<Tap>() {
+            tap.retried();
+        }
+        tracing::debug!(
+            reason = reason.as_str(),
+            ?delay,
+            retries,
+            "upstream refused; retrying"
+        );
+        // The refused answer is dropped unread: its connection is not reused.
+        drop(result);
+        tokio::time::sleep(delay).await;
+        result = attempt(svc.clone(), &parts, &body, &shared).await;
+    }
+}
+
+/// One try: wait out any pause of the upstream, then send a copy.
+async fn attempt<S, B, ResB>(
+    svc: S,
+    parts: &http::request::Parts,
+    body: &Full<Bytes>,
+    shared: &Shared,
+) -> Result<Response<ResB>, BoxError>
+where
+    S: Service<Req<B>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    // Several requests may have slept through one pause and another may
+    // have begun meanwhile: wait until none is on.
+    while let Some(wait) = shared.cooldown.remaining() {
+        tokio::time::sleep(wait).await;
+    }
+    let req = Request::from_parts(parts.clone(), Either::Left(body.clone()));
+    let mut svc = svc.ready_oneshot().await.map_err(Into::into)?;
+    svc.call(req).await.map_err(Into::into)
+}
+
+/// The upstream's refusal as the client gets it: with a `Retry-After` even if
+/// the upstream sent none.
+fn with_retry_advice<B>(mut resp: Response<B>, delay: Duration) -> Response<B> {
+    let h = resp.headers_mut();
+    if !h.contains_key(http::header::RETRY_AFTER) {
+        let (secs, ms) = error::retry_after_values(delay);
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        if !h.contains_key("retry-after-ms") {
+            h.insert("retry-after-ms", HeaderValue::from(ms));
+        }
+    }
+    resp
+}
+
+/// Full jitter: a uniformly random delay in `[0, ceiling]`.
+fn jitter(ceiling: Duration) -> Duration {
+    static STATE: AtomicU64 = AtomicU64::new(0x2545_f491_4f6c_dd1d);
+    let x = crate::edge::splitmix(STATE.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+    let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
+    ceiling.mul_f64(unit)
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Backoff`].
+    pub struct ResponseFuture<F, T> {
+        #[pin]
+        state: State<F, T>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F, T> {
+        // Not retryable: the inner call as it is.
+        Direct { #[pin] fut: F },
+        // Retryable: the retry loop.
+        Retrying { fut: RetryFuture<T> },
+    }
+}
+
+impl<F, T> ResponseFuture<F, T> {
+    fn direct(fut: F) -> Self {
+        Self {
+            state: State::Direct { fut },
+        }
+    }
+
+    fn retrying(fut: RetryFuture<T>) -> Self {
+        Self {
+            state: State::Retrying { fut },
+        }
+    }
+}
+
+impl<F, T> std::fmt::Debug for ResponseFuture<F, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F, T>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Direct { fut } => fut.poll(cx).map_err(Into::into),
+            StateProj::Retrying { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

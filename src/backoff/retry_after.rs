@@ -1,0 +1,69 @@
+//! Reading an upstream's advice: `retry-after-ms` (milliseconds, as OpenAI
+//! and anteroom send), else `Retry-After` in seconds or as an HTTP date.
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+
+/// The delay the upstream advises, if it says one.
+pub fn parse(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn milliseconds_win_over_seconds() {
+        let m = h(&[("retry-after-ms", "1500"), ("retry-after", "7")]);
+        assert_eq!(parse(&m), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse(&h(&[("retry-after", "7")])),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(parse(&h(&[("retry-after", "soon")])), None);
+        assert_eq!(parse(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn http_dates_are_read() {
+        let later = SystemTime::now() + Duration::from_secs(30);
+        let m = h(&[("retry-after", &httpdate::fmt_http_date(later))]);
+        let d = parse(&m).unwrap();
+        assert!(
+            d > Duration::from_secs(28) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
+        let past = h(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
+        assert_eq!(parse(&past), Some(Duration::ZERO));
+    }
+}
