@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::admission::Limits;
 use crate::backoff::RetryPolicy;
 use crate::classify::{Priority, Routes};
-use crate::upstream::{ClientSettings, Origin};
+use crate::upstream::{ClientSettings, Origin, StreamTimeouts};
 
 /// The config file, as written. Every field has a default; `config/default.toml`
 /// lists them all.
@@ -62,6 +62,10 @@ pub struct FileConfig {
     /// Retries may be at most this share of the requests of the last ten
     /// seconds (plus 10).
     pub retry_budget: f64,
+    /// Most time from a streamed answer's headers to its first data.
+    pub first_token_timeout: String,
+    /// Most time between two pieces of a streamed answer.
+    pub stream_idle_timeout: String,
 }
 
 impl Default for FileConfig {
@@ -90,6 +94,8 @@ impl Default for FileConfig {
             retry_base_delay: "500ms".into(),
             retry_max_delay: "30s".into(),
             retry_budget: 0.2,
+            first_token_timeout: "600s".into(),
+            stream_idle_timeout: "120s".into(),
         }
     }
 }
@@ -202,6 +208,10 @@ impl FileConfig {
                 connect_timeout,
                 response_timeout: upstream_timeout,
                 pool_idle_timeout,
+                stream: StreamTimeouts {
+                    first_token: positive("first_token_timeout", &self.first_token_timeout)?,
+                    idle: positive("stream_idle_timeout", &self.stream_idle_timeout)?,
+                },
             },
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),

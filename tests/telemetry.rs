@@ -312,11 +312,16 @@ async fn tool_call_and_cut_streams_pass_unchanged_and_are_recorded() {
     assert!(!failed);
     assert_eq!(tools, TOOL_STREAM.concat().as_bytes());
     let (cut, failed) = case(&client, &proxy.url(), "cut").await;
+    assert!(!failed, "the stream ends with an error event, not a reset");
+    // Every byte the backend sent, unchanged, then anteroom's error event.
+    let sent = CUT_STREAM.concat();
+    assert!(cut.starts_with(sent.as_bytes()));
+    let tail = std::str::from_utf8(&cut[sent.len()..]).unwrap();
+    assert!(tail.starts_with("\n\ndata: {\"error\":"), "{tail}");
     assert!(
-        failed,
-        "the client must see the stream fail, not end cleanly"
+        tail.contains("\"code\":\"upstream_stream_error\""),
+        "{tail}"
     );
-    assert_eq!(cut, CUT_STREAM.concat().as_bytes());
 
     let recs = by_id(&records(&proxy, &log).await);
     let t = &recs["tools"];
@@ -332,6 +337,7 @@ async fn tool_call_and_cut_streams_pass_unchanged_and_are_recorded() {
     assert!(!t.timings.malformed);
     let c = &recs["cut"];
     assert_eq!(c.outcome, Outcome::Truncated);
+    assert_eq!(c.error.as_deref(), Some("upstream_stream_error"));
     assert_eq!(c.timings.completion_tokens, Some(2));
     assert!(
         c.timings.malformed,

@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// Retries as a share of recent requests (key: retry_budget).
     #[arg(long, value_name = "SHARE")]
     pub retry_budget: Option<f64>,
+    /// Most time to a stream's first data (key: first_token_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub first_token_timeout: Option<String>,
+    /// Most time between a stream's data (key: stream_idle_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub stream_idle_timeout: Option<String>,
 }
 
 impl ServeArgs {
@@ -105,7 +111,9 @@ impl ServeArgs {
             max_retries,
             retry_base_delay,
             retry_max_delay,
-            retry_budget
+            retry_budget,
+            first_token_timeout,
+            stream_idle_timeout
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();

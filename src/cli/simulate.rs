@@ -43,6 +43,12 @@ pub struct SimulateArgs {
     /// Retry-After sent with a refusal (none by default).
     #[arg(long, value_parser = parse_duration)]
     pub reject_retry_after: Option<std::time::Duration>,
+    /// Streams: reset the connection after this many tokens.
+    #[arg(long, value_name = "N")]
+    pub die_after_tokens: Option<usize>,
+    /// Streams: go silent after this many tokens.
+    #[arg(long, value_name = "N")]
+    pub stall_after_tokens: Option<usize>,
 }
 
 impl SimulateArgs {
@@ -59,6 +65,8 @@ impl SimulateArgs {
             reject_share: self.reject_share,
             reject_status: self.reject_status,
             reject_retry_after: self.reject_retry_after,
+            die_after_tokens: self.die_after_tokens,
+            stall_after_tokens: self.stall_after_tokens,
         }
     }
 }

@@ -154,6 +154,14 @@ impl Body for SseBody {
                 if this.waiting {
                     ready!(this.sleep.as_mut().poll(cx));
                 }
+                if this.state.cfg.die_after_tokens == Some(i) {
+                    // Failing the body makes hyper abort the connection.
+                    return Poll::Ready(Some(Err("simulated crash mid-stream".into())));
+                }
+                if this.state.cfg.stall_after_tokens == Some(i) {
+                    // Never wakes: the stream hangs until its client leaves.
+                    return Poll::Pending;
+                }
                 let text = if this.completion.chat && i == 0 {
                     // The first chat chunk carries the role too, as OpenAI's do.
                     let v = serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": token_text(i)}, "logprobs": null, "finish_reason": null}]);

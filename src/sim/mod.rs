@@ -65,6 +65,10 @@ pub struct SimConfig {
     pub reject_status: u16,
     /// `Retry-After` / `retry-after-ms` sent with a refusal, if any.
     pub reject_retry_after: Option<Duration>,
+    /// Streams: reset the connection after this many tokens (a crash).
+    pub die_after_tokens: Option<usize>,
+    /// Streams: go silent forever after this many tokens (a hang).
+    pub stall_after_tokens: Option<usize>,
 }
 
 impl Default for SimConfig {
@@ -80,6 +84,8 @@ impl Default for SimConfig {
             reject_share: 0.0,
             reject_status: 429,
             reject_retry_after: None,
+            die_after_tokens: None,
+            stall_after_tokens: None,
         }
     }
 }

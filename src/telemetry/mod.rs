@@ -127,6 +127,7 @@ struct TapInner {
     dispatched: AtomicU64,
     headers: AtomicU64,
     retries: AtomicU32,
+    stream_error: OnceLock<&'static str>,
     classified: OnceLock<Classified>,
 }
 
@@ -137,6 +138,7 @@ impl Tap {
             dispatched: AtomicU64::new(0),
             headers: AtomicU64::new(0),
             retries: AtomicU32::new(0),
+            stream_error: OnceLock::new(),
             classified: OnceLock::new(),
         }))
     }
@@ -154,6 +156,12 @@ impl Tap {
     /// Note that the request was handed to the upstream now.
     pub fn dispatched(&self) {
         self.stamp(&self.0.dispatched);
+    }
+
+    /// Note that the upstream's stream failed part-way, with this code
+    /// (the client got an error event instead of the rest).
+    pub fn stream_failed(&self, code: &'static str) {
+        let _ = self.0.stream_error.set(code);
     }
 
     /// Note that the request is being sent again.
@@ -445,7 +453,11 @@ impl Capture {
         let classified = self.tap.0.classified.get();
         let dispatched = self.queued();
         let headers = self.tap.read(&self.tap.0.headers);
+        if let Some(code) = self.tap.0.stream_error.get() {
+            self.error.get_or_insert(code);
+        }
         let outcome = match ended {
+            Outcome::Ok if self.tap.0.stream_error.get().is_some() => Outcome::Truncated,
             Outcome::Ok if self.rejected => Outcome::Rejected,
             Outcome::Ok if self.status >= 400 => Outcome::Error,
             other => other,

@@ -282,7 +282,7 @@ pub fn scan_event(payload: &[u8], usage: &mut Usage) -> Event {
     if p == b"[DONE]" {
         return Event::Done;
     }
-    if p.first() != Some(&b'{') {
+    if p.first() != Some(&b'{') || p.last() != Some(&b'}') {
         return Event::Malformed;
     }
     let pats = &*PATTERNS;

@@ -7,6 +7,7 @@
 //! removed both ways ([`rewrite`]). The response body is handed back as it
 //! arrives: nothing is buffered.
 
+pub mod guard;
 mod pool;
 pub mod rewrite;
 
@@ -23,6 +24,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Timeout;
 use tower::Service;
 
+pub use guard::{StreamGuard, StreamTimeouts};
 pub use pool::PooledBody;
 pub use rewrite::Origin;
 
@@ -40,6 +42,8 @@ pub struct ClientSettings {
     pub response_timeout: Duration,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// Time-outs of a streamed (SSE) answer after its headers.
+    pub stream: StreamTimeouts,
 }
 
 /// The upstream origin behind a pool of keep-alive HTTP/1.1 connections.
@@ -53,6 +57,7 @@ where
     pool: Arc<Pool<B>>,
     origin: Origin,
     response_timeout: Duration,
+    stream: StreamTimeouts,
 }
 
 // By hand: a derive would require `B: Clone`, which request bodies are not.
@@ -65,6 +70,7 @@ where
             pool: self.pool.clone(),
             origin: self.origin.clone(),
             response_timeout: self.response_timeout,
+            stream: self.stream,
         }
     }
 }
@@ -84,6 +90,7 @@ where
             ),
             origin,
             response_timeout: settings.response_timeout,
+            stream: settings.stream,
         }
     }
 }
@@ -124,7 +131,7 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<PooledBody<B>>;
+    type Response = Response<StreamGuard<PooledBody<B>>>;
     type Error = BoxError;
     type Future = ResponseFuture<B>;
 
@@ -144,6 +151,7 @@ where
         ResponseFuture {
             inner: tokio::time::timeout(self.response_timeout, send),
             after: self.response_timeout,
+            stream: self.stream,
             tap,
         }
     }
@@ -159,6 +167,7 @@ pin_project! {
         #[pin]
         inner: Timeout<SendFuture<B>>,
         after: Duration,
+        stream: StreamTimeouts,
         tap: Option<Tap>,
     }
 }
@@ -176,18 +185,30 @@ impl<B> Future for ResponseFuture<B>
 where
     B: Body + 'static,
 {
-    type Output = Result<Response<PooledBody<B>>, BoxError>;
+    type Output = Result<Response<StreamGuard<PooledBody<B>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        if let Some(tap) = this.tap.take() {
+        let tap = this.tap.take();
+        if let Some(tap) = &tap {
             tap.headers_arrived();
         }
         Poll::Ready(match result {
             Ok(Ok(mut resp)) => {
                 rewrite::response(&mut resp);
-                Ok(resp)
+                let sse = resp
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                let stream = *this.stream;
+                Ok(resp.map(|body| {
+                    if sse {
+                        StreamGuard::new(body, stream, tap)
+                    } else {
+                        StreamGuard::passthrough(body)
+                    }
+                }))
             }
             Ok(Err(e)) => Err(UpstreamUnavailable::new(e).into()),
             Err(_elapsed) => Err(UpstreamTimeout::new(*this.after).into()),
