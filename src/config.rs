@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::admission::adaptive::AdaptiveBounds;
 use crate::admission::Limits;
 use crate::backoff::RetryPolicy;
 use crate::classify::{Priority, Routes};
@@ -27,8 +28,14 @@ pub struct FileConfig {
     pub admin_listen: String,
     /// The model server: `http://host:port`, optionally with a path prefix.
     pub upstream: String,
-    /// Most requests in flight at the upstream.
-    pub max_concurrency: usize,
+    /// Most requests in flight at the upstream: a number, or `"auto"` to let
+    /// anteroom find it between `auto_min_concurrency` and
+    /// `auto_max_concurrency`.
+    pub max_concurrency: Concurrency,
+    /// Lowest limit `"auto"` goes to.
+    pub auto_min_concurrency: usize,
+    /// Highest limit `"auto"` goes to.
+    pub auto_max_concurrency: usize,
     /// Most requests waiting for a slot; 0 turns queueing off.
     pub max_queue: usize,
     /// Most time a request may wait for a slot, e.g. "180s".
@@ -74,7 +81,9 @@ impl Default for FileConfig {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:8081".into(),
             upstream: "http://127.0.0.1:1234".into(),
-            max_concurrency: 4,
+            max_concurrency: Concurrency::Fixed(4),
+            auto_min_concurrency: 1,
+            auto_max_concurrency: 64,
             max_queue: 4096,
             queue_timeout: "180s".into(),
             retry_after_cap: "60s".into(),
@@ -96,6 +105,59 @@ impl Default for FileConfig {
             retry_budget: 0.2,
             first_token_timeout: "600s".into(),
             stream_idle_timeout: "120s".into(),
+        }
+    }
+}
+
+/// `max_concurrency`: a fixed limit or `"auto"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Concurrency {
+    /// At most this many in flight.
+    Fixed(usize),
+    /// Found by anteroom, within the `auto_*_concurrency` bounds.
+    Auto,
+}
+
+impl From<usize> for Concurrency {
+    fn from(n: usize) -> Self {
+        Concurrency::Fixed(n)
+    }
+}
+
+impl std::str::FromStr for Concurrency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Concurrency::Auto),
+            n => n
+                .parse()
+                .map(Concurrency::Fixed)
+                .map_err(|_| format!("`{s}` is neither a number nor \"auto\"")),
+        }
+    }
+}
+
+impl Serialize for Concurrency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Concurrency::Fixed(n) => s.serialize_u64(*n as u64),
+            Concurrency::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(usize),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Concurrency::Fixed(n)),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
         }
     }
 }
@@ -131,6 +193,8 @@ pub struct Config {
     pub request_log: Option<PathBuf>,
     /// Retrying refused requests.
     pub retry: RetryPolicy,
+    /// Bounds of the adaptive limit, when `max_concurrency = "auto"`.
+    pub adaptive: Option<AdaptiveBounds>,
 }
 
 impl FileConfig {
@@ -164,9 +228,23 @@ impl FileConfig {
         }
         let upstream =
             Origin::parse(&self.upstream).map_err(|e| ConfigError(format!("upstream: {e}")))?;
-        if self.max_concurrency == 0 {
-            return Err(ConfigError("max_concurrency: must be at least 1".into()));
-        }
+        let (max_concurrency, adaptive) = match self.max_concurrency {
+            Concurrency::Fixed(0) => {
+                return Err(ConfigError(
+                    "max_concurrency: must be at least 1 (or \"auto\")".into(),
+                ))
+            }
+            Concurrency::Fixed(n) => (n, None),
+            Concurrency::Auto => {
+                let (min, max) = (self.auto_min_concurrency, self.auto_max_concurrency);
+                if min == 0 || min > max {
+                    return Err(ConfigError(format!(
+                        "auto_min_concurrency / auto_max_concurrency: need 1 <= min <= max, got {min} and {max}"
+                    )));
+                }
+                (min, Some(AdaptiveBounds { min, max }))
+            }
+        };
         let queue_timeout = positive("queue_timeout", &self.queue_timeout)?;
         let retry_after_cap = positive("retry_after_cap", &self.retry_after_cap)?;
         let upstream_timeout = positive("upstream_timeout", &self.upstream_timeout)?;
@@ -194,7 +272,7 @@ impl FileConfig {
             admin_listen,
             upstream,
             limits: Limits {
-                max_concurrency: self.max_concurrency,
+                max_concurrency,
                 max_queue: self.max_queue,
                 queue_timeout,
                 retry_after_cap,
@@ -215,6 +293,7 @@ impl FileConfig {
             },
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),
+            adaptive,
             retry: RetryPolicy {
                 max_retries: self.max_retries,
                 base_delay: retry_base_delay,

@@ -11,7 +11,7 @@ use support::*;
 async fn hundred_clients_never_exceed_max_concurrency() {
     trace_init();
     let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
-        c.max_concurrency = 3;
+        c.max_concurrency = 3.into();
         c.max_queue = 1000;
     })
     .await;
@@ -42,7 +42,8 @@ async fn hundred_clients_never_exceed_max_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_requests_reach_the_backend_by_priority_then_arrival() {
     trace_init();
-    let (sim, proxy, client) = setup(sim_config(Mode::Serial), |c| c.max_concurrency = 1).await;
+    let (sim, proxy, client) =
+        setup(sim_config(Mode::Serial), |c| c.max_concurrency = 1.into()).await;
     // A long stream holds the only slot while the others queue.
     let first = chat(&client, &proxy.url(), None, "first", true, 10_000).await;
     let priorities = [5, 1, 3, 1, 0, 5, 2, 0, 3, -1];
@@ -172,7 +173,8 @@ async fn a_client_leaving_the_queue_gives_its_place_up_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_frees_the_slot_and_ends_the_upstream_request() {
     trace_init();
-    let (sim, proxy, client) = setup(sim_config(Mode::Serial), |c| c.max_concurrency = 1).await;
+    let (sim, proxy, client) =
+        setup(sim_config(Mode::Serial), |c| c.max_concurrency = 1.into()).await;
     let mut stream = chat(&client, &proxy.url(), None, "stream", true, 10_000).await;
     // Read the first event, then go away.
     let first = http_body_util::BodyExt::frame(stream.body_mut())
@@ -220,7 +222,7 @@ async fn the_advised_delay_matches_the_real_drain() {
     cfg.ttft = Duration::from_millis(40);
     cfg.tokens_per_second = 1000.0;
     let (_sim, proxy, client) = setup(cfg, |c| {
-        c.max_concurrency = 1;
+        c.max_concurrency = 1.into();
         c.max_queue = 6;
     })
     .await;

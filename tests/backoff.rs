@@ -29,7 +29,7 @@ async fn a_backend_refusing_30_percent_of_requests_never_fails_the_run() {
     let _ = std::fs::remove_file(&log);
     let log_s = log.display().to_string();
     let (sim, proxy, _) = setup(cfg, |c| {
-        c.max_concurrency = 4;
+        c.max_concurrency = 4.into();
         c.retry_base_delay = "10ms".into();
         c.request_log = log_s;
     })

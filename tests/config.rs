@@ -2,6 +2,7 @@
 
 use std::process::Command;
 
+use anteroom::config::Concurrency;
 use anteroom::config::FileConfig;
 
 fn config_dir() -> std::path::PathBuf {
@@ -41,10 +42,10 @@ fn default_toml_lists_exactly_the_defaults() {
 #[test]
 fn shipped_configs_say_what_they_are_for() {
     let lm = FileConfig::load(&config_dir().join("lmstudio.toml")).unwrap();
-    assert_eq!(lm.max_concurrency, 1);
+    assert_eq!(lm.max_concurrency, Concurrency::Fixed(1));
     assert!(lm.upstream.ends_with(":1234"));
     let vllm = FileConfig::load(&config_dir().join("vllm.toml")).unwrap();
-    assert!(vllm.max_concurrency > 1);
+    assert!(matches!(vllm.max_concurrency, Concurrency::Fixed(n) if n > 1));
     assert!(vllm.upstream.ends_with(":8000"));
 }
 
@@ -88,12 +89,12 @@ fn flags_override_the_file() {
     use anteroom::cli::serve::ServeArgs;
     let args = ServeArgs {
         config: Some(config_dir().join("lmstudio.toml")),
-        max_concurrency: Some(7),
+        max_concurrency: Some(7.into()),
         queue_timeout: Some("5s".into()),
         ..ServeArgs::default()
     };
     let file = args.file_config().unwrap();
-    assert_eq!(file.max_concurrency, 7);
+    assert_eq!(file.max_concurrency, Concurrency::Fixed(7));
     assert_eq!(file.queue_timeout, "5s");
     assert_eq!(
         file.upstream, "http://127.0.0.1:1234",
@@ -129,4 +130,26 @@ fn the_cli_contract_is_accepted() {
     };
     assert_eq!(args.max_queue, Some(10));
     assert_eq!(args.queue_timeout.as_deref(), Some("500ms"));
+}
+
+#[test]
+fn max_concurrency_is_a_number_or_auto() {
+    let auto = FileConfig::parse("max_concurrency = \"auto\"\nauto_max_concurrency = 16").unwrap();
+    assert_eq!(auto.max_concurrency, Concurrency::Auto);
+    let c = auto.validate().unwrap();
+    let bounds = c.adaptive.expect("auto has bounds");
+    assert_eq!((bounds.min, bounds.max), (1, 16));
+    assert_eq!(c.limits.max_concurrency, 1, "starts at the minimum");
+    let err = FileConfig::parse("max_concurrency = \"lots\"").unwrap_err();
+    assert!(err.0.contains("auto"), "{}", err.0);
+    let bad = FileConfig::parse(
+        "max_concurrency = \"auto\"\nauto_min_concurrency = 9\nauto_max_concurrency = 3",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err();
+    assert!(bad.0.contains("auto_min_concurrency"), "{}", bad.0);
+    let out = anteroom(&["serve", "--max-concurrency", "auto", "--listen", "bad"]);
+    // The flag parses ("auto" accepted); the bad address is what fails.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 }

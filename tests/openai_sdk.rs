@@ -72,7 +72,7 @@ async fn the_openai_sdk_streams_and_retries_a_429_after_the_advised_delay() {
     cfg.tokens_per_second = 100.0;
     let sim = sim(cfg).await;
     let proxy = proxy(&sim.url(), |c| {
-        c.max_concurrency = 1;
+        c.max_concurrency = 1.into();
         c.max_queue = 0;
     })
     .await;

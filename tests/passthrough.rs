@@ -222,7 +222,8 @@ async fn a_slow_upstream_is_a_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_reports_health_and_status() {
     trace_init();
-    let (_sim, proxy, client) = setup(sim_config(Mode::Serial), |c| c.max_concurrency = 1).await;
+    let (_sim, proxy, client) =
+        setup(sim_config(Mode::Serial), |c| c.max_concurrency = 1.into()).await;
     let admin = format!("http://{}", proxy.admin_addr);
     let resp = client
         .get(format!("{admin}/healthz").parse().unwrap())

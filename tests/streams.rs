@@ -86,7 +86,7 @@ async fn a_stream_that_goes_quiet_is_ended_and_its_slot_freed() {
         ..sim_config(Mode::Batch)
     };
     let (sim, proxy, client) = setup(cfg, |c| {
-        c.max_concurrency = 1;
+        c.max_concurrency = 1.into();
         c.stream_idle_timeout = "300ms".into();
         c.request_log = log_s;
     })

@@ -76,7 +76,7 @@ async fn queue_wait_and_model_time_are_split_exactly() {
     };
     let log_s = log.display().to_string();
     let (_sim, proxy, client) = setup(cfg, |c| {
-        c.max_concurrency = 1;
+        c.max_concurrency = 1.into();
         c.request_log = log_s;
     })
     .await;
@@ -354,7 +354,7 @@ async fn every_request_leaves_exactly_one_record_under_200_concurrent() {
         ..sim_config(Mode::Batch)
     };
     let (_sim, proxy, _) = setup(cfg, |c| {
-        c.max_concurrency = 2;
+        c.max_concurrency = 2.into();
         c.max_queue = 40;
         c.request_log = log_s;
     })
@@ -468,7 +468,7 @@ async fn metrics(proxy: &Running) -> String {
 #[tokio::test]
 async fn metrics_pass_promtool_and_count_requests() {
     let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c: &mut FileConfig| {
-        c.max_concurrency = 3
+        c.max_concurrency = 3.into()
     })
     .await;
     for (i, p) in [0, 5, -30, 100].into_iter().enumerate() {

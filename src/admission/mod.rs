@@ -52,6 +52,7 @@
 //! # }
 //! ```
 
+pub mod adaptive;
 pub mod error;
 pub mod future;
 mod layer;

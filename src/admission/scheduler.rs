@@ -176,6 +176,12 @@ impl Scheduler {
         self.dispatch();
     }
 
+    /// Waiting and running now, without the per-priority maps.
+    pub fn snapshot_counts(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.queue.len(), st.running)
+    }
+
     /// A snapshot of the state, for /status.
     pub fn snapshot(&self) -> Snapshot {
         let st = self.state.lock();

@@ -209,9 +209,11 @@ where
             jitter(ceiling)
         });
         if reason != Reason::Connection {
-            // The upstream speaks for every request: pause it for all.
+            // The upstream speaks for every request: pause it for all, and
+            // tell the adaptive limit.
             shared.cooldown.pause(delay.min(policy.max_delay));
             metrics.upstream_pauses.inc();
+            shared.recorder.signals.overload();
         }
         let give_up = if retries >= policy.max_retries {
             Some("max_retries")

@@ -79,7 +79,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),
         upstream: sim.url(),
-        max_concurrency: 1,
+        max_concurrency: 1.into(),
         max_queue: args.max_queue,
         queue_timeout: "30s".into(),
         ..FileConfig::default()

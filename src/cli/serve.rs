@@ -28,9 +28,16 @@ pub struct ServeArgs {
     /// Admin listen address for /healthz and /status (key: admin_listen).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Most requests in flight at the upstream (key: max_concurrency).
+    /// Most requests in flight at the upstream, or "auto" (key:
+    /// max_concurrency).
+    #[arg(long, value_name = "N|auto")]
+    pub max_concurrency: Option<crate::config::Concurrency>,
+    /// Lowest limit of "auto" (key: auto_min_concurrency).
     #[arg(long, value_name = "N")]
-    pub max_concurrency: Option<usize>,
+    pub auto_min_concurrency: Option<usize>,
+    /// Highest limit of "auto" (key: auto_max_concurrency).
+    #[arg(long, value_name = "N")]
+    pub auto_max_concurrency: Option<usize>,
     /// Most requests waiting (key: max_queue).
     #[arg(long, value_name = "N")]
     pub max_queue: Option<usize>,
@@ -99,6 +106,8 @@ impl ServeArgs {
             listen,
             admin_listen,
             max_concurrency,
+            auto_min_concurrency,
+            auto_max_concurrency,
             max_queue,
             queue_timeout,
             retry_after_cap,
@@ -173,7 +182,7 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
         recorder.clone(),
         upstream.clone(),
     );
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(upstream.clone().housekeeping()),
         tokio::spawn(crate::server::serve(
             listener,
@@ -186,6 +195,13 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
             recorder.clone(),
         )),
     ];
+    if let Some(bounds) = config.adaptive {
+        tasks.push(tokio::spawn(crate::admission::adaptive::run(
+            scheduler.clone(),
+            recorder.signals.clone(),
+            bounds,
+        )));
+    }
     Ok(Running {
         addr,
         admin_addr,

@@ -121,8 +121,9 @@ impl SseBody {
         guard: InFlight,
         slot: Slot,
     ) -> Self {
-        let sleep = Box::pin(tokio::time::sleep(state.cfg.ttft));
-        let waiting = !state.cfg.ttft.is_zero();
+        let ttft = state.ttft();
+        let sleep = Box::pin(tokio::time::sleep(ttft));
+        let waiting = !ttft.is_zero();
         let phase = if completion.tokens == 0 {
             Phase::Finish
         } else {

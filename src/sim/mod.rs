@@ -38,6 +38,11 @@ pub enum Mode {
     Serial,
     /// Up to `slots` at once, each token slower as more run together.
     Batch,
+    /// Everything at once, with a throughput knee: throughput grows up to
+    /// `slots` in flight, stays flat up to twice that (each request slower),
+    /// and collapses beyond (time to first token and per token grow faster
+    /// than the number in flight), like a GPU server past its KV cache.
+    Knee,
 }
 
 /// The simulated model's timing.
@@ -136,6 +141,7 @@ impl SimState {
         let slots = match cfg.mode {
             Mode::Serial => 1,
             Mode::Batch => cfg.slots.max(1),
+            Mode::Knee => 1 << 16,
         };
         Arc::new(Self {
             cfg,
@@ -183,8 +189,32 @@ impl SimState {
                 let others = self.running.load(Ordering::Relaxed).saturating_sub(1);
                 1.0 + self.cfg.batch_slowdown * others as f64
             }
+            Mode::Knee => self.knee_factor(),
         };
         Duration::from_secs_f64(base * factor)
+    }
+
+    /// Time to first token now: in knee mode it grows with the load.
+    pub(crate) fn ttft(&self) -> Duration {
+        match self.cfg.mode {
+            Mode::Knee => self.cfg.ttft.mul_f64(self.knee_factor()),
+            _ => self.cfg.ttft,
+        }
+    }
+
+    /// How much slower than alone each request runs with `running` in
+    /// flight: 1 up to the knee `p` (= slots), k/p up to 2p (throughput
+    /// flat), then k/p × (1 + k − 2p) (throughput collapses).
+    fn knee_factor(&self) -> f64 {
+        let p = self.cfg.slots.max(1) as f64;
+        let k = self.running.load(Ordering::Relaxed).max(1) as f64;
+        if k <= p {
+            1.0
+        } else if k <= 2.0 * p {
+            k / p
+        } else {
+            k / p * (1.0 + k - 2.0 * p)
+        }
     }
 }
 
@@ -472,7 +502,7 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
             .body(body.boxed_unsync())
             .expect("static headers are valid");
     }
-    pause(state.cfg.ttft).await;
+    pause(state.ttft()).await;
     for _ in 1..n {
         pause(state.token_interval()).await;
     }
@@ -492,7 +522,7 @@ async fn embed(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
         Ok(x) => x,
         Err(resp) => return resp,
     };
-    pause(state.cfg.ttft).await;
+    pause(state.ttft()).await;
     guard.finish();
     drop(slot);
     json(

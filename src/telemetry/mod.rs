@@ -56,6 +56,7 @@ pub use metrics::Metrics;
 pub use observe::{Framing, Observer};
 pub use record::{Finished, Outcome, Record, Timings, TokenSource};
 
+use crate::admission::adaptive::Signals;
 use crate::admission::Overloaded;
 use crate::classify::Priority;
 use crate::edge::REQUEST_ID;
@@ -76,6 +77,8 @@ pub const QUEUE_MS_HEADER: HeaderName = HeaderName::from_static("x-anteroom-queu
 pub struct Recorder {
     /// The Prometheus metrics.
     pub metrics: Metrics,
+    /// Latency and push-back, for the adaptive limit.
+    pub signals: Arc<Signals>,
     log: Option<RequestLog>,
 }
 
@@ -86,7 +89,11 @@ impl Recorder {
         let log = log_path
             .map(|p| RequestLog::open(p, metrics.log_written.clone(), metrics.log_dropped.clone()))
             .transpose()?;
-        Ok(Arc::new(Self { metrics, log }))
+        Ok(Arc::new(Self {
+            metrics,
+            signals: Arc::default(),
+            log,
+        }))
     }
 
     /// Count a finished request and log it.
@@ -420,18 +427,41 @@ impl Capture {
         headers.insert(QUEUE_MS_HEADER, HeaderValue::from(queue.as_millis() as u64));
     }
 
+    /// Tell the adaptive limit how long the backend took to its first
+    /// token (admitted, successful requests only).
+    fn backend_ttft_signal(&self, at: Instant) {
+        if self.status >= 400 || self.tap.0.classified.get().is_none() {
+            return;
+        }
+        if let Some(dispatched) = self.queued() {
+            let ttft = at
+                .duration_since(self.tap.0.arrival)
+                .saturating_sub(dispatched);
+            self.recorder.signals.ttft(ttft);
+        }
+    }
+
     fn on_data(&mut self, data: &Bytes) {
         let tokens = self.observer.feed(data);
         if tokens == 0 && self.first_byte.is_some() {
             return;
         }
         let now = Instant::now();
-        self.first_byte.get_or_insert(now);
+        if self.first_byte.is_none() {
+            self.first_byte = Some(now);
+            if self.observer.framing() != Framing::Sse {
+                // Not a stream: its first byte is its first token.
+                self.backend_ttft_signal(now);
+            }
+        }
         if tokens == 0 {
             return;
         }
         match self.last_token {
-            None => self.first_token = Some(now),
+            None => {
+                self.first_token = Some(now);
+                self.backend_ttft_signal(now);
+            }
             Some(last) => self
                 .gaps_us
                 .push(now.duration_since(last).as_micros().min(u32::MAX as u128) as u32),
@@ -455,6 +485,12 @@ impl Capture {
         let headers = self.tap.read(&self.tap.0.headers);
         if let Some(code) = self.tap.0.stream_error.get() {
             self.error.get_or_insert(code);
+        }
+        if matches!(
+            self.error,
+            Some("upstream_timeout" | "first_token_timeout" | "stream_idle_timeout")
+        ) {
+            self.recorder.signals.overload();
         }
         let outcome = match ended {
             Outcome::Ok if self.tap.0.stream_error.get().is_some() => Outcome::Truncated,

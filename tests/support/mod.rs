@@ -74,7 +74,7 @@ pub async fn one_slot_busy(
     f: impl FnOnce(&mut FileConfig),
 ) -> (SimHandle, Running, HttpClient, Response<Incoming>) {
     let (sim, proxy, client) = setup(sim_config(Mode::Serial), |c| {
-        c.max_concurrency = 1;
+        c.max_concurrency = 1.into();
         f(c);
     })
     .await;
