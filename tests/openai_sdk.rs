@@ -130,3 +130,21 @@ async fn the_openai_sdk_streams_and_retries_a_429_after_the_advised_delay() {
         "advice from the measured ~0.4 s service time: {retry}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_raises_the_error_event_of_a_stream_cut_short() {
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mut cfg = sim_config(Mode::Batch);
+    cfg.die_after_tokens = Some(3);
+    let sim = sim(cfg).await;
+    let proxy = proxy(&sim.url(), |_| {}).await;
+    let base = proxy.url();
+    let out = tokio::task::spawn_blocking(move || run_script(&python, &base, "stream_error"))
+        .await
+        .unwrap();
+    assert_eq!(out["error"], "APIError", "{out}");
+    assert_eq!(out["error_code"], "upstream_stream_error", "{out}");
+    assert_eq!(out["streamed"], "tok0 tok1 tok2 ", "{out}");
+}

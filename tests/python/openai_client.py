@@ -1,6 +1,6 @@
 """The official OpenAI Python SDK against anteroom, unchanged but for its base URL.
 
-Usage: openai_client.py BASE_URL basic|retry
+Usage: openai_client.py BASE_URL basic|retry|stream_error
 Prints one JSON line with what it saw; exits non-zero when an expectation fails.
 """
 
@@ -65,6 +65,23 @@ elif mode == "retry":
         # The SDK slept the advised delay before its retry (the retry's own
         # round trip comes on top).
         ok = waited >= advised * 0.95 and int(seen[0][2]) >= 1
+elif mode == "stream_error":
+    # The backend dies after three tokens: anteroom ends the stream with an
+    # error event, which the SDK must raise as an APIError.
+    parts = []
+    try:
+        for chunk in client.chat.completions.create(
+            model="anteroom-sim", messages=messages, max_tokens=10, stream=True
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        out["error"] = None
+    except openai.APIError as e:
+        out["error"] = type(e).__name__
+        out["error_code"] = getattr(e, "code", None)
+        out["error_message"] = str(e)
+    out["streamed"] = "".join(parts)
+    ok = out["error"] is not None and out.get("error_code") == "upstream_stream_error"
 else:
     raise SystemExit(f"unknown mode {mode}")
 
