@@ -10,32 +10,61 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
-use crate::admission::Scheduler;
+use crate::admission::{Scheduler, Snapshot};
 use crate::telemetry::Recorder;
 use crate::Body;
 
 /// Serve the admin endpoints until the task is dropped.
-pub async fn serve(listener: TcpListener, scheduler: Arc<Scheduler>, recorder: Arc<Recorder>) {
+pub async fn serve(
+    listener: TcpListener,
+    schedulers: Vec<(String, Arc<Scheduler>)>,
+    recorder: Arc<Recorder>,
+) {
+    let schedulers = Arc::new(schedulers);
     crate::server::serve_fn(listener, move |req| {
-        let scheduler = scheduler.clone();
+        let schedulers = schedulers.clone();
         let recorder = recorder.clone();
-        async move { Ok::<_, Infallible>(handle(&scheduler, &recorder, &req)) }
+        async move { Ok::<_, Infallible>(handle(&schedulers, &recorder, &req)) }
     })
     .await
 }
 
-fn handle(scheduler: &Scheduler, recorder: &Recorder, req: &Request<Incoming>) -> Response<Body> {
+/// The whole proxy's state: every upstream's summed.
+fn total(schedulers: &[(String, Arc<Scheduler>)]) -> Snapshot {
+    let mut all = schedulers[0].1.snapshot();
+    for (_, s) in &schedulers[1..] {
+        all.merge(&s.snapshot());
+    }
+    all
+}
+
+fn handle(
+    schedulers: &[(String, Arc<Scheduler>)],
+    recorder: &Recorder,
+    req: &Request<Incoming>,
+) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/status") => {
-            let body = serde_json::to_string_pretty(&scheduler.snapshot())
+            let mut status = serde_json::to_value(total(schedulers)).unwrap_or_default();
+            if schedulers.len() > 1 {
+                status["upstreams"] = schedulers
+                    .iter()
+                    .map(|(name, s)| {
+                        let mut v = serde_json::to_value(s.snapshot()).unwrap_or_default();
+                        v["name"] = name.as_str().into();
+                        v
+                    })
+                    .collect();
+            }
+            let body = serde_json::to_string_pretty(&status)
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
             text(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            recorder.metrics.encode(&scheduler.snapshot()),
+            recorder.metrics.encode(&total(schedulers)),
         ),
         _ => text(
             StatusCode::NOT_FOUND,

@@ -13,8 +13,9 @@ use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::Config;
 use crate::edge::EdgeLayer;
+use crate::route::RouteLayer;
 use crate::telemetry::{Recorder, TelemetryLayer};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, Upstreams};
 use crate::{Body, BoxError};
 
 /// The whole proxy as one cloneable service: what the server runs per request.
@@ -24,17 +25,27 @@ pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallib
 /// streamed for the rest.
 pub type UpstreamBody = ClassifiedBody<Incoming>;
 
-/// Build the proxy for `config`, admitting through `scheduler` and recording
-/// into `recorder`.
-pub fn build_stack(config: &Config, scheduler: Arc<Scheduler>, recorder: Arc<Recorder>) -> Stack {
-    let upstream = Upstream::<UpstreamBody>::new(config.upstream.clone(), &config.client);
-    build_stack_with(config, scheduler, recorder, upstream)
+/// Build the proxy for `config`, admitting through `schedulers` (one per
+/// upstream, in config order) and recording into `recorder`.
+pub fn build_stack(
+    config: &Config,
+    schedulers: Vec<Arc<Scheduler>>,
+    recorder: Arc<Recorder>,
+) -> Stack {
+    let upstreams = Upstreams::<UpstreamBody>::new(
+        config
+            .replicas
+            .iter()
+            .map(|r| Upstream::new(r.origin.clone(), &config.client))
+            .collect(),
+    );
+    build_stack_with(config, schedulers, recorder, upstreams)
 }
 
 /// Build the proxy around any upstream service (tests use a fake).
 pub fn build_stack_with<U, B>(
     config: &Config,
-    scheduler: Arc<Scheduler>,
+    schedulers: Vec<Arc<Scheduler>>,
     recorder: Arc<Recorder>,
     upstream: U,
 ) -> Stack
@@ -58,12 +69,23 @@ where
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
         .layer(ClassifyLayer::new(config.routes.clone()))
+        // With several upstreams, pick one by the body's model (least
+        // outstanding work); needs the model, so after classify, and
+        // before admission, which queues on that upstream's scheduler.
+        .layer(RouteLayer::new(config.replicas.clone(), schedulers.clone()))
         // Queue by priority, hold a slot until the response body ends.
-        .layer(AdmissionLayer::new(scheduler, config.limits.queue_timeout))
+        .layer(AdmissionLayer::per_upstream(
+            schedulers,
+            config.limits.queue_timeout,
+        ))
         // Inside the slot: a request the upstream refuses waits and goes
         // again without losing its place; below the response's way out, so
         // a refusal the client never sees can be retried.
-        .layer(BackoffLayer::new(config.retry.clone(), recorder.clone()))
+        .layer(BackoffLayer::per_upstream(
+            config.retry.clone(),
+            recorder.clone(),
+            config.replicas.len(),
+        ))
         // Innermost: the pooled client to the model server.
         .service(upstream);
     BoxCloneSyncService::new(svc)

@@ -48,6 +48,18 @@ pub struct Admit {
     pub priority: Priority,
 }
 
+/// The body's `model`, kept (as a slice of the buffered body, no copy) when
+/// requests are routed among several upstreams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Model(pub Bytes);
+
+impl Model {
+    /// The name ("" if it is not UTF-8).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
 /// The body handed on: buffered for admitted requests, streamed otherwise.
 pub type ClassifiedBody<B> = Either<Full<Bytes>, B>;
 
@@ -61,6 +73,8 @@ pub struct Routes {
     pub max_body_bytes: usize,
     /// Priority of a request that names none.
     pub default_priority: Priority,
+    /// Keep the body's `model` in the extensions (for routing).
+    pub keep_model: bool,
 }
 
 impl Routes {
@@ -147,6 +161,7 @@ where
                     header_priority,
                     default_priority: self.routes.default_priority,
                     limit,
+                    keep_model: self.routes.keep_model,
                 }),
             },
         }
@@ -181,6 +196,7 @@ struct Pending<S> {
     header_priority: Option<Priority>,
     default_priority: Priority,
     limit: usize,
+    keep_model: bool,
 }
 
 pin_project! {
@@ -261,6 +277,7 @@ where
                         header_priority,
                         default_priority,
                         limit,
+                        keep_model,
                     } = rest.take().expect("polled after completion");
                     let bytes = match collected {
                         Ok(c) => c.to_bytes(),
@@ -288,6 +305,11 @@ where
                             priority,
                             stream: fields.stream.unwrap_or(false),
                         });
+                    }
+                    if keep_model {
+                        if let Some(m) = fields.model {
+                            parts.extensions.insert(Model(bytes.slice_ref(m)));
+                        }
                     }
                     parts.extensions.insert(Admit { priority });
                     let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));

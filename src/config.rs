@@ -26,8 +26,9 @@ pub struct FileConfig {
     pub listen: String,
     /// Address of the admin listener (/healthz, /status).
     pub admin_listen: String,
-    /// The model server: `http://host:port`, optionally with a path prefix.
-    pub upstream: String,
+    /// The model server: `http://host:port`, optionally with a path prefix;
+    /// or several, as `[[upstream]]` tables.
+    pub upstream: Upstreams,
     /// Most requests in flight at the upstream: a number, or `"auto"` to let
     /// anteroom find it between `auto_min_concurrency` and
     /// `auto_max_concurrency`.
@@ -80,7 +81,7 @@ impl Default for FileConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:8081".into(),
-            upstream: "http://127.0.0.1:1234".into(),
+            upstream: Upstreams::One("http://127.0.0.1:1234".into()),
             max_concurrency: Concurrency::Fixed(4),
             auto_min_concurrency: 1,
             auto_max_concurrency: 64,
@@ -105,6 +106,156 @@ impl Default for FileConfig {
             retry_budget: 0.2,
             first_token_timeout: "600s".into(),
             stream_idle_timeout: "120s".into(),
+        }
+    }
+}
+
+/// `upstream`: one URL, or several `[[upstream]]` tables.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Upstreams {
+    /// `upstream = "http://127.0.0.1:1234"`.
+    One(String),
+    /// `[[upstream]]` tables.
+    Many(Vec<UpstreamEntry>),
+}
+
+impl From<&str> for Upstreams {
+    fn from(url: &str) -> Self {
+        Upstreams::One(url.to_owned())
+    }
+}
+
+impl From<String> for Upstreams {
+    fn from(url: String) -> Self {
+        Upstreams::One(url)
+    }
+}
+
+/// One `[[upstream]]` table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamEntry {
+    /// A name for logs, metrics and /status.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+    /// The models it serves: a list, or `"*"` for any (the default).
+    #[serde(default)]
+    pub models: Models,
+    /// Its own limit (default: the top-level `max_concurrency`).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+    /// Its share among replicas of the same model (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The models an upstream serves.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Models {
+    /// Any model (`"*"`).
+    #[default]
+    Any,
+    /// These.
+    List(Vec<String>),
+}
+
+impl Serialize for Models {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Models::Any => s.serialize_str("*"),
+            Models::List(l) => l.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Models {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            List(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "*" => Ok(Models::Any),
+            Raw::Word(w) => Ok(Models::List(vec![w])),
+            Raw::List(l) => Ok(Models::List(l)),
+        }
+    }
+}
+
+impl Models {
+    /// Does it serve `model`?
+    pub fn serves(&self, model: &str) -> bool {
+        match self {
+            Models::Any => true,
+            Models::List(l) => l.iter().any(|m| m == model),
+        }
+    }
+}
+
+/// One validated upstream.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// Its name.
+    pub name: String,
+    /// Where it is.
+    pub origin: Origin,
+    /// What it serves.
+    pub models: Models,
+    /// Its limit (the start of `"auto"`'s range with one upstream).
+    pub max_concurrency: usize,
+    /// Its share among replicas of the same model.
+    pub weight: u32,
+}
+
+impl Upstreams {
+    fn replicas(&self, default_limit: usize) -> Result<Vec<ReplicaConfig>, ConfigError> {
+        match self {
+            Upstreams::One(url) => Ok(vec![ReplicaConfig {
+                name: "upstream".into(),
+                origin: Origin::parse(url).map_err(|e| ConfigError(format!("upstream: {e}")))?,
+                models: Models::Any,
+                max_concurrency: default_limit,
+                weight: 1,
+            }]),
+            Upstreams::Many(entries) if entries.is_empty() => {
+                Err(ConfigError("upstream: at least one is needed".into()))
+            }
+            Upstreams::Many(entries) => {
+                let mut out: Vec<ReplicaConfig> = Vec::new();
+                for e in entries {
+                    let key = format!("upstream `{}`", e.name);
+                    if out.iter().any(|r| r.name == e.name) {
+                        return Err(ConfigError(format!("{key}: the name is used twice")));
+                    }
+                    if e.weight == 0 || e.max_concurrency == Some(0) {
+                        return Err(ConfigError(format!(
+                            "{key}: weight and max_concurrency must be at least 1"
+                        )));
+                    }
+                    if matches!(&e.models, Models::List(l) if l.is_empty()) {
+                        return Err(ConfigError(format!(
+                            "{key}: models is empty (use \"*\" for any)"
+                        )));
+                    }
+                    out.push(ReplicaConfig {
+                        name: e.name.clone(),
+                        origin: Origin::parse(&e.url)
+                            .map_err(|err| ConfigError(format!("{key}: url: {err}")))?,
+                        models: e.models.clone(),
+                        max_concurrency: e.max_concurrency.unwrap_or(default_limit),
+                        weight: e.weight,
+                    });
+                }
+                Ok(out)
+            }
         }
     }
 }
@@ -181,8 +332,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
-    /// Upstream origin.
+    /// The (first) upstream origin.
     pub upstream: Origin,
+    /// Every upstream, with what it serves (one for a plain `upstream = URL`).
+    pub replicas: Vec<ReplicaConfig>,
     /// Admission limits.
     pub limits: Limits,
     /// Which requests are admitted.
@@ -226,8 +379,18 @@ impl FileConfig {
                 "admin_listen: must differ from listen ({listen})"
             )));
         }
-        let upstream =
-            Origin::parse(&self.upstream).map_err(|e| ConfigError(format!("upstream: {e}")))?;
+        let first_limit = match self.max_concurrency {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Auto => self.auto_min_concurrency,
+        };
+        let replicas = self.upstream.replicas(first_limit)?;
+        if replicas.len() > 1 && self.max_concurrency == Concurrency::Auto {
+            return Err(ConfigError(
+                "max_concurrency: \"auto\" works with one upstream so far; give each [[upstream]] its max_concurrency".into(),
+            ));
+        }
+        let upstream = replicas[0].origin.clone();
+        let keep_model = replicas.len() > 1;
         let (max_concurrency, adaptive) = match self.max_concurrency {
             Concurrency::Fixed(0) => {
                 return Err(ConfigError(
@@ -271,6 +434,7 @@ impl FileConfig {
             listen,
             admin_listen,
             upstream,
+            replicas,
             limits: Limits {
                 max_concurrency,
                 max_queue: self.max_queue,
@@ -281,6 +445,7 @@ impl FileConfig {
                 admit_paths: self.admit_paths.clone(),
                 max_body_bytes: self.max_body_bytes,
                 default_priority: self.default_priority,
+                keep_model,
             },
             client: ClientSettings {
                 connect_timeout,

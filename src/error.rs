@@ -12,6 +12,7 @@
 //! | status | `type` | `code` | when |
 //! |---|---|---|---|
 //! | 400 | `invalid_request_error` | `invalid_priority`, `invalid_body` | bad `x-priority`; unreadable body |
+//! | 404 | `invalid_request_error` | `model_not_found` | no `[[upstream]]` serves the body's `model` |
 //! | 413 | `invalid_request_error` | `request_too_large` | body over `max_body_bytes` |
 //! | 429 | `rate_limit_error` | `queue_full`, `queue_timeout` | queue full (or displaced by a more urgent request); waited too long |
 //! | 502 | `upstream_error` | `upstream_unavailable` | upstream refused, reset, or answered garbage |
@@ -53,6 +54,31 @@ impl fmt::Display for BadRequest {
 }
 
 impl StdError for BadRequest {}
+
+/// No upstream serves the requested model (404).
+#[derive(Debug)]
+pub struct ModelNotFound {
+    model: String,
+    served: String,
+}
+
+impl ModelNotFound {
+    pub(crate) fn new(model: String, served: String) -> Self {
+        Self { model, served }
+    }
+}
+
+impl fmt::Display for ModelNotFound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the model `{}` is not served here; served: {}",
+            self.model, self.served
+        )
+    }
+}
+
+impl StdError for ModelNotFound {}
 
 /// The request body is larger than `max_body_bytes` (413).
 #[derive(Debug)]
@@ -187,6 +213,14 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             e.code,
+            None,
+        );
+    }
+    if cause::<ModelNotFound>(err).is_some() {
+        return d(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
             None,
         );
     }

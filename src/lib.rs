@@ -10,10 +10,10 @@
 //! # The request path
 //!
 //! ```text
-//! client ─▶ server ─▶ Edge ─▶ Telemetry ─▶ Classify ─▶ Admission ─▶ Backoff ─▶ Upstream ─▶ model server
-//!           (accept)  (id,     (Tap: the     (priority,   (queue,       (429/503:   (pooled client;
-//!                     rescue)  request's     buffer body) permit)       wait, retry, stamps dispatch
-//!                              record)                                  pause all)  and headers)
+//! client ─▶ server ─▶ Edge ─▶ Telemetry ─▶ Classify ─▶ Route ─▶ Admission ─▶ Backoff ─▶ Upstream ─▶ model server(s)
+//!           (accept)  (id,     (Tap: the     (priority,   (which    (queue,       (429/503:   (pooled client;
+//!                     rescue)  request's     buffer body) upstream, permit, per   wait, retry, stamps dispatch
+//!                              record)                    by model) upstream)     pause all)  and headers)
 //! client ◀── TimedBody (first token, token events, usage, last byte → one Record)
 //!                 ◀── PermitBody (slot released at end of body or drop) ◀── upstream body
 //! ```
@@ -34,6 +34,7 @@ pub mod edge;
 pub mod error;
 pub mod json_scan;
 pub mod report;
+pub mod route;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

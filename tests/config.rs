@@ -43,10 +43,10 @@ fn default_toml_lists_exactly_the_defaults() {
 fn shipped_configs_say_what_they_are_for() {
     let lm = FileConfig::load(&config_dir().join("lmstudio.toml")).unwrap();
     assert_eq!(lm.max_concurrency, Concurrency::Fixed(1));
-    assert!(lm.upstream.ends_with(":1234"));
+    assert!(matches!(&lm.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":1234")));
     let vllm = FileConfig::load(&config_dir().join("vllm.toml")).unwrap();
     assert!(matches!(vllm.max_concurrency, Concurrency::Fixed(n) if n > 1));
-    assert!(vllm.upstream.ends_with(":8000"));
+    assert!(matches!(&vllm.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":8000")));
 }
 
 fn anteroom(args: &[&str]) -> std::process::Output {
@@ -97,7 +97,8 @@ fn flags_override_the_file() {
     assert_eq!(file.max_concurrency, Concurrency::Fixed(7));
     assert_eq!(file.queue_timeout, "5s");
     assert_eq!(
-        file.upstream, "http://127.0.0.1:1234",
+        file.upstream,
+        "http://127.0.0.1:1234".into(),
         "the file's other keys stay"
     );
 }

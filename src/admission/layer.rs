@@ -8,18 +8,25 @@ use super::{Admission, Scheduler};
 /// Puts [`Admission`] in front of a service.
 ///
 /// Cloning this layer does not create a new scheduler: every service it
-/// builds shares the one it was given.
+/// builds shares the ones it was given.
 #[derive(Clone, Debug)]
 pub struct AdmissionLayer {
-    scheduler: Arc<Scheduler>,
+    schedulers: Arc<[Arc<Scheduler>]>,
     queue_timeout: Duration,
 }
 
 impl AdmissionLayer {
     /// Admit through `scheduler`; a request waits at most `queue_timeout`.
     pub fn new(scheduler: Arc<Scheduler>, queue_timeout: Duration) -> Self {
+        Self::per_upstream(vec![scheduler], queue_timeout)
+    }
+
+    /// Admit through the scheduler of the upstream each request is routed
+    /// to (see [`route`](crate::route)), one per upstream in config order.
+    pub fn per_upstream(schedulers: Vec<Arc<Scheduler>>, queue_timeout: Duration) -> Self {
+        assert!(!schedulers.is_empty(), "at least one scheduler");
         Self {
-            scheduler,
+            schedulers: schedulers.into(),
             queue_timeout,
         }
     }
@@ -29,6 +36,6 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission::new(inner, self.scheduler.clone(), self.queue_timeout)
+        Admission::per_upstream(inner, self.schedulers.clone(), self.queue_timeout)
     }
 }

@@ -104,6 +104,27 @@ pub struct Snapshot {
     pub running_by_priority: BTreeMap<Priority, usize>,
 }
 
+impl Snapshot {
+    /// Add another scheduler's state to this one (several upstreams).
+    pub fn merge(&mut self, other: &Snapshot) {
+        self.waiting += other.waiting;
+        self.running += other.running;
+        self.max_concurrency += other.max_concurrency;
+        self.max_queue += other.max_queue;
+        self.completed += other.completed;
+        self.service_time_ms = match (self.service_time_ms, other.service_time_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        for (p, n) in &other.waiting_by_priority {
+            *self.waiting_by_priority.entry(*p).or_default() += n;
+        }
+        for (p, n) in &other.running_by_priority {
+            *self.running_by_priority.entry(*p).or_default() += n;
+        }
+    }
+}
+
 impl Scheduler {
     /// A scheduler with these limits.
     pub fn new(limits: Limits) -> Arc<Self> {

@@ -15,16 +15,27 @@ use crate::BoxError;
 #[derive(Clone, Debug)]
 pub struct Admission<S> {
     inner: S,
-    scheduler: Arc<Scheduler>,
+    /// One per upstream; a request's [`Route`](crate::route::Route) picks.
+    schedulers: Arc<[Arc<Scheduler>]>,
     queue_timeout: Duration,
 }
 
 impl<S> Admission<S> {
     /// Admit through `scheduler` in front of `inner`.
     pub fn new(inner: S, scheduler: Arc<Scheduler>, queue_timeout: Duration) -> Self {
+        Self::per_upstream(inner, Arc::from(vec![scheduler]), queue_timeout)
+    }
+
+    /// Admit through the scheduler of the upstream each request is routed
+    /// to.
+    pub fn per_upstream(
+        inner: S,
+        schedulers: Arc<[Arc<Scheduler>]>,
+        queue_timeout: Duration,
+    ) -> Self {
         Self {
             inner,
-            scheduler,
+            schedulers,
             queue_timeout,
         }
     }
@@ -66,7 +77,11 @@ where
         let Some(admit) = req.extensions().get::<Admit>().copied() else {
             return ResponseFuture::pass(inner, req);
         };
-        match self.scheduler.acquire(admit.priority) {
+        let scheduler = match &*self.schedulers {
+            [one] => one,
+            many => &many[crate::route::route_of(&req).min(many.len() - 1)],
+        };
+        match scheduler.acquire(admit.priority) {
             Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
             Acquire::Queued(ticket) => {
                 ResponseFuture::queued(inner, req, ticket, self.queue_timeout)

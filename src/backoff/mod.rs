@@ -89,7 +89,8 @@ impl Reason {
 struct Shared {
     policy: RetryPolicy,
     budget: RetryBudget,
-    cooldown: Cooldown,
+    /// One per upstream: a 429 from one replica pauses only that one.
+    cooldowns: Box<[Cooldown]>,
     recorder: Arc<Recorder>,
 }
 
@@ -102,11 +103,17 @@ pub struct BackoffLayer {
 impl BackoffLayer {
     /// Retry by `policy`, counting into `recorder`'s metrics.
     pub fn new(policy: RetryPolicy, recorder: Arc<Recorder>) -> Self {
+        Self::per_upstream(policy, recorder, 1)
+    }
+
+    /// The same, with a pause of its own for each of `upstreams` upstreams
+    /// (a request's [`Route`](crate::route::Route) picks).
+    pub fn per_upstream(policy: RetryPolicy, recorder: Arc<Recorder>, upstreams: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
                 budget: RetryBudget::new(policy.budget),
                 policy,
-                cooldown: Cooldown::default(),
+                cooldowns: (0..upstreams.max(1)).map(|_| Cooldown::default()).collect(),
                 recorder,
             }),
         }
@@ -185,8 +192,14 @@ where
 {
     let policy = &shared.policy;
     let metrics = &shared.recorder.metrics;
+    let route = parts
+        .extensions
+        .get::<crate::route::Route>()
+        .map_or(0, |r| r.0)
+        .min(shared.cooldowns.len() - 1);
+    let cooldown = &shared.cooldowns[route];
     shared.budget.deposit();
-    let mut result = attempt(svc.clone(), &parts, &body, &shared).await;
+    let mut result = attempt(svc.clone(), &parts, &body, cooldown).await;
     let mut retries = 0u32;
     loop {
         let (reason, advised) = match &result {
@@ -211,7 +224,7 @@ where
         if reason != Reason::Connection {
             // The upstream speaks for every request: pause it for all, and
             // tell the adaptive limit.
-            shared.cooldown.pause(delay.min(policy.max_delay));
+            cooldown.pause(delay.min(policy.max_delay));
             metrics.upstream_pauses.inc();
             shared.recorder.signals.overload();
         }
@@ -248,7 +261,7 @@ where
         // The refused answer is dropped unread: its connection is not reused.
         drop(result);
         tokio::time::sleep(delay).await;
-        result = attempt(svc.clone(), &parts, &body, &shared).await;
+        result = attempt(svc.clone(), &parts, &body, cooldown).await;
     }
 }
 
@@ -257,7 +270,7 @@ async fn attempt<S, B, ResB>(
     svc: S,
     parts: &http::request::Parts,
     body: &Full<Bytes>,
-    shared: &Shared,
+    cooldown: &Cooldown,
 ) -> Result<Response<ResB>, BoxError>
 where
     S: Service<Req<B>, Response = Response<ResB>> + Clone,
@@ -265,7 +278,7 @@ where
 {
     // Several requests may have slept through one pause and another may
     // have begun meanwhile: wait until none is on.
-    while let Some(wait) = shared.cooldown.remaining() {
+    while let Some(wait) = cooldown.remaining() {
         tokio::time::sleep(wait).await;
     }
     let req = Request::from_parts(parts.clone(), Either::Left(body.clone()));

@@ -78,7 +78,7 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         request_log: log_path.display().to_string(),
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),
-        upstream: sim.url(),
+        upstream: sim.url().into(),
         max_concurrency: 1.into(),
         max_queue: args.max_queue,
         queue_timeout: "30s".into(),

@@ -10,7 +10,7 @@ use crate::admission::Scheduler;
 use crate::app::UpstreamBody;
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::telemetry::Recorder;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, Upstreams};
 use crate::BoxError;
 
 /// Flags of `anteroom serve`: one per config key, each overriding the file.
@@ -101,8 +101,10 @@ impl ServeArgs {
                 if let Some(v) = &self.$field { f.$field = v.clone(); }
             )*};
         }
+        if let Some(url) = &self.upstream {
+            f.upstream = url.as_str().into();
+        }
         set!(
-            upstream,
             listen,
             admin_listen,
             max_concurrency,
@@ -143,11 +145,13 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     /// Where the admin listener listens.
     pub admin_addr: std::net::SocketAddr,
-    /// The admission state.
+    /// The admission state (of the first upstream).
     pub scheduler: Arc<Scheduler>,
+    /// The admission state of each upstream, in config order.
+    pub schedulers: Vec<Arc<Scheduler>>,
     /// Metrics and the request log.
     pub recorder: Arc<Recorder>,
-    /// The upstream client (its connection pool).
+    /// The (first) upstream client (its connection pool).
     pub upstream: Upstream<UpstreamBody>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -173,28 +177,48 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
     let admin = TcpListener::bind(config.admin_listen).await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let scheduler = Scheduler::new(config.limits.clone());
     let recorder = Recorder::new(config.request_log.as_deref())?;
-    let upstream = Upstream::<UpstreamBody>::new(config.upstream.clone(), &config.client);
+    // Per upstream: its own scheduler (its own limit and queue) and pool.
+    let schedulers: Vec<Arc<Scheduler>> = config
+        .replicas
+        .iter()
+        .map(|r| {
+            Scheduler::new(crate::admission::Limits {
+                max_concurrency: r.max_concurrency,
+                ..config.limits.clone()
+            })
+        })
+        .collect();
+    let upstreams: Vec<Upstream<UpstreamBody>> = config
+        .replicas
+        .iter()
+        .map(|r| Upstream::new(r.origin.clone(), &config.client))
+        .collect();
     let stack = crate::app::build_stack_with(
         config,
-        scheduler.clone(),
+        schedulers.clone(),
         recorder.clone(),
-        upstream.clone(),
+        Upstreams::new(upstreams.clone()),
     );
+    let named: Vec<(String, Arc<Scheduler>)> = config
+        .replicas
+        .iter()
+        .map(|r| r.name.clone())
+        .zip(schedulers.iter().cloned())
+        .collect();
     let mut tasks = vec![
-        tokio::spawn(upstream.clone().housekeeping()),
         tokio::spawn(crate::server::serve(
             listener,
             stack,
             std::future::pending(),
         )),
-        tokio::spawn(crate::admin::serve(
-            admin,
-            scheduler.clone(),
-            recorder.clone(),
-        )),
+        tokio::spawn(crate::admin::serve(admin, named, recorder.clone())),
     ];
+    for u in &upstreams {
+        tasks.push(tokio::spawn(u.clone().housekeeping()));
+    }
+    let scheduler = schedulers[0].clone();
+    let upstream = upstreams[0].clone();
     if let Some(bounds) = config.adaptive {
         tasks.push(tokio::spawn(crate::admission::adaptive::run(
             scheduler.clone(),
@@ -206,6 +230,7 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
         addr,
         admin_addr,
         scheduler,
+        schedulers,
         recorder,
         upstream,
         tasks,

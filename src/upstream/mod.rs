@@ -140,7 +140,17 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.send(req)
+    }
+}
+
+impl<B> Upstream<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn send(&self, mut req: Request<B>) -> ResponseFuture<B> {
         rewrite::request(&mut req, &self.origin);
         let tap = req.extensions_mut().remove::<Tap>();
         if let Some(tap) = &tap {
@@ -154,6 +164,59 @@ where
             stream: self.stream,
             tap,
         }
+    }
+}
+
+/// Several upstreams: each request goes to the one its
+/// [`Route`](crate::route::Route) names. Cloning shares them.
+#[derive(Debug)]
+pub struct Upstreams<B>
+where
+    B: Body + 'static,
+{
+    replicas: Arc<[Upstream<B>]>,
+}
+
+impl<B> Clone for Upstreams<B>
+where
+    B: Body + 'static,
+{
+    fn clone(&self) -> Self {
+        Self {
+            replicas: self.replicas.clone(),
+        }
+    }
+}
+
+impl<B> Upstreams<B>
+where
+    B: Body + 'static,
+{
+    /// These upstreams, in config order.
+    pub fn new(replicas: Vec<Upstream<B>>) -> Self {
+        assert!(!replicas.is_empty(), "at least one upstream");
+        Self {
+            replicas: replicas.into(),
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Upstreams<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<StreamGuard<PooledBody<B>>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<B>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let i = crate::route::route_of(&req).min(self.replicas.len() - 1);
+        self.replicas[i].send(req)
     }
 }
 

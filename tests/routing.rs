@@ -1,0 +1,209 @@
+//! Several `[[upstream]]`s: routing by model, load sharing, the model list.
+
+mod support;
+
+use std::time::Duration;
+
+use anteroom::config::{Models, UpstreamEntry, Upstreams};
+use anteroom::sim::{Mode, SimConfig};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::*;
+
+fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEntry {
+    UpstreamEntry {
+        name: name.into(),
+        url,
+        models,
+        max_concurrency: Some(max),
+        weight: 1,
+    }
+}
+
+async fn ask(
+    client: &HttpClient,
+    base: &str,
+    model: &str,
+    id: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let body = serde_json::json!({
+        "model": model,
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let req = Request::post(format!("{base}/v1/chat/completions"))
+        .header("x-request-id", id)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    client.request(req).await.unwrap()
+}
+
+fn named(model: &str) -> SimConfig {
+    SimConfig {
+        model: model.into(),
+        ..sim_config(Mode::Batch)
+    }
+}
+
+#[tokio::test]
+async fn requests_go_to_the_upstream_that_serves_their_model() {
+    trace_init();
+    let (a, b) = (sim(named("alpha")).await, sim(named("beta")).await);
+    let rest = sim(named("other")).await;
+    let (ua, ub, ur) = (a.url(), b.url(), rest.url());
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::List(vec!["alpha".into()]), 4),
+            entry(
+                "b",
+                ub,
+                Models::List(vec!["beta".into(), "beta-large".into()]),
+                4,
+            ),
+            // Takes what nobody names, and only that.
+            entry("rest", ur, Models::Any, 4),
+        ]);
+    })
+    .await;
+    let client = client();
+    for i in 0..6 {
+        let model = if i % 3 == 0 { "alpha" } else { "beta" };
+        let resp = ask(&client, &proxy.url(), model, &format!("r{i}")).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+    }
+    assert_eq!(a.stats().received, 2);
+    assert_eq!(b.stats().received, 4);
+    assert_eq!(rest.stats().received, 0, "named upstreams come first");
+    let resp = ask(&client, &proxy.url(), "gamma", "elsewhere").await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    assert_eq!(
+        rest.stats().received,
+        1,
+        "the \"*\" upstream takes the rest"
+    );
+
+    // The model list is the union of both.
+    let req = Request::get(format!("{}/v1/models", proxy.url()))
+        .body(Full::default())
+        .unwrap();
+    let list = body_json(client.request(req).await.unwrap()).await;
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["alpha", "beta", "other"], "{list}");
+}
+
+#[tokio::test]
+async fn a_model_nobody_serves_is_a_404_that_lists_what_is() {
+    let (a, b) = (sim(named("alpha")).await, sim(named("beta")).await);
+    let (ua, ub) = (a.url(), b.url());
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::List(vec!["alpha".into()]), 4),
+            entry(
+                "b",
+                ub,
+                Models::List(vec!["beta".into(), "beta-large".into()]),
+                4,
+            ),
+        ]);
+    })
+    .await;
+    let resp = ask(&client(), &proxy.url(), "gamma", "nope").await;
+    assert_eq!(resp.status(), 404);
+    let err = body_json(resp).await;
+    assert_eq!(err["error"]["code"], "model_not_found");
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("gamma") && msg.contains("alpha") && msg.contains("beta-large"),
+        "{msg}"
+    );
+    assert_eq!(a.stats().received + b.stats().received, 0);
+}
+
+#[tokio::test]
+async fn replicas_of_one_model_share_the_load_within_their_limits() {
+    let cfg = SimConfig {
+        ttft: Duration::from_millis(20),
+        ..sim_config(Mode::Batch)
+    };
+    let (a, b) = (sim(cfg.clone()).await, sim(cfg).await);
+    let (ua, ub) = (a.url(), b.url());
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::Any, 2),
+            entry("b", ub, Models::Any, 2),
+        ]);
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let url = proxy.url();
+        tasks.push(tokio::spawn(async move {
+            let resp = ask(&client(), &url, "anteroom-sim", &format!("r{i}")).await;
+            let status = resp.status();
+            body_bytes(resp).await;
+            status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!(sa.received + sb.received, 40);
+    assert!(
+        sa.received >= 12 && sb.received >= 12,
+        "{} / {}",
+        sa.received,
+        sb.received
+    );
+    // Each replica's own limit held.
+    assert!(sa.peak_in_flight <= 2 && sb.peak_in_flight <= 2);
+    // /status shows both.
+    let req = Request::get(format!("http://{}/status", proxy.admin_addr))
+        .body(Full::default())
+        .unwrap();
+    let status = body_json(client().request(req).await.unwrap()).await;
+    assert_eq!(status["max_concurrency"], 4);
+    assert_eq!(status["upstreams"][1]["name"], "b");
+}
+
+#[test]
+fn upstream_tables_parse_and_validate() {
+    let file = anteroom::config::FileConfig::parse(
+        r#"
+        [[upstream]]
+        name = "gpu0"
+        url = "http://10.0.0.1:8000"
+        models = ["llama"]
+        max_concurrency = 16
+
+        [[upstream]]
+        name = "gpu1"
+        url = "http://10.0.0.2:8000"
+        models = "*"
+        weight = 2
+        "#,
+    )
+    .unwrap();
+    let c = file.validate().unwrap();
+    assert_eq!(c.replicas.len(), 2);
+    assert_eq!(c.replicas[0].max_concurrency, 16);
+    assert_eq!(c.replicas[1].max_concurrency, 4, "the top-level default");
+    assert_eq!(c.replicas[1].weight, 2);
+    assert!(c.replicas[1].models.serves("anything"));
+    let dup = anteroom::config::FileConfig::parse(
+        "[[upstream]]\nname = \"x\"\nurl = \"http://a:1\"\n[[upstream]]\nname = \"x\"\nurl = \"http://b:1\"\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err();
+    assert!(dup.0.contains("upstream `x`"), "{}", dup.0);
+}
