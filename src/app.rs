@@ -8,12 +8,12 @@ use hyper::body::Incoming;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
-use crate::admission::{AdmissionLayer, Scheduler};
+use crate::admission::AdmissionLayer;
 use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::Config;
 use crate::edge::EdgeLayer;
-use crate::route::RouteLayer;
+use crate::route::{RouteLayer, Router};
 use crate::telemetry::{Recorder, TelemetryLayer};
 use crate::upstream::{Upstream, Upstreams};
 use crate::{Body, BoxError};
@@ -25,27 +25,24 @@ pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallib
 /// streamed for the rest.
 pub type UpstreamBody = ClassifiedBody<Incoming>;
 
-/// Build the proxy for `config`, admitting through `schedulers` (one per
-/// upstream, in config order) and recording into `recorder`.
-pub fn build_stack(
-    config: &Config,
-    schedulers: Vec<Arc<Scheduler>>,
-    recorder: Arc<Recorder>,
-) -> Stack {
+/// Build the proxy for `config`, admitting through `router`'s schedulers
+/// (one per upstream) and recording into `recorder`.
+pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>) -> Stack {
     let upstreams = Upstreams::<UpstreamBody>::new(
         config
             .replicas
             .iter()
             .map(|r| Upstream::new(r.origin.clone(), &config.client))
             .collect(),
+        router.clone(),
     );
-    build_stack_with(config, schedulers, recorder, upstreams)
+    build_stack_with(config, router, recorder, upstreams)
 }
 
 /// Build the proxy around any upstream service (tests use a fake).
 pub fn build_stack_with<U, B>(
     config: &Config,
-    schedulers: Vec<Arc<Scheduler>>,
+    router: Arc<Router>,
     recorder: Arc<Recorder>,
     upstream: U,
 ) -> Stack
@@ -72,19 +69,19 @@ where
         // With several upstreams, pick one by the body's model (least
         // outstanding work); needs the model, so after classify, and
         // before admission, which queues on that upstream's scheduler.
-        .layer(RouteLayer::new(config.replicas.clone(), schedulers.clone()))
+        .layer(RouteLayer::new(router.clone()))
         // Queue by priority, hold a slot until the response body ends.
-        .layer(AdmissionLayer::per_upstream(
-            schedulers,
+        .layer(AdmissionLayer::routed(
+            router.clone(),
             config.limits.queue_timeout,
         ))
         // Inside the slot: a request the upstream refuses waits and goes
         // again without losing its place; below the response's way out, so
         // a refusal the client never sees can be retried.
-        .layer(BackoffLayer::per_upstream(
+        .layer(BackoffLayer::routed(
             config.retry.clone(),
             recorder.clone(),
-            config.replicas.len(),
+            router,
         ))
         // Innermost: the pooled client to the model server.
         .service(upstream);

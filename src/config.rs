@@ -74,6 +74,13 @@ pub struct FileConfig {
     pub first_token_timeout: String,
     /// Most time between two pieces of a streamed answer.
     pub stream_idle_timeout: String,
+    /// Several upstreams: the path each is probed at (GET, 200 = healthy).
+    pub health_path: String,
+    /// Several upstreams: how often each is probed.
+    pub health_interval: String,
+    /// Several upstreams: consecutive failures (requests or probes) that
+    /// take one out of service until a probe succeeds.
+    pub eject_after: u32,
 }
 
 impl Default for FileConfig {
@@ -106,6 +113,9 @@ impl Default for FileConfig {
             retry_budget: 0.2,
             first_token_timeout: "600s".into(),
             stream_idle_timeout: "120s".into(),
+            health_path: "/v1/models".into(),
+            health_interval: "5s".into(),
+            eject_after: 3,
         }
     }
 }
@@ -348,6 +358,19 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Bounds of the adaptive limit, when `max_concurrency = "auto"`.
     pub adaptive: Option<AdaptiveBounds>,
+    /// Health checks of several upstreams.
+    pub health: HealthConfig,
+}
+
+/// Health checks (several upstreams only).
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Probed path.
+    pub path: String,
+    /// Probe interval.
+    pub interval: Duration,
+    /// Consecutive failures that eject an upstream.
+    pub eject_after: u32,
 }
 
 impl FileConfig {
@@ -422,6 +445,16 @@ impl FileConfig {
                 self.retry_budget
             )));
         }
+        let health_interval = positive("health_interval", &self.health_interval)?;
+        if !self.health_path.starts_with('/') {
+            return Err(ConfigError(format!(
+                "health_path: `{}` must be a path starting with /",
+                self.health_path
+            )));
+        }
+        if self.eject_after == 0 {
+            return Err(ConfigError("eject_after: must be at least 1".into()));
+        }
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes: must be at least 1".into()));
         }
@@ -459,6 +492,11 @@ impl FileConfig {
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),
             adaptive,
+            health: HealthConfig {
+                path: self.health_path.clone(),
+                interval: health_interval,
+                eject_after: self.eject_after,
+            },
             retry: RetryPolicy {
                 max_retries: self.max_retries,
                 base_delay: retry_base_delay,

@@ -194,7 +194,7 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
     };
     if let Some(e) = cause::<Overloaded>(err) {
         return match e.reason() {
-            Reason::Closed => d(
+            Reason::Closed | Reason::Rerouted => d(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 e.reason().code(),

@@ -20,9 +20,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -30,7 +31,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::admission::Scheduler;
+use crate::admission::{Overloaded, Reason, Scheduler};
 use crate::classify::{Admit, ClassifiedBody, Model};
 use crate::config::{Models, ReplicaConfig};
 use crate::error::ModelNotFound;
@@ -45,75 +46,149 @@ pub fn route_of<B>(req: &Request<B>) -> usize {
     req.extensions().get::<Route>().map_or(0, |r| r.0)
 }
 
+/// Health of one upstream (several upstreams only).
+#[derive(Debug, Default)]
+struct Health {
+    ejected: AtomicBool,
+    failures: AtomicU32,
+}
+
+/// The upstreams, their schedulers and their health: shared by the route
+/// layer, admission (to requeue), back-off (to resend elsewhere), the
+/// upstream client (which reports failures) and the health checks.
 #[derive(Debug)]
-struct Shared {
+pub struct Router {
     replicas: Vec<ReplicaConfig>,
     schedulers: Vec<Arc<Scheduler>>,
+    health: Vec<Health>,
+    /// Consecutive failures that take an upstream out of service.
+    eject_after: u32,
+    /// When to come back if no upstream is healthy.
+    retry_after: Duration,
     next: AtomicUsize,
 }
 
-/// Builds [`RouteService`]s.
-#[derive(Clone, Debug)]
-pub struct RouteLayer {
-    shared: Arc<Shared>,
-}
-
-impl RouteLayer {
-    /// Route among `replicas`, whose schedulers are `schedulers` (same order).
-    pub fn new(replicas: Vec<ReplicaConfig>, schedulers: Vec<Arc<Scheduler>>) -> Self {
+impl Router {
+    /// Route among `replicas`, whose schedulers are `schedulers` (same
+    /// order). An upstream failing `eject_after` times in a row (requests or
+    /// probes) is out of service until a probe succeeds.
+    pub fn new(
+        replicas: Vec<ReplicaConfig>,
+        schedulers: Vec<Arc<Scheduler>>,
+        eject_after: u32,
+        retry_after: Duration,
+    ) -> Arc<Self> {
         assert_eq!(replicas.len(), schedulers.len());
-        Self {
-            shared: Arc::new(Shared {
-                replicas,
-                schedulers,
-                next: AtomicUsize::new(0),
-            }),
+        Arc::new(Self {
+            health: replicas.iter().map(|_| Health::default()).collect(),
+            replicas,
+            schedulers,
+            eject_after: eject_after.max(1),
+            retry_after,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// How many upstreams.
+    pub fn len(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Whether there are none (never: validation needs one).
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+
+    /// Upstream `i`'s scheduler.
+    pub fn scheduler(&self, i: usize) -> &Arc<Scheduler> {
+        &self.schedulers[i.min(self.schedulers.len() - 1)]
+    }
+
+    /// Is upstream `i` in service?
+    pub fn is_healthy(&self, i: usize) -> bool {
+        self.health
+            .get(i)
+            .is_none_or(|h| !h.ejected.load(Ordering::Acquire))
+    }
+
+    /// A request to upstream `i` (or a probe) got an answer (`true`) or
+    /// could not reach it (`false`). With a single upstream nothing is
+    /// ejected: there is nowhere else to go.
+    pub fn report(&self, i: usize, ok: bool) {
+        if self.replicas.len() < 2 {
+            return;
+        }
+        let Some(h) = self.health.get(i) else { return };
+        if ok {
+            h.failures.store(0, Ordering::Release);
+            return;
+        }
+        let n = h.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= self.eject_after && !h.ejected.swap(true, Ordering::AcqRel) {
+            let moved = self.schedulers[i].reroute_waiting();
+            tracing::warn!(
+                upstream = %self.replicas[i].name,
+                failures = n,
+                requeued = moved,
+                "upstream taken out of service"
+            );
         }
     }
-}
 
-impl<S> Layer<S> for RouteLayer {
-    type Service = RouteService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RouteService {
-            inner,
-            shared: self.shared.clone(),
+    /// A health probe of upstream `i` succeeded: back in service.
+    pub fn readmit(&self, i: usize) {
+        let Some(h) = self.health.get(i) else { return };
+        h.failures.store(0, Ordering::Release);
+        if h.ejected.swap(false, Ordering::AcqRel) {
+            tracing::info!(upstream = %self.replicas[i].name, "upstream back in service");
         }
     }
-}
 
-/// Routes requests among upstreams: see the [module docs](self).
-#[derive(Clone, Debug)]
-pub struct RouteService<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl Shared {
-    /// The replica for `model`, or what is served instead.
-    fn pick(&self, model: Option<&str>) -> Result<usize, ModelNotFound> {
-        // Upstreams that name the model come first; `"*"` ones take the
-        // rest.
+    /// The upstream for a request for `model`: among those that serve it
+    /// and are in service (not `exclude`), the least loaded for its weight.
+    pub fn pick(&self, model: Option<&str>, exclude: Option<usize>) -> Result<usize, BoxError> {
+        // Upstreams that name the model come first; `"*"` ones take the rest,
+        // and what the named ones cannot take while out of service.
         let named = |r: &ReplicaConfig| match (&r.models, model) {
             (Models::List(l), Some(m)) => l.iter().any(|x| x == m),
             _ => false,
         };
-        let any_named = self.replicas.iter().any(named);
-        let serves = |r: &ReplicaConfig| {
-            if any_named {
-                named(r)
-            } else {
-                matches!(r.models, Models::Any) || model.is_none()
+        let any = |r: &ReplicaConfig| matches!(r.models, Models::Any) || model.is_none();
+        let mut served = false;
+        for tier in [&named as &dyn Fn(&ReplicaConfig) -> bool, &any] {
+            let (best, seen) = self.least_loaded(tier, exclude);
+            served |= seen;
+            if let Some(i) = best {
+                return Ok(i);
             }
-        };
+        }
+        if served {
+            Err(Overloaded::new(Reason::Rerouted, self.retry_after).into())
+        } else {
+            Err(ModelNotFound::new(model.unwrap_or_default().to_owned(), self.served()).into())
+        }
+    }
+
+    /// The in-service upstream among those `serves` accepts with the least
+    /// outstanding work per weight (ties: round-robin), and whether any
+    /// upstream serves at all.
+    fn least_loaded(
+        &self,
+        serves: &dyn Fn(&ReplicaConfig) -> bool,
+        exclude: Option<usize>,
+    ) -> (Option<usize>, bool) {
         let n = self.replicas.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut best: Option<(u64, usize)> = None;
+        let mut served = false;
         for k in 0..n {
             let i = (start + k) % n;
             let r = &self.replicas[i];
             if !serves(r) {
+                continue;
+            }
+            served = true;
+            if Some(i) == exclude || !self.is_healthy(i) {
                 continue;
             }
             let (waiting, running) = self.schedulers[i].snapshot_counts();
@@ -123,8 +198,7 @@ impl Shared {
                 best = Some((load, i));
             }
         }
-        best.map(|(_, i)| i)
-            .ok_or_else(|| ModelNotFound::new(model.unwrap_or_default().to_owned(), self.served()))
+        (best.map(|(_, i)| i), served)
     }
 
     fn served(&self) -> String {
@@ -143,6 +217,37 @@ impl Shared {
         }
         out.join(", ")
     }
+}
+
+/// Builds [`RouteService`]s.
+#[derive(Clone, Debug)]
+pub struct RouteLayer {
+    shared: Arc<Router>,
+}
+
+impl RouteLayer {
+    /// Route by `router`.
+    pub fn new(router: Arc<Router>) -> Self {
+        Self { shared: router }
+    }
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = RouteService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RouteService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Routes requests among upstreams: see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct RouteService<S> {
+    inner: S,
+    shared: Arc<Router>,
 }
 
 type ModelsFuture = Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>;
@@ -173,15 +278,11 @@ where
         }
         if req.extensions().get::<Admit>().is_some() {
             let model = req.extensions().get::<Model>().map(|m| m.as_str());
-            match self.shared.pick(model) {
+            match self.shared.pick(model, None) {
                 Ok(i) => {
                     req.extensions_mut().insert(Route(i));
                 }
-                Err(e) => {
-                    return ResponseFuture::Failed {
-                        err: Some(e.into()),
-                    }
-                }
+                Err(e) => return ResponseFuture::Failed { err: Some(e) },
             }
         } else if req.method() == Method::GET && req.uri().path() == "/v1/models" {
             return ResponseFuture::Models {
@@ -197,7 +298,7 @@ where
 /// Ask every upstream for its models and merge the lists.
 async fn models_union<S, B, ResB>(
     svc: S,
-    shared: Arc<Shared>,
+    shared: Arc<Router>,
     req: Request<ClassifiedBody<B>>,
 ) -> Result<Bytes, BoxError>
 where
@@ -291,6 +392,52 @@ where
                 })
             }),
             Proj::Failed { err } => Poll::Ready(Err(err.take().expect("polled after completion"))),
+        }
+    }
+}
+
+/// Probe upstream `i` every `health.interval` until dropped: a 200 on
+/// `health.path` puts it (back) in service, anything else counts as a
+/// failure towards ejecting it.
+pub async fn health_checks(
+    router: Arc<Router>,
+    i: usize,
+    origin: crate::upstream::Origin,
+    health: crate::config::HealthConfig,
+) {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    // A fresh connection per probe: a server that stopped accepting (or
+    // restarted) must not look alive through an old keep-alive connection.
+    let client: Client<_, http_body_util::Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    let url: http::Uri = match origin.url_for(&health.path).parse() {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "health check URL is invalid");
+            return;
+        }
+    };
+    let timeout = health.interval.min(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(health.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let probe = tokio::time::timeout(timeout, client.get(url.clone())).await;
+        let ok = match probe {
+            Ok(Ok(resp)) => {
+                let ok = resp.status() == StatusCode::OK;
+                // Read it to the end so the connection is reused.
+                let _ = resp.into_body().collect().await;
+                ok
+            }
+            _ => false,
+        };
+        if ok {
+            router.readmit(i);
+        } else {
+            router.report(i, false);
         }
     }
 }

@@ -207,3 +207,158 @@ fn upstream_tables_parse_and_validate() {
     .unwrap_err();
     assert!(dup.0.contains("upstream `x`"), "{}", dup.0);
 }
+
+fn fast_health(c: &mut anteroom::config::FileConfig) {
+    c.health_interval = "100ms".into();
+    c.eject_after = 2;
+    c.retry_base_delay = "10ms".into();
+}
+
+#[tokio::test]
+async fn a_dead_replica_is_taken_out_and_the_run_never_fails() {
+    let a = sim(named("m")).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let ua = a.url();
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::Any, 4),
+            entry("dead", dead, Models::Any, 4),
+        ]);
+        fast_health(c);
+    })
+    .await;
+    let client = client();
+    for i in 0..30 {
+        let resp = ask(&client, &proxy.url(), "m", &format!("r{i}")).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        body_bytes(resp).await;
+    }
+    assert_eq!(a.stats().received, 30);
+}
+
+#[tokio::test]
+async fn an_upstream_comes_back_after_a_good_probe() {
+    let a = sim(named("m")).await;
+    let port = free_port();
+    let ua = a.url();
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::Any, 4),
+            entry("b", format!("http://127.0.0.1:{port}"), Models::Any, 4),
+        ]);
+        fast_health(c);
+    })
+    .await;
+    // Probes find b down and take it out of service.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let client = client();
+    for i in 0..5 {
+        body_bytes(ask(&client, &proxy.url(), "m", &format!("before{i}")).await).await;
+    }
+    assert_eq!(a.stats().received, 5, "nothing tried the ejected one");
+    // b starts; the next good probe brings it back and it gets work again.
+    let b = anteroom::sim::start(format!("127.0.0.1:{port}").parse().unwrap(), named("m"))
+        .await
+        .unwrap();
+    let mut i = 0;
+    wait_until_async(
+        "b serves again",
+        || {
+            i += 1;
+            let (client, url, id) = (client.clone(), proxy.url(), format!("after{i}"));
+            async move {
+                body_bytes(ask(&client, &url, "m", &id).await).await;
+            }
+        },
+        || b.stats().received > 0,
+    )
+    .await;
+}
+
+/// Send `step` until `done` holds; panic after 10 s.
+async fn wait_until_async<F, Fut>(what: &str, mut step: F, done: impl Fn() -> bool)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        step().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn requests_queued_for_an_upstream_that_goes_down_go_to_the_others() {
+    let a = sim(named("m")).await;
+    let b = sim(SimConfig {
+        model: "m".into(),
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    let (ua, ub) = (a.url(), b.url());
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            // b names the model: it gets it while it is in service.
+            entry("a", ua, Models::Any, 4),
+            entry("b", ub, Models::List(vec!["m".into()]), 1),
+        ]);
+        fast_health(c);
+        c.queue_timeout = "20s".into();
+    })
+    .await;
+    let client = client();
+    // A long stream holds b's only slot; three more queue behind it.
+    let busy = {
+        let body = serde_json::json!({"model": "m", "stream": true, "max_tokens": 100000,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        client.request(req).await.unwrap()
+    };
+    let mut queued = Vec::new();
+    for i in 0..3 {
+        let (client, url) = (client.clone(), proxy.url());
+        queued.push(tokio::spawn(async move {
+            let resp = ask(&client, &url, "m", &format!("q{i}")).await;
+            let status = resp.status();
+            body_bytes(resp).await;
+            status
+        }));
+    }
+    wait_until("three queued on b", || {
+        proxy.schedulers[1].snapshot().waiting == 3
+    })
+    .await;
+    assert_eq!(a.stats().received, 0);
+    // b stops taking connections: probes fail, it is taken out of service,
+    // and its queue moves to a.
+    drop(b);
+    for q in queued {
+        assert_eq!(q.await.unwrap(), 200);
+    }
+    assert_eq!(a.stats().received, 3);
+    drop(busy);
+}
+
+#[tokio::test]
+async fn no_healthy_upstream_is_a_503_with_retry_after() {
+    let (p1, p2) = (free_port(), free_port());
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("x", format!("http://127.0.0.1:{p1}"), Models::Any, 4),
+            entry("y", format!("http://127.0.0.1:{p2}"), Models::Any, 4),
+        ]);
+        fast_health(c);
+    })
+    .await;
+    // The probes take both out of service.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let resp = ask(&client(), &proxy.url(), "m", "none").await;
+    assert_eq!(resp.status(), 503);
+    assert!(header_u64(&resp, "retry-after").unwrap() >= 1);
+    let err = body_json(resp).await;
+    assert_eq!(err["error"]["code"], "no_healthy_upstream");
+}

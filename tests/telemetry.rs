@@ -586,14 +586,6 @@ async fn the_report_command_summarises_a_request_log() {
     assert!(text.contains("| all | backend TTFT | 5 |"), "{text}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn after_sigterm_the_log_holds_every_finished_request() {
     let sim = sim(sim_config(Mode::Batch)).await;

@@ -14,6 +14,9 @@ pub enum Reason {
     Evicted,
     /// The scheduler went away (shutdown).
     Closed,
+    /// Its upstream was taken out of service while it waited: it is to be
+    /// queued at another (see [`route`](crate::route)).
+    Rerouted,
 }
 
 impl Reason {
@@ -23,6 +26,7 @@ impl Reason {
             Reason::QueueFull | Reason::Evicted => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
             Reason::Closed => "shutting_down",
+            Reason::Rerouted => "no_healthy_upstream",
         }
     }
 }
@@ -35,7 +39,8 @@ pub struct Overloaded {
 }
 
 impl Overloaded {
-    pub(crate) fn new(reason: Reason, retry_after: Duration) -> Self {
+    /// Refused for `reason`; come back after `retry_after`.
+    pub fn new(reason: Reason, retry_after: Duration) -> Self {
         Self {
             reason,
             retry_after,
@@ -64,6 +69,9 @@ impl fmt::Display for Overloaded {
                 "the queue is full and this request was displaced by a more urgent one; retry after the advised delay",
             ),
             Reason::Closed => f.write_str("the proxy is shutting down"),
+            Reason::Rerouted => f.write_str(
+                "no healthy upstream serves this model; retry after the advised delay",
+            ),
         }
     }
 }

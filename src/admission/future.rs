@@ -11,8 +11,13 @@ use tokio::time::{Instant, Sleep};
 use tower::util::Oneshot;
 use tower::Service;
 
-use super::scheduler::Ticket;
+use std::sync::Arc;
+
+use super::scheduler::{Acquire, Ticket};
+use super::Reason;
 use super::{Overloaded, Permit, PermitBody};
+use crate::classify::{Admit, Model};
+use crate::route::{Route, Router};
 use crate::BoxError;
 
 pin_project! {
@@ -40,6 +45,8 @@ pin_project! {
             // False once the deadline fired but the ticket had already been
             // dispatched: its grant is on its way, keep waiting for it.
             timed: bool,
+            // Where to queue again if its upstream goes out of service.
+            router: Option<Arc<Router>>,
         },
         Running {
             #[pin]
@@ -73,13 +80,30 @@ where
         }
     }
 
-    pub(crate) fn queued(svc: S, req: R, ticket: Ticket, timeout: Duration) -> Self {
+    pub(crate) fn queued(
+        svc: S,
+        req: R,
+        ticket: Ticket,
+        timeout: Duration,
+        router: Option<Arc<Router>>,
+    ) -> Self {
+        Self::waiting(svc, req, ticket, Instant::now() + timeout, router)
+    }
+
+    fn waiting(
+        svc: S,
+        req: R,
+        ticket: Ticket,
+        deadline: Instant,
+        router: Option<Arc<Router>>,
+    ) -> Self {
         Self {
             state: State::Waiting {
                 ticket,
-                deadline: tokio::time::sleep_until(Instant::now() + timeout),
+                deadline: tokio::time::sleep_until(deadline),
                 pending: Some((svc, req)),
                 timed: true,
+                router,
             },
         }
     }
@@ -95,6 +119,7 @@ impl<S, R, B> Future for ResponseFuture<S, R>
 where
     S: Service<R, Response = Response<B>>,
     S::Error: Into<BoxError>,
+    R: Reroute,
 {
     type Output = Result<Response<PermitBody<B>>, BoxError>;
 
@@ -107,6 +132,7 @@ where
                     deadline,
                     pending,
                     timed,
+                    router,
                 } => {
                     let grant = match ticket.poll_grant(cx) {
                         Poll::Ready(grant) => grant,
@@ -120,7 +146,23 @@ where
                             return Poll::Pending;
                         }
                     };
-                    let permit = grant?;
+                    let permit = match (grant, router.take()) {
+                        (Ok(permit), _) => permit,
+                        (Err(e), Some(router)) if e.reason() == Reason::Rerouted => {
+                            // Its upstream went out of service: queue at
+                            // another, with the same priority and deadline.
+                            let (svc, req) = pending.take().expect("polled after completion");
+                            let next = requeue(svc, req, router, deadline.deadline());
+                            match next {
+                                Ok(next) => {
+                                    this.state.set(next.state);
+                                    continue;
+                                }
+                                Err(e) => return Poll::Ready(Err(e)),
+                            }
+                        }
+                        (Err(e), _) => return Poll::Ready(Err(e.into())),
+                    };
                     let (svc, req) = pending.take().expect("polled after completion");
                     this.state.set(State::Running {
                         fut: Oneshot::new(svc, req),
@@ -141,6 +183,59 @@ where
             }
         }
     }
+}
+
+/// What admission needs of a request to queue it at another upstream.
+pub trait Reroute {
+    /// Its priority, if it is admitted.
+    fn priority(&self) -> Option<crate::classify::Priority>;
+    /// The upstream it is routed to.
+    fn route(&self) -> usize;
+    /// Its `model`, if known.
+    fn model(&self) -> Option<&str>;
+    /// Route it to upstream `i`.
+    fn set_route(&mut self, i: usize);
+}
+
+impl<B> Reroute for http::Request<B> {
+    fn priority(&self) -> Option<crate::classify::Priority> {
+        self.extensions().get::<Admit>().map(|a| a.priority)
+    }
+
+    fn route(&self) -> usize {
+        crate::route::route_of(self)
+    }
+
+    fn model(&self) -> Option<&str> {
+        self.extensions().get::<Model>().map(Model::as_str)
+    }
+
+    fn set_route(&mut self, i: usize) {
+        self.extensions_mut().insert(Route(i));
+    }
+}
+
+/// Queue `req` at another upstream than the one that went out of service.
+fn requeue<S, R>(
+    svc: S,
+    mut req: R,
+    router: Arc<Router>,
+    deadline: Instant,
+) -> Result<ResponseFuture<S, R>, BoxError>
+where
+    S: Service<R>,
+    R: Reroute,
+{
+    let priority = req.priority().unwrap_or_default();
+    let i = router.pick(req.model(), Some(req.route()))?;
+    req.set_route(i);
+    Ok(match router.scheduler(i).acquire(priority) {
+        Acquire::Admitted(permit) => ResponseFuture::admitted(svc, req, permit),
+        Acquire::Queued(ticket) => {
+            ResponseFuture::waiting(svc, req, ticket, deadline, Some(router))
+        }
+        Acquire::Rejected(err) => ResponseFuture::rejected(err),
+    })
 }
 
 impl<S, R> std::fmt::Debug for ResponseFuture<S, R>

@@ -263,6 +263,21 @@ impl Scheduler {
         }
     }
 
+    /// Send every waiter away to be queued elsewhere (its upstream was
+    /// taken out of service). Running requests are not touched.
+    pub fn reroute_waiting(&self) -> usize {
+        let waiters: Vec<_> = {
+            let mut st = self.state.lock();
+            st.waiting_by_priority.clear();
+            std::iter::from_fn(|| st.queue.pop()).collect()
+        };
+        let n = waiters.len();
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(Overloaded::new(Reason::Rerouted, Duration::ZERO)));
+        }
+        n
+    }
+
     /// Take a waiter out of the queue (it gave up). Returns true when it was
     /// still there, false when it had already been dispatched or evicted.
     pub(crate) fn cancel(&self, key: &Key) -> bool {

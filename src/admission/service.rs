@@ -9,6 +9,7 @@ use super::future::ResponseFuture;
 use super::scheduler::{Acquire, Scheduler};
 use super::PermitBody;
 use crate::classify::Admit;
+use crate::route::Router;
 use crate::BoxError;
 
 /// Admission control in front of `S`: see the [module docs](super).
@@ -17,13 +18,15 @@ pub struct Admission<S> {
     inner: S,
     /// One per upstream; a request's [`Route`](crate::route::Route) picks.
     schedulers: Arc<[Arc<Scheduler>]>,
+    /// Where to requeue a request whose upstream went out of service.
+    router: Option<Arc<Router>>,
     queue_timeout: Duration,
 }
 
 impl<S> Admission<S> {
     /// Admit through `scheduler` in front of `inner`.
     pub fn new(inner: S, scheduler: Arc<Scheduler>, queue_timeout: Duration) -> Self {
-        Self::per_upstream(inner, Arc::from(vec![scheduler]), queue_timeout)
+        Self::per_upstream(inner, Arc::from(vec![scheduler]), None, queue_timeout)
     }
 
     /// Admit through the scheduler of the upstream each request is routed
@@ -31,11 +34,13 @@ impl<S> Admission<S> {
     pub fn per_upstream(
         inner: S,
         schedulers: Arc<[Arc<Scheduler>]>,
+        router: Option<Arc<Router>>,
         queue_timeout: Duration,
     ) -> Self {
         Self {
             inner,
             schedulers,
+            router,
             queue_timeout,
         }
     }
@@ -84,7 +89,7 @@ where
         match scheduler.acquire(admit.priority) {
             Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
             Acquire::Queued(ticket) => {
-                ResponseFuture::queued(inner, req, ticket, self.queue_timeout)
+                ResponseFuture::queued(inner, req, ticket, self.queue_timeout, self.router.clone())
             }
             Acquire::Rejected(err) => ResponseFuture::rejected(err),
         }

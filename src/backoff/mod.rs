@@ -43,8 +43,9 @@ use tower::{Layer, Service, ServiceExt};
 pub use budget::RetryBudget;
 pub use cooldown::Cooldown;
 
-use crate::classify::Admit;
+use crate::classify::{Admit, Model};
 use crate::error::{self, UpstreamUnavailable};
+use crate::route::{Route, Router};
 use crate::telemetry::{Recorder, Tap};
 use crate::BoxError;
 
@@ -91,6 +92,9 @@ struct Shared {
     budget: RetryBudget,
     /// One per upstream: a 429 from one replica pauses only that one.
     cooldowns: Box<[Cooldown]>,
+    /// Several upstreams: a request whose upstream went out of service is
+    /// sent again to another.
+    router: Option<Arc<Router>>,
     recorder: Arc<Recorder>,
 }
 
@@ -103,17 +107,24 @@ pub struct BackoffLayer {
 impl BackoffLayer {
     /// Retry by `policy`, counting into `recorder`'s metrics.
     pub fn new(policy: RetryPolicy, recorder: Arc<Recorder>) -> Self {
-        Self::per_upstream(policy, recorder, 1)
+        Self::build(policy, recorder, None)
     }
 
-    /// The same, with a pause of its own for each of `upstreams` upstreams
-    /// (a request's [`Route`](crate::route::Route) picks).
-    pub fn per_upstream(policy: RetryPolicy, recorder: Arc<Recorder>, upstreams: usize) -> Self {
+    /// The same, with a pause of its own for each of `router`'s upstreams
+    /// (a request's [`Route`] picks); a retry whose
+    /// upstream went out of service goes to another.
+    pub fn routed(policy: RetryPolicy, recorder: Arc<Recorder>, router: Arc<Router>) -> Self {
+        Self::build(policy, recorder, Some(router))
+    }
+
+    fn build(policy: RetryPolicy, recorder: Arc<Recorder>, router: Option<Arc<Router>>) -> Self {
+        let upstreams = router.as_ref().map_or(1, |r| r.len()).max(1);
         Self {
             shared: Arc::new(Shared {
                 budget: RetryBudget::new(policy.budget),
                 policy,
-                cooldowns: (0..upstreams.max(1)).map(|_| Cooldown::default()).collect(),
+                cooldowns: (0..upstreams).map(|_| Cooldown::default()).collect(),
+                router,
                 recorder,
             }),
         }
@@ -192,14 +203,14 @@ where
 {
     let policy = &shared.policy;
     let metrics = &shared.recorder.metrics;
-    let route = parts
+    let mut parts = parts;
+    let mut route = parts
         .extensions
-        .get::<crate::route::Route>()
+        .get::<Route>()
         .map_or(0, |r| r.0)
         .min(shared.cooldowns.len() - 1);
-    let cooldown = &shared.cooldowns[route];
     shared.budget.deposit();
-    let mut result = attempt(svc.clone(), &parts, &body, cooldown).await;
+    let mut result = attempt(svc.clone(), &parts, &body, &shared.cooldowns[route]).await;
     let mut retries = 0u32;
     loop {
         let (reason, advised) = match &result {
@@ -224,7 +235,7 @@ where
         if reason != Reason::Connection {
             // The upstream speaks for every request: pause it for all, and
             // tell the adaptive limit.
-            cooldown.pause(delay.min(policy.max_delay));
+            shared.cooldowns[route].pause(delay.min(policy.max_delay));
             metrics.upstream_pauses.inc();
             shared.recorder.signals.overload();
         }
@@ -261,7 +272,17 @@ where
         // The refused answer is dropped unread: its connection is not reused.
         drop(result);
         tokio::time::sleep(delay).await;
-        result = attempt(svc.clone(), &parts, &body, cooldown).await;
+        if let Some(router) = &shared.router {
+            if !router.is_healthy(route) {
+                // Its upstream went out of service meanwhile: another.
+                let model = parts.extensions.get::<Model>().map(Model::as_str);
+                if let Ok(i) = router.pick(model, Some(route)) {
+                    route = i;
+                    parts.extensions.insert(Route(i));
+                }
+            }
+        }
+        result = attempt(svc.clone(), &parts, &body, &shared.cooldowns[route]).await;
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use crate::admission::Scheduler;
 use crate::app::UpstreamBody;
 use crate::config::{Config, ConfigError, FileConfig};
+use crate::route::Router;
 use crate::telemetry::Recorder;
 use crate::upstream::{Upstream, Upstreams};
 use crate::BoxError;
@@ -87,6 +88,15 @@ pub struct ServeArgs {
     /// Most time between a stream's data (key: stream_idle_timeout).
     #[arg(long, value_name = "DURATION")]
     pub stream_idle_timeout: Option<String>,
+    /// Path several upstreams are probed at (key: health_path).
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
+    /// How often they are probed (key: health_interval).
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// Consecutive failures that take one out of service (key: eject_after).
+    #[arg(long, value_name = "N")]
+    pub eject_after: Option<u32>,
 }
 
 impl ServeArgs {
@@ -124,7 +134,10 @@ impl ServeArgs {
             retry_max_delay,
             retry_budget,
             first_token_timeout,
-            stream_idle_timeout
+            stream_idle_timeout,
+            health_path,
+            health_interval,
+            eject_after
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
@@ -194,11 +207,17 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
         .iter()
         .map(|r| Upstream::new(r.origin.clone(), &config.client))
         .collect();
+    let router = Router::new(
+        config.replicas.clone(),
+        schedulers.clone(),
+        config.health.eject_after,
+        config.health.interval,
+    );
     let stack = crate::app::build_stack_with(
         config,
-        schedulers.clone(),
+        router.clone(),
         recorder.clone(),
-        Upstreams::new(upstreams.clone()),
+        Upstreams::new(upstreams.clone(), router.clone()),
     );
     let named: Vec<(String, Arc<Scheduler>)> = config
         .replicas
@@ -216,6 +235,16 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
     ];
     for u in &upstreams {
         tasks.push(tokio::spawn(u.clone().housekeeping()));
+    }
+    if router.len() > 1 {
+        for (i, r) in config.replicas.iter().enumerate() {
+            tasks.push(tokio::spawn(crate::route::health_checks(
+                router.clone(),
+                i,
+                r.origin.clone(),
+                config.health.clone(),
+            )));
+        }
     }
     let scheduler = schedulers[0].clone();
     let upstream = upstreams[0].clone();

@@ -29,6 +29,7 @@ pub use pool::PooledBody;
 pub use rewrite::Origin;
 
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
+use crate::route::Router;
 use crate::telemetry::Tap;
 use crate::BoxError;
 use pool::Pool;
@@ -163,6 +164,7 @@ where
             after: self.response_timeout,
             stream: self.stream,
             tap,
+            report: None,
         }
     }
 }
@@ -175,6 +177,8 @@ where
     B: Body + 'static,
 {
     replicas: Arc<[Upstream<B>]>,
+    /// Told whether each request reached its upstream.
+    router: Arc<Router>,
 }
 
 impl<B> Clone for Upstreams<B>
@@ -184,6 +188,7 @@ where
     fn clone(&self) -> Self {
         Self {
             replicas: self.replicas.clone(),
+            router: self.router.clone(),
         }
     }
 }
@@ -192,11 +197,13 @@ impl<B> Upstreams<B>
 where
     B: Body + 'static,
 {
-    /// These upstreams, in config order.
-    pub fn new(replicas: Vec<Upstream<B>>) -> Self {
+    /// These upstreams, in config order, reporting to `router` whether
+    /// requests reach them (passive health).
+    pub fn new(replicas: Vec<Upstream<B>>, router: Arc<Router>) -> Self {
         assert!(!replicas.is_empty(), "at least one upstream");
         Self {
             replicas: replicas.into(),
+            router,
         }
     }
 }
@@ -216,7 +223,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let i = crate::route::route_of(&req).min(self.replicas.len() - 1);
-        self.replicas[i].send(req)
+        let mut fut = self.replicas[i].send(req);
+        if self.replicas.len() > 1 {
+            fut.report = Some((self.router.clone(), i));
+        }
+        fut
     }
 }
 
@@ -232,6 +243,8 @@ pin_project! {
         after: Duration,
         stream: StreamTimeouts,
         tap: Option<Tap>,
+        // Several upstreams: tell the router whether this one answered.
+        report: Option<(Arc<Router>, usize)>,
     }
 }
 
@@ -256,6 +269,10 @@ where
         let tap = this.tap.take();
         if let Some(tap) = &tap {
             tap.headers_arrived();
+        }
+        if let Some((router, i)) = this.report.take() {
+            // Any answer (even a 429) shows the upstream is up.
+            router.report(i, matches!(result, Ok(Ok(_))));
         }
         Poll::Ready(match result {
             Ok(Ok(mut resp)) => {

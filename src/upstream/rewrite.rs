@@ -80,6 +80,11 @@ impl Origin {
         &self.authority
     }
 
+    /// The absolute URL of `path` on this origin (its prefix included).
+    pub fn url_for(&self, path: &str) -> String {
+        format!("http://{}{}{}", self.authority, self.prefix, path)
+    }
+
     /// The origin-form URI (`/path?query`, behind the prefix) an HTTP/1.1
     /// request to the upstream carries.
     fn uri_for(&self, pq: Option<&PathAndQuery>) -> Uri {

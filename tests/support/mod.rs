@@ -150,3 +150,12 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn header_u64<B>(resp: &Response<B>, name: &str) -> Option<u64> {
     resp.headers().get(name)?.to_str().ok()?.parse().ok()
 }
+
+/// A loopback port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
