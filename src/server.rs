@@ -28,7 +28,7 @@ pub async fn serve(listener: TcpListener, stack: Stack, shutdown: impl Future<Ou
                 req.extensions_mut().insert(client.clone());
                 req
             });
-        TowerToHyperService::new(svc)
+        Some(TowerToHyperService::new(svc))
     })
     .await
 }
@@ -41,19 +41,19 @@ where
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     accept_loop(listener, std::future::pending(), move |_| {
-        hyper::service::service_fn(f.clone())
+        Some(hyper::service::service_fn(f.clone()))
     })
     .await
 }
 
 /// Accept connections until `shutdown`, serving each with the service `make`
-/// builds for its peer address.
+/// builds for its peer address (`None`: close the connection at once).
 pub(crate) async fn accept_loop<S, M>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     make: M,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr) -> Option<S>,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Send
         + 'static,
@@ -79,7 +79,9 @@ pub(crate) async fn accept_loop<S, M>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        let svc = make(addr);
+        let Some(svc) = make(addr) else {
+            continue;
+        };
         let builder = builder.clone();
         tokio::spawn(async move {
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {

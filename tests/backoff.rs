@@ -102,3 +102,58 @@ async fn the_retry_budget_caps_retries_in_a_storm_of_503s() {
     .await;
     assert!(denied >= N - retries, "{denied}");
 }
+
+async fn burst(proxy: &anteroom::cli::serve::Running, n: usize) -> Vec<u16> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = proxy.url();
+        tasks.push(tokio::spawn(async move {
+            let resp = chat(&client(), &url, None, &format!("b{i}"), i % 2 == 0, 3).await;
+            let status = resp.status().as_u16();
+            body_bytes(resp).await;
+            status
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_backend_that_refuses_over_its_own_cap_is_waited_for() {
+    // The backend takes 2 at a time and answers 429 beyond (as vLLM with a
+    // queue cap); anteroom was told 4.
+    let cfg = SimConfig {
+        reject_over: Some(2),
+        reject_retry_after: Some(Duration::from_millis(30)),
+        ttft: Duration::from_millis(20),
+        ..sim_config(Mode::Batch)
+    };
+    let (sim, proxy, _) = setup(cfg, |c| {
+        c.max_concurrency = 4.into();
+        c.retry_base_delay = "10ms".into();
+        c.max_retries = 10;
+        c.retry_budget = 1.0;
+    })
+    .await;
+    let statuses = burst(&proxy, 12).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let stats = sim.stats();
+    assert!(stats.rejected > 0, "the cap was hit: {stats:?}");
+    assert_eq!(stats.completed, 12);
+}
+
+#[tokio::test]
+async fn refused_connections_are_retried_on_new_ones() {
+    let cfg = SimConfig {
+        refuse_connections: 0.5,
+        ..sim_config(Mode::Batch)
+    };
+    let (sim, proxy, _) = setup(cfg, |c| c.retry_base_delay = "5ms".into()).await;
+    let statuses = burst(&proxy, 10).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(sim.stats().refused_connections > 0);
+    assert_eq!(sim.stats().completed, 10);
+}

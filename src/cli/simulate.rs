@@ -49,6 +49,12 @@ pub struct SimulateArgs {
     /// Streams: go silent after this many tokens.
     #[arg(long, value_name = "N")]
     pub stall_after_tokens: Option<usize>,
+    /// Refuse generation requests while this many are running.
+    #[arg(long, value_name = "N")]
+    pub reject_over: Option<usize>,
+    /// Share of new connections closed at once (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub refuse_connections: f64,
 }
 
 impl SimulateArgs {
@@ -67,6 +73,8 @@ impl SimulateArgs {
             reject_retry_after: self.reject_retry_after,
             die_after_tokens: self.die_after_tokens,
             stall_after_tokens: self.stall_after_tokens,
+            reject_over: self.reject_over,
+            refuse_connections: self.refuse_connections,
         }
     }
 }

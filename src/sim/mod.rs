@@ -74,6 +74,12 @@ pub struct SimConfig {
     pub die_after_tokens: Option<usize>,
     /// Streams: go silent forever after this many tokens (a hang).
     pub stall_after_tokens: Option<usize>,
+    /// Refuse generation requests (like `reject_share`) whenever this many
+    /// are already running: a server with a cap (vLLM's queue limits).
+    pub reject_over: Option<usize>,
+    /// Share of new connections closed at once, before any response (0 to
+    /// 1): a server restarting or out of sockets.
+    pub refuse_connections: f64,
 }
 
 impl Default for SimConfig {
@@ -91,6 +97,8 @@ impl Default for SimConfig {
             reject_retry_after: None,
             die_after_tokens: None,
             stall_after_tokens: None,
+            reject_over: None,
+            refuse_connections: 0.0,
         }
     }
 }
@@ -110,8 +118,10 @@ pub struct Stats {
     pub completed: u64,
     /// Generations whose client went away before their end.
     pub cancelled: u64,
-    /// Generation requests refused (`reject_share`).
+    /// Generation requests refused (`reject_share`, `reject_over`).
     pub rejected: u64,
+    /// Connections closed at once (`refuse_connections`).
+    pub refused_connections: u64,
     /// `x-request-id` of each generation request, in arrival order (first 100,000).
     pub order: Vec<String>,
 }
@@ -131,6 +141,7 @@ pub struct SimState {
     completed: AtomicU64,
     cancelled: AtomicU64,
     rejected: AtomicU64,
+    refused_connections: AtomicU64,
     generation_requests: AtomicU64,
     order: Mutex<Vec<String>>,
     next_id: AtomicU64,
@@ -154,6 +165,7 @@ impl SimState {
             completed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            refused_connections: AtomicU64::new(0),
             generation_requests: AtomicU64::new(0),
             order: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
@@ -170,6 +182,7 @@ impl SimState {
             completed: self.completed.load(Ordering::SeqCst),
             cancelled: self.cancelled.load(Ordering::SeqCst),
             rejected: self.rejected.load(Ordering::SeqCst),
+            refused_connections: self.refused_connections.load(Ordering::SeqCst),
             order: self.order.lock().clone(),
         }
     }
@@ -311,12 +324,17 @@ pub async fn start(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<SimHandl
 /// Serve until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
     crate::server::accept_loop(listener, std::future::pending(), move |_addr| {
-        state.connections.fetch_add(1, Ordering::SeqCst);
+        let n = state.connections.fetch_add(1, Ordering::SeqCst) as f64;
+        let share = state.cfg.refuse_connections.clamp(0.0, 1.0);
+        if ((n + 1.0) * share).floor() > (n * share).floor() {
+            state.refused_connections.fetch_add(1, Ordering::SeqCst);
+            return None;
+        }
         let state = state.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
+        Some(hyper::service::service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
             async move { Ok::<_, Infallible>(handle(state, req).await) }
-        })
+        }))
     })
     .await;
 }
@@ -352,6 +370,13 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
 impl SimState {
     /// Whether this generation request is one of the `reject_share`.
     fn refuses(&self) -> bool {
+        if self
+            .cfg
+            .reject_over
+            .is_some_and(|cap| self.running.load(Ordering::SeqCst) >= cap)
+        {
+            return true;
+        }
         let share = self.cfg.reject_share.clamp(0.0, 1.0);
         if share == 0.0 {
             return false;
