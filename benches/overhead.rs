@@ -39,8 +39,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Start the anteroom binary. `BENCH_WORKERS=N` runs it on N tokio workers;
-/// without it, tokio's default (one per core), as users run it.
+/// Start the anteroom binary. `BENCH_WORKERS=N` runs the proxy on N worker
+/// threads (and the simulator on N tokio workers); without it, the
+/// defaults (one per core), as users run it.
 /// `BENCH_BIN=PATH` runs another build instead (to compare two commits).
 fn spawn(args: &[&str]) -> Proc {
     let bin =
@@ -48,7 +49,11 @@ fn spawn(args: &[&str]) -> Proc {
     let mut cmd = Command::new(bin);
     cmd.args(args).env("RUST_LOG", "warn").stdout(Stdio::null());
     if let Some(n) = std::env::var_os("BENCH_WORKERS") {
-        cmd.env("TOKIO_WORKER_THREADS", n);
+        // The simulator's runtime, and the proxy's threads.
+        cmd.env("TOKIO_WORKER_THREADS", &n);
+        if args.first() == Some(&"serve") {
+            cmd.arg("--workers").arg(&n);
+        }
     }
     Proc(cmd.spawn().expect("start anteroom"))
 }

@@ -81,6 +81,8 @@ pub struct FileConfig {
     /// Several upstreams: consecutive failures (requests or probes) that
     /// take one out of service until a probe succeeds.
     pub eject_after: u32,
+    /// Threads serving the proxy port; 0 for one per core.
+    pub workers: usize,
 }
 
 impl Default for FileConfig {
@@ -110,12 +112,13 @@ impl Default for FileConfig {
             max_retries: 3,
             retry_base_delay: "500ms".into(),
             retry_max_delay: "30s".into(),
-            retry_budget: 0.2,
+            retry_budget: 0.5,
             first_token_timeout: "600s".into(),
             stream_idle_timeout: "120s".into(),
             health_path: "/v1/models".into(),
             health_interval: "5s".into(),
             eject_after: 3,
+            workers: 0,
         }
     }
 }
@@ -360,6 +363,8 @@ pub struct Config {
     pub adaptive: Option<AdaptiveBounds>,
     /// Health checks of several upstreams.
     pub health: HealthConfig,
+    /// Threads serving the proxy port (resolved: at least 1).
+    pub workers: usize,
 }
 
 /// Health checks (several upstreams only).
@@ -492,6 +497,10 @@ impl FileConfig {
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),
             adaptive,
+            workers: match self.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
             health: HealthConfig {
                 path: self.health_path.clone(),
                 interval: health_interval,

@@ -261,3 +261,38 @@ async fn the_advised_delay_matches_the_real_drain() {
         "advised {advised:?}, real wait {true_wait:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_workers_share_one_admission() {
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let mut file = anteroom::config::FileConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        upstream: sim.url().into(),
+        ..anteroom::config::FileConfig::default()
+    };
+    file.max_concurrency = 3.into();
+    let config = file.validate().unwrap();
+    let proxy = anteroom::cli::serve::start_with(&config, 2).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let url = proxy.url();
+        tasks.push(tokio::spawn(async move {
+            // A connection each: the kernel spreads them over both workers.
+            let resp = chat(&client(), &url, None, &format!("w{i}"), i % 2 == 0, 4).await;
+            let status = resp.status();
+            body_bytes(resp).await;
+            status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.completed, 60);
+    assert_eq!(stats.peak_in_flight, 3, "one limit across the threads");
+    let addr = proxy.addr;
+    proxy.shutdown().await;
+    // The workers have left their accept loops: nothing listens any more.
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
