@@ -78,6 +78,7 @@ fn bench_scheduler(c: &mut Criterion) {
         max_queue: WAITING * 2,
         queue_timeout: Duration::from_secs(3600),
         retry_after_cap: Duration::from_secs(60),
+        reserved: vec![],
     });
     let Acquire::Admitted(first) = scheduler.acquire(0) else {
         panic!("the first is admitted")

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::adaptive::AdaptiveBounds;
-use crate::admission::Limits;
+use crate::admission::{Limits, Reservation};
 use crate::backoff::RetryPolicy;
 use crate::classify::{Priority, Routes};
 use crate::upstream::{ClientSettings, Origin, StreamTimeouts};
@@ -83,6 +83,9 @@ pub struct FileConfig {
     pub eject_after: u32,
     /// Threads serving the proxy port; 0 for one per core.
     pub workers: usize,
+    /// Slots kept for urgent work: `[[reserve]]` tables of `max_priority`
+    /// and `slots`.
+    pub reserve: Vec<Reservation>,
 }
 
 impl Default for FileConfig {
@@ -119,6 +122,7 @@ impl Default for FileConfig {
             health_interval: "5s".into(),
             eject_after: 3,
             workers: 0,
+            reserve: Vec::new(),
         }
     }
 }
@@ -450,6 +454,27 @@ impl FileConfig {
                 self.retry_budget
             )));
         }
+        let reserved: usize = self.reserve.iter().map(|r| r.slots).sum();
+        let smallest_limit = match self.max_concurrency {
+            Concurrency::Fixed(_) => replicas.iter().map(|r| r.max_concurrency).min(),
+            Concurrency::Auto => Some(self.auto_max_concurrency),
+        }
+        .unwrap_or(0);
+        if self.reserve.iter().any(|r| r.slots == 0) {
+            return Err(ConfigError("reserve: slots must be at least 1".into()));
+        }
+        if reserved > 0 && reserved >= smallest_limit {
+            return Err(ConfigError(format!(
+                "reserve: {reserved} reserved slots leave nothing of a limit of {smallest_limit} for other work; reserve fewer"
+            )));
+        }
+        let mut levels: Vec<_> = self.reserve.iter().map(|r| r.max_priority).collect();
+        levels.sort_unstable();
+        if levels.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError(
+                "reserve: two reservations for the same max_priority; merge them".into(),
+            ));
+        }
         let health_interval = positive("health_interval", &self.health_interval)?;
         if !self.health_path.starts_with('/') {
             return Err(ConfigError(format!(
@@ -478,6 +503,7 @@ impl FileConfig {
                 max_queue: self.max_queue,
                 queue_timeout,
                 retry_after_cap,
+                reserved: self.reserve.clone(),
             },
             routes: Routes {
                 admit_paths: self.admit_paths.clone(),

@@ -296,3 +296,49 @@ async fn per_core_workers_share_one_admission() {
     // The workers have left their accept loops: nothing listens any more.
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+#[tokio::test]
+async fn a_reserved_slot_lets_an_urgent_request_past_a_running_flood() {
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.max_concurrency = 2.into();
+        c.reserve = vec![anteroom::admission::Reservation {
+            max_priority: 0,
+            slots: 1,
+        }];
+    })
+    .await;
+    // 100 long batch streams: one runs, 99 wait (the other slot is reserved).
+    let mut flood = Vec::new();
+    for i in 0..100 {
+        let (client, url) = (client.clone(), proxy.url());
+        flood.push(tokio::spawn(async move {
+            let resp = chat(&client, &url, Some(10), &format!("flood{i}"), true, 100_000).await;
+            body_bytes(resp).await;
+        }));
+    }
+    wait_until("the flood queued", || {
+        let s = proxy.scheduler.snapshot();
+        s.running == 1 && s.waiting == 99
+    })
+    .await;
+    // The urgent request starts at once, beside the running flood stream.
+    let resp = chat(&client, &proxy.url(), Some(0), "urgent", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    let stats = sim.stats();
+    assert_eq!(stats.order.len(), 2, "{:?}", stats.order);
+    assert!(stats.order[0].starts_with("flood"));
+    assert_eq!(stats.order[1], "urgent");
+    assert_eq!(stats.peak_in_flight, 2);
+    assert_eq!(stats.completed, 1, "only the urgent one has finished");
+    // The flood never took the reserved slot, and the metrics say so.
+    assert_eq!(proxy.scheduler.snapshot().running, 1);
+    let text = proxy.recorder.metrics.encode(&proxy.scheduler.snapshot());
+    assert!(
+        text.contains("anteroom_reserved_slots_free{max_priority=\"0\"} 1"),
+        "{text}"
+    );
+    for f in flood {
+        f.abort();
+    }
+}

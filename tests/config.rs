@@ -154,3 +154,27 @@ fn max_concurrency_is_a_number_or_auto() {
     // The flag parses ("auto" accepted); the bad address is what fails.
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 }
+
+#[test]
+fn reservations_must_leave_room_for_other_work() {
+    let ok = FileConfig::parse("max_concurrency = 4\n[[reserve]]\nmax_priority = 0\nslots = 1\n")
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(ok.limits.reserved.len(), 1);
+    let full = FileConfig::parse("max_concurrency = 2\n[[reserve]]\nmax_priority = 0\nslots = 2\n")
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(full.0.contains("reserve"), "{}", full.0);
+    let out = anteroom(&[
+        "serve",
+        "--reserve",
+        "-5:1",
+        "--reserve",
+        "zero",
+        "--listen",
+        "x",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MAX_PRIORITY:SLOTS"));
+}

@@ -37,6 +37,7 @@
 //!     max_queue: 100,
 //!     queue_timeout: Duration::from_secs(30),
 //!     retry_after_cap: Duration::from_secs(60),
+//!     reserved: vec![],
 //! });
 //! let svc = ServiceBuilder::new()
 //!     .layer(AdmissionLayer::new(scheduler.clone(), Duration::from_secs(30)))
@@ -65,7 +66,9 @@ pub use error::{Overloaded, Reason};
 pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};
 pub use queue::PriorityQueue;
-pub use scheduler::{Acquire, Grant, Limits, Scheduler, Snapshot, Ticket};
+pub use scheduler::{
+    Acquire, Grant, Limits, Reservation, ReservationState, Scheduler, Snapshot, Ticket,
+};
 pub use service::Admission;
 
 #[cfg(test)]

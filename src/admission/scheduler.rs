@@ -29,6 +29,33 @@ pub struct Limits {
     pub queue_timeout: Duration,
     /// Ceiling of the advised retry delay.
     pub retry_after_cap: Duration,
+    /// Slots kept for urgent work (see [`Reservation`]).
+    pub reserved: Vec<Reservation>,
+}
+
+/// `slots` of the limit only requests at `max_priority` or more urgent
+/// (lower) may use. Levels nest: a request may use the slots of every
+/// reservation whose `max_priority` it meets, and the unreserved rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    /// The least urgent priority that may use these slots.
+    pub max_priority: Priority,
+    /// How many.
+    pub slots: usize,
+}
+
+/// A reservation's state, for /status and metrics.
+#[derive(Clone, Debug, serde::Serialize, PartialEq)]
+pub struct ReservationState {
+    /// The least urgent priority that may use it.
+    pub max_priority: Priority,
+    /// Its slots.
+    pub slots: usize,
+    /// Running requests at `max_priority` or more urgent.
+    pub used: usize,
+    /// How many more requests at `max_priority` could start now.
+    pub free: usize,
 }
 
 /// What a queued request receives: a permit, or the news that it was evicted.
@@ -68,6 +95,8 @@ pub struct Scheduler {
 struct State {
     running: usize,
     max_concurrency: usize,
+    /// Sorted most urgent first.
+    reserved: Vec<Reservation>,
     queue: PriorityQueue<oneshot::Sender<Grant>>,
     /// Waiting requests per priority, for /status and metrics.
     waiting_by_priority: BTreeMap<Priority, usize>,
@@ -102,6 +131,9 @@ pub struct Snapshot {
     pub waiting_by_priority: BTreeMap<Priority, usize>,
     /// Running requests by priority.
     pub running_by_priority: BTreeMap<Priority, usize>,
+    /// Reserved slots, most urgent level first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<ReservationState>,
 }
 
 impl Snapshot {
@@ -122,6 +154,7 @@ impl Snapshot {
         for (p, n) in &other.running_by_priority {
             *self.running_by_priority.entry(*p).or_default() += n;
         }
+        self.reservations.extend(other.reservations.iter().cloned());
     }
 }
 
@@ -132,6 +165,11 @@ impl Scheduler {
             state: Mutex::new(State {
                 running: 0,
                 max_concurrency: limits.max_concurrency,
+                reserved: {
+                    let mut r = limits.reserved.clone();
+                    r.sort_by_key(|r| r.max_priority);
+                    r
+                },
                 queue: PriorityQueue::new(limits.max_queue),
                 waiting_by_priority: BTreeMap::new(),
                 running_by_priority: BTreeMap::new(),
@@ -151,7 +189,12 @@ impl Scheduler {
         let outcome = {
             let mut st = self.state.lock();
             let cap = st.retry_after_cap;
-            if st.running < st.max_concurrency && st.queue.is_empty() {
+            // No barging: only when no waiter is at least as urgent.
+            let ahead = st
+                .queue
+                .peek()
+                .is_some_and(|(k, _)| k.priority() <= priority);
+            if !ahead && st.headroom(priority) > 0 {
                 st.start(priority, now);
                 Acquire::Admitted(Permit::new(self.clone(), priority, now))
             } else {
@@ -215,6 +258,7 @@ impl Scheduler {
             service_time_ms: st.service_secs.map(|s| s * 1000.0),
             waiting_by_priority: st.waiting_by_priority.clone(),
             running_by_priority: st.running_by_priority.clone(),
+            reservations: st.reservations(),
         }
     }
 
@@ -241,7 +285,12 @@ impl Scheduler {
             let now = Instant::now();
             let next = {
                 let mut st = self.state.lock();
-                if st.running >= st.max_concurrency {
+                // Only the head can be blocked by a reservation; everyone
+                // behind it is no more urgent, so is blocked too.
+                let Some(head) = st.queue.peek().map(|(k, _)| k.priority()) else {
+                    return;
+                };
+                if st.headroom(head) == 0 {
                     return;
                 }
                 let Some((key, tx)) = st.queue.pop() else {
@@ -313,6 +362,43 @@ fn dec(map: &mut BTreeMap<Priority, usize>, priority: Priority) {
 }
 
 impl State {
+    /// How many requests at `priority` could start now: free slots, less
+    /// those reserved for more urgent work than it.
+    fn headroom(&self, priority: Priority) -> usize {
+        let mut room = self.max_concurrency.saturating_sub(self.running);
+        let mut reserved_so_far = 0;
+        for r in &self.reserved {
+            reserved_so_far += r.slots;
+            if priority > r.max_priority {
+                // Requests less urgent than this level share what is left
+                // of the limit after it and the more urgent levels.
+                let pool = self.max_concurrency.saturating_sub(reserved_so_far);
+                let using = self.running_less_urgent_than(r.max_priority);
+                room = room.min(pool.saturating_sub(using));
+            }
+        }
+        room
+    }
+
+    fn running_less_urgent_than(&self, p: Priority) -> usize {
+        self.running_by_priority
+            .range((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn reservations(&self) -> Vec<ReservationState> {
+        self.reserved
+            .iter()
+            .map(|r| ReservationState {
+                max_priority: r.max_priority,
+                slots: r.slots,
+                used: self.running - self.running_less_urgent_than(r.max_priority),
+                free: self.headroom(r.max_priority),
+            })
+            .collect()
+    }
+
     fn secs(&self, t: Instant) -> f64 {
         t.duration_since(self.epoch).as_secs_f64()
     }

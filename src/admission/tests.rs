@@ -21,6 +21,7 @@ fn limits(max_concurrency: usize, max_queue: usize) -> Limits {
         max_queue,
         queue_timeout: Duration::from_secs(30),
         retry_after_cap: Duration::from_secs(60),
+        reserved: vec![],
     }
 }
 
@@ -391,4 +392,90 @@ async fn a_cold_start_advises_no_less_than_a_second_per_turn_until_measured() {
     drop(p);
     // One request took 200 ms: that is the measure now.
     assert_eq!(scheduler.advise(3), Duration::from_millis(600));
+}
+
+fn reserving(max: usize, levels: &[(i32, usize)]) -> Arc<Scheduler> {
+    Scheduler::new(Limits {
+        reserved: levels
+            .iter()
+            .map(|&(max_priority, slots)| Reservation {
+                max_priority,
+                slots,
+            })
+            .collect(),
+        ..limits(max, 1000)
+    })
+}
+
+fn admitted(a: Acquire) -> Permit {
+    match a {
+        Acquire::Admitted(p) => p,
+        Acquire::Queued(_) => panic!("queued, expected admitted"),
+        Acquire::Rejected(e) => panic!("rejected: {e}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reserved_slot_is_kept_for_urgent_work() {
+    // max_concurrency 2, one slot only for priority <= 0.
+    let s = reserving(2, &[(0, 1)]);
+    let flood_running = admitted(s.acquire(10));
+    let mut flood: Vec<Ticket> = (0..100)
+        .map(|_| match s.acquire(10) {
+            Acquire::Queued(t) => t,
+            _ => panic!("the flood must queue: the other slot is reserved"),
+        })
+        .collect();
+    assert_eq!(s.snapshot().running, 1);
+    // An urgent request starts at once, while the flood's request still runs.
+    let urgent = admitted(s.acquire(0));
+    assert_eq!(s.snapshot().running, 2);
+    let st = s.snapshot();
+    assert_eq!(st.reservations[0].used, 1);
+    assert_eq!(st.reservations[0].free, 0);
+    // The urgent one ends: its slot is not handed to the flood.
+    drop(urgent);
+    assert_eq!(s.snapshot().running, 1);
+    assert!(
+        flood[0].try_take().is_none(),
+        "the flood never uses the reserved slot"
+    );
+    assert_eq!(s.snapshot().reservations[0].free, 1);
+    // The flood's own slot turns over without pause.
+    drop(flood_running);
+    assert!(matches!(flood[0].try_take(), Some(Ok(_))));
+    assert_eq!(s.snapshot().running, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_urgent_waiter_takes_a_freed_slot_before_the_flood() {
+    let s = reserving(2, &[(0, 1)]);
+    let a = admitted(s.acquire(10));
+    let b = admitted(s.acquire(-5));
+    // Both slots busy: an urgent request queues ahead of the flood.
+    let mut flood = match s.acquire(10) {
+        Acquire::Queued(t) => t,
+        _ => panic!("queued"),
+    };
+    let mut urgent = match s.acquire(0) {
+        Acquire::Queued(t) => t,
+        _ => panic!("queued"),
+    };
+    drop(a);
+    let got = urgent.try_take();
+    assert!(matches!(got, Some(Ok(_))), "most urgent first");
+    assert!(flood.try_take().is_none());
+    drop((got, b));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reservation_levels_nest() {
+    // Of 4: one slot for <= 0, one more for <= -10.
+    let s = reserving(4, &[(0, 1), (-10, 1)]);
+    let batch: Vec<Permit> = (0..2).map(|_| admitted(s.acquire(5))).collect();
+    assert!(matches!(s.acquire(5), Acquire::Queued(_)), "batch gets 2");
+    let _normal = admitted(s.acquire(-5));
+    let _urgent = admitted(s.acquire(-20));
+    assert_eq!(s.snapshot().running, 4);
+    drop(batch);
 }

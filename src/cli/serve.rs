@@ -100,6 +100,27 @@ pub struct ServeArgs {
     /// Threads serving the proxy port, 0 for one per core (key: workers).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Reserve SLOTS for priority MAX_PRIORITY or more urgent, as
+    /// MAX_PRIORITY:SLOTS; repeat for several levels; replaces the list
+    /// (key: reserve).
+    #[arg(long = "reserve", value_name = "MAX_PRIORITY:SLOTS", value_parser = parse_reservation, allow_hyphen_values = true)]
+    pub reserve: Vec<crate::admission::Reservation>,
+}
+
+fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
+    let (p, n) = v
+        .split_once(':')
+        .ok_or_else(|| format!("`{v}`: write MAX_PRIORITY:SLOTS, e.g. 0:1"))?;
+    Ok(crate::admission::Reservation {
+        max_priority: p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{p}` is not a priority"))?,
+        slots: n
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{n}` is not a number of slots"))?,
+    })
 }
 
 impl ServeArgs {
@@ -145,6 +166,9 @@ impl ServeArgs {
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
+        }
+        if !self.reserve.is_empty() {
+            f.reserve = self.reserve.clone();
         }
         Ok(f)
     }

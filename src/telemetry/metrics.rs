@@ -80,6 +80,8 @@ pub struct Metrics {
     running: IntGaugeVec,
     max_concurrency: IntGauge,
     max_queue: IntGauge,
+    reserved_used: IntGaugeVec,
+    reserved_free: IntGaugeVec,
     /// Records the request log could not take (its channel was full).
     pub log_dropped: IntCounter,
     /// Records written to the request log.
@@ -204,6 +206,16 @@ impl Metrics {
             "The most requests that may wait in the queue.",
         )
         .expect("metric definitions are valid");
+        let reserved_used = gauge(
+            "anteroom_reserved_slots_used",
+            "Running requests that may use a reservation (at its max_priority or more urgent).",
+            &["max_priority"],
+        );
+        let reserved_free = gauge(
+            "anteroom_reserved_slots_free",
+            "More requests at a reservation's max_priority that could start now.",
+            &["max_priority"],
+        );
         let log_dropped = IntCounter::new(
             "anteroom_request_log_dropped_total",
             "Request records lost because the request log's writer could not keep up.",
@@ -254,6 +266,8 @@ impl Metrics {
             Box::new(running.clone()),
             Box::new(max_concurrency.clone()),
             Box::new(max_queue.clone()),
+            Box::new(reserved_used.clone()),
+            Box::new(reserved_free.clone()),
             Box::new(log_dropped.clone()),
             Box::new(log_written.clone()),
             Box::new(upstream_retries.clone()),
@@ -288,6 +302,8 @@ impl Metrics {
             running,
             max_concurrency,
             max_queue,
+            reserved_used,
+            reserved_free,
             log_dropped,
             log_written,
             by_priority: std::array::from_fn(|_| OnceLock::new()),
@@ -392,6 +408,14 @@ impl Metrics {
             for (&p, &n) in by {
                 vec.with_label_values(&[&priority_label(p)]).add(n as i64);
             }
+        }
+        self.reserved_used.reset();
+        self.reserved_free.reset();
+        for r in &snapshot.reservations {
+            let l = [r.max_priority.to_string()];
+            let l = [l[0].as_str()];
+            self.reserved_used.with_label_values(&l).add(r.used as i64);
+            self.reserved_free.with_label_values(&l).add(r.free as i64);
         }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
