@@ -135,7 +135,14 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let svc = self.inner.clone();
         if !self.routes.admits(req.method(), req.uri().path()) {
-            let req = req.map(Either::Right);
+            // An empty body (a GET) is passed as a buffered one, so the
+            // upstream client can send it again if a pooled connection
+            // closes under it; anything else streams through.
+            let req = if req.body().is_end_stream() {
+                req.map(|_| Either::Left(Full::new(Bytes::new())))
+            } else {
+                req.map(Either::Right)
+            };
             return ResponseFuture::calling(svc, req);
         }
         let header_priority = match header_priority(&req) {

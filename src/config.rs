@@ -112,7 +112,7 @@ impl Default for FileConfig {
             ],
             default_priority: 0,
             request_log: String::new(),
-            max_retries: 3,
+            max_retries: 5,
             retry_base_delay: "500ms".into(),
             retry_max_delay: "30s".into(),
             retry_budget: 0.5,

@@ -32,8 +32,12 @@ async fn a_backend_refusing_30_percent_of_requests_never_fails_the_run() {
         c.max_concurrency = 4.into();
         c.retry_base_delay = "10ms".into();
         // 30% refused needs ~43% retries over the run, but early in a run
-        // few requests have been counted yet: room enough for both.
+        // few requests have been counted yet: room enough for both. And a
+        // request refused max_retries + 1 times in a row is given up: at
+        // 30% that is 0.3^9 here, not 0.3^6 (the default 5), so the run
+        // never sees it.
         c.retry_budget = 1.0;
+        c.max_retries = 8;
         c.request_log = log_s;
     })
     .await;

@@ -396,3 +396,41 @@ async fn idle_connections_the_upstream_closed_are_reaped_without_a_request() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closing_every_connection_gives_no_errors_under_load() {
+    let (url, accepted) = closing_upstream().await;
+    let proxy = proxy(&url, |c| c.max_concurrency = 16.into()).await;
+    let client = client();
+    // 1,000 back to back, no pause: each pooled connection is closed by the
+    // upstream as (or just after) the next request goes out.
+    for i in 0..1000 {
+        let req = if i % 2 == 0 {
+            http::Request::get(format!("{}/v1/models", proxy.url()))
+                .body(http_body_util::Full::default())
+                .unwrap()
+        } else {
+            http::Request::post(format!("{}/v1/chat/completions", proxy.url()))
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap()
+        };
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(&body_bytes(resp).await[..], b"ok");
+    }
+    // 200 at once.
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = proxy.url();
+        tasks.push(tokio::spawn(async move {
+            let resp = chat(&support::client(), &url, None, &format!("c{i}"), false, 1).await;
+            let status = resp.status();
+            body_bytes(resp).await;
+            status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1000);
+}

@@ -25,7 +25,7 @@ use tokio::time::Timeout;
 use tower::Service;
 
 pub use guard::{StreamGuard, StreamTimeouts};
-pub use pool::PooledBody;
+pub use pool::{PooledBody, Replay};
 pub use rewrite::Origin;
 
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
@@ -78,7 +78,7 @@ where
 
 impl<B> Upstream<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
     B::Error: Into<BoxError>,
 {
     /// A client for `origin`.
@@ -98,7 +98,7 @@ where
 
 impl<B> Upstream<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
     B::Error: Into<BoxError>,
 {
     /// Idle pooled connections now.
@@ -129,7 +129,7 @@ type SendFuture<B> =
 
 impl<B> Service<Request<B>> for Upstream<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Response<StreamGuard<PooledBody<B>>>;
@@ -148,7 +148,7 @@ where
 
 impl<B> Upstream<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
     B::Error: Into<BoxError>,
 {
     fn send(&self, mut req: Request<B>) -> ResponseFuture<B> {
@@ -210,7 +210,7 @@ where
 
 impl<B> Service<Request<B>> for Upstreams<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Response<StreamGuard<PooledBody<B>>>;

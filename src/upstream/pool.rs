@@ -193,7 +193,10 @@ where
     pub(crate) async fn send(
         self: Arc<Self>,
         mut req: Request<B>,
-    ) -> Result<Response<PooledBody<B>>, BoxError> {
+    ) -> Result<Response<PooledBody<B>>, BoxError>
+    where
+        B: Replay,
+    {
         let mut reused = true;
         let mut conn = match self.checkout() {
             Some(c) => c,
@@ -203,6 +206,10 @@ where
             }
         };
         loop {
+            // On a reused connection the upstream may close it just as the
+            // request goes out (llama.cpp closes after every stream): keep a
+            // copy to send again if nothing at all comes back.
+            let replay = if reused { replay(&req) } else { None };
             let mut response = std::pin::pin!(conn.sender.try_send_request(req));
             let outcome = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = response.as_mut().poll(cx) {
@@ -225,12 +232,23 @@ where
                         checkin: Pool::checkin,
                     }));
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), replay) {
                     // Never written: the upstream closed this idle connection
                     // under us. Safe to send again, once, on a fresh one.
-                    Some(back) if reused => {
+                    (Some(back), _) if reused => {
                         tracing::debug!(error = %e.error(), "pooled connection was closed; reconnecting");
                         req = back;
+                        reused = false;
+                        conn = self.connect().await?;
+                    }
+                    // Written, but the connection closed without a byte of
+                    // answer: the upstream was closing it (it does not read
+                    // past the response it meant to be the last). Once.
+                    (None, Some(copy)) if closed_unanswered(e.error()) => {
+                        tracing::debug!(
+                            "pooled connection closed as the request went out; resending"
+                        );
+                        req = copy;
                         reused = false;
                         conn = self.connect().await?;
                     }
@@ -239,6 +257,54 @@ where
             }
         }
     }
+}
+
+/// The connection ended without a byte of answer: closed (EOF) or reset
+/// while the request went out.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Request bodies that can be sent again without having been kept by the
+/// caller: buffered ones.
+pub trait Replay: Sized {
+    /// A copy to send again, if this body can be.
+    fn replay(&self) -> Option<Self>;
+}
+
+impl<B> Replay for http_body_util::Either<http_body_util::Full<Bytes>, B> {
+    fn replay(&self) -> Option<Self> {
+        match self {
+            http_body_util::Either::Left(full) => Some(http_body_util::Either::Left(full.clone())),
+            http_body_util::Either::Right(_) => None,
+        }
+    }
+}
+
+fn replay<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
+    let body = req.body().replay()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    // Extensions are not needed past this point (the upstream ignores them).
+    Some(copy)
 }
 
 /// The upstream's response body, holding the connection it arrives on.
