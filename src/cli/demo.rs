@@ -5,7 +5,10 @@
 //! of low-priority (10) requests arrives at once, then interactive requests
 //! (priority 0) arrive one by one. The table shows the interactive ones
 //! jumping the line (and displacing batch work from the full queue) while the
-//! batch overflow gets 429s with a measured `Retry-After`.
+//! batch overflow gets 429s with a measured `Retry-After`. It then prints
+//! the `anteroom report` of its own request log, and, in a second part, an
+//! interactive user's time to first token beside an eval flood: on an idle
+//! backend, with priority alone, and with one slot reserved for urgent work.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -137,7 +140,137 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
     if !keep_log {
         let _ = std::fs::remove_file(&log_path);
     }
+    reservation().await
+}
+
+/// Part two: an interactive user's time to first token beside an eval flood,
+/// with priority alone and with a reserved slot.
+async fn reservation() -> Result<(), BoxError> {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let sim = sim::start(
+        loopback,
+        SimConfig {
+            mode: Mode::Batch,
+            slots: 2,
+            ttft: Duration::from_millis(30),
+            tokens_per_second: 200.0,
+            batch_slowdown: 0.0,
+            ..SimConfig::default()
+        },
+    )
+    .await?;
+    println!(
+        "Reserved capacity: a batch simulator with 2 slots behind max_concurrency 2; an eval \
+         flood of 1 s streams (priority 10) and an interactive user (priority 0).\n"
+    );
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut rows = Vec::new();
+    for (label, reserve, flood) in [
+        ("idle backend", false, false),
+        ("under the flood, priority only", false, true),
+        (
+            "under the flood, 1 slot reserved for priority <= 0",
+            true,
+            true,
+        ),
+    ] {
+        let file = FileConfig {
+            listen: "127.0.0.1:0".into(),
+            admin_listen: "127.0.0.1:0".into(),
+            upstream: sim.url().into(),
+            max_concurrency: 2.into(),
+            reserve: if reserve {
+                vec![crate::admission::Reservation {
+                    max_priority: 0,
+                    slots: 1,
+                }]
+            } else {
+                vec![]
+            },
+            ..FileConfig::default()
+        };
+        let proxy = super::serve::start(&file.validate()?).await?;
+        let url = format!("{}/v1/chat/completions", proxy.url());
+        let mut background = Vec::new();
+        if flood {
+            for _ in 0..4 {
+                let (client, url) = (client.clone(), url.clone());
+                background.push(tokio::spawn(async move {
+                    // Back to back, each read to its end, like an eval worker.
+                    loop {
+                        if stream_all(&client, &url, 10, 200).await.is_err() {
+                            break;
+                        }
+                    }
+                }));
+            }
+            // Let the flood fill the slots and the queue.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let mut ttft = Vec::new();
+        for _ in 0..3 {
+            ttft.push(first_token(&client, &url, 0, 4).await?.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for b in background {
+            b.abort();
+        }
+        ttft.sort_unstable();
+        rows.push((label, ttft[ttft.len() / 2]));
+    }
+    for (label, ms) in rows {
+        println!("  interactive time to first token, {label:<52} {ms:>5} ms");
+    }
     Ok(())
+}
+
+/// Send a streamed request and read it to its end.
+async fn stream_all(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    priority: i32,
+    max_tokens: usize,
+) -> Result<(), BoxError> {
+    let body = serde_json::json!({
+        "model": "anteroom-sim",
+        "stream": true,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Summarise this document."}],
+    });
+    let req = Request::post(url)
+        .header("content-type", "application/json")
+        .header("x-priority", priority)
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    client.request(req).await?.into_body().collect().await?;
+    Ok(())
+}
+
+/// Send a streamed request and return the time to its first data.
+async fn first_token(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    priority: i32,
+    max_tokens: usize,
+) -> Result<Duration, BoxError> {
+    let body = serde_json::json!({
+        "model": "anteroom-sim",
+        "stream": true,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Say something."}],
+    });
+    let req = Request::post(url)
+        .header("content-type", "application/json")
+        .header("x-priority", priority)
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let start = Instant::now();
+    let resp = client.request(req).await?;
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        if frame?.data_ref().is_some_and(|d| !d.is_empty()) {
+            return Ok(start.elapsed());
+        }
+    }
+    Err("the stream ended without data".into())
 }
 
 async fn send(

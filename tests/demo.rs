@@ -1,0 +1,44 @@
+//! The README's first command: `anteroom demo` runs to its end and shows what
+//! it claims to.
+
+#[test]
+fn the_demo_runs_and_shows_priority_report_and_reservation() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .arg("demo")
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "max_concurrency 1 held",
+        "`anteroom report --by priority`",
+        "| all | queue wait |",
+        "Reserved capacity",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in\n{text}");
+    }
+    let ttft = |label: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("no `{label}` line in\n{text}"));
+        line.split_whitespace()
+            .rev()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number in `{line}`"))
+    };
+    let priority_only = ttft("priority only");
+    let reserved = ttft("1 slot reserved");
+    // A reserved slot lets the interactive user past the running flood;
+    // priority alone makes it wait for a flood stream to end.
+    assert!(
+        reserved < priority_only,
+        "reserved {reserved} ms, priority only {priority_only} ms\n{text}"
+    );
+}
