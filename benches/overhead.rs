@@ -250,6 +250,7 @@ async fn main() {
         "1000000",
         "--batch-slowdown",
         "0",
+        "--stamp-events",
     ]);
     let proxy = spawn(&[
         "serve",
@@ -328,6 +329,74 @@ async fn main() {
         }
         println!();
     }
+
+    // Delivery delay of each SSE event: the simulator stamps its wall-clock
+    // send time into every chunk; the client, on the same machine, reads it
+    // on arrival. 20 streams of 40 events 5 ms apart, one stream at a time.
+    println!(
+        "SSE event delivery delay (backend write -> client read), 20 x 40 events, 5 ms apart:"
+    );
+    let slow = Bytes::from(
+        serde_json::json!({
+            "model": "m", "stream": true, "max_tokens": 40, "sim_tokens_per_second": 200,
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+        })
+        .to_string(),
+    );
+    let mut all = vec![("direct", direct.clone())];
+    all.extend(targets.iter().map(|(n, u, _)| (*n, u.clone())));
+    let mut direct_p50 = None;
+    for (name, url) in all {
+        let mut delays = Vec::new();
+        for _ in 0..20 {
+            delays.extend(event_delays(&client, &url, &slow).await);
+        }
+        delays.sort();
+        let p50 = pct(&delays, 0.5);
+        let added = direct_p50.map_or(String::new(), |d: Duration| {
+            format!(" (adds {:?} at p50)", p50.saturating_sub(d))
+        });
+        direct_p50.get_or_insert(p50);
+        println!(
+            "  {name:<9} p50 {:?} p99 {:?} max {:?} over {} events{added}",
+            p50,
+            pct(&delays, 0.99),
+            delays.last().copied().unwrap_or_default(),
+            delays.len()
+        );
+    }
+}
+
+/// One streamed request; the delay of each event from its `x_sent_ns`.
+async fn event_delays(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    body: &Bytes,
+) -> Vec<Duration> {
+    let req = Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()))
+        .unwrap();
+    let mut resp = client.request(req).await.unwrap().into_body();
+    let mut out = Vec::new();
+    while let Some(frame) = resp.frame().await {
+        let Ok(frame) = frame else { break };
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let text = String::from_utf8_lossy(data);
+        for part in text.split("\"x_sent_ns\":").skip(1) {
+            let digits: String = part.chars().take_while(|c| c.is_ascii_digit()).collect();
+            if let Ok(sent) = digits.parse::<u64>() {
+                out.push(Duration::from_nanos(now.saturating_sub(sent)));
+            }
+        }
+    }
+    out
 }
 
 /// nginx as a reverse proxy to `upstream`: one worker, no master process (so

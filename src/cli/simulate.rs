@@ -55,6 +55,9 @@ pub struct SimulateArgs {
     /// Share of new connections closed at once (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     pub refuse_connections: f64,
+    /// Put each SSE chunk's wall-clock send time in it (`x_sent_ns`).
+    #[arg(long)]
+    pub stamp_events: bool,
 }
 
 impl SimulateArgs {
@@ -75,6 +78,7 @@ impl SimulateArgs {
             stall_after_tokens: self.stall_after_tokens,
             reject_over: self.reject_over,
             refuse_connections: self.refuse_connections,
+            stamp_events: self.stamp_events,
         }
     }
 }

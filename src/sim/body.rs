@@ -21,6 +21,11 @@ pub(crate) struct Completion {
     pub(crate) tokens: usize,
     pub(crate) prompt_tokens: usize,
     pub(crate) include_usage: bool,
+    /// Per-request token interval (`sim_tokens_per_second` in the body).
+    pub(crate) interval: Option<std::time::Duration>,
+    /// Put the wall-clock send time in each chunk (`x_sent_ns`), so a client
+    /// on the same machine can measure each event's delivery delay.
+    pub(crate) stamp: bool,
 }
 
 impl Completion {
@@ -63,6 +68,12 @@ impl Completion {
         });
         if let Some(u) = usage {
             v["usage"] = u;
+        }
+        if self.stamp {
+            let ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            v["x_sent_ns"] = ns.into();
         }
         Bytes::from(format!("data: {v}\n\n"))
     }
@@ -172,7 +183,10 @@ impl Body for SseBody {
                     this.completion.chunk(serde_json::json!([c]), None)
                 };
                 this.phase = if i + 1 < this.completion.tokens {
-                    let interval = this.state.token_interval();
+                    let interval = this
+                        .completion
+                        .interval
+                        .unwrap_or_else(|| this.state.token_interval());
                     this.waiting = !interval.is_zero();
                     if this.waiting {
                         this.sleep

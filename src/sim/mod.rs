@@ -80,6 +80,9 @@ pub struct SimConfig {
     /// Share of new connections closed at once, before any response (0 to
     /// 1): a server restarting or out of sockets.
     pub refuse_connections: f64,
+    /// Put each SSE chunk's wall-clock send time in it (`x_sent_ns`), for
+    /// measuring delivery delay (benches).
+    pub stamp_events: bool,
 }
 
 impl Default for SimConfig {
@@ -99,6 +102,7 @@ impl Default for SimConfig {
             stall_after_tokens: None,
             reject_over: None,
             refuse_connections: 0.0,
+            stamp_events: false,
         }
     }
 }
@@ -518,6 +522,12 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
         tokens: n,
         prompt_tokens,
         include_usage,
+        interval: value
+            .get("sim_tokens_per_second")
+            .and_then(|v| v.as_f64())
+            .filter(|r| *r > 0.0)
+            .map(|r| Duration::from_secs_f64(1.0 / r)),
+        stamp: state.cfg.stamp_events,
     };
     if stream {
         let body = SseBody::new(state.clone(), completion, guard, slot);
