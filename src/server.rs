@@ -28,7 +28,7 @@ pub async fn serve(listener: TcpListener, stack: Stack, shutdown: impl Future<Ou
                 req.extensions_mut().insert(client.clone());
                 req
             });
-        Some(TowerToHyperService::new(svc))
+        Some(Served::new(TowerToHyperService::new(svc)))
     })
     .await
 }
@@ -41,9 +41,22 @@ where
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     accept_loop(listener, std::future::pending(), move |_| {
-        Some(hyper::service::service_fn(f.clone()))
+        Some(Served::new(hyper::service::service_fn(f.clone())))
     })
     .await
+}
+
+/// A connection's service, and a signal to close the connection once what is
+/// in flight is done (the simulator's closing modes).
+pub(crate) struct Served<S> {
+    pub(crate) svc: S,
+    pub(crate) close: Option<std::sync::Arc<tokio::sync::Notify>>,
+}
+
+impl<S> Served<S> {
+    pub(crate) fn new(svc: S) -> Self {
+        Self { svc, close: None }
+    }
 }
 
 /// Accept connections until `shutdown`, serving each with the service `make`
@@ -53,7 +66,7 @@ pub(crate) async fn accept_loop<S, M>(
     shutdown: impl Future<Output = ()>,
     make: M,
 ) where
-    M: Fn(SocketAddr) -> Option<S>,
+    M: Fn(SocketAddr) -> Option<Served<S>>,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Send
         + 'static,
@@ -79,12 +92,25 @@ pub(crate) async fn accept_loop<S, M>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        let Some(svc) = make(addr) else {
+        let Some(Served { svc, close }) = make(addr) else {
             continue;
         };
         let builder = builder.clone();
         tokio::spawn(async move {
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let ended = match close {
+                None => conn.await,
+                Some(close) => tokio::select! {
+                    ended = conn.as_mut() => ended,
+                    _ = close.notified() => {
+                        // Finish what is in flight, then close.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                },
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, %addr, "connection ended with an error");
             }
         });

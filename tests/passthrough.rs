@@ -434,3 +434,66 @@ async fn an_upstream_closing_every_connection_gives_no_errors_under_load() {
     }
     assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1000);
 }
+
+async fn no_errors_against(cfg: anteroom::sim::SimConfig) -> anteroom::sim::Stats {
+    let (sim, proxy, client) = setup(cfg, |c| c.max_concurrency = 16.into()).await;
+    for i in 0..1000 {
+        let resp = chat(&client, &proxy.url(), None, &format!("s{i}"), i % 2 == 0, 2).await;
+        assert_eq!(resp.status(), 200, "sequential request {i}");
+        body_bytes(resp).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = proxy.url();
+        tasks.push(tokio::spawn(async move {
+            let resp = chat(
+                &support::client(),
+                &url,
+                None,
+                &format!("c{i}"),
+                i % 2 == 0,
+                2,
+            )
+            .await;
+            let status = resp.status();
+            body_bytes(resp).await;
+            status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    sim.stats()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulator_closing_every_connection_gives_no_errors() {
+    let stats = no_errors_against(anteroom::sim::SimConfig {
+        close_after_response: true,
+        ttft: Duration::ZERO,
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    assert_eq!(stats.completed, 1200);
+    assert!(
+        stats.connections >= 1000,
+        "it closed them: {}",
+        stats.connections
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulator_closing_idle_connections_at_random_gives_no_errors() {
+    let stats = no_errors_against(anteroom::sim::SimConfig {
+        close_idle_share: 0.3,
+        ttft: Duration::ZERO,
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    assert_eq!(stats.completed, 1200);
+    assert!(
+        stats.connections > 50,
+        "it closed some: {}",
+        stats.connections
+    );
+}

@@ -58,6 +58,13 @@ pub struct SimulateArgs {
     /// Put each SSE chunk's wall-clock send time in it (`x_sent_ns`).
     #[arg(long)]
     pub stamp_events: bool,
+    /// Close every connection after its response (as llama.cpp's server).
+    #[arg(long)]
+    pub close_after_response: bool,
+    /// Share of responses after which the idle connection is closed 0-50 ms
+    /// later.
+    #[arg(long, default_value_t = 0.0)]
+    pub close_idle_share: f64,
 }
 
 impl SimulateArgs {
@@ -79,6 +86,8 @@ impl SimulateArgs {
             reject_over: self.reject_over,
             refuse_connections: self.refuse_connections,
             stamp_events: self.stamp_events,
+            close_after_response: self.close_after_response,
+            close_idle_share: self.close_idle_share,
         }
     }
 }

@@ -83,6 +83,12 @@ pub struct SimConfig {
     /// Put each SSE chunk's wall-clock send time in it (`x_sent_ns`), for
     /// measuring delivery delay (benches).
     pub stamp_events: bool,
+    /// Close every connection after its response, though the response
+    /// announced keep-alive (llama.cpp's server does).
+    pub close_after_response: bool,
+    /// Share of responses after which the connection, once idle, is closed
+    /// a random 0–50 ms later (an upstream's idle timeout).
+    pub close_idle_share: f64,
 }
 
 impl Default for SimConfig {
@@ -103,6 +109,8 @@ impl Default for SimConfig {
             reject_over: None,
             refuse_connections: 0.0,
             stamp_events: false,
+            close_after_response: false,
+            close_idle_share: 0.0,
         }
     }
 }
@@ -147,6 +155,7 @@ pub struct SimState {
     rejected: AtomicU64,
     refused_connections: AtomicU64,
     generation_requests: AtomicU64,
+    responses: AtomicU64,
     order: Mutex<Vec<String>>,
     next_id: AtomicU64,
 }
@@ -171,6 +180,7 @@ impl SimState {
             rejected: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
             generation_requests: AtomicU64::new(0),
+            responses: AtomicU64::new(0),
             order: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
         })
@@ -335,10 +345,20 @@ pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
             return None;
         }
         let state = state.clone();
-        Some(hyper::service::service_fn(move |req: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(state, req).await) }
-        }))
+        let close = Arc::new(tokio::sync::Notify::new());
+        let closer = close.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (state, closer) = (state.clone(), closer.clone());
+            async move {
+                let resp = handle(state.clone(), req).await;
+                state.maybe_close(closer);
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        Some(crate::server::Served {
+            svc,
+            close: Some(close),
+        })
     })
     .await;
 }
@@ -372,6 +392,33 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
 }
 
 impl SimState {
+    /// After a response: close its connection when a closing mode says so.
+    fn maybe_close(&self, close: Arc<tokio::sync::Notify>) {
+        if self.cfg.close_after_response {
+            // After the response's head is out (so it still announces
+            // keep-alive, as llama.cpp's does), then close.
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                close.notify_one();
+            });
+            return;
+        }
+        let share = self.cfg.close_idle_share.clamp(0.0, 1.0);
+        if share == 0.0 {
+            return;
+        }
+        let n = self.responses.fetch_add(1, Ordering::SeqCst);
+        let x = crate::edge::splitmix(n ^ 0x5eed);
+        if (x >> 11) as f64 / (1u64 << 53) as f64 >= share {
+            return;
+        }
+        let delay = Duration::from_millis(x % 51);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            close.notify_one();
+        });
+    }
+
     /// Whether this generation request is one of the `reject_share`.
     fn refuses(&self) -> bool {
         if self
