@@ -343,13 +343,19 @@ async fn main() {
         })
         .to_string(),
     );
-    let mut all = vec![("direct", direct.clone())];
-    all.extend(targets.iter().map(|(n, u, _)| (*n, u.clone())));
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut all = vec![("direct", direct.clone(), &client)];
+    all.extend(targets.iter().map(|(n, u, _)| (*n, u.clone(), &client)));
+    // The same through anteroom over HTTP/2 (h2c; nginx's proxy here speaks
+    // HTTP/1.1 only).
+    all.push(("anteroom h2", proxied.clone(), &h2));
     let mut direct_p50 = None;
-    for (name, url) in all {
+    for (name, url, client) in all {
         let mut delays = Vec::new();
         for _ in 0..20 {
-            delays.extend(event_delays(&client, &url, &slow).await);
+            delays.extend(event_delays(client, &url, &slow).await);
         }
         delays.sort();
         let p50 = pct(&delays, 0.5);
@@ -358,7 +364,7 @@ async fn main() {
         });
         direct_p50.get_or_insert(p50);
         println!(
-            "  {name:<9} p50 {:?} p99 {:?} max {:?} over {} events{added}",
+            "  {name:<11} p50 {:?} p99 {:?} max {:?} over {} events{added}",
             p50,
             pct(&delays, 0.99),
             delays.last().copied().unwrap_or_default(),
