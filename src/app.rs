@@ -9,6 +9,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
 use crate::admission::AdmissionLayer;
+use crate::auth::AuthLayer;
 use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::Config;
@@ -63,6 +64,9 @@ where
         // it sees errors as errors (with their code), outside everything
         // else so its clock starts at arrival and stops at the last byte.
         .layer(TelemetryLayer::new(recorder.clone()))
+        // Who is asking: a 401 before anything is buffered or queued, but
+        // recorded (inside telemetry); the key's name is the tenant.
+        .layer(AuthLayer::new(config.keys.clone()))
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
         .layer(ClassifyLayer::new(config.routes.clone()))

@@ -26,6 +26,7 @@ use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower::{Layer, Service};
 
+use crate::auth::Tenant;
 use crate::error::{BadRequest, BodyTooLarge};
 use crate::json_scan;
 use crate::telemetry::{Classified, Tap};
@@ -300,9 +301,17 @@ where
                         }
                     };
                     let fields = json_scan::scan(&bytes);
-                    let priority = header_priority
+                    let tenant = parts.extensions.get::<Tenant>();
+                    let asked = header_priority
                         .or(fields.priority)
+                        .or(tenant.and_then(|t| t.default_priority))
                         .unwrap_or(default_priority);
+                    // A key may not ask for more urgency than it is allowed.
+                    let priority = match tenant.and_then(|t| t.max_priority) {
+                        Some(most) if asked < most => most,
+                        _ => asked,
+                    };
+                    let clamped_from = (priority != asked).then_some(asked);
                     if let Some(tap) = parts.extensions.get::<Tap>() {
                         tap.classify(Classified {
                             model: fields.model.map(|m| {
@@ -311,6 +320,7 @@ where
                             }),
                             priority,
                             stream: fields.stream.unwrap_or(false),
+                            clamped_from,
                         });
                     }
                     if keep_model {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admission::adaptive::AdaptiveBounds;
 use crate::admission::{Limits, Reservation};
+use crate::auth::Key;
 use crate::backoff::RetryPolicy;
 use crate::classify::{Priority, Routes};
 use crate::upstream::{ClientSettings, Origin, StreamTimeouts};
@@ -86,6 +87,28 @@ pub struct FileConfig {
     /// Slots kept for urgent work: `[[reserve]]` tables of `max_priority`
     /// and `slots`.
     pub reserve: Vec<Reservation>,
+    /// API keys: `[[key]]` tables. None: anteroom is open.
+    pub key: Vec<KeyEntry>,
+}
+
+/// One `[[key]]` table. The secret is never written here in plain text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    /// A name: the tenant, in records and metrics.
+    pub name: String,
+    /// SHA-256 of the key, 64 hex digits (`printf %s "$KEY" | sha256sum`).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Or: the environment variable that holds the key.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// Priority of its requests that name none.
+    #[serde(default)]
+    pub default_priority: Option<Priority>,
+    /// The most urgent priority it may ask for; more urgent is clamped.
+    #[serde(default)]
+    pub max_priority: Option<Priority>,
 }
 
 impl Default for FileConfig {
@@ -123,6 +146,7 @@ impl Default for FileConfig {
             eject_after: 3,
             workers: 0,
             reserve: Vec::new(),
+            key: Vec::new(),
         }
     }
 }
@@ -369,6 +393,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Threads serving the proxy port (resolved: at least 1).
     pub workers: usize,
+    /// API keys, resolved to digests.
+    pub keys: Vec<Key>,
 }
 
 /// Health checks (several upstreams only).
@@ -475,6 +501,7 @@ impl FileConfig {
                 "reserve: two reservations for the same max_priority; merge them".into(),
             ));
         }
+        let keys = self.keys()?;
         let health_interval = positive("health_interval", &self.health_interval)?;
         if !self.health_path.starts_with('/') {
             return Err(ConfigError(format!(
@@ -523,6 +550,7 @@ impl FileConfig {
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),
             adaptive,
+            keys,
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
@@ -539,6 +567,44 @@ impl FileConfig {
                 budget: self.retry_budget,
             },
         })
+    }
+}
+
+impl FileConfig {
+    /// The `[[key]]`s, each with its digest (reading `env` variables now).
+    fn keys(&self) -> Result<Vec<Key>, ConfigError> {
+        let mut out: Vec<Key> = Vec::new();
+        for k in &self.key {
+            let at = format!("key `{}`", k.name);
+            if out.iter().any(|o| &*o.name == k.name.as_str()) {
+                return Err(ConfigError(format!("{at}: the name is used twice")));
+            }
+            let digest = match (&k.sha256, &k.env) {
+                (Some(hex), None) => crate::auth::parse_hex_digest(hex)
+                    .ok_or_else(|| ConfigError(format!("{at}: sha256 must be 64 hex digits")))?,
+                (None, Some(var)) => {
+                    let secret = std::env::var(var).map_err(|_| {
+                        ConfigError(format!("{at}: the environment variable {var} is not set"))
+                    })?;
+                    if secret.trim().is_empty() {
+                        return Err(ConfigError(format!("{at}: {var} is empty")));
+                    }
+                    crate::auth::digest(secret.trim().as_bytes())
+                }
+                _ => {
+                    return Err(ConfigError(format!(
+                        "{at}: give exactly one of sha256 or env (never the key itself)"
+                    )))
+                }
+            };
+            out.push(Key {
+                name: k.name.as_str().into(),
+                digest,
+                default_priority: k.default_priority,
+                max_priority: k.max_priority,
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -12,6 +12,7 @@
 //! | status | `type` | `code` | when |
 //! |---|---|---|---|
 //! | 400 | `invalid_request_error` | `invalid_priority`, `invalid_body` | bad `x-priority`; unreadable body |
+//! | 401 | `invalid_request_error` | `invalid_api_key` | keys are configured and none (or a wrong one) was presented |
 //! | 404 | `invalid_request_error` | `model_not_found` | no `[[upstream]]` serves the body's `model` |
 //! | 413 | `invalid_request_error` | `request_too_large` | body over `max_body_bytes` |
 //! | 429 | `rate_limit_error` | `queue_full`, `queue_timeout` | queue full (or displaced by a more urgent request); waited too long |
@@ -54,6 +55,26 @@ impl fmt::Display for BadRequest {
 }
 
 impl StdError for BadRequest {}
+
+/// No API key, or a wrong one (401).
+#[derive(Debug)]
+pub struct Unauthorized {
+    why: &'static str,
+}
+
+impl Unauthorized {
+    pub(crate) fn new(why: &'static str) -> Self {
+        Self { why }
+    }
+}
+
+impl fmt::Display for Unauthorized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.why)
+    }
+}
+
+impl StdError for Unauthorized {}
 
 /// No upstream serves the requested model (404).
 #[derive(Debug)]
@@ -213,6 +234,14 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             e.code,
+            None,
+        );
+    }
+    if cause::<Unauthorized>(err).is_some() {
+        return d(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
             None,
         );
     }

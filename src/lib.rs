@@ -10,10 +10,10 @@
 //! # The request path
 //!
 //! ```text
-//! client ─▶ server ─▶ Edge ─▶ Telemetry ─▶ Classify ─▶ Route ─▶ Admission ─▶ Backoff ─▶ Upstream ─▶ model server(s)
-//!           (accept)  (id,     (Tap: the     (priority,   (which    (queue,       (429/503:   (pooled client;
-//!                     rescue)  request's     buffer body) upstream, permit, per   wait, retry, stamps dispatch
-//!                              record)                    by model) upstream)     pause all)  and headers)
+//! client ─▶ server ─▶ Edge ─▶ Telemetry ─▶ Auth ─▶ Classify ─▶ Route ─▶ Admission ─▶ Backoff ─▶ Upstream ─▶ model server(s)
+//!           (accept)  (id,     (Tap: the     (API    (priority,   (which    (queue,       (429/503:   (pooled client;
+//!                     rescue)  request's     key →   buffer body) upstream, permit, per   wait, retry, stamps dispatch
+//!                              record)       tenant)              by model) upstream)     pause all)  and headers)
 //! client ◀── TimedBody (first token, token events, usage, last byte → one Record)
 //!                 ◀── PermitBody (slot released at end of body or drop) ◀── upstream body
 //! ```
@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod auth;
 pub mod backoff;
 pub mod classify;
 pub mod cli;

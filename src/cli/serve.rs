@@ -432,6 +432,12 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
             config.listen, config.admin_listen
         )
     })?;
+    if config.keys.is_empty() && !running.addr.ip().is_loopback() {
+        tracing::warn!(
+            listen = %running.addr,
+            "listening beyond loopback with no API keys: anyone who can reach this port can use the backend (add [[key]] entries)"
+        );
+    }
     tracing::info!(
         listen = %running.addr,
         admin = %running.admin_addr,

@@ -66,6 +66,9 @@ use crate::BoxError;
 
 /// The W3C Server-Timing header.
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+/// On an admitted response whose priority the key's `max_priority` clamped:
+/// the priority it ran at.
+pub const CLAMPED_HEADER: HeaderName = HeaderName::from_static("x-anteroom-priority-clamped");
 /// The OpenAI SDKs' retry counter: above 0 on a client's own retry.
 const CLIENT_RETRY: HeaderName = HeaderName::from_static("x-stainless-retry-count");
 /// Milliseconds the request spent queued (arrival → dispatch), on admitted
@@ -121,6 +124,8 @@ pub struct Classified {
     pub priority: Priority,
     /// `stream: true` in the body.
     pub stream: bool,
+    /// The priority asked for, when the key's `max_priority` clamped it.
+    pub clamped_from: Option<Priority>,
 }
 
 /// A request's notes, filled in by the steps it passes. Cloning shares them.
@@ -135,6 +140,7 @@ struct TapInner {
     headers: AtomicU64,
     retries: AtomicU32,
     stream_error: OnceLock<&'static str>,
+    tenant: OnceLock<Arc<str>>,
     classified: OnceLock<Classified>,
 }
 
@@ -146,6 +152,7 @@ impl Tap {
             headers: AtomicU64::new(0),
             retries: AtomicU32::new(0),
             stream_error: OnceLock::new(),
+            tenant: OnceLock::new(),
             classified: OnceLock::new(),
         }))
     }
@@ -163,6 +170,16 @@ impl Tap {
     /// Note that the request was handed to the upstream now.
     pub fn dispatched(&self) {
         self.stamp(&self.0.dispatched);
+    }
+
+    /// Note who is asking (the API key's name).
+    pub fn set_tenant(&self, name: Arc<str>) {
+        let _ = self.0.tenant.set(name);
+    }
+
+    /// Who is asking, if keys are configured.
+    pub fn tenant(&self) -> Option<&Arc<str>> {
+        self.0.tenant.get()
     }
 
     /// Note that the upstream's stream failed part-way, with this code
@@ -425,6 +442,11 @@ impl Capture {
             headers.append(SERVER_TIMING, v);
         }
         headers.insert(QUEUE_MS_HEADER, HeaderValue::from(queue.as_millis() as u64));
+        if let Some(c) = self.tap.0.classified.get() {
+            if c.clamped_from.is_some() {
+                headers.insert(CLAMPED_HEADER, HeaderValue::from(c.priority));
+            }
+        }
     }
 
     /// Tell the adaptive limit how long the backend took to its first

@@ -73,6 +73,9 @@ pub struct Record {
     pub priority: Option<Priority>,
     /// The client's IP address.
     pub client: Option<IpAddr>,
+    /// The API key's name, when keys are configured.
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// Whether the response was a stream (`stream: true` or an SSE response).
     pub stream: bool,
     /// Status sent to the client; 499 when the client left before any.
@@ -176,6 +179,7 @@ impl Finished {
             model: self.tap.classified().and_then(|c| c.model.clone()),
             priority: self.priority,
             client: self.client,
+            tenant: self.tap.tenant().map(|t| t.to_string()),
             stream: self.stream,
             status: self.status,
             error: self.error.map(str::to_owned),

@@ -1,0 +1,266 @@
+//! Step 0b' of the request path: who is asking (tenants and API keys).
+//!
+//! With `[[key]]`s configured, every request must present one, as
+//! `Authorization: Bearer …` or `x-api-key: …`; a missing or wrong key is a
+//! 401 in the OpenAI error shape (`invalid_api_key`). Keys are never kept
+//! in the config in plain text: each is given as its SHA-256 (hex) or as the
+//! name of an environment variable that holds it. The presented key is
+//! hashed and compared with every configured digest in constant time.
+//! The key's name becomes the request's tenant (in its record); its
+//! `default_priority` and `max_priority` (the most urgent it may ask for)
+//! apply in [`classify`](crate::classify). The client's key is not
+//! forwarded: it is anteroom's, not the backend's.
+//!
+//! With no keys configured anteroom is open (fine on loopback; the server
+//! warns when it listens elsewhere without keys).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{HeaderName, AUTHORIZATION};
+use http::Request;
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service};
+
+use crate::classify::Priority;
+use crate::error::Unauthorized;
+use crate::telemetry::Tap;
+use crate::BoxError;
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// One configured key, resolved.
+#[derive(Clone, Debug)]
+pub struct Key {
+    /// Its name: the tenant.
+    pub name: Arc<str>,
+    /// SHA-256 of the secret.
+    pub digest: [u8; 32],
+    /// Priority of its requests that name none.
+    pub default_priority: Option<Priority>,
+    /// The most urgent priority it may ask for; more urgent is clamped.
+    pub max_priority: Option<Priority>,
+}
+
+/// The tenant a request was authenticated as, in its extensions.
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    /// Key name.
+    pub name: Arc<str>,
+    /// See [`Key`].
+    pub default_priority: Option<Priority>,
+    /// See [`Key`].
+    pub max_priority: Option<Priority>,
+}
+
+/// SHA-256 of `secret`, as stored.
+pub fn digest(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
+}
+
+/// Parse 64 hex digits.
+pub fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Equal, in time independent of where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Builds [`Auth`] services.
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    keys: Arc<[Key]>,
+}
+
+impl AuthLayer {
+    /// Check requests against `keys` (none: everything passes).
+    pub fn new(keys: Vec<Key>) -> Self {
+        Self { keys: keys.into() }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+/// Checks API keys: see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Auth<S> {
+    inner: S,
+    keys: Arc<[Key]>,
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future =
+        futures_util_either::Either<S::Future, std::future::Ready<Result<S::Response, BoxError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if self.keys.is_empty() {
+            return futures_util_either::Either::Left(self.inner.call(req));
+        }
+        let presented = presented_key(&req);
+        let found = presented.as_ref().and_then(|secret| {
+            let d = digest(secret.as_bytes());
+            // Compare with every key, so the time does not tell which.
+            let mut hit = None;
+            for k in self.keys.iter() {
+                if same(&k.digest, &d) {
+                    hit = Some(k);
+                }
+            }
+            hit
+        });
+        let Some(key) = found else {
+            let why = if presented.is_some() {
+                "the API key is not valid"
+            } else {
+                "an API key is required (Authorization: Bearer … or x-api-key)"
+            };
+            return futures_util_either::Either::Right(std::future::ready(Err(Unauthorized::new(
+                why,
+            )
+            .into())));
+        };
+        if let Some(tap) = req.extensions().get::<Tap>() {
+            tap.set_tenant(key.name.clone());
+        }
+        // The key is anteroom's: it does not go on to the backend.
+        req.headers_mut().remove(AUTHORIZATION);
+        req.headers_mut().remove(X_API_KEY);
+        req.extensions_mut().insert(Tenant {
+            name: key.name.clone(),
+            default_priority: key.default_priority,
+            max_priority: key.max_priority,
+        });
+        futures_util_either::Either::Left(self.inner.call(req))
+    }
+}
+
+fn presented_key<B>(req: &Request<B>) -> Option<String> {
+    if let Some(v) = req.headers().get(AUTHORIZATION) {
+        let v = v.to_str().ok()?.trim();
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))?;
+        return Some(token.trim().to_owned());
+    }
+    let v = req.headers().get(X_API_KEY)?.to_str().ok()?;
+    Some(v.trim().to_owned())
+}
+
+/// A two-way future without a dependency: `tower::util::Either` would map
+/// both errors into `BoxError` just the same, but needs matching outputs.
+mod futures_util_either {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use crate::BoxError;
+
+    pin_project_lite::pin_project! {
+        /// One of two futures.
+        #[project = Proj]
+        #[allow(missing_docs)]
+        pub enum Either<A, B> {
+            Left { #[pin] inner: A },
+            Right { #[pin] inner: B },
+        }
+    }
+
+    #[allow(non_snake_case)]
+    impl<A, B> Either<A, B> {
+        /// The first kind.
+        pub fn Left(inner: A) -> Self {
+            Either::Left { inner }
+        }
+
+        /// The second kind.
+        pub fn Right(inner: B) -> Self {
+            Either::Right { inner }
+        }
+    }
+
+    impl<A, B, T, E> Future for Either<A, B>
+    where
+        A: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+        B: Future<Output = Result<T, BoxError>>,
+    {
+        type Output = Result<T, BoxError>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.project() {
+                Proj::Left { inner } => inner.poll(cx).map_err(Into::into),
+                Proj::Right { inner } => inner.poll(cx),
+            }
+        }
+    }
+
+    impl<A, B> std::fmt::Debug for Either<A, B> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Either")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_parse_and_compare() {
+        let d = digest(b"sk-test");
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(parse_hex_digest(&hex), Some(d));
+        assert_eq!(parse_hex_digest("abc"), None);
+        assert!(same(&d, &d));
+        assert!(!same(&d, &digest(b"sk-tesT")));
+    }
+
+    #[test]
+    fn keys_are_read_from_either_header() {
+        let r = Request::builder()
+            .header("authorization", "Bearer sk-1")
+            .body(())
+            .unwrap();
+        assert_eq!(presented_key(&r).as_deref(), Some("sk-1"));
+        let r = Request::builder()
+            .header("x-api-key", "sk-2")
+            .body(())
+            .unwrap();
+        assert_eq!(presented_key(&r).as_deref(), Some("sk-2"));
+        let r = Request::builder()
+            .header("authorization", "Basic x")
+            .body(())
+            .unwrap();
+        assert_eq!(presented_key(&r), None);
+    }
+}

@@ -1,0 +1,183 @@
+//! API keys: 401 without a good one, the key stays with anteroom, the key's
+//! name is the tenant, and its priority bounds apply.
+
+mod support;
+
+use std::convert::Infallible;
+
+use anteroom::config::KeyEntry;
+use anteroom::telemetry::Record;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use support::*;
+
+/// An upstream that says whether it was sent an Authorization or x-api-key.
+async fn echo_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(anteroom::server::serve_fn(
+        listener,
+        |req: Request<Incoming>| async move {
+            let leaked = req.headers().contains_key("authorization")
+                || req.headers().contains_key("x-api-key");
+            let body = serde_json::json!({"leaked": leaked}).to_string();
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(
+                        Full::new(Bytes::from(body))
+                            .map_err(|n| match n {})
+                            .boxed_unsync(),
+                    )
+                    .unwrap(),
+            )
+        },
+    ));
+    url
+}
+
+fn hex(d: [u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn post(
+    client: &HttpClient,
+    base: &str,
+    header: Option<(&str, &str)>,
+    priority: Option<i32>,
+    id: &str,
+) -> Response<Incoming> {
+    let mut b = Request::post(format!("{base}/v1/chat/completions")).header("x-request-id", id);
+    if let Some((k, v)) = header {
+        b = b.header(k, v);
+    }
+    if let Some(p) = priority {
+        b = b.header("x-priority", p);
+    }
+    client
+        .request(
+            b.body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn keys_are_checked_kept_and_named() {
+    std::env::set_var("ANTEROOM_TEST_KEY_B", "sk-bravo");
+    let upstream = echo_upstream().await;
+    let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("auth-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let log_s = log.display().to_string();
+    let proxy = proxy(&upstream, |c| {
+        c.request_log = log_s;
+        c.key = vec![
+            KeyEntry {
+                name: "alpha".into(),
+                sha256: Some(hex(anteroom::auth::digest(b"sk-alpha"))),
+                env: None,
+                default_priority: Some(10),
+                max_priority: Some(5),
+            },
+            KeyEntry {
+                name: "bravo".into(),
+                sha256: None,
+                env: Some("ANTEROOM_TEST_KEY_B".into()),
+                default_priority: None,
+                max_priority: None,
+            },
+        ];
+    })
+    .await;
+    let client = client();
+    let base = proxy.url();
+
+    // No key, a wrong key: 401 in the OpenAI shape, nothing reaches upstream.
+    for (h, id) in [
+        (None, "none"),
+        (Some(("authorization", "Bearer sk-wrong")), "wrong"),
+    ] {
+        let resp = post(&client, &base, h, None, id).await;
+        assert_eq!(resp.status(), 401, "{id}");
+        let err = body_json(resp).await;
+        assert_eq!(err["error"]["code"], "invalid_api_key");
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+        assert!(
+            !err.to_string().contains("sk-wrong"),
+            "the key is never echoed"
+        );
+    }
+
+    // Good keys, either header: through, and the key is not passed on.
+    let resp = post(
+        &client,
+        &base,
+        Some(("authorization", "Bearer sk-alpha")),
+        None,
+        "a1",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("x-anteroom-priority-clamped"));
+    assert_eq!(body_json(resp).await["leaked"], false);
+    let resp = post(&client, &base, Some(("x-api-key", "sk-bravo")), None, "b1").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_json(resp).await["leaked"], false);
+
+    // alpha may not ask for more urgency than 5: clamped, and told so.
+    let resp = post(
+        &client,
+        &base,
+        Some(("authorization", "Bearer sk-alpha")),
+        Some(0),
+        "a2",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header_u64(&resp, "x-anteroom-priority-clamped"), Some(5));
+    body_bytes(resp).await;
+
+    proxy.recorder.flush().await;
+    let recs: Vec<Record> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by = |id: &str| recs.iter().find(|r| r.request_id == id).unwrap().clone();
+    assert_eq!(by("none").status, 401);
+    assert_eq!(by("none").tenant, None);
+    assert_eq!(by("a1").tenant.as_deref(), Some("alpha"));
+    assert_eq!(by("a1").priority, Some(10), "alpha's default priority");
+    assert_eq!(by("b1").tenant.as_deref(), Some("bravo"));
+    assert_eq!(by("b1").priority, Some(0));
+    assert_eq!(by("a2").priority, Some(5));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("sk-alpha") && !text.contains("sk-bravo"),
+        "no key in the log"
+    );
+}
+
+#[test]
+fn key_tables_refuse_plain_or_missing_secrets() {
+    let both = anteroom::config::FileConfig::parse(
+        "[[key]]\nname = \"x\"\nsha256 = \"00\"\nenv = \"Y\"\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err();
+    assert!(both.0.contains("exactly one"), "{}", both.0);
+    let plain = anteroom::config::FileConfig::parse("[[key]]\nname = \"x\"\nkey = \"sk-1\"\n");
+    assert!(plain.is_err(), "no field holds a plain key");
+    let unset = anteroom::config::FileConfig::parse(
+        "[[key]]\nname = \"x\"\nenv = \"ANTEROOM_SURELY_UNSET_VAR\"\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err();
+    assert!(unset.0.contains("ANTEROOM_SURELY_UNSET_VAR"), "{}", unset.0);
+}
