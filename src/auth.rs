@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use crate::classify::Priority;
-use crate::error::Unauthorized;
+use crate::error::{RateLimited, Unauthorized};
 use crate::telemetry::Tap;
 use crate::BoxError;
 
@@ -40,6 +40,18 @@ pub struct Key {
     pub default_priority: Option<Priority>,
     /// The most urgent priority it may ask for; more urgent is clamped.
     pub max_priority: Option<Priority>,
+    /// Its requests-per-minute limit (governor's GCRA), if any.
+    pub limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
+}
+
+impl Key {
+    /// A limiter for `per_minute` requests a minute (0: none).
+    pub fn limiter(per_minute: u32) -> Option<Arc<governor::DefaultDirectRateLimiter>> {
+        let n = std::num::NonZeroU32::new(per_minute)?;
+        Some(Arc::new(governor::RateLimiter::direct(
+            governor::Quota::per_minute(n),
+        )))
+    }
 }
 
 /// The tenant a request was authenticated as, in its extensions.
@@ -151,6 +163,16 @@ where
         };
         if let Some(tap) = req.extensions().get::<Tap>() {
             tap.set_tenant(key.name.clone());
+        }
+        if let Some(limiter) = &key.limiter {
+            if let Err(not_until) = limiter.check() {
+                use governor::clock::Clock;
+                // The limiter's own answer of when this request would pass.
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                return futures_util_either::Either::Right(std::future::ready(Err(
+                    RateLimited::new(wait).into(),
+                )));
+            }
         }
         // The key is anteroom's: it does not go on to the backend.
         req.headers_mut().remove(AUTHORIZATION);

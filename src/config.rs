@@ -109,6 +109,10 @@ pub struct KeyEntry {
     /// The most urgent priority it may ask for; more urgent is clamped.
     #[serde(default)]
     pub max_priority: Option<Priority>,
+    /// Most requests a minute (governor's GCRA: bursts up to this, then
+    /// spaced); over it, a 429 saying when to come back.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
 }
 
 impl Default for FileConfig {
@@ -602,6 +606,7 @@ impl FileConfig {
                 digest,
                 default_priority: k.default_priority,
                 max_priority: k.max_priority,
+                limiter: k.requests_per_minute.and_then(Key::limiter),
             });
         }
         Ok(out)

@@ -12,6 +12,7 @@
 //! | status | `type` | `code` | when |
 //! |---|---|---|---|
 //! | 400 | `invalid_request_error` | `invalid_priority`, `invalid_body` | bad `x-priority`; unreadable body |
+//! | 429 | `rate_limit_error` | `rate_limit_exceeded` | the key is over its `requests_per_minute` |
 //! | 401 | `invalid_request_error` | `invalid_api_key` | keys are configured and none (or a wrong one) was presented |
 //! | 404 | `invalid_request_error` | `model_not_found` | no `[[upstream]]` serves the body's `model` |
 //! | 413 | `invalid_request_error` | `request_too_large` | body over `max_body_bytes` |
@@ -75,6 +76,30 @@ impl fmt::Display for Unauthorized {
 }
 
 impl StdError for Unauthorized {}
+
+/// A key is over its rate limit (429), allowed again after `retry_after`.
+#[derive(Debug)]
+pub struct RateLimited {
+    retry_after: Duration,
+}
+
+impl RateLimited {
+    pub(crate) fn new(retry_after: Duration) -> Self {
+        Self { retry_after }
+    }
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "this API key is over its requests-per-minute limit; retry after {:?}",
+            self.retry_after
+        )
+    }
+}
+
+impl StdError for RateLimited {}
 
 /// No upstream serves the requested model (404).
 #[derive(Debug)]
@@ -235,6 +260,14 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
             "invalid_request_error",
             e.code,
             None,
+        );
+    }
+    if let Some(e) = cause::<RateLimited>(err) {
+        return d(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            Some(e.retry_after),
         );
     }
     if cause::<Unauthorized>(err).is_some() {

@@ -82,6 +82,7 @@ async fn keys_are_checked_kept_and_named() {
                 env: None,
                 default_priority: Some(10),
                 max_priority: Some(5),
+                requests_per_minute: None,
             },
             KeyEntry {
                 name: "bravo".into(),
@@ -89,6 +90,7 @@ async fn keys_are_checked_kept_and_named() {
                 env: Some("ANTEROOM_TEST_KEY_B".into()),
                 default_priority: None,
                 max_priority: None,
+                requests_per_minute: None,
             },
         ];
     })
@@ -180,4 +182,37 @@ fn key_tables_refuse_plain_or_missing_secrets() {
     .validate()
     .unwrap_err();
     assert!(unset.0.contains("ANTEROOM_SURELY_UNSET_VAR"), "{}", unset.0);
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_limit_gets_a_429_with_the_limiters_advice() {
+    let upstream = echo_upstream().await;
+    let proxy = proxy(&upstream, |c| {
+        c.key = vec![KeyEntry {
+            name: "slow".into(),
+            sha256: Some(hex(anteroom::auth::digest(b"sk-slow"))),
+            env: None,
+            default_priority: None,
+            max_priority: None,
+            requests_per_minute: Some(3),
+        }];
+    })
+    .await;
+    let client = client();
+    let auth = Some(("authorization", "Bearer sk-slow"));
+    // A burst of 3 passes; the 4th is refused with when to come back: one
+    // request per 20 s replenishes.
+    for i in 0..3 {
+        let resp = post(&client, &proxy.url(), auth, None, &format!("ok{i}")).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+    }
+    let resp = post(&client, &proxy.url(), auth, None, "over").await;
+    assert_eq!(resp.status(), 429);
+    let secs = header_u64(&resp, "retry-after").unwrap();
+    let ms = header_u64(&resp, "retry-after-ms").unwrap();
+    assert!((15..=20).contains(&secs), "{secs}");
+    assert!((15_000..=20_000).contains(&ms), "{ms}");
+    let err = body_json(resp).await;
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
 }

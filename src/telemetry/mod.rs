@@ -332,7 +332,8 @@ where
                 let d = error::describe(&*e);
                 capture.status = d.status.as_u16();
                 capture.error = Some(d.code);
-                capture.rejected = error::cause::<Overloaded>(&*e).is_some();
+                capture.rejected = error::cause::<Overloaded>(&*e).is_some()
+                    || error::cause::<error::RateLimited>(&*e).is_some();
                 capture.finish(Outcome::Ok);
                 Poll::Ready(Err(e))
             }
