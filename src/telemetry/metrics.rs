@@ -93,6 +93,8 @@ pub struct Metrics {
     pub client_retries: IntCounter,
     retries: [IntCounter; 3],
     given_up: IntCounterVec,
+    tenant_requests: IntCounterVec,
+    tenant_tokens: IntCounterVec,
     by_priority: [OnceLock<ByPriority>; CLASSES],
     by_status: Box<[OnceLock<IntCounter>]>,
     by_outcome: [IntCounter; 5],
@@ -248,6 +250,16 @@ impl Metrics {
         )
         .expect("metric definitions are valid");
 
+        let tenant_requests = counter(
+            "anteroom_tenant_requests_total",
+            "Requests by API key name (configured names only) and outcome.",
+            &["tenant", "outcome"],
+        );
+        let tenant_tokens = counter(
+            "anteroom_tenant_generation_tokens_total",
+            "Generated tokens of finished requests by API key name.",
+            &["tenant"],
+        );
         let registry = Registry::new();
         let mut names = Vec::new();
         for c in [
@@ -274,6 +286,8 @@ impl Metrics {
             Box::new(given_up.clone()),
             Box::new(upstream_pauses.clone()),
             Box::new(client_retries.clone()),
+            Box::new(tenant_requests.clone()),
+            Box::new(tenant_tokens.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
@@ -319,6 +333,8 @@ impl Metrics {
             ]
             .map(|r| upstream_retries.with_label_values(&[r.as_str()])),
             given_up,
+            tenant_requests,
+            tenant_tokens,
         }
     }
 
@@ -356,6 +372,15 @@ impl Metrics {
             .get_or_init(|| self.requests.with_label_values(&[&status.to_string()]))
             .inc();
         self.by_outcome[r.outcome as usize].inc();
+        // Tenants are configured key names: a bounded label set.
+        if let Some(tenant) = r.tap.tenant() {
+            self.tenant_requests
+                .with_label_values(&[&**tenant, r.outcome.as_str()])
+                .inc();
+            if let (Outcome::Ok, Some(n)) = (r.outcome, r.timings.completion_tokens) {
+                self.tenant_tokens.with_label_values(&[&**tenant]).inc_by(n);
+            }
+        }
         if r.outcome == Outcome::Rejected {
             if let Some(code) = r.error {
                 self.rejections.with_label_values(&[code]).inc();
