@@ -27,7 +27,7 @@ use tower::util::Oneshot;
 use tower::{Layer, Service};
 
 use crate::auth::Tenant;
-use crate::error::{BadRequest, BodyTooLarge};
+use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed};
 use crate::json_scan;
 use crate::telemetry::{Classified, Tap};
 use crate::BoxError;
@@ -134,6 +134,10 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.method() == Method::CONNECT {
+            // Never a tunnel to wherever the client names.
+            return ResponseFuture::failed(MethodNotAllowed.into());
+        }
         let svc = self.inner.clone();
         if !self.routes.admits(req.method(), req.uri().path()) {
             // An empty body (a GET) is passed as a buffered one, so the

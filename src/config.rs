@@ -89,6 +89,12 @@ pub struct FileConfig {
     pub reserve: Vec<Reservation>,
     /// API keys: `[[key]]` tables. None: anteroom is open.
     pub key: Vec<KeyEntry>,
+    /// Most time a client may take to send a request's headers.
+    pub header_read_timeout: String,
+    /// Largest request head (request line and headers) in bytes.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -151,6 +157,9 @@ impl Default for FileConfig {
             workers: 0,
             reserve: Vec::new(),
             key: Vec::new(),
+            header_read_timeout: "10s".into(),
+            max_header_bytes: 65536,
+            max_headers: 100,
         }
     }
 }
@@ -399,6 +408,8 @@ pub struct Config {
     pub workers: usize,
     /// API keys, resolved to digests.
     pub keys: Vec<Key>,
+    /// Limits on each client connection.
+    pub server: crate::server::ServerLimits,
 }
 
 /// Health checks (several upstreams only).
@@ -506,6 +517,14 @@ impl FileConfig {
             ));
         }
         let keys = self.keys()?;
+        if self.max_header_bytes < 8192 {
+            return Err(ConfigError(
+                "max_header_bytes: at least 8192 (hyper's smallest read buffer)".into(),
+            ));
+        }
+        if self.max_headers == 0 {
+            return Err(ConfigError("max_headers: must be at least 1".into()));
+        }
         let health_interval = positive("health_interval", &self.health_interval)?;
         if !self.health_path.starts_with('/') {
             return Err(ConfigError(format!(
@@ -555,6 +574,11 @@ impl FileConfig {
                 .then(|| PathBuf::from(self.request_log.trim())),
             adaptive,
             keys,
+            server: crate::server::ServerLimits {
+                header_read_timeout: positive("header_read_timeout", &self.header_read_timeout)?,
+                max_header_bytes: self.max_header_bytes,
+                max_headers: self.max_headers,
+            },
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,

@@ -14,6 +14,7 @@
 //! | 400 | `invalid_request_error` | `invalid_priority`, `invalid_body` | bad `x-priority`; unreadable body |
 //! | 429 | `rate_limit_error` | `rate_limit_exceeded` | the key is over its `requests_per_minute` |
 //! | 401 | `invalid_request_error` | `invalid_api_key` | keys are configured and none (or a wrong one) was presented |
+//! | 405 | `invalid_request_error` | `method_not_allowed` | CONNECT (anteroom is not a forward proxy) |
 //! | 404 | `invalid_request_error` | `model_not_found` | no `[[upstream]]` serves the body's `model` |
 //! | 413 | `invalid_request_error` | `request_too_large` | body over `max_body_bytes` |
 //! | 429 | `rate_limit_error` | `queue_full`, `queue_timeout` | queue full (or displaced by a more urgent request); waited too long |
@@ -56,6 +57,18 @@ impl fmt::Display for BadRequest {
 }
 
 impl StdError for BadRequest {}
+
+/// CONNECT: anteroom is not a forward proxy (405).
+#[derive(Debug)]
+pub struct MethodNotAllowed;
+
+impl fmt::Display for MethodNotAllowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CONNECT is not served: anteroom only forwards to its configured upstreams")
+    }
+}
+
+impl StdError for MethodNotAllowed {}
 
 /// No API key, or a wrong one (401).
 #[derive(Debug)]
@@ -259,6 +272,14 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             e.code,
+            None,
+        );
+    }
+    if cause::<MethodNotAllowed>(err).is_some() {
+        return d(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
             None,
         );
     }

@@ -19,8 +19,13 @@ use crate::Body;
 
 /// Serve the proxy stack on `listener` until `shutdown` resolves. Each request
 /// carries its connection's [`ClientAddr`].
-pub async fn serve(listener: TcpListener, stack: Stack, shutdown: impl Future<Output = ()>) {
-    accept_loop(listener, shutdown, move |addr| {
+pub async fn serve(
+    listener: TcpListener,
+    stack: Stack,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+) {
+    accept_loop_with(listener, shutdown, limits, move |addr| {
         let client = ClientAddr::new(addr);
         let svc = stack
             .clone()
@@ -44,6 +49,28 @@ where
         Some(Served::new(hyper::service::service_fn(f.clone())))
     })
     .await
+}
+
+/// What one client connection may send before the server gives up on it.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Most time to receive a request's headers (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes; larger:
+    /// 431.
+    pub max_header_bytes: usize,
+    /// Most request headers; more: 431.
+    pub max_headers: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+        }
+    }
 }
 
 /// A connection's service, and a signal to close the connection once what is
@@ -72,7 +99,29 @@ pub(crate) async fn accept_loop<S, M>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    accept_loop_with(listener, shutdown, ServerLimits::default(), make).await
+}
+
+/// [`accept_loop`] with these limits on each connection.
+pub(crate) async fn accept_loop_with<S, M>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+    make: M,
+) where
+    M: Fn(SocketAddr) -> Option<Served<S>>,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {

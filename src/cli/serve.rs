@@ -105,6 +105,15 @@ pub struct ServeArgs {
     /// (key: reserve).
     #[arg(long = "reserve", value_name = "MAX_PRIORITY:SLOTS", value_parser = parse_reservation, allow_hyphen_values = true)]
     pub reserve: Vec<crate::admission::Reservation>,
+    /// Most time to receive a request's headers (key: header_read_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
+    /// Largest request head in bytes (key: max_header_bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Most request headers (key: max_headers).
+    #[arg(long, value_name = "N")]
+    pub max_headers: Option<usize>,
 }
 
 fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
@@ -162,7 +171,10 @@ impl ServeArgs {
             health_path,
             health_interval,
             eject_after,
-            workers
+            workers,
+            header_read_timeout,
+            max_header_bytes,
+            max_headers
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
@@ -293,6 +305,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
             listener,
             stack,
             std::future::pending(),
+            config.server,
         )));
     } else {
         for (i, listener) in listeners.enumerate() {
@@ -330,7 +343,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                             let shutdown = async move {
                                 let _ = stopped.wait_for(|s| *s).await;
                             };
-                            crate::server::serve(listener, stack, shutdown).await;
+                            crate::server::serve(listener, stack, shutdown, config.server).await;
                         });
                     })?,
             );
