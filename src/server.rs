@@ -25,7 +25,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     limits: ServerLimits,
 ) {
-    accept_loop_with(listener, shutdown, limits, move |addr| {
+    accept_loop(listener, shutdown, limits, move |addr| {
         let client = ClientAddr::new(addr);
         let svc = stack
             .clone()
@@ -45,9 +45,12 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    accept_loop(listener, std::future::pending(), move |_| {
-        Some(Served::new(hyper::service::service_fn(f.clone())))
-    })
+    accept_loop(
+        listener,
+        std::future::pending(),
+        ServerLimits::default(),
+        move |_| Some(Served::new(hyper::service::service_fn(f.clone()))),
+    )
     .await
 }
 
@@ -87,23 +90,9 @@ impl<S> Served<S> {
 }
 
 /// Accept connections until `shutdown`, serving each with the service `make`
-/// builds for its peer address (`None`: close the connection at once).
+/// builds for its peer address (`None`: close the connection at once), with
+/// `limits` on each connection.
 pub(crate) async fn accept_loop<S, M>(
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    make: M,
-) where
-    M: Fn(SocketAddr) -> Option<Served<S>>,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    accept_loop_with(listener, shutdown, ServerLimits::default(), make).await
-}
-
-/// [`accept_loop`] with these limits on each connection.
-pub(crate) async fn accept_loop_with<S, M>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     limits: ServerLimits,

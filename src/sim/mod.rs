@@ -337,7 +337,8 @@ pub async fn start(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<SimHandl
 
 /// Serve until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
-    crate::server::accept_loop(listener, std::future::pending(), move |_addr| {
+    let limits = crate::server::ServerLimits::default();
+    crate::server::accept_loop(listener, std::future::pending(), limits, move |_addr| {
         let n = state.connections.fetch_add(1, Ordering::SeqCst) as f64;
         let share = state.cfg.refuse_connections.clamp(0.0, 1.0);
         if ((n + 1.0) * share).floor() > (n * share).floor() {
