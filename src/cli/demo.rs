@@ -224,44 +224,46 @@ async fn reservation() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Send a streamed request and read it to its end.
-async fn stream_all(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    url: &str,
-    priority: i32,
-    max_tokens: usize,
-) -> Result<(), BoxError> {
-    let body = serde_json::json!({
-        "model": "anteroom-sim",
-        "stream": true,
-        "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": "Summarise this document."}],
-    });
-    let req = Request::post(url)
-        .header("content-type", "application/json")
-        .header("x-priority", priority)
-        .body(Full::new(Bytes::from(body.to_string())))?;
-    client.request(req).await?.into_body().collect().await?;
-    Ok(())
-}
+type DemoClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-/// Send a streamed request and return the time to its first data.
-async fn first_token(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+/// A streamed chat request at `priority` for `max_tokens`.
+fn stream_request(
     url: &str,
     priority: i32,
     max_tokens: usize,
-) -> Result<Duration, BoxError> {
+) -> Result<Request<Full<Bytes>>, BoxError> {
     let body = serde_json::json!({
         "model": "anteroom-sim",
         "stream": true,
         "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": "Say something."}],
     });
-    let req = Request::post(url)
+    Ok(Request::post(url)
         .header("content-type", "application/json")
         .header("x-priority", priority)
-        .body(Full::new(Bytes::from(body.to_string())))?;
+        .body(Full::new(Bytes::from(body.to_string())))?)
+}
+
+/// Send a streamed request and read it to its end.
+async fn stream_all(
+    client: &DemoClient,
+    url: &str,
+    priority: i32,
+    max_tokens: usize,
+) -> Result<(), BoxError> {
+    let req = stream_request(url, priority, max_tokens)?;
+    client.request(req).await?.into_body().collect().await?;
+    Ok(())
+}
+
+/// Send a streamed request and return the time to its first data.
+async fn first_token(
+    client: &DemoClient,
+    url: &str,
+    priority: i32,
+    max_tokens: usize,
+) -> Result<Duration, BoxError> {
+    let req = stream_request(url, priority, max_tokens)?;
     let start = Instant::now();
     let resp = client.request(req).await?;
     let mut body = resp.into_body();
