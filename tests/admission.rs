@@ -274,20 +274,9 @@ async fn per_core_workers_share_one_admission() {
     file.max_concurrency = 3.into();
     let config = file.validate().unwrap();
     let proxy = anteroom::cli::serve::start_with(&config, 2).await.unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..60 {
-        let url = proxy.url();
-        tasks.push(tokio::spawn(async move {
-            // A connection each: the kernel spreads them over both workers.
-            let resp = chat(&client(), &url, None, &format!("w{i}"), i % 2 == 0, 4).await;
-            let status = resp.status();
-            body_bytes(resp).await;
-            status
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    // A connection each: the kernel spreads them over both workers.
+    let statuses = burst(&proxy.url(), 60, "w", 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let stats = sim.stats();
     assert_eq!(stats.completed, 60);
     assert_eq!(stats.peak_in_flight, 3, "one limit across the threads");

@@ -110,24 +110,6 @@ async fn the_retry_budget_caps_retries_in_a_storm_of_503s() {
     assert!(denied >= N - retries, "{denied}");
 }
 
-async fn burst(proxy: &anteroom::cli::serve::Running, n: usize) -> Vec<u16> {
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let url = proxy.url();
-        tasks.push(tokio::spawn(async move {
-            let resp = chat(&client(), &url, None, &format!("b{i}"), i % 2 == 0, 3).await;
-            let status = resp.status().as_u16();
-            body_bytes(resp).await;
-            status
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_backend_that_refuses_over_its_own_cap_is_waited_for() {
     // The backend takes 2 at a time and answers 429 beyond (as vLLM with a
@@ -145,7 +127,7 @@ async fn a_backend_that_refuses_over_its_own_cap_is_waited_for() {
         c.retry_budget = 1.0;
     })
     .await;
-    let statuses = burst(&proxy, 12).await;
+    let statuses = burst(&proxy.url(), 12, "b", 3).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let stats = sim.stats();
     assert!(stats.rejected > 0, "the cap was hit: {stats:?}");
@@ -159,7 +141,7 @@ async fn refused_connections_are_retried_on_new_ones() {
         ..sim_config(Mode::Batch)
     };
     let (sim, proxy, _) = setup(cfg, |c| c.retry_base_delay = "5ms".into()).await;
-    let statuses = burst(&proxy, 10).await;
+    let statuses = burst(&proxy.url(), 10, "b", 3).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert!(sim.stats().refused_connections > 0);
     assert_eq!(sim.stats().completed, 10);

@@ -442,27 +442,8 @@ async fn no_errors_against(cfg: anteroom::sim::SimConfig) -> anteroom::sim::Stat
         assert_eq!(resp.status(), 200, "sequential request {i}");
         body_bytes(resp).await;
     }
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let url = proxy.url();
-        tasks.push(tokio::spawn(async move {
-            let resp = chat(
-                &support::client(),
-                &url,
-                None,
-                &format!("c{i}"),
-                i % 2 == 0,
-                2,
-            )
-            .await;
-            let status = resp.status();
-            body_bytes(resp).await;
-            status
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = burst(&proxy.url(), 200, "c", 2).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     sim.stats()
 }
 

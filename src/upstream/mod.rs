@@ -48,6 +48,7 @@ pub struct ClientSettings {
 }
 
 /// The upstream origin behind a pool of keep-alive HTTP/1.1 connections.
+/// The request path reaches it through [`Upstreams`] (one or several).
 ///
 /// Cloning shares the pool.
 #[derive(Debug)]
@@ -127,25 +128,6 @@ where
 type SendFuture<B> =
     Pin<Box<dyn Future<Output = Result<Response<PooledBody<B>>, BoxError>> + Send>>;
 
-impl<B> Service<Request<B>> for Upstream<B>
-where
-    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Response = Response<StreamGuard<PooledBody<B>>>;
-    type Error = BoxError;
-    type Future = ResponseFuture<B>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pool is always ready: it opens connections on demand.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.send(req)
-    }
-}
-
 impl<B> Upstream<B>
 where
     B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
@@ -218,6 +200,7 @@ where
     type Future = ResponseFuture<B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The pools are always ready: they open connections on demand.
         Poll::Ready(Ok(()))
     }
 

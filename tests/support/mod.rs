@@ -159,3 +159,23 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// `n` chat requests at once, each on a connection of its own (streamed for
+/// even `i`), read to their end; their statuses, in order.
+pub async fn burst(url: &str, n: usize, prefix: &str, max_tokens: usize) -> Vec<u16> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (url, id) = (url.to_owned(), format!("{prefix}{i}"));
+        tasks.push(tokio::spawn(async move {
+            let resp = chat(&client(), &url, None, &id, i % 2 == 0, max_tokens).await;
+            let status = resp.status().as_u16();
+            body_bytes(resp).await;
+            status
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
