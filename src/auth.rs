@@ -22,6 +22,7 @@ use http::Request;
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
+use crate::admission::Share;
 use crate::classify::Priority;
 use crate::error::{RateLimited, Unauthorized};
 use crate::telemetry::Tap;
@@ -42,6 +43,8 @@ pub struct Key {
     pub max_priority: Option<Priority>,
     /// Its requests-per-minute limit (governor's GCRA), if any.
     pub limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
+    /// Its share in fair queuing (weight, cap of requests in flight).
+    pub share: Share,
 }
 
 impl Key {
@@ -63,6 +66,8 @@ pub struct Tenant {
     pub default_priority: Option<Priority>,
     /// See [`Key`].
     pub max_priority: Option<Priority>,
+    /// See [`Key`].
+    pub share: Share,
 }
 
 /// SHA-256 of `secret`, as stored.
@@ -181,6 +186,7 @@ where
             name: key.name.clone(),
             default_priority: key.default_priority,
             max_priority: key.max_priority,
+            share: key.share.clone(),
         });
         futures_util_either::Either::Left(self.inner.call(req))
     }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request};
 use http_body::Body;
@@ -26,10 +27,12 @@ use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower::{Layer, Service};
 
+use crate::admission::Share;
 use crate::auth::Tenant;
 use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed};
 use crate::json_scan;
 use crate::telemetry::{Classified, Tap};
+use crate::upstream::rewrite::ClientAddr;
 use crate::BoxError;
 
 /// The longest `model` name kept for the request's record.
@@ -41,12 +44,67 @@ pub type Priority = i32;
 /// The header that sets a request's priority.
 pub const PRIORITY_HEADER: &str = "x-priority";
 
-/// Marks a request for admission, at this priority. Set by [`Classify`],
-/// read by [`Admission`](crate::admission::Admission).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Marks a request for admission, at this priority, for this tenant. Set
+/// by [`Classify`], read by [`Admission`](crate::admission::Admission).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admit {
     /// Where it queues.
     pub priority: Priority,
+    /// Whose share of the slots it uses.
+    pub share: Share,
+}
+
+impl Admit {
+    /// At `priority`, for the default tenant.
+    pub fn new(priority: Priority) -> Self {
+        Self {
+            priority,
+            share: Share::default(),
+        }
+    }
+}
+
+/// The header that names a request's tenant, when the config trusts it.
+pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-tenant");
+
+/// The longest `x-tenant` value taken as a tenant; longer ones are cut.
+const MAX_TENANT_LEN: usize = 128;
+
+/// Whose share of the slots a request uses: its API key's tenant; without
+/// keys the `x-tenant` header when trusted, else the client's address.
+fn share_of<B>(req: &Request<B>, trust_tenant_header: bool) -> Share {
+    if let Some(t) = req.extensions().get::<Tenant>() {
+        return t.share.clone();
+    }
+    let named = trust_tenant_header
+        .then(|| req.headers().get(&TENANT_HEADER))
+        .flatten()
+        .filter(|v| !v.is_empty());
+    let name = match named {
+        Some(v) if v.len() <= MAX_TENANT_LEN => v.clone(),
+        Some(v) => {
+            HeaderValue::from_bytes(&v.as_bytes()[..MAX_TENANT_LEN]).unwrap_or_else(|_| v.clone())
+        }
+        None => match req.extensions().get::<ClientAddr>() {
+            Some(c) => c.ip().clone(),
+            None => return Share::default(),
+        },
+    };
+    Share {
+        id: hashed_tenant(name.as_bytes()),
+        weight: 1,
+        max_in_flight: 0,
+        name,
+    }
+}
+
+/// A tenant id for a name that is not a key's: a hash with the top bit set,
+/// so it never equals a key's id (small numbers).
+fn hashed_tenant(name: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish() | 1 << 63
 }
 
 /// The body's `model`, kept (as a slice of the buffered body, no copy) when
@@ -76,6 +134,9 @@ pub struct Routes {
     pub default_priority: Priority,
     /// Keep the body's `model` in the extensions (for routing).
     pub keep_model: bool,
+    /// Without API keys, take the tenant from `x-tenant` (else the client's
+    /// address). Only for clients that cannot lie about it.
+    pub trust_tenant_header: bool,
 }
 
 impl Routes {
@@ -163,6 +224,7 @@ where
         if declared.is_some_and(|n| n > limit as u64) {
             return ResponseFuture::failed(BodyTooLarge::new(limit).into());
         }
+        let share = share_of(&req, self.routes.trust_tenant_header);
         let (parts, body) = req.into_parts();
         ResponseFuture {
             state: State::Collecting {
@@ -171,6 +233,7 @@ where
                     parts,
                     svc,
                     header_priority,
+                    share,
                     default_priority: self.routes.default_priority,
                     limit,
                     keep_model: self.routes.keep_model,
@@ -206,6 +269,7 @@ struct Pending<S> {
     parts: Parts,
     svc: S,
     header_priority: Option<Priority>,
+    share: Share,
     default_priority: Priority,
     limit: usize,
     keep_model: bool,
@@ -287,6 +351,7 @@ where
                         mut parts,
                         svc,
                         header_priority,
+                        share,
                         default_priority,
                         limit,
                         keep_model,
@@ -332,7 +397,7 @@ where
                             parts.extensions.insert(Model(bytes.slice_ref(m)));
                         }
                     }
-                    parts.extensions.insert(Admit { priority });
+                    parts.extensions.insert(Admit { priority, share });
                     let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
                     this.state.set(State::Calling {
                         fut: Oneshot::new(svc, req),

@@ -95,10 +95,16 @@ pub struct FileConfig {
     pub max_header_bytes: usize,
     /// Most request headers.
     pub max_headers: usize,
+    /// Anti-starvation: a request that has waited this long is served
+    /// before any other, whatever its priority. Empty: never.
+    pub promote_after: String,
+    /// Without keys, take the tenant from the `x-tenant` header (else the
+    /// client's address). Only where clients cannot lie about it.
+    pub trust_tenant_header: bool,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct KeyEntry {
     /// A name: the tenant, in records and metrics.
@@ -119,6 +125,13 @@ pub struct KeyEntry {
     /// spaced); over it, a 429 saying when to come back.
     #[serde(default)]
     pub requests_per_minute: Option<u32>,
+    /// Its share of the slots against other keys at the same priority
+    /// (default 1; 0 is read as 1).
+    #[serde(default)]
+    pub weight: u32,
+    /// Most of its requests in flight at once; more wait in the queue.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
 }
 
 impl Default for FileConfig {
@@ -160,6 +173,8 @@ impl Default for FileConfig {
             header_read_timeout: "10s".into(),
             max_header_bytes: 65536,
             max_headers: 100,
+            promote_after: String::new(),
+            trust_tenant_header: false,
         }
     }
 }
@@ -554,12 +569,17 @@ impl FileConfig {
                 queue_timeout,
                 retry_after_cap,
                 reserved: self.reserve.clone(),
+                promote_after: match self.promote_after.trim() {
+                    "" => None,
+                    v => Some(positive("promote_after", v)?),
+                },
             },
             routes: Routes {
                 admit_paths: self.admit_paths.clone(),
                 max_body_bytes: self.max_body_bytes,
                 default_priority: self.default_priority,
                 keep_model,
+                trust_tenant_header: self.trust_tenant_header,
             },
             client: ClientSettings {
                 connect_timeout,
@@ -607,6 +627,25 @@ impl FileConfig {
             if out.iter().any(|o| &*o.name == k.name.as_str()) {
                 return Err(ConfigError(format!("{at}: the name is used twice")));
             }
+            // Names become metric labels and /status entries.
+            let name_ok = !k.name.is_empty()
+                && k.name.len() <= 64
+                && k.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !name_ok {
+                return Err(ConfigError(format!(
+                    "{at}: name must be 1 to 64 letters, digits, `.`, `_` or `-`"
+                )));
+            }
+            if k.weight > 1000 {
+                return Err(ConfigError(format!("{at}: weight must be from 1 to 1000")));
+            }
+            if k.max_in_flight == Some(0) {
+                return Err(ConfigError(format!(
+                    "{at}: max_in_flight must be at least 1 (leave it out for no cap)"
+                )));
+            }
             let digest = match (&k.sha256, &k.env) {
                 (Some(hex), None) => crate::auth::parse_hex_digest(hex)
                     .ok_or_else(|| ConfigError(format!("{at}: sha256 must be 64 hex digits")))?,
@@ -631,6 +670,15 @@ impl FileConfig {
                 default_priority: k.default_priority,
                 max_priority: k.max_priority,
                 limiter: k.requests_per_minute.and_then(Key::limiter),
+                share: crate::admission::Share {
+                    // Keys are numbered from 1; other tenants' ids are hashes
+                    // with the top bit set (see classify).
+                    id: out.len() as u64 + 1,
+                    weight: k.weight.max(1),
+                    max_in_flight: k.max_in_flight.unwrap_or(0),
+                    name: http::HeaderValue::from_str(&k.name)
+                        .map_err(|_| ConfigError(format!("{at}: name is not printable")))?,
+                },
             });
         }
         Ok(out)

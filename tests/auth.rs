@@ -83,6 +83,7 @@ async fn keys_are_checked_kept_and_named() {
                 default_priority: Some(10),
                 max_priority: Some(5),
                 requests_per_minute: None,
+                ..Default::default()
             },
             KeyEntry {
                 name: "bravo".into(),
@@ -91,6 +92,7 @@ async fn keys_are_checked_kept_and_named() {
                 default_priority: None,
                 max_priority: None,
                 requests_per_minute: None,
+                ..Default::default()
             },
         ];
     })
@@ -195,6 +197,7 @@ async fn a_key_over_its_rate_limit_gets_a_429_with_the_limiters_advice() {
             default_priority: None,
             max_priority: None,
             requests_per_minute: Some(3),
+            ..Default::default()
         }];
     })
     .await;

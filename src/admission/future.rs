@@ -187,8 +187,8 @@ where
 
 /// What admission needs of a request to queue it at another upstream.
 pub trait Reroute {
-    /// Its priority, if it is admitted.
-    fn priority(&self) -> Option<crate::classify::Priority>;
+    /// Its priority and tenant, if it is admitted.
+    fn admit(&self) -> Option<&Admit>;
     /// The upstream it is routed to.
     fn route(&self) -> usize;
     /// Its `model`, if known.
@@ -198,8 +198,8 @@ pub trait Reroute {
 }
 
 impl<B> Reroute for http::Request<B> {
-    fn priority(&self) -> Option<crate::classify::Priority> {
-        self.extensions().get::<Admit>().map(|a| a.priority)
+    fn admit(&self) -> Option<&Admit> {
+        self.extensions().get::<Admit>()
     }
 
     fn route(&self) -> usize {
@@ -226,16 +226,18 @@ where
     S: Service<R>,
     R: Reroute,
 {
-    let priority = req.priority().unwrap_or_default();
+    let admit = req.admit().cloned().unwrap_or_else(|| Admit::new(0));
     let i = router.pick(req.model(), Some(req.route()))?;
     req.set_route(i);
-    Ok(match router.scheduler(i).acquire(priority) {
-        Acquire::Admitted(permit) => ResponseFuture::admitted(svc, req, permit),
-        Acquire::Queued(ticket) => {
-            ResponseFuture::waiting(svc, req, ticket, deadline, Some(router))
-        }
-        Acquire::Rejected(err) => ResponseFuture::rejected(err),
-    })
+    Ok(
+        match router.scheduler(i).acquire(admit.priority, &admit.share) {
+            Acquire::Admitted(permit) => ResponseFuture::admitted(svc, req, permit),
+            Acquire::Queued(ticket) => {
+                ResponseFuture::waiting(svc, req, ticket, deadline, Some(router))
+            }
+            Acquire::Rejected(err) => ResponseFuture::rejected(err),
+        },
+    )
 }
 
 impl<S, R> std::fmt::Debug for ResponseFuture<S, R>

@@ -38,6 +38,7 @@
 //!     queue_timeout: Duration::from_secs(30),
 //!     retry_after_cap: Duration::from_secs(60),
 //!     reserved: vec![],
+//!     promote_after: None,
 //! });
 //! let svc = ServiceBuilder::new()
 //!     .layer(AdmissionLayer::new(scheduler.clone(), Duration::from_secs(30)))
@@ -45,7 +46,7 @@
 //!         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
 //!     }));
 //! let mut req = http::Request::new(());
-//! req.extensions_mut().insert(Admit { priority: 0 });
+//! req.extensions_mut().insert(Admit::new(0));
 //! let resp = svc.oneshot(req).await.unwrap();
 //! assert_eq!(scheduler.snapshot().running, 1); // the body still holds the slot
 //! drop(resp);
@@ -67,7 +68,8 @@ pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};
 pub use queue::PriorityQueue;
 pub use scheduler::{
-    Acquire, Grant, Limits, Reservation, ReservationState, Scheduler, Snapshot, Ticket,
+    Acquire, Grant, Limits, Reservation, ReservationState, Scheduler, Share, Snapshot,
+    TenantSnapshot, Ticket,
 };
 pub use service::Admission;
 

@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use super::queue::TenantId;
 use super::scheduler::Scheduler;
 use crate::classify::Priority;
 
@@ -24,14 +25,21 @@ use crate::classify::Priority;
 pub struct Permit {
     scheduler: Option<Arc<Scheduler>>,
     priority: Priority,
+    tenant: TenantId,
     started: Instant,
 }
 
 impl Permit {
-    pub(crate) fn new(scheduler: Arc<Scheduler>, priority: Priority, started: Instant) -> Self {
+    pub(crate) fn new(
+        scheduler: Arc<Scheduler>,
+        priority: Priority,
+        tenant: TenantId,
+        started: Instant,
+    ) -> Self {
         Self {
             scheduler: Some(scheduler),
             priority,
+            tenant,
             started,
         }
     }
@@ -56,7 +64,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(scheduler) = self.scheduler.take() {
-            scheduler.release(self.priority, self.started);
+            scheduler.release(self.priority, self.tenant, self.started);
         }
     }
 }

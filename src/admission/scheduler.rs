@@ -5,17 +5,18 @@
 //! integer updates and one `BTreeMap` operation, with no await and no I/O
 //! inside; wake-ups (oneshot sends) happen after the lock is released.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::error::{Overloaded, Reason};
 use super::permit::Permit;
-use super::queue::{Key, PriorityQueue, Push};
+use super::queue::{Key, PriorityQueue, Push, TenantId};
 use crate::classify::Priority;
 
 /// Settings of the admission step, the slice of the config it needs.
@@ -31,6 +32,66 @@ pub struct Limits {
     pub retry_after_cap: Duration,
     /// Slots kept for urgent work (see [`Reservation`]).
     pub reserved: Vec<Reservation>,
+    /// Serve a request that waited this long before any other (anti-starvation).
+    pub promote_after: Option<Duration>,
+}
+
+/// Whose request it is, for fair queuing: the tenant's id, its weight
+/// among the others at the same priority, and its own cap of requests in
+/// flight. Cloning is cheap (the name is a shared header value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Distinguishes tenants; equal ids share one queue position.
+    pub id: TenantId,
+    /// Relative share of the slots within a priority (at least 1).
+    pub weight: u32,
+    /// Most of its requests in flight at once (0: no cap of its own).
+    pub max_in_flight: usize,
+    /// How /status names it (a key's name, a client address, `x-tenant`).
+    pub name: HeaderValue,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Self {
+            id: 0,
+            weight: 1,
+            max_in_flight: 0,
+            name: HeaderValue::from_static("default"),
+        }
+    }
+}
+
+/// A tenant's counts, while it has requests waiting or running.
+#[derive(Debug)]
+struct TenantState {
+    name: HeaderValue,
+    weight: u32,
+    max_in_flight: usize,
+    waiting: usize,
+    running: usize,
+}
+
+impl TenantState {
+    fn at_cap(&self) -> bool {
+        self.max_in_flight > 0 && self.running >= self.max_in_flight
+    }
+}
+
+/// One tenant in /status.
+#[derive(Clone, Debug, serde::Serialize, PartialEq)]
+pub struct TenantSnapshot {
+    /// Its name.
+    pub name: String,
+    /// Its requests waiting.
+    pub waiting: usize,
+    /// Its requests in flight.
+    pub running: usize,
+    /// Its weight.
+    pub weight: u32,
+    /// Its cap of requests in flight, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
 }
 
 /// `slots` of the limit only requests at `max_priority` or more urgent
@@ -98,8 +159,8 @@ struct State {
     /// Sorted most urgent first.
     reserved: Vec<Reservation>,
     queue: PriorityQueue<oneshot::Sender<Grant>>,
-    /// Waiting requests per priority, for /status and metrics.
-    waiting_by_priority: BTreeMap<Priority, usize>,
+    /// Tenants with requests waiting or running.
+    tenants: HashMap<TenantId, TenantState>,
     /// Running requests per priority.
     running_by_priority: BTreeMap<Priority, usize>,
     /// Smoothed time a permit is held (dispatch to last byte), in seconds.
@@ -134,6 +195,9 @@ pub struct Snapshot {
     /// Reserved slots, most urgent level first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reservations: Vec<ReservationState>,
+    /// Tenants with requests waiting or running, most waiting first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<TenantSnapshot>,
 }
 
 impl Snapshot {
@@ -155,6 +219,17 @@ impl Snapshot {
             *self.running_by_priority.entry(*p).or_default() += n;
         }
         self.reservations.extend(other.reservations.iter().cloned());
+        for t in &other.tenants {
+            match self.tenants.iter_mut().find(|m| m.name == t.name) {
+                Some(m) => {
+                    m.waiting += t.waiting;
+                    m.running += t.running;
+                }
+                None => self.tenants.push(t.clone()),
+            }
+        }
+        self.tenants
+            .sort_by(|a, b| b.waiting.cmp(&a.waiting).then(a.name.cmp(&b.name)));
     }
 }
 
@@ -170,8 +245,12 @@ impl Scheduler {
                     r.sort_by_key(|r| r.max_priority);
                     r
                 },
-                queue: PriorityQueue::new(limits.max_queue),
-                waiting_by_priority: BTreeMap::new(),
+                queue: {
+                    let mut q = PriorityQueue::new(limits.max_queue);
+                    q.set_promote_after(limits.promote_after);
+                    q
+                },
+                tenants: HashMap::new(),
                 running_by_priority: BTreeMap::new(),
                 service_secs: None,
                 running_start_sum: 0.0,
@@ -182,26 +261,27 @@ impl Scheduler {
         })
     }
 
-    /// Ask for a slot at `priority`.
-    pub fn acquire(self: &Arc<Self>, priority: Priority) -> Acquire {
+    /// Ask for a slot at `priority`, for `share`'s tenant.
+    pub fn acquire(self: &Arc<Self>, priority: Priority, share: &Share) -> Acquire {
         let now = Instant::now();
         let mut evicted = None;
         let outcome = {
             let mut st = self.state.lock();
             let cap = st.retry_after_cap;
-            // No barging: only when no waiter is at least as urgent.
-            let ahead = st
-                .queue
-                .peek()
-                .is_some_and(|(k, _)| k.priority() <= priority);
-            if !ahead && st.headroom(priority) > 0 {
-                st.start(priority, now);
-                Acquire::Admitted(Permit::new(self.clone(), priority, now))
+            let tenant = st.tenant(share);
+            let at_cap = tenant.at_cap();
+            // No barging: only when no waiter is at least as urgent (and
+            // could start: one whose tenant is at its cap is set aside).
+            st.park_capped_heads();
+            let ahead = st.queue.first().is_some_and(|k| k.priority() <= priority);
+            if !ahead && !at_cap && st.headroom(priority) > 0 {
+                st.start(priority, share.id, now);
+                Acquire::Admitted(Permit::new(self.clone(), priority, share.id, now))
             } else {
                 let (tx, rx) = oneshot::channel();
-                match st.queue.push(priority, tx) {
+                match st.queue.push(priority, share.id, share.weight, now, tx) {
                     Push::Queued(key) => {
-                        *st.waiting_by_priority.entry(priority).or_default() += 1;
+                        st.waiting_one_more(share.id);
                         Acquire::Queued(Ticket::new(self.clone(), key, rx))
                     }
                     Push::Evicted {
@@ -209,8 +289,8 @@ impl Scheduler {
                         victim_key,
                         victim,
                     } => {
-                        *st.waiting_by_priority.entry(priority).or_default() += 1;
-                        dec(&mut st.waiting_by_priority, victim_key.priority());
+                        st.waiting_one_more(share.id);
+                        st.waiting_one_less(victim_key.tenant());
                         // The victim was last in line; had it stayed, it would
                         // now stand behind everyone queued.
                         let place = st.queue.len() + 1;
@@ -219,7 +299,8 @@ impl Scheduler {
                         Acquire::Queued(Ticket::new(self.clone(), key, rx))
                     }
                     Push::Full(_) => {
-                        let place = st.queue.ahead_of_new(priority) + 1;
+                        st.forget_if_idle(share.id);
+                        let place = st.queue.ahead_of_new(priority, share.id) + 1;
                         let retry = st.retry_after(place, cap);
                         Acquire::Rejected(Overloaded::new(Reason::QueueFull, retry))
                     }
@@ -256,9 +337,24 @@ impl Scheduler {
             max_queue: st.queue.capacity(),
             completed: st.completed,
             service_time_ms: st.service_secs.map(|s| s * 1000.0),
-            waiting_by_priority: st.waiting_by_priority.clone(),
+            waiting_by_priority: st.queue.waiting_by_priority().collect(),
             running_by_priority: st.running_by_priority.clone(),
             reservations: st.reservations(),
+            tenants: {
+                let mut t: Vec<_> = st
+                    .tenants
+                    .values()
+                    .map(|t| TenantSnapshot {
+                        name: String::from_utf8_lossy(t.name.as_bytes()).into_owned(),
+                        waiting: t.waiting,
+                        running: t.running,
+                        weight: t.weight,
+                        max_in_flight: (t.max_in_flight > 0).then_some(t.max_in_flight),
+                    })
+                    .collect();
+                t.sort_by(|a, b| b.waiting.cmp(&a.waiting).then(a.name.cmp(&b.name)));
+                t
+            },
         }
     }
 
@@ -270,10 +366,15 @@ impl Scheduler {
 
     /// Called by a [`Permit`] when its request is over: account for it, then
     /// hand the slot to the next waiter, if any.
-    pub(crate) fn release(self: &Arc<Self>, priority: Priority, started: Instant) {
+    pub(crate) fn release(
+        self: &Arc<Self>,
+        priority: Priority,
+        tenant: TenantId,
+        started: Instant,
+    ) {
         {
             let mut st = self.state.lock();
-            st.finish(priority, started, Instant::now());
+            st.finish(priority, tenant, started, Instant::now());
         }
         self.dispatch();
     }
@@ -285,29 +386,27 @@ impl Scheduler {
             let now = Instant::now();
             let next = {
                 let mut st = self.state.lock();
-                // Only the head can be blocked by a reservation; everyone
-                // behind it is no more urgent, so is blocked too.
-                let Some(head) = st.queue.peek().map(|(k, _)| k.priority()) else {
+                let Some(key) = st.next_to_start(now) else {
                     return;
                 };
-                if st.headroom(head) == 0 {
-                    return;
-                }
-                let Some((key, tx)) = st.queue.pop() else {
+                let Some(tx) = st.queue.take(&key) else {
                     return;
                 };
-                dec(&mut st.waiting_by_priority, key.priority());
-                st.start(key.priority(), now);
+                // Start before the waiting count drops, so the tenant's
+                // state is not forgotten in between.
+                st.start(key.priority(), key.tenant(), now);
+                st.waiting_one_less(key.tenant());
                 (key, tx)
             };
             let (key, tx) = next;
-            let permit = Permit::new(self.clone(), key.priority(), now);
+            let permit = Permit::new(self.clone(), key.priority(), key.tenant(), now);
             if let Err(Ok(permit)) = tx.send(Ok(permit)) {
-                // The waiter went away between our pop and the send: undo the
-                // start without recording a service time, and try the next one.
+                // The waiter went away between our take and the send: undo
+                // the start without recording a service time, and try the
+                // next one.
                 permit.disarm();
                 let mut st = self.state.lock();
-                st.abandon(key.priority(), now);
+                st.abandon(key.priority(), key.tenant(), now);
             }
         }
     }
@@ -315,13 +414,17 @@ impl Scheduler {
     /// Send every waiter away to be queued elsewhere (its upstream was
     /// taken out of service). Running requests are not touched.
     pub fn reroute_waiting(&self) -> usize {
-        let waiters: Vec<_> = {
+        let waiters = {
             let mut st = self.state.lock();
-            st.waiting_by_priority.clear();
-            std::iter::from_fn(|| st.queue.pop()).collect()
+            let waiters = st.queue.drain();
+            st.tenants.retain(|_, t| {
+                t.waiting = 0;
+                t.running > 0
+            });
+            waiters
         };
         let n = waiters.len();
-        for (_, tx) in waiters {
+        for tx in waiters {
             let _ = tx.send(Err(Overloaded::new(Reason::Rerouted, Duration::ZERO)));
         }
         n
@@ -332,7 +435,7 @@ impl Scheduler {
     pub(crate) fn cancel(&self, key: &Key) -> bool {
         let mut st = self.state.lock();
         if st.queue.remove(key).is_some() {
-            dec(&mut st.waiting_by_priority, key.priority());
+            st.waiting_one_less(key.tenant());
             true
         } else {
             false
@@ -346,7 +449,7 @@ impl Scheduler {
         let cap = st.retry_after_cap;
         let place = st.queue.ahead_of(key) + 1;
         st.queue.remove(key)?;
-        dec(&mut st.waiting_by_priority, key.priority());
+        st.waiting_one_less(key.tenant());
         let retry = st.retry_after(place, cap);
         Some(Overloaded::new(Reason::QueueTimeout, retry))
     }
@@ -362,6 +465,83 @@ fn dec(map: &mut BTreeMap<Priority, usize>, priority: Priority) {
 }
 
 impl State {
+    /// The tenant's state, created (or refreshed from `share`) as needed.
+    fn tenant(&mut self, share: &Share) -> &mut TenantState {
+        let t = self.tenants.entry(share.id).or_insert_with(|| TenantState {
+            name: share.name.clone(),
+            weight: share.weight,
+            max_in_flight: share.max_in_flight,
+            waiting: 0,
+            running: 0,
+        });
+        // A reload may have changed the key's settings.
+        t.weight = share.weight;
+        t.max_in_flight = share.max_in_flight;
+        t
+    }
+
+    fn waiting_one_more(&mut self, tenant: TenantId) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.waiting += 1;
+        }
+    }
+
+    fn waiting_one_less(&mut self, tenant: TenantId) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.waiting = t.waiting.saturating_sub(1);
+        }
+        self.forget_if_idle(tenant);
+    }
+
+    fn forget_if_idle(&mut self, tenant: TenantId) {
+        if self
+            .tenants
+            .get(&tenant)
+            .is_some_and(|t| t.waiting == 0 && t.running == 0)
+        {
+            self.tenants.remove(&tenant);
+        }
+    }
+
+    /// Set aside first entries whose tenants are at their cap.
+    fn park_capped_heads(&mut self) {
+        while let Some(key) = self.queue.first() {
+            if !self
+                .tenants
+                .get(&key.tenant())
+                .is_some_and(TenantState::at_cap)
+            {
+                return;
+            }
+            self.queue.park(&key);
+        }
+    }
+
+    /// The waiter to start now, if any may: the queue's choice, unless its
+    /// tenant is at its cap (then it is parked and the next one considered)
+    /// or no slot is open to its priority.
+    fn next_to_start(&mut self, now: Instant) -> Option<Key> {
+        loop {
+            let key = self.queue.next(now)?;
+            if self
+                .tenants
+                .get(&key.tenant())
+                .is_some_and(TenantState::at_cap)
+            {
+                self.queue.park(&key);
+                continue;
+            }
+            if self.headroom(key.priority()) > 0 {
+                return Some(key);
+            }
+            // A promoted entry may be held back by a reservation that the
+            // most urgent waiter can use. Anyone behind the first entry is no
+            // more urgent, so is held back too.
+            let first = self.queue.first()?;
+            return (first != key && self.headroom(first.priority()) > 0).then_some(first);
+        }
+    }
+
     /// How many requests at `priority` could start now: free slots, less
     /// those reserved for more urgent work than it.
     fn headroom(&self, priority: Priority) -> usize {
@@ -403,13 +583,26 @@ impl State {
         t.duration_since(self.epoch).as_secs_f64()
     }
 
-    fn start(&mut self, priority: Priority, now: Instant) {
+    fn start(&mut self, priority: Priority, tenant: TenantId, now: Instant) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.running += 1;
+        }
         self.running += 1;
         *self.running_by_priority.entry(priority).or_default() += 1;
         self.running_start_sum += self.secs(now);
     }
 
-    fn abandon(&mut self, priority: Priority, started: Instant) {
+    fn abandon(&mut self, priority: Priority, tenant: TenantId, started: Instant) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            let was_at_cap = t.at_cap();
+            t.running = t.running.saturating_sub(1);
+            if was_at_cap {
+                // It may start one more: its most urgent parked entry, if
+                // any, goes back in line.
+                self.queue.unpark(tenant);
+            }
+        }
+        self.forget_if_idle(tenant);
         self.running -= 1;
         dec(&mut self.running_by_priority, priority);
         self.running_start_sum -= self.secs(started);
@@ -418,8 +611,8 @@ impl State {
         }
     }
 
-    fn finish(&mut self, priority: Priority, started: Instant, now: Instant) {
-        self.abandon(priority, started);
+    fn finish(&mut self, priority: Priority, tenant: TenantId, started: Instant, now: Instant) {
+        self.abandon(priority, tenant, started);
         self.completed += 1;
         let took = now.duration_since(started).as_secs_f64();
         self.service_secs = Some(match self.service_secs {

@@ -79,14 +79,14 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let inner = self.inner.clone();
-        let Some(admit) = req.extensions().get::<Admit>().copied() else {
+        let Some(admit) = req.extensions().get::<Admit>() else {
             return ResponseFuture::pass(inner, req);
         };
         let scheduler = match &*self.schedulers {
             [one] => one,
             many => &many[crate::route::route_of(&req).min(many.len() - 1)],
         };
-        match scheduler.acquire(admit.priority) {
+        match scheduler.acquire(admit.priority, &admit.share) {
             Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
             Acquire::Queued(ticket) => {
                 ResponseFuture::queued(inner, req, ticket, self.queue_timeout, self.router.clone())

@@ -22,12 +22,13 @@ fn limits(max_concurrency: usize, max_queue: usize) -> Limits {
         queue_timeout: Duration::from_secs(30),
         retry_after_cap: Duration::from_secs(60),
         reserved: vec![],
+        promote_after: None,
     }
 }
 
 fn req(priority: i32, tag: &str) -> Request<String> {
     let mut r = Request::new(tag.to_string());
-    r.extensions_mut().insert(Admit { priority });
+    r.extensions_mut().insert(Admit::new(priority));
     r
 }
 
@@ -237,13 +238,13 @@ async fn eviction_tells_the_displaced_waiter_with_a_429() {
 #[tokio::test(start_paused = true)]
 async fn a_permit_delivered_to_a_vanished_waiter_is_passed_on() {
     let scheduler = Scheduler::new(limits(1, 10));
-    let Acquire::Admitted(first) = scheduler.acquire(0) else {
+    let Acquire::Admitted(first) = scheduler.acquire(0, &Share::default()) else {
         panic!("the slot is free")
     };
-    let Acquire::Queued(ticket_a) = scheduler.acquire(0) else {
+    let Acquire::Queued(ticket_a) = scheduler.acquire(0, &Share::default()) else {
         panic!("queued")
     };
-    let Acquire::Queued(ticket_b) = scheduler.acquire(0) else {
+    let Acquire::Queued(ticket_b) = scheduler.acquire(0, &Share::default()) else {
         panic!("queued")
     };
     // Release: the permit is sent to A, who has not polled yet.
@@ -260,10 +261,10 @@ async fn a_permit_delivered_to_a_vanished_waiter_is_passed_on() {
 #[tokio::test(start_paused = true)]
 async fn raising_the_limit_dispatches_waiters() {
     let scheduler = Scheduler::new(limits(1, 10));
-    let Acquire::Admitted(_first) = scheduler.acquire(0) else {
+    let Acquire::Admitted(_first) = scheduler.acquire(0, &Share::default()) else {
         panic!()
     };
-    let Acquire::Queued(ticket) = scheduler.acquire(0) else {
+    let Acquire::Queued(ticket) = scheduler.acquire(0, &Share::default()) else {
         panic!()
     };
     scheduler.set_max_concurrency(2);
@@ -283,7 +284,7 @@ async fn retry_after_tracks_the_true_wait() {
         });
         // Warm up: a few requests at the known service time.
         for _ in 0..20 {
-            let Acquire::Admitted(p) = scheduler.acquire(0) else {
+            let Acquire::Admitted(p) = scheduler.acquire(0, &Share::default()) else {
                 panic!()
             };
             tokio::time::advance(service).await;
@@ -293,7 +294,7 @@ async fn retry_after_tracks_the_true_wait() {
         // different moment of its service, as under steady load.
         let mut running = std::collections::VecDeque::new();
         for i in 0..slots {
-            let Acquire::Admitted(p) = scheduler.acquire(0) else {
+            let Acquire::Admitted(p) = scheduler.acquire(0, &Share::default()) else {
                 panic!()
             };
             running.push_back(p);
@@ -303,12 +304,12 @@ async fn retry_after_tracks_the_true_wait() {
         }
         let mut tickets = std::collections::VecDeque::new();
         for _ in 0..queued {
-            let Acquire::Queued(t) = scheduler.acquire(0) else {
+            let Acquire::Queued(t) = scheduler.acquire(0, &Share::default()) else {
                 panic!()
             };
             tickets.push_back(t);
         }
-        let Acquire::Rejected(err) = scheduler.acquire(0) else {
+        let Acquire::Rejected(err) = scheduler.acquire(0, &Share::default()) else {
             panic!("the queue is full")
         };
         let advised = err.retry_after();
@@ -344,7 +345,7 @@ async fn retry_after_is_capped() {
         retry_after_cap: Duration::from_secs(60),
         ..limits(1, 1000)
     });
-    let Acquire::Admitted(p) = scheduler.acquire(0) else {
+    let Acquire::Admitted(p) = scheduler.acquire(0, &Share::default()) else {
         panic!()
     };
     tokio::time::advance(Duration::from_secs(30)).await;
@@ -382,7 +383,7 @@ async fn a_grant_racing_the_deadline_is_not_lost() {
 #[tokio::test(start_paused = true)]
 async fn a_cold_start_advises_no_less_than_a_second_per_turn_until_measured() {
     let scheduler = Scheduler::new(limits(1, 0));
-    let Acquire::Admitted(p) = scheduler.acquire(0) else {
+    let Acquire::Admitted(p) = scheduler.acquire(0, &Share::default()) else {
         panic!()
     };
     tokio::time::advance(Duration::from_millis(10)).await;
@@ -419,16 +420,16 @@ fn admitted(a: Acquire) -> Permit {
 async fn a_reserved_slot_is_kept_for_urgent_work() {
     // max_concurrency 2, one slot only for priority <= 0.
     let s = reserving(2, &[(0, 1)]);
-    let flood_running = admitted(s.acquire(10));
+    let flood_running = admitted(s.acquire(10, &Share::default()));
     let mut flood: Vec<Ticket> = (0..100)
-        .map(|_| match s.acquire(10) {
+        .map(|_| match s.acquire(10, &Share::default()) {
             Acquire::Queued(t) => t,
             _ => panic!("the flood must queue: the other slot is reserved"),
         })
         .collect();
     assert_eq!(s.snapshot().running, 1);
     // An urgent request starts at once, while the flood's request still runs.
-    let urgent = admitted(s.acquire(0));
+    let urgent = admitted(s.acquire(0, &Share::default()));
     assert_eq!(s.snapshot().running, 2);
     let st = s.snapshot();
     assert_eq!(st.reservations[0].used, 1);
@@ -450,14 +451,14 @@ async fn a_reserved_slot_is_kept_for_urgent_work() {
 #[tokio::test(start_paused = true)]
 async fn an_urgent_waiter_takes_a_freed_slot_before_the_flood() {
     let s = reserving(2, &[(0, 1)]);
-    let a = admitted(s.acquire(10));
-    let b = admitted(s.acquire(-5));
+    let a = admitted(s.acquire(10, &Share::default()));
+    let b = admitted(s.acquire(-5, &Share::default()));
     // Both slots busy: an urgent request queues ahead of the flood.
-    let mut flood = match s.acquire(10) {
+    let mut flood = match s.acquire(10, &Share::default()) {
         Acquire::Queued(t) => t,
         _ => panic!("queued"),
     };
-    let mut urgent = match s.acquire(0) {
+    let mut urgent = match s.acquire(0, &Share::default()) {
         Acquire::Queued(t) => t,
         _ => panic!("queued"),
     };
@@ -472,10 +473,15 @@ async fn an_urgent_waiter_takes_a_freed_slot_before_the_flood() {
 async fn reservation_levels_nest() {
     // Of 4: one slot for <= 0, one more for <= -10.
     let s = reserving(4, &[(0, 1), (-10, 1)]);
-    let batch: Vec<Permit> = (0..2).map(|_| admitted(s.acquire(5))).collect();
-    assert!(matches!(s.acquire(5), Acquire::Queued(_)), "batch gets 2");
-    let _normal = admitted(s.acquire(-5));
-    let _urgent = admitted(s.acquire(-20));
+    let batch: Vec<Permit> = (0..2)
+        .map(|_| admitted(s.acquire(5, &Share::default())))
+        .collect();
+    assert!(
+        matches!(s.acquire(5, &Share::default()), Acquire::Queued(_)),
+        "batch gets 2"
+    );
+    let _normal = admitted(s.acquire(-5, &Share::default()));
+    let _urgent = admitted(s.acquire(-20, &Share::default()));
     assert_eq!(s.snapshot().running, 4);
     drop(batch);
 }

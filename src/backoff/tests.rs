@@ -95,7 +95,7 @@ fn stack(p: RetryPolicy, up: &Upstream) -> Backoff<Upstream> {
 fn req(admitted: bool) -> TestReq {
     let mut r = Request::new(Either::Left(Full::new(Bytes::from_static(b"{}"))));
     if admitted {
-        r.extensions_mut().insert(Admit { priority: 0 });
+        r.extensions_mut().insert(Admit::new(0));
     }
     r
 }

@@ -114,6 +114,13 @@ pub struct ServeArgs {
     /// Most request headers (key: max_headers).
     #[arg(long, value_name = "N")]
     pub max_headers: Option<usize>,
+    /// Serve a request that waited this long before any other, whatever its
+    /// priority; "" for never (key: promote_after).
+    #[arg(long, value_name = "DURATION")]
+    pub promote_after: Option<String>,
+    /// Without keys, take the tenant from x-tenant (key: trust_tenant_header).
+    #[arg(long, value_name = "BOOL")]
+    pub trust_tenant_header: Option<bool>,
 }
 
 fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
@@ -174,7 +181,9 @@ impl ServeArgs {
             workers,
             header_read_timeout,
             max_header_bytes,
-            max_headers
+            max_headers,
+            promote_after,
+            trust_tenant_header
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();

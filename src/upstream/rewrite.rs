@@ -26,6 +26,11 @@ impl ClientAddr {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// The peer's IP, formatted.
+    pub fn ip(&self) -> &HeaderValue {
+        &self.ip
+    }
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

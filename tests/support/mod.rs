@@ -107,11 +107,25 @@ pub async fn chat(
     stream: bool,
     max_tokens: usize,
 ) -> Response<Incoming> {
+    let p = priority.map(|p| p.to_string());
+    let headers: Vec<(&str, &str)> = p.iter().map(|p| ("x-priority", p.as_str())).collect();
+    chat_with(client, base, &headers, id, stream, max_tokens).await
+}
+
+/// [`chat`] with these headers (keys, tenants, priorities).
+pub async fn chat_with(
+    client: &HttpClient,
+    base: &str,
+    headers: &[(&str, &str)],
+    id: &str,
+    stream: bool,
+    max_tokens: usize,
+) -> Response<Incoming> {
     let mut b = Request::post(format!("{base}/v1/chat/completions"))
         .header("content-type", "application/json")
         .header("x-request-id", id);
-    if let Some(p) = priority {
-        b = b.header("x-priority", p);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
     }
     client
         .request(
