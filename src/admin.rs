@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use crate::admission::{Scheduler, Snapshot};
+use crate::auth::Key;
 use crate::telemetry::Recorder;
 use crate::Body;
 
@@ -19,12 +20,14 @@ pub async fn serve(
     listener: TcpListener,
     schedulers: Vec<(String, Arc<Scheduler>)>,
     recorder: Arc<Recorder>,
+    keys: Arc<[Key]>,
 ) {
     let schedulers = Arc::new(schedulers);
     crate::server::serve_fn(listener, move |req| {
         let schedulers = schedulers.clone();
         let recorder = recorder.clone();
-        async move { Ok::<_, Infallible>(handle(&schedulers, &recorder, &req)) }
+        let keys = keys.clone();
+        async move { Ok::<_, Infallible>(handle(&schedulers, &recorder, &keys, &req)) }
     })
     .await
 }
@@ -41,6 +44,7 @@ fn total(schedulers: &[(String, Arc<Scheduler>)]) -> Snapshot {
 fn handle(
     schedulers: &[(String, Arc<Scheduler>)],
     recorder: &Recorder,
+    keys: &[Key],
     req: &Request<Incoming>,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
@@ -56,6 +60,9 @@ fn handle(
                         v
                     })
                     .collect();
+            }
+            if !keys.is_empty() {
+                status["keys"] = keys.iter().map(Key::status).collect();
             }
             let body = serde_json::to_string_pretty(&status)
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));

@@ -29,7 +29,7 @@ use tower::{Layer, Service};
 
 use crate::admission::Share;
 use crate::auth::Tenant;
-use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed};
+use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed, RateLimited};
 use crate::json_scan;
 use crate::telemetry::{Classified, Tap};
 use crate::upstream::rewrite::ClientAddr;
@@ -381,6 +381,29 @@ where
                         _ => asked,
                     };
                     let clamped_from = (priority != asked).then_some(asked);
+                    // A key's tokens-per-minute: charge the prompt's estimate
+                    // and the most it may generate; corrected at the end.
+                    let charge = match tenant.and_then(|t| Some((t, t.tokens.as_ref()?))) {
+                        Some((tenant, budget)) => {
+                            let prompt = crate::auth::prompt_estimate(bytes.len());
+                            let charged = prompt
+                                + fields
+                                    .max_tokens
+                                    .unwrap_or(crate::auth::DEFAULT_COMPLETION_ESTIMATE);
+                            if let Err(wait) = budget.charge(charged) {
+                                tenant
+                                    .rate_limited
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                return Poll::Ready(Err(RateLimited::tokens(wait).into()));
+                            }
+                            Some(crate::auth::TokenCharge {
+                                budget: budget.clone(),
+                                charged,
+                                prompt,
+                            })
+                        }
+                        None => None,
+                    };
                     if let Some(tap) = parts.extensions.get::<Tap>() {
                         tap.classify(Classified {
                             model: fields.model.map(|m| {
@@ -391,6 +414,9 @@ where
                             stream: fields.stream.unwrap_or(false),
                             clamped_from,
                         });
+                        if let Some(charge) = charge {
+                            tap.set_token_charge(charge);
+                        }
                     }
                     if keep_model {
                         if let Some(m) = fields.model {

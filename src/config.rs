@@ -101,6 +101,11 @@ pub struct FileConfig {
     /// Without keys, take the tenant from the `x-tenant` header (else the
     /// client's address). Only where clients cannot lie about it.
     pub trust_tenant_header: bool,
+    /// The key sent to the upstream(s) as `Authorization: Bearer …`, in
+    /// place of the client's (vLLM's `--api-key`). Prefer `upstream_api_key_env`.
+    pub upstream_api_key: Secret,
+    /// Or: the environment variable that holds it.
+    pub upstream_api_key_env: String,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -125,6 +130,10 @@ pub struct KeyEntry {
     /// spaced); over it, a 429 saying when to come back.
     #[serde(default)]
     pub requests_per_minute: Option<u32>,
+    /// Most tokens a minute (prompt and answer; estimated on admission from
+    /// the body's size and `max_tokens`, corrected from `usage`).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
     /// Its share of the slots against other keys at the same priority
     /// (default 1; 0 is read as 1).
     #[serde(default)]
@@ -175,6 +184,8 @@ impl Default for FileConfig {
             max_headers: 100,
             promote_after: String::new(),
             trust_tenant_header: false,
+            upstream_api_key: Secret::default(),
+            upstream_api_key_env: String::new(),
         }
     }
 }
@@ -218,6 +229,55 @@ pub struct UpstreamEntry {
     /// Its share among replicas of the same model (default 1).
     #[serde(default = "one")]
     pub weight: u32,
+    /// The key anteroom sends it (in place of the client's `Authorization`);
+    /// default: the top-level `upstream_api_key`.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Or: the environment variable that holds it.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+/// A secret from the config: kept out of `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// The key an upstream is sent: given in the file, or read from `env`.
+fn upstream_key(
+    at: &str,
+    key: Option<&Secret>,
+    env: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    match (key, env) {
+        (Some(_), Some(_)) => Err(ConfigError(format!(
+            "{at}: give api_key or api_key_env, not both"
+        ))),
+        (Some(k), None) if k.0.trim().is_empty() => {
+            Err(ConfigError(format!("{at}: api_key is empty")))
+        }
+        (Some(k), None) => Ok(Some(k.0.clone())),
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(v)),
+            Ok(_) => Err(ConfigError(format!("{at}: {var} is empty"))),
+            Err(_) => Err(ConfigError(format!(
+                "{at}: the environment variable {var} is not set"
+            ))),
+        },
+        (None, None) => Ok(None),
+    }
 }
 
 fn one() -> u32 {
@@ -285,11 +345,25 @@ pub struct ReplicaConfig {
 }
 
 impl Upstreams {
-    fn replicas(&self, default_limit: usize) -> Result<Vec<ReplicaConfig>, ConfigError> {
+    fn replicas(
+        &self,
+        default_limit: usize,
+        default_key: Option<&str>,
+    ) -> Result<Vec<ReplicaConfig>, ConfigError> {
+        let keyed = |origin: Origin, key: Option<&str>, at: &str| match key {
+            Some(k) => origin
+                .with_api_key(k)
+                .map_err(|e| ConfigError(format!("{at}: {e}"))),
+            None => Ok(origin),
+        };
         match self {
             Upstreams::One(url) => Ok(vec![ReplicaConfig {
                 name: "upstream".into(),
-                origin: Origin::parse(url).map_err(|e| ConfigError(format!("upstream: {e}")))?,
+                origin: keyed(
+                    Origin::parse(url).map_err(|e| ConfigError(format!("upstream: {e}")))?,
+                    default_key,
+                    "upstream_api_key",
+                )?,
                 models: Models::Any,
                 max_concurrency: default_limit,
                 weight: 1,
@@ -314,10 +388,15 @@ impl Upstreams {
                             "{key}: models is empty (use \"*\" for any)"
                         )));
                     }
+                    let own = upstream_key(&key, e.api_key.as_ref(), e.api_key_env.as_deref())?;
                     out.push(ReplicaConfig {
                         name: e.name.clone(),
-                        origin: Origin::parse(&e.url)
-                            .map_err(|err| ConfigError(format!("{key}: url: {err}")))?,
+                        origin: keyed(
+                            Origin::parse(&e.url)
+                                .map_err(|err| ConfigError(format!("{key}: url: {err}")))?,
+                            own.as_deref().or(default_key),
+                            &key,
+                        )?,
                         models: e.models.clone(),
                         max_concurrency: e.max_concurrency.unwrap_or(default_limit),
                         weight: e.weight,
@@ -471,7 +550,14 @@ impl FileConfig {
             Concurrency::Fixed(n) => n,
             Concurrency::Auto => self.auto_min_concurrency,
         };
-        let replicas = self.upstream.replicas(first_limit)?;
+        let default_key = upstream_key(
+            "upstream_api_key",
+            Some(&self.upstream_api_key).filter(|k| !k.0.is_empty()),
+            Some(self.upstream_api_key_env.trim()).filter(|v| !v.is_empty()),
+        )?;
+        let replicas = self
+            .upstream
+            .replicas(first_limit, default_key.as_deref())?;
         if replicas.len() > 1 && self.max_concurrency == Concurrency::Auto {
             return Err(ConfigError(
                 "max_concurrency: \"auto\" works with one upstream so far; give each [[upstream]] its max_concurrency".into(),
@@ -670,6 +756,9 @@ impl FileConfig {
                 default_priority: k.default_priority,
                 max_priority: k.max_priority,
                 limiter: k.requests_per_minute.and_then(Key::limiter),
+                tokens: k.tokens_per_minute.and_then(crate::auth::TokenBudget::new),
+                requests_per_minute: k.requests_per_minute,
+                rate_limited: Default::default(),
                 share: crate::admission::Share {
                     // Keys are numbered from 1; other tenants' ids are hashes
                     // with the top bit set (see classify).

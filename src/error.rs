@@ -94,11 +94,24 @@ impl StdError for Unauthorized {}
 #[derive(Debug)]
 pub struct RateLimited {
     retry_after: Duration,
+    limit: &'static str,
 }
 
 impl RateLimited {
-    pub(crate) fn new(retry_after: Duration) -> Self {
-        Self { retry_after }
+    /// Over the requests-per-minute limit.
+    pub(crate) fn requests(retry_after: Duration) -> Self {
+        Self {
+            retry_after,
+            limit: "requests-per-minute",
+        }
+    }
+
+    /// Over the tokens-per-minute limit.
+    pub(crate) fn tokens(retry_after: Duration) -> Self {
+        Self {
+            retry_after,
+            limit: "tokens-per-minute",
+        }
     }
 }
 
@@ -106,8 +119,9 @@ impl fmt::Display for RateLimited {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "this API key is over its requests-per-minute limit; retry after {:?}",
-            self.retry_after
+            "this API key is over its {} limit; retry after {:.3}s",
+            self.limit,
+            self.retry_after.as_secs_f64()
         )
     }
 }

@@ -16,6 +16,9 @@ pub struct Fields<'a> {
     pub model: Option<&'a [u8]>,
     /// `stream`, when it is `true` or `false`.
     pub stream: Option<bool>,
+    /// The most tokens to generate: `max_tokens`, `max_completion_tokens`
+    /// (chat) or `max_output_tokens` (Responses API), when a whole number.
+    pub max_tokens: Option<u64>,
 }
 
 /// Scan `body` for the [`Fields`].
@@ -51,6 +54,11 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
             b"priority" => out.priority = parse_i32(value),
             b"model" if value.first() == Some(&b'"') => {
                 out.model = Some(&value[1..value.len() - 1])
+            }
+            b"max_tokens" | b"max_completion_tokens" | b"max_output_tokens" => {
+                if let Some(n) = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()) {
+                    out.max_tokens = Some(n);
+                }
             }
             b"stream" => {
                 out.stream = match value {
@@ -138,6 +146,11 @@ mod tests {
         assert_eq!(f.priority, Some(-5));
         assert_eq!(f.model, Some(&b"llama-3"[..]));
         assert_eq!(f.stream, Some(true));
+        assert_eq!(f.max_tokens, None);
+        let f = scan(br#"{"max_tokens":64,"x":{"max_tokens":9}}"#);
+        assert_eq!(f.max_tokens, Some(64));
+        let f = scan(br#"{"max_completion_tokens": 100, "max_output_tokens": null}"#);
+        assert_eq!(f.max_tokens, Some(100));
     }
 
     #[test]

@@ -424,7 +424,15 @@ pub async fn health_checks(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let probe = tokio::time::timeout(timeout, client.get(url.clone())).await;
+        let mut req = http::Request::get(url.clone());
+        if let Some(auth) = origin.authorization() {
+            req = req.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        let req = match req.body(http_body_util::Empty::new()) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let probe = tokio::time::timeout(timeout, client.request(req)).await;
         let ok = match probe {
             Ok(Ok(resp)) => {
                 let ok = resp.status() == StatusCode::OK;

@@ -13,6 +13,28 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use support::*;
 
+/// An upstream that answers with the Authorization it was sent.
+async fn authorization_echo() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(anteroom::server::serve_fn(
+        listener,
+        |req: Request<Incoming>| async move {
+            let got = req
+                .headers()
+                .get("authorization")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let body = serde_json::json!({"authorization": got}).to_string();
+            Ok::<_, Infallible>(Response::new(
+                Full::new(Bytes::from(body))
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            ))
+        },
+    ));
+    url
+}
+
 /// An upstream that says whether it was sent an Authorization or x-api-key.
 async fn echo_upstream() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -218,4 +240,146 @@ async fn a_key_over_its_rate_limit_gets_a_429_with_the_limiters_advice() {
     assert!((15_000..=20_000).contains(&ms), "{ms}");
     let err = body_json(resp).await;
     assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+}
+
+/// Tokens per minute: charged the prompt's estimate plus `max_tokens` on
+/// admission, corrected by the real `usage` at the end; over it, a 429 whose
+/// advice, followed, lets the request through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limit_is_corrected_by_usage_and_its_advice_works() {
+    use anteroom::sim::Mode;
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.key = vec![KeyEntry {
+            name: "tok".into(),
+            sha256: Some(hex(anteroom::auth::digest(b"sk-tok"))),
+            // 100 tokens a second.
+            tokens_per_minute: Some(6000),
+            ..Default::default()
+        }];
+    })
+    .await;
+    let ask = |id: &'static str, max_tokens: u64| {
+        let (client, url) = (client.clone(), proxy.url());
+        async move {
+            // The model stops after 4 tokens, whatever max_tokens allows.
+            let body = serde_json::json!({
+                "model": "m", "max_tokens": max_tokens, "sim_stop_after": 4,
+                "messages": [{"role": "user", "content": "hello"}],
+            });
+            let req = Request::post(format!("{url}/v1/chat/completions"))
+                .header("authorization", "Bearer sk-tok")
+                .header("x-request-id", id)
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            client.request(req).await.unwrap()
+        }
+    };
+    // Each may write 5000 tokens but writes 4: charged ~5030, used ~30.
+    // Without the correction the second would not fit.
+    for id in ["t0", "t1"] {
+        let resp = ask(id, 5000).await;
+        assert_eq!(resp.status(), 200, "{id}");
+        body_bytes(resp).await;
+    }
+    // The bucket has given out ~5060 of its 6000; the credit of ~5000
+    // pays most of the next charge, ~6080, so it needs ~1080: ~140 more
+    // than are free, a wait of ~1.4 s.
+    let resp = ask("big", 6050).await;
+    assert_eq!(resp.status(), 429);
+    let ms = header_u64(&resp, "retry-after-ms").unwrap();
+    assert!((1..=2_000).contains(&ms), "retry-after-ms {ms}");
+    let err = body_json(resp).await;
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tokens-per-minute"));
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    let resp = ask("big", 6050).await;
+    assert_eq!(resp.status(), 200, "after the advised wait");
+    body_bytes(resp).await;
+    // /status shows the key's limits and its one refusal.
+    let resp = client
+        .get(
+            format!("http://{}/status", proxy.admin_addr)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = body_json(resp).await;
+    let key = &status["keys"][0];
+    assert_eq!(key["name"], "tok");
+    assert_eq!(key["tokens_per_minute"], 6000);
+    assert_eq!(key["rate_limited"], 1);
+}
+
+/// The upstream's own key replaces whatever the client sent, on generation
+/// and pass-through requests alike, and appears nowhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_key_replaces_the_clients() {
+    std::env::set_var("ANTEROOM_TEST_UPSTREAM_KEY", "sk-backend-secret");
+    let upstream = authorization_echo().await;
+    let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("upstream-key-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let log_s = log.display().to_string();
+    let proxy = proxy(&upstream, |c| {
+        c.upstream_api_key_env = "ANTEROOM_TEST_UPSTREAM_KEY".into();
+        c.request_log = log_s;
+    })
+    .await;
+    let client = client();
+    let base = proxy.url();
+    for (header, id) in [
+        (Some(("authorization", "Bearer sk-client")), "with"),
+        (None, "without"),
+    ] {
+        let resp = post(&client, &base, header, None, id).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            body_json(resp).await["authorization"],
+            "Bearer sk-backend-secret",
+            "{id}"
+        );
+    }
+    let resp = client
+        .get(format!("{base}/v1/models").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        body_json(resp).await["authorization"],
+        "Bearer sk-backend-secret"
+    );
+    // Not in /status, /metrics or the request log.
+    let admin = format!("http://{}", proxy.admin_addr);
+    for path in ["/status", "/metrics"] {
+        let resp = client
+            .get(format!("{admin}{path}").parse().unwrap())
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body_bytes(resp).await).into_owned();
+        assert!(!text.contains("sk-backend"), "{path}");
+    }
+    drop(proxy);
+    wait_until("log written", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 3)
+    })
+    .await;
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("sk-"));
+
+    // A variable that is not set is refused at start, by name.
+    let mut f = anteroom::config::FileConfig {
+        upstream_api_key_env: "ANTEROOM_SURELY_UNSET_UPSTREAM".into(),
+        ..Default::default()
+    };
+    let err = f.validate().unwrap_err().0;
+    assert!(err.contains("ANTEROOM_SURELY_UNSET_UPSTREAM"), "{err}");
+    f.upstream_api_key_env = String::new();
+    f.upstream_api_key = "sk-x\u{1}".into();
+    let err = f.validate().unwrap_err().0;
+    assert!(
+        err.contains("upstream_api_key") && !err.contains("sk-x"),
+        "{err}"
+    );
 }

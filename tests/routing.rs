@@ -18,6 +18,8 @@ fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEntry {
         models,
         max_concurrency: Some(max),
         weight: 1,
+        api_key: None,
+        api_key_env: None,
     }
 }
 

@@ -121,6 +121,11 @@ pub struct ServeArgs {
     /// Without keys, take the tenant from x-tenant (key: trust_tenant_header).
     #[arg(long, value_name = "BOOL")]
     pub trust_tenant_header: Option<bool>,
+    /// The environment variable holding the key to send the upstream
+    /// (key: upstream_api_key_env). The key itself can only be given in
+    /// the file (upstream_api_key): a flag would show in `ps`.
+    #[arg(long, value_name = "VAR")]
+    pub upstream_api_key_env: Option<String>,
 }
 
 fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
@@ -183,7 +188,8 @@ impl ServeArgs {
             max_header_bytes,
             max_headers,
             promote_after,
-            trust_tenant_header
+            trust_tenant_header,
+            upstream_api_key_env
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
@@ -298,6 +304,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         admin,
         named,
         recorder.clone(),
+        config.keys.clone().into(),
     ))];
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::new();

@@ -538,12 +538,21 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
         Ok(x) => x,
         Err(resp) => return resp,
     };
-    let n = value
+    let max = value
         .get("max_tokens")
         .or_else(|| value.get("max_completion_tokens"))
         .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .unwrap_or(state.cfg.output_tokens);
+        .map(|v| v as usize);
+    // `sim_stop_after`: the model ends its answer early (as at an end of
+    // sequence token), whatever max_tokens allowed.
+    let stop = value
+        .get("sim_stop_after")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize);
+    let n = match (max, stop) {
+        (Some(m), Some(s)) => m.min(s),
+        (m, s) => m.or(s).unwrap_or(state.cfg.output_tokens),
+    };
     let stream = value
         .get("stream")
         .and_then(|v| v.as_bool())

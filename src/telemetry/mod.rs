@@ -142,6 +142,7 @@ struct TapInner {
     stream_error: OnceLock<&'static str>,
     tenant: OnceLock<Arc<str>>,
     classified: OnceLock<Classified>,
+    tokens: OnceLock<crate::auth::TokenCharge>,
 }
 
 impl Tap {
@@ -154,6 +155,7 @@ impl Tap {
             stream_error: OnceLock::new(),
             tenant: OnceLock::new(),
             classified: OnceLock::new(),
+            tokens: OnceLock::new(),
         }))
     }
 
@@ -175,6 +177,12 @@ impl Tap {
     /// Note who is asking (the API key's name).
     pub fn set_tenant(&self, name: Arc<str>) {
         let _ = self.0.tenant.set(name);
+    }
+
+    /// Note the tokens charged to the key's tokens-per-minute limit, to be
+    /// corrected from `usage` when the request ends.
+    pub fn set_token_charge(&self, charge: crate::auth::TokenCharge) {
+        let _ = self.0.tokens.set(charge);
     }
 
     /// Who is asking, if keys are configured.
@@ -538,6 +546,15 @@ impl Capture {
             ),
             None => (None, None),
         };
+        if let Some(c) = self.tap.0.tokens.get() {
+            // What the request really used: nothing if it never reached the
+            // upstream, else its usage (the estimates where usage is silent).
+            let used = match dispatched {
+                Some(_) => usage.prompt_tokens.unwrap_or(c.prompt) + completion_tokens.unwrap_or(0),
+                None => 0,
+            };
+            c.budget.correct(c.charged, used);
+        }
         let tpot = match (self.first_token, self.last_token, completion_tokens) {
             (Some(a), Some(b), Some(n)) if sse && n > 1 => {
                 Some(ms(b.duration_since(a)) / (n - 1) as f64)

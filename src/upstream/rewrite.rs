@@ -45,6 +45,9 @@ pub struct Origin {
     host: HeaderValue,
     /// Path prefix without a trailing slash ("" for none).
     prefix: String,
+    /// `Bearer <the upstream's key>`, replacing the client's, if configured.
+    /// Marked sensitive, so it prints as `Sensitive`.
+    authorization: Option<HeaderValue>,
 }
 
 impl Origin {
@@ -77,7 +80,24 @@ impl Origin {
             authority,
             host,
             prefix,
+            authorization: None,
         })
+    }
+
+    /// Send `key` to this upstream as `Authorization: Bearer …` in place of
+    /// whatever the client sent. Refused when it cannot be a header value
+    /// (the message does not repeat the key).
+    pub fn with_api_key(mut self, key: &str) -> Result<Self, String> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+            .map_err(|_| "the API key has characters a header cannot carry".to_string())?;
+        v.set_sensitive(true);
+        self.authorization = Some(v);
+        Ok(self)
+    }
+
+    /// The `Authorization` this upstream is sent, if anteroom holds its key.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
     }
 
     /// The authority (host:port).
@@ -180,6 +200,9 @@ pub fn request<B>(req: &mut Request<B>, origin: &Origin) {
         }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(auth) = &origin.authorization {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
 }
 
 /// Clean the upstream's response for the client.
@@ -257,6 +280,31 @@ mod tests {
             .insert(ClientAddr::new("[::1]:5".parse().unwrap()));
         request(&mut req, &o);
         assert_eq!(req.headers()["x-forwarded-for"], "1.1.1.1, ::1");
+    }
+
+    #[test]
+    fn an_upstream_key_replaces_the_clients() {
+        let origin = Origin::parse("http://127.0.0.1:1")
+            .unwrap()
+            .with_api_key("sk-backend")
+            .unwrap();
+        let mut req = Request::builder()
+            .uri("/v1/models")
+            .header("authorization", "Bearer sk-client")
+            .body(())
+            .unwrap();
+        request(&mut req, &origin);
+        assert_eq!(req.headers()["authorization"], "Bearer sk-backend");
+        assert_eq!(req.headers().get_all("authorization").iter().count(), 1);
+        assert!(!format!("{origin:?}").contains("sk-backend"));
+        assert!(Origin::parse("http://h")
+            .unwrap()
+            .with_api_key("a b")
+            .is_ok());
+        assert!(Origin::parse("http://h")
+            .unwrap()
+            .with_api_key("a\nb")
+            .is_err());
     }
 
     #[test]
