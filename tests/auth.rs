@@ -122,10 +122,15 @@ async fn keys_are_checked_kept_and_named() {
     let client = client();
     let base = proxy.url();
 
-    // No key, a wrong key: 401 in the OpenAI shape, nothing reaches upstream.
+    // No key, a wrong key, a good key in the wrong place (no Bearer,
+    // Azure's api-key header, Basic): 401 in the OpenAI shape, nothing
+    // reaches upstream.
     for (h, id) in [
         (None, "none"),
         (Some(("authorization", "Bearer sk-wrong")), "wrong"),
+        (Some(("authorization", "sk-alpha")), "no-bearer"),
+        (Some(("api-key", "sk-alpha")), "azure-header"),
+        (Some(("authorization", "Basic sk-alpha")), "basic"),
     ] {
         let resp = post(&client, &base, h, None, id).await;
         assert_eq!(resp.status(), 401, "{id}");

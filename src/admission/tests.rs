@@ -485,3 +485,69 @@ async fn reservation_levels_nest() {
     assert_eq!(s.snapshot().running, 4);
     drop(batch);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waiting_past_promote_after_is_served_before_more_urgent_ones() {
+    let scheduler = Scheduler::new(Limits {
+        promote_after: Some(Duration::from_secs(10)),
+        ..limits(1, 10)
+    });
+    let Acquire::Admitted(busy) = scheduler.acquire(0, &Share::default()) else {
+        panic!()
+    };
+    let Acquire::Queued(mut batch) = scheduler.acquire(10, &Share::default()) else {
+        panic!()
+    };
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let Acquire::Queued(mut chat) = scheduler.acquire(0, &Share::default()) else {
+        panic!()
+    };
+    // At 6 s the urgent one still goes first...
+    drop(busy);
+    let running = chat.try_take().expect("dispatched").expect("a permit");
+    let Acquire::Queued(mut chat2) = scheduler.acquire(0, &Share::default()) else {
+        panic!()
+    };
+    // ... but at 11 s the batch request has waited past 10 s: it is next,
+    // ahead of the more urgent chat2.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    drop(running);
+    assert!(chat2.try_take().is_none());
+    let promoted = batch.try_take().expect("promoted").expect("a permit");
+    assert_eq!(promoted.priority(), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_capped_tenant_waits_while_others_take_the_free_slots() {
+    let scheduler = Scheduler::new(limits(3, 10));
+    let capped = Share {
+        id: 1,
+        max_in_flight: 1,
+        name: http::HeaderValue::from_static("capped"),
+        ..Share::default()
+    };
+    let other = Share {
+        id: 2,
+        name: http::HeaderValue::from_static("other"),
+        ..Share::default()
+    };
+    let Acquire::Admitted(first) = scheduler.acquire(0, &capped) else {
+        panic!()
+    };
+    let Acquire::Queued(mut second) = scheduler.acquire(0, &capped) else {
+        panic!("at its cap: it waits though slots are free")
+    };
+    // The other tenant is not held up behind it.
+    let Acquire::Admitted(_o1) = scheduler.acquire(0, &other) else {
+        panic!("a free slot, and the waiter ahead cannot use it")
+    };
+    let Acquire::Admitted(_o2) = scheduler.acquire(0, &other) else {
+        panic!()
+    };
+    assert!(second.try_take().is_none());
+    drop(first);
+    let p = second.try_take().expect("its turn").expect("a permit");
+    let s = scheduler.snapshot();
+    assert_eq!((s.running, s.waiting), (3, 0));
+    drop(p);
+}
