@@ -106,6 +106,9 @@ pub struct FileConfig {
     pub upstream_api_key: Secret,
     /// Or: the environment variable that holds it.
     pub upstream_api_key_env: String,
+    /// On SIGTERM/SIGINT, most time to let running requests finish before
+    /// the process exits.
+    pub drain_timeout: String,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -186,6 +189,7 @@ impl Default for FileConfig {
             trust_tenant_header: false,
             upstream_api_key: Secret::default(),
             upstream_api_key_env: String::new(),
+            drain_timeout: "25s".into(),
         }
     }
 }
@@ -500,6 +504,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Threads serving the proxy port (resolved: at least 1).
     pub workers: usize,
+    /// Most time to drain on SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
     /// API keys, resolved to digests.
     pub keys: Vec<Key>,
     /// Limits on each client connection.
@@ -684,6 +690,10 @@ impl FileConfig {
                 header_read_timeout: positive("header_read_timeout", &self.header_read_timeout)?,
                 max_header_bytes: self.max_header_bytes,
                 max_headers: self.max_headers,
+            },
+            drain_timeout: match parse_duration(&self.drain_timeout) {
+                Ok(d) => d,
+                Err(e) => return Err(ConfigError(format!("drain_timeout: {e}"))),
             },
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -31,6 +31,7 @@ pub mod backoff;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod edge;
 pub mod error;
 pub mod json_scan;

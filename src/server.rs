@@ -11,18 +11,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::app::Stack;
 use crate::upstream::rewrite::ClientAddr;
 use crate::Body;
 
-/// Serve the proxy stack on `listener` until `shutdown` resolves. Each request
-/// carries its connection's [`ClientAddr`].
+/// Serve the proxy stack on `listener` until `shutdown` resolves with a
+/// drain deadline; then drain (see [`accept_loop`]). Each request carries
+/// its connection's [`ClientAddr`].
 pub async fn serve(
     listener: TcpListener,
     stack: Stack,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = Instant>,
     limits: ServerLimits,
 ) {
     accept_loop(listener, shutdown, limits, move |addr| {
@@ -47,7 +49,7 @@ where
 {
     accept_loop(
         listener,
-        std::future::pending(),
+        std::future::pending::<Instant>(),
         ServerLimits::default(),
         move |_| Some(Served::new(hyper::service::service_fn(f.clone()))),
     )
@@ -92,9 +94,16 @@ impl<S> Served<S> {
 /// Accept connections until `shutdown`, serving each with the service `make`
 /// builds for its peer address (`None`: close the connection at once), with
 /// `limits` on each connection.
+///
+/// `shutdown` resolves with a drain deadline: the listener is closed, every
+/// connection is told to close once its in-flight requests are answered
+/// (hyper's graceful shutdown: idle keep-alive connections at once, HTTP/2
+/// with GOAWAY), and the loop returns when they all have, or
+/// [`GRACE`](crate::drain::GRACE) after the deadline, when the rest are
+/// dropped (their bodies' records finish as `cancelled`).
 pub(crate) async fn accept_loop<S, M>(
     listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = Instant>,
     limits: ServerLimits,
     make: M,
 ) where
@@ -112,9 +121,13 @@ pub(crate) async fn accept_loop<S, M>(
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     tokio::pin!(shutdown);
-    loop {
+    let mut connections = tokio::task::JoinSet::new();
+    let (draining, drain_rx) = tokio::sync::watch::channel(false);
+    let deadline = loop {
         let (stream, addr) = tokio::select! {
-            _ = &mut shutdown => return,
+            deadline = &mut shutdown => break deadline,
+            // Reap finished connections as they end, so the set stays small.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(x) => x,
                 Err(e) => {
@@ -134,23 +147,45 @@ pub(crate) async fn accept_loop<S, M>(
             continue;
         };
         let builder = builder.clone();
-        tokio::spawn(async move {
+        let mut drain_rx = drain_rx.clone();
+        connections.spawn(async move {
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
-            let ended = match close {
-                None => conn.await,
-                Some(close) => tokio::select! {
-                    ended = conn.as_mut() => ended,
-                    _ = close.notified() => {
-                        // Finish what is in flight, then close.
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                },
+            let close = async {
+                match close {
+                    Some(close) => close.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = close => {
+                    // Finish what is in flight, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = async { drain_rx.wait_for(|d| *d).await.is_ok() } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, %addr, "connection ended with an error");
             }
         });
+    };
+    drop(listener);
+    let _ = draining.send(true);
+    let all_closed = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline + crate::drain::GRACE, all_closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "drain deadline passed: dropping the connections still open"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 }

@@ -590,41 +590,18 @@ async fn the_report_command_summarises_a_request_log() {
 async fn after_sigterm_the_log_holds_every_finished_request() {
     let sim = sim(sim_config(Mode::Batch)).await;
     let log = log_path("sigterm");
-    let (port, admin) = (free_port(), free_port());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
-        .args(["serve", "--upstream", &sim.url()])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .arg("--request-log")
-        .arg(&log)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let log_s = log.display().to_string();
+    let mut proc = anteroom_process(&sim.url(), &["--request-log", &log_s]).await;
     let client = client();
-    let url = format!("http://127.0.0.1:{port}");
-    let health = format!("http://127.0.0.1:{admin}/healthz");
-    let mut up = false;
-    for _ in 0..500 {
-        let req = Request::get(&health).body(Full::default()).unwrap();
-        if client.request(req).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(up, "anteroom did not start");
+    let url = proc.url.clone();
     const N: usize = 40;
     for i in 0..N {
         let resp = chat(&client, &url, None, &format!("t{i}"), i % 2 == 0, 2).await;
         assert_eq!(resp.status(), 200);
         body_bytes(resp).await;
     }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().unwrap();
+    proc.terminate();
+    let status = proc.child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
     let lines = std::fs::read_to_string(&log).unwrap();
     let ids: std::collections::BTreeSet<String> = lines

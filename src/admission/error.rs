@@ -12,7 +12,7 @@ pub enum Reason {
     QueueTimeout,
     /// The request was queued, then pushed out by a more urgent one.
     Evicted,
-    /// The scheduler went away (shutdown).
+    /// The proxy is shutting down (or the scheduler went away).
     Closed,
     /// Its upstream was taken out of service while it waited: it is to be
     /// queued at another (see [`route`](crate::route)).
@@ -68,7 +68,9 @@ impl fmt::Display for Overloaded {
             Reason::Evicted => f.write_str(
                 "the queue is full and this request was displaced by a more urgent one; retry after the advised delay",
             ),
-            Reason::Closed => f.write_str("the proxy is shutting down"),
+            Reason::Closed => f.write_str(
+                "the proxy is shutting down and cannot start this request in time; retry after the advised delay",
+            ),
             Reason::Rerouted => f.write_str(
                 "no healthy upstream serves this model; retry after the advised delay",
             ),

@@ -171,6 +171,8 @@ struct State {
     completed: u64,
     epoch: Instant,
     retry_after_cap: Duration,
+    /// Shutting down: nothing may start that cannot finish by then.
+    draining: Option<Instant>,
 }
 
 /// A snapshot for /status.
@@ -257,6 +259,7 @@ impl Scheduler {
                 completed: 0,
                 epoch: Instant::now(),
                 retry_after_cap: limits.retry_after_cap,
+                draining: None,
             }),
         })
     }
@@ -268,6 +271,12 @@ impl Scheduler {
         let outcome = {
             let mut st = self.state.lock();
             let cap = st.retry_after_cap;
+            if let Some(deadline) = st.draining {
+                return Acquire::Rejected(Overloaded::new(
+                    Reason::Closed,
+                    drain_retry(deadline, now, cap),
+                ));
+            }
             let tenant = st.tenant(share);
             let at_cap = tenant.at_cap();
             // No barging: only when no waiter is at least as urgent (and
@@ -411,6 +420,45 @@ impl Scheduler {
         }
     }
 
+    /// Shut down by `deadline`: from now on nothing new is admitted, and a
+    /// waiter starts only while a request can be expected (by the measured
+    /// service time) to finish before it. Call [`shed_late`](Self::shed_late)
+    /// as time passes to answer the waiters that no longer can.
+    pub fn drain(self: &Arc<Self>, deadline: Instant) {
+        self.state.lock().draining = Some(deadline);
+        self.shed_late();
+        // Raising nothing, but a waiter that may still start should not
+        // wait for the next release.
+        self.dispatch();
+    }
+
+    /// While draining: answer every waiter with 503 `shutting_down` once
+    /// none could start and still finish before the deadline. Returns how
+    /// many were answered.
+    pub fn shed_late(&self) -> usize {
+        let now = Instant::now();
+        let (waiters, retry) = {
+            let mut st = self.state.lock();
+            let Some(deadline) = st.draining else {
+                return 0;
+            };
+            if st.can_finish_by(deadline, now) {
+                return 0;
+            }
+            let waiters = st.queue.drain();
+            st.tenants.retain(|_, t| {
+                t.waiting = 0;
+                t.running > 0
+            });
+            (waiters, drain_retry(deadline, now, st.retry_after_cap))
+        };
+        let n = waiters.len();
+        for tx in waiters {
+            let _ = tx.send(Err(Overloaded::new(Reason::Closed, retry)));
+        }
+        n
+    }
+
     /// Send every waiter away to be queued elsewhere (its upstream was
     /// taken out of service). Running requests are not touched.
     pub fn reroute_waiting(&self) -> usize {
@@ -453,6 +501,14 @@ impl Scheduler {
         let retry = st.retry_after(place, cap);
         Some(Overloaded::new(Reason::QueueTimeout, retry))
     }
+}
+
+/// A client turned away by a draining server: come back when it is gone
+/// (a restarted or other instance will answer), at least a second.
+fn drain_retry(deadline: Instant, now: Instant, cap: Duration) -> Duration {
+    deadline
+        .saturating_duration_since(now)
+        .clamp(Duration::from_secs(1), cap.max(Duration::from_secs(1)))
 }
 
 fn dec(map: &mut BTreeMap<Priority, usize>, priority: Priority) {
@@ -503,6 +559,12 @@ impl State {
         }
     }
 
+    /// Could a request started now be expected to finish by `deadline`?
+    fn can_finish_by(&self, deadline: Instant, now: Instant) -> bool {
+        let took = self.service_estimate(now).unwrap_or(0.0);
+        now + Duration::from_secs_f64(took) < deadline
+    }
+
     /// Set aside first entries whose tenants are at their cap.
     fn park_capped_heads(&mut self) {
         while let Some(key) = self.queue.first() {
@@ -521,6 +583,11 @@ impl State {
     /// tenant is at its cap (then it is parked and the next one considered)
     /// or no slot is open to its priority.
     fn next_to_start(&mut self, now: Instant) -> Option<Key> {
+        if let Some(deadline) = self.draining {
+            if !self.can_finish_by(deadline, now) {
+                return None;
+            }
+        }
         loop {
             let key = self.queue.next(now)?;
             if self

@@ -551,3 +551,43 @@ async fn a_capped_tenant_waits_while_others_take_the_free_slots() {
     assert_eq!((s.running, s.waiting), (3, 0));
     drop(p);
 }
+
+#[tokio::test(start_paused = true)]
+async fn draining_starts_only_what_can_finish_and_refuses_the_rest() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    // Measured: a request takes 2 s.
+    let Acquire::Admitted(p) = scheduler.acquire(0, &Share::default()) else {
+        panic!()
+    };
+    tokio::time::advance(Duration::from_secs(2)).await;
+    drop(p);
+    let Acquire::Admitted(running) = scheduler.acquire(0, &Share::default()) else {
+        panic!()
+    };
+    let Acquire::Queued(mut first) = scheduler.acquire(0, &Share::default()) else {
+        panic!()
+    };
+    let Acquire::Queued(mut second) = scheduler.acquire(0, &Share::default()) else {
+        panic!()
+    };
+    scheduler.drain(tokio::time::Instant::now() + Duration::from_secs(5));
+    // Nothing new is taken in.
+    let Acquire::Rejected(e) = scheduler.acquire(0, &Share::default()) else {
+        panic!("a draining scheduler admits nothing new")
+    };
+    assert_eq!(e.reason(), Reason::Closed);
+    assert_eq!(e.retry_after(), Duration::from_secs(5));
+    // At 1 s the running one ends; the first waiter can still finish by 5 s.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(scheduler.shed_late(), 0);
+    drop(running);
+    let started = first.try_take().expect("dispatched").expect("a permit");
+    // At 3.5 s a 2 s request would end after the deadline: refused.
+    tokio::time::advance(Duration::from_millis(2500)).await;
+    drop(started);
+    assert!(second.try_take().is_none(), "not started so late");
+    assert_eq!(scheduler.shed_late(), 1);
+    let err = second.try_take().expect("answered").unwrap_err();
+    assert_eq!(err.reason(), Reason::Closed);
+    assert_eq!(err.retry_after(), Duration::from_millis(1500));
+}

@@ -2,13 +2,16 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 use crate::admission::Scheduler;
 use crate::app::UpstreamBody;
 use crate::config::{Config, ConfigError, FileConfig};
+use crate::drain::Drain;
 use crate::route::Router;
 use crate::telemetry::Recorder;
 use crate::upstream::{Upstream, Upstreams};
@@ -126,6 +129,10 @@ pub struct ServeArgs {
     /// the file (upstream_api_key): a flag would show in `ps`.
     #[arg(long, value_name = "VAR")]
     pub upstream_api_key_env: Option<String>,
+    /// On SIGTERM/SIGINT, most time to let running requests finish
+    /// (key: drain_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
 }
 
 fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
@@ -189,7 +196,8 @@ impl ServeArgs {
             max_headers,
             promote_after,
             trust_tenant_header,
-            upstream_api_key_env
+            upstream_api_key_env,
+            drain_timeout
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
@@ -222,8 +230,12 @@ pub struct Running {
     /// The (first) upstream client (its connection pool).
     pub upstream: Upstream<UpstreamBody>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Tells worker threads to stop accepting.
-    stop: tokio::sync::watch::Sender<bool>,
+    /// Tells the accept loops to stop and drain, by this deadline.
+    stop: tokio::sync::watch::Sender<Option<Instant>>,
+    /// The accept loop on this runtime (one worker).
+    serving: Option<tokio::task::JoinHandle<()>>,
+    /// Streams watch it to end at the drain deadline.
+    drain: Drain,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -235,10 +247,40 @@ impl Running {
 }
 
 impl Running {
-    /// Stop serving: the tasks on this runtime at once, the worker threads
-    /// once they have left their accept loops (waited for off this thread).
-    pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
+    /// Stop serving at once: what is in flight is dropped (see
+    /// [`drain`](Self::drain) for the graceful way).
+    pub async fn shutdown(self) {
+        self.drain(Duration::ZERO).await;
+    }
+
+    /// Stop accepting and drain for at most `timeout` (see
+    /// [`drain`](crate::drain)): waiters that cannot start and finish in
+    /// time get 503 `shutting_down`, running requests finish (streams still
+    /// running at the deadline end with an error event), and this returns
+    /// when every connection has closed or was dropped after the deadline.
+    /// The request log is not flushed here: the caller does that last.
+    pub async fn drain(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        self.drain.begin(deadline);
+        for s in &self.schedulers {
+            s.drain(deadline);
+        }
+        let _ = self.stop.send(Some(deadline));
+        // As the deadline nears, answer the waiters that can no longer
+        // start in time (no release may come to do it).
+        let schedulers = self.schedulers.clone();
+        let shedding = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                for s in &schedulers {
+                    s.shed_late();
+                }
+            }
+        });
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.await;
+        }
         let threads = std::mem::take(&mut self.threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -246,13 +288,17 @@ impl Running {
             }
         })
         .await;
+        shedding.abort();
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Some(Instant::now()));
         for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(t) = &self.serving {
             t.abort();
         }
     }
@@ -306,28 +352,30 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         recorder.clone(),
         config.keys.clone().into(),
     ))];
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::watch::channel(None::<Instant>);
+    let drain = Drain::new();
+    let mut serving = None;
     let mut threads = Vec::new();
     let mut first_upstream = None;
     let mut listeners = listeners.into_iter();
     if workers <= 1 {
         let listener = listeners.next().expect("one listener");
-        let (stack, upstreams) = proxy_stack(config, &router, &recorder);
+        let (stack, upstreams) = proxy_stack(config, &router, &recorder, &drain);
         for u in &upstreams {
             tasks.push(tokio::spawn(u.clone().housekeeping()));
         }
         first_upstream = upstreams.into_iter().next();
-        tasks.push(tokio::spawn(crate::server::serve(
+        serving = Some(tokio::spawn(crate::server::serve(
             listener,
             stack,
-            std::future::pending(),
+            stop_requested(stopped.clone()),
             config.server,
         )));
     } else {
         for (i, listener) in listeners.enumerate() {
             let listener = listener.into_std()?;
             let (config, router, recorder) = (config.clone(), router.clone(), recorder.clone());
-            let mut stopped = stopped.clone();
+            let (stopped, drain) = (stopped.clone(), drain.clone());
             let (ready, upstream) = std::sync::mpsc::channel();
             threads.push(
                 std::thread::Builder::new()
@@ -351,14 +399,13 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                                     return;
                                 }
                             };
-                            let (stack, upstreams) = proxy_stack(&config, &router, &recorder);
+                            let (stack, upstreams) =
+                                proxy_stack(&config, &router, &recorder, &drain);
                             for u in &upstreams {
                                 tokio::spawn(u.clone().housekeeping());
                             }
                             let _ = ready.send(upstreams[0].clone());
-                            let shutdown = async move {
-                                let _ = stopped.wait_for(|s| *s).await;
-                            };
+                            let shutdown = stop_requested(stopped);
                             crate::server::serve(listener, stack, shutdown, config.server).await;
                         });
                     })?,
@@ -400,8 +447,18 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         upstream,
         tasks,
         stop,
+        serving,
+        drain,
         threads,
     })
+}
+
+/// The drain deadline, once a stop is requested (now, if the sender is gone).
+async fn stop_requested(mut stopped: tokio::sync::watch::Receiver<Option<Instant>>) -> Instant {
+    match stopped.wait_for(Option::is_some).await {
+        Ok(d) => d.unwrap_or_else(Instant::now),
+        Err(_) => Instant::now(),
+    }
 }
 
 /// The proxy's request path for one runtime: its own upstream pools.
@@ -409,11 +466,12 @@ fn proxy_stack(
     config: &Config,
     router: &Arc<Router>,
     recorder: &Arc<Recorder>,
+    drain: &Drain,
 ) -> (crate::app::Stack, Vec<Upstream<UpstreamBody>>) {
     let upstreams: Vec<Upstream<UpstreamBody>> = config
         .replicas
         .iter()
-        .map(|r| Upstream::new(r.origin.clone(), &config.client))
+        .map(|r| Upstream::new(r.origin.clone(), &config.client).with_drain(drain.clone()))
         .collect();
     let stack = crate::app::build_stack_with(
         config,
@@ -477,10 +535,16 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
         "anteroom serving"
     );
     super::shutdown_signal().await;
-    tracing::info!("shutting down");
-    // Stop taking requests, then write out every record already taken.
+    tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining");
+    // Stop taking requests, let running ones finish, then write out every
+    // record. A second signal cuts the drain short.
     let recorder = running.recorder.clone();
-    running.shutdown().await;
+    let drain_timeout = config.drain_timeout;
+    tokio::select! {
+        _ = running.drain(drain_timeout) => {}
+        _ = super::shutdown_signal() => tracing::warn!("second signal: not waiting for the drain"),
+    }
     recorder.flush().await;
+    tracing::info!("stopped");
     Ok(())
 }

@@ -17,6 +17,10 @@
 //! `first_token_timeout` of the headers), `stream_idle_timeout` (no data
 //! for `stream_idle_timeout`).
 //!
+//! While the server drains (see [`drain`](crate::drain)) the timer is also
+//! pulled in to the drain deadline, and a stream still running then ends
+//! the same way with `shutting_down`.
+//!
 //! The idle timer is not reset per event: each frame stamps the time, and
 //! when the timer fires it is re-armed from the last stamp if the stream
 //! has moved since.
@@ -30,8 +34,12 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::drain::Drain;
 use crate::telemetry::Tap;
 use crate::BoxError;
+
+const DRAINED: &str =
+    "anteroom is shutting down and this stream ran past the drain deadline; retry the request";
 
 /// The stream timeouts.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +58,7 @@ pub struct StreamGuard<B> {
     timeouts: StreamTimeouts,
     last_data: Option<Instant>,
     tap: Option<Tap>,
+    drain: Option<Drain>,
 }
 
 impl<B> std::fmt::Debug for StreamGuard<B> {
@@ -59,14 +68,16 @@ impl<B> std::fmt::Debug for StreamGuard<B> {
 }
 
 impl<B> StreamGuard<B> {
-    /// Guard `inner`, an SSE body whose headers just arrived.
-    pub fn new(inner: B, timeouts: StreamTimeouts, tap: Option<Tap>) -> Self {
+    /// Guard `inner`, an SSE body whose headers just arrived; end it at
+    /// `drain`'s deadline if the server drains.
+    pub fn new(inner: B, timeouts: StreamTimeouts, tap: Option<Tap>, drain: Option<Drain>) -> Self {
         Self {
             inner: Some(inner),
             timer: Some(Box::pin(tokio::time::sleep(timeouts.first_token))),
             timeouts,
             last_data: None,
             tap,
+            drain,
         }
     }
 
@@ -82,6 +93,7 @@ impl<B> StreamGuard<B> {
             },
             last_data: None,
             tap: None,
+            drain: None,
         }
     }
 
@@ -91,11 +103,17 @@ impl<B> StreamGuard<B> {
         if let Some(tap) = &self.tap {
             tap.stream_failed(code);
         }
-        tracing::warn!(code, message, "upstream stream ended early");
+        let kind = if code == "shutting_down" {
+            tracing::info!(code, message, "stream cut at the drain deadline");
+            "server_error"
+        } else {
+            tracing::warn!(code, message, "upstream stream ended early");
+            "upstream_error"
+        };
         let event = serde_json::json!({
             "error": {
                 "message": message,
-                "type": "upstream_error",
+                "type": kind,
                 "param": null,
                 "code": code,
             }
@@ -124,6 +142,15 @@ where
         let Some(timer) = this.timer.as_mut() else {
             return Pin::new(inner).poll_frame(cx).map_err(Into::into);
         };
+        let drain_at = this.drain.as_ref().and_then(Drain::deadline);
+        if let Some(at) = drain_at {
+            if Instant::now() >= at {
+                return Poll::Ready(Some(Ok(this.fail("shutting_down", DRAINED))));
+            }
+            if timer.deadline() > at {
+                timer.as_mut().reset(at);
+            }
+        }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {
@@ -150,6 +177,9 @@ where
         loop {
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
+            }
+            if drain_at.is_some_and(|at| Instant::now() >= at) {
+                return Poll::Ready(Some(Ok(this.fail("shutting_down", DRAINED))));
             }
             // The timer fired; has the stream moved since it was armed?
             let (due, code, after) = match this.last_data {

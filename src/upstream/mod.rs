@@ -28,6 +28,7 @@ pub use guard::{StreamGuard, StreamTimeouts};
 pub use pool::{PooledBody, Replay};
 pub use rewrite::Origin;
 
+use crate::drain::Drain;
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
 use crate::route::Router;
 use crate::telemetry::Tap;
@@ -60,6 +61,7 @@ where
     origin: Origin,
     response_timeout: Duration,
     stream: StreamTimeouts,
+    drain: Option<Drain>,
 }
 
 // By hand: a derive would require `B: Clone`, which request bodies are not.
@@ -73,6 +75,7 @@ where
             origin: self.origin.clone(),
             response_timeout: self.response_timeout,
             stream: self.stream,
+            drain: self.drain.clone(),
         }
     }
 }
@@ -93,7 +96,14 @@ where
             origin,
             response_timeout: settings.response_timeout,
             stream: settings.stream,
+            drain: None,
         }
+    }
+
+    /// End streams still running at `drain`'s deadline with an error event.
+    pub fn with_drain(mut self, drain: Drain) -> Self {
+        self.drain = Some(drain);
+        self
     }
 }
 
@@ -145,6 +155,7 @@ where
             inner: tokio::time::timeout(self.response_timeout, send),
             after: self.response_timeout,
             stream: self.stream,
+            drain: self.drain.clone(),
             tap,
             report: None,
         }
@@ -225,6 +236,7 @@ pin_project! {
         inner: Timeout<SendFuture<B>>,
         after: Duration,
         stream: StreamTimeouts,
+        drain: Option<Drain>,
         tap: Option<Tap>,
         // Several upstreams: tell the router whether this one answered.
         report: Option<(Arc<Router>, usize)>,
@@ -265,9 +277,10 @@ where
                     .get(http::header::CONTENT_TYPE)
                     .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
                 let stream = *this.stream;
+                let drain = this.drain.take();
                 Ok(resp.map(|body| {
                     if sse {
-                        StreamGuard::new(body, stream, tap)
+                        StreamGuard::new(body, stream, tap, drain)
                     } else {
                         StreamGuard::passthrough(body)
                     }

@@ -193,3 +193,57 @@ pub async fn burst(url: &str, n: usize, prefix: &str, max_tokens: usize) -> Vec<
     }
     out
 }
+
+/// The anteroom binary, serving on free loopback ports.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub url: String,
+    pub admin: String,
+}
+
+impl Proc {
+    /// Send it SIGTERM.
+    pub fn terminate(&self) {
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `anteroom serve` in front of `upstream` with `args` added, and wait
+/// until its admin listener answers.
+pub async fn anteroom_process(upstream: &str, args: &[&str]) -> Proc {
+    let (port, admin) = (free_port(), free_port());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["serve", "--upstream", upstream])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let proc = Proc {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        admin: format!("http://127.0.0.1:{admin}"),
+    };
+    let client = client();
+    let health = format!("{}/healthz", proc.admin);
+    for _ in 0..500 {
+        let req = Request::get(&health).body(Full::default()).unwrap();
+        if client.request(req).await.is_ok() {
+            return proc;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("anteroom did not start");
+}
