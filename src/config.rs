@@ -109,6 +109,13 @@ pub struct FileConfig {
     /// On SIGTERM/SIGINT, most time to let running requests finish before
     /// the process exits.
     pub drain_timeout: String,
+    /// Serve HTTPS with this certificate chain (PEM); with `tls_key`.
+    pub tls_cert: String,
+    /// The certificate's private key (PEM).
+    pub tls_key: String,
+    /// Extra CA certificates (PEM) trusted for `https://` upstreams, besides
+    /// the webpki roots: a self-signed backend's.
+    pub upstream_ca_file: String,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -190,6 +197,9 @@ impl Default for FileConfig {
             upstream_api_key: Secret::default(),
             upstream_api_key_env: String::new(),
             drain_timeout: "25s".into(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            upstream_ca_file: String::new(),
         }
     }
 }
@@ -504,6 +514,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Threads serving the proxy port (resolved: at least 1).
     pub workers: usize,
+    /// The listener's TLS settings, when it serves HTTPS.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Most time to drain on SIGTERM/SIGINT.
     pub drain_timeout: Duration,
     /// API keys, resolved to digests.
@@ -561,9 +573,33 @@ impl FileConfig {
             Some(&self.upstream_api_key).filter(|k| !k.0.is_empty()),
             Some(self.upstream_api_key_env.trim()).filter(|v| !v.is_empty()),
         )?;
-        let replicas = self
+        let mut replicas = self
             .upstream
             .replicas(first_limit, default_key.as_deref())?;
+        let ca_file = Some(self.upstream_ca_file.trim())
+            .filter(|p| !p.is_empty())
+            .map(std::path::Path::new);
+        if replicas.iter().any(|r| r.origin.is_https()) || ca_file.is_some() {
+            let client = crate::tls::client_config(ca_file).map_err(ConfigError)?;
+            for r in &mut replicas {
+                r.origin = r
+                    .origin
+                    .clone()
+                    .with_tls(client.clone())
+                    .map_err(|e| ConfigError(format!("upstream `{}`: {e}", r.name)))?;
+            }
+        }
+        let tls = match (self.tls_cert.trim(), self.tls_key.trim()) {
+            ("", "") => None,
+            (cert, key) if !cert.is_empty() && !key.is_empty() => {
+                Some(crate::tls::server_config(cert.as_ref(), key.as_ref()).map_err(ConfigError)?)
+            }
+            _ => {
+                return Err(ConfigError(
+                    "tls_cert and tls_key: give both (HTTPS) or neither (plain HTTP)".into(),
+                ))
+            }
+        };
         if replicas.len() > 1 && self.max_concurrency == Concurrency::Auto {
             return Err(ConfigError(
                 "max_concurrency: \"auto\" works with one upstream so far; give each [[upstream]] its max_concurrency".into(),
@@ -691,6 +727,7 @@ impl FileConfig {
                 max_header_bytes: self.max_header_bytes,
                 max_headers: self.max_headers,
             },
+            tls,
             drain_timeout: match parse_duration(&self.drain_timeout) {
                 Ok(d) => d,
                 Err(e) => return Err(ConfigError(format!("drain_timeout: {e}"))),

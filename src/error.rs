@@ -256,6 +256,29 @@ pub fn cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Op
     None
 }
 
+/// A TLS failure with the upstream (its certificate was refused, the
+/// handshake failed): a settings problem that trying again will not fix.
+/// rustls' error travels inside an `io::Error`, whose `source()` skips it,
+/// so the `io::Error`s of the chain are looked into.
+pub fn is_tls_failure(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// Classify an error: status, type, code and retry advice. A flat list, most
 /// specific first.
 pub fn describe(err: &(dyn StdError + 'static)) -> Described {

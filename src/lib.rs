@@ -40,6 +40,7 @@ pub mod route;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 /// The error type inside the stack.

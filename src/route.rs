@@ -396,6 +396,39 @@ where
     }
 }
 
+/// One probe: GET `path` on a fresh connection (a server that stopped
+/// accepting, or restarted, must not look alive through an old keep-alive
+/// connection), with the upstream's key if anteroom holds one. True on 200.
+async fn probe(origin: &crate::upstream::Origin, path: &str, timeout: Duration) -> bool {
+    let Ok(stream) = crate::upstream::connect(origin, timeout).await else {
+        return false;
+    };
+    let Ok((mut sender, conn)) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+    else {
+        return false;
+    };
+    let driving = tokio::spawn(conn);
+    let mut req = http::Request::get(origin.path_for(path))
+        .header(http::header::HOST, origin.host_header().clone());
+    if let Some(auth) = origin.authorization() {
+        req = req.header(http::header::AUTHORIZATION, auth.clone());
+    }
+    let ok = match req.body(http_body_util::Empty::<Bytes>::new()) {
+        Ok(req) => match sender.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status() == StatusCode::OK;
+                let _ = resp.into_body().collect().await;
+                ok
+            }
+            Err(_) => false,
+        },
+        Err(_) => false,
+    };
+    driving.abort();
+    ok
+}
+
 /// Probe upstream `i` every `health.interval` until dropped: a 200 on
 /// `health.path` puts it (back) in service, anything else counts as a
 /// failure towards ejecting it.
@@ -405,43 +438,14 @@ pub async fn health_checks(
     origin: crate::upstream::Origin,
     health: crate::config::HealthConfig,
 ) {
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    // A fresh connection per probe: a server that stopped accepting (or
-    // restarted) must not look alive through an old keep-alive connection.
-    let client: Client<_, http_body_util::Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http();
-    let url: http::Uri = match origin.url_for(&health.path).parse() {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, "health check URL is invalid");
-            return;
-        }
-    };
     let timeout = health.interval.min(Duration::from_secs(5));
     let mut tick = tokio::time::interval(health.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut req = http::Request::get(url.clone());
-        if let Some(auth) = origin.authorization() {
-            req = req.header(http::header::AUTHORIZATION, auth.clone());
-        }
-        let req = match req.body(http_body_util::Empty::new()) {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        let probe = tokio::time::timeout(timeout, client.request(req)).await;
-        let ok = match probe {
-            Ok(Ok(resp)) => {
-                let ok = resp.status() == StatusCode::OK;
-                // Read it to the end so the connection is reused.
-                let _ = resp.into_body().collect().await;
-                ok
-            }
-            _ => false,
-        };
+        let ok = tokio::time::timeout(timeout, probe(&origin, &health.path, timeout))
+            .await
+            .unwrap_or(false);
         if ok {
             router.readmit(i);
         } else {

@@ -14,7 +14,10 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use std::sync::Arc;
+
 use crate::app::Stack;
+use crate::tls::Stream;
 use crate::upstream::rewrite::ClientAddr;
 use crate::Body;
 
@@ -26,9 +29,16 @@ pub async fn serve(
     stack: Stack,
     shutdown: impl Future<Output = Instant>,
     limits: ServerLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
-    accept_loop(listener, shutdown, limits, move |addr| {
-        let client = ClientAddr::new(addr);
+    let over_tls = tls.is_some();
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    accept_loop(listener, shutdown, limits, tls, move |addr| {
+        let client = if over_tls {
+            ClientAddr::new(addr).over_tls()
+        } else {
+            ClientAddr::new(addr)
+        };
         let svc = stack
             .clone()
             .map_request(move |mut req: Request<Incoming>| {
@@ -51,6 +61,7 @@ where
         listener,
         std::future::pending::<Instant>(),
         ServerLimits::default(),
+        None,
         move |_| Some(Served::new(hyper::service::service_fn(f.clone()))),
     )
     .await
@@ -105,6 +116,7 @@ pub(crate) async fn accept_loop<S, M>(
     listener: TcpListener,
     shutdown: impl Future<Output = Instant>,
     limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     make: M,
 ) where
     M: Fn(SocketAddr) -> Option<Served<S>>,
@@ -148,7 +160,27 @@ pub(crate) async fn accept_loop<S, M>(
         };
         let builder = builder.clone();
         let mut drain_rx = drain_rx.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
+            let stream = match tls {
+                None => Stream::Plain(stream),
+                // The handshake is bounded like the request head: a client
+                // that stalls it holds only its own socket.
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                        Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %addr, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let close = async {

@@ -98,20 +98,15 @@ async fn a_late_tenant_is_served_interleaved_with_a_flood() {
     let order = sim.stats().order;
     assert_eq!(order.len(), 520);
     let bravo = positions(&order, "bravo-");
-    let first = bravo[0];
-    // From bravo's first dispatch on, the two take turns: bravo's 20 go
-    // out among at most 21 of alpha's, not after alpha's remaining flood.
-    let span = bravo[19] - first + 1;
-    assert!(
-        span <= 41,
-        "bravo's 20 spread over {span} dispatches: {bravo:?}"
-    );
-    // And bravo's median dispatch comes long before alpha's.
     let alpha = positions(&order, "alpha-");
+    // Arrival order would put all 20 after alpha's whole flood. Taking
+    // turns, bravo's last is out before half of alpha's are (bravo's
+    // requests trickle in over a few milliseconds on 20 connections, so
+    // the exact turn-about is asserted in the queue's own tests).
     assert!(
-        bravo[10] < alpha[250],
-        "bravo's median {} vs alpha's {}",
-        bravo[10],
+        bravo[19] < alpha[250],
+        "bravo's last went out at {}, alpha's 251st at {}: {bravo:?}",
+        bravo[19],
         alpha[250]
     );
     assert!(alpha.len() == 500 && alpha[499] > bravo[19]);

@@ -220,7 +220,11 @@ where
             Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => {
                 (Reason::Unavailable, retry_after::parse(resp.headers()))
             }
-            Err(e) if error::cause::<UpstreamUnavailable>(&**e).is_some() => {
+            // A refused certificate is a settings problem: not retried.
+            Err(e)
+                if error::cause::<UpstreamUnavailable>(&**e).is_some()
+                    && !error::is_tls_failure(&**e) =>
+            {
                 (Reason::Connection, None)
             }
             _ => return result,

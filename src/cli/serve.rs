@@ -133,6 +133,15 @@ pub struct ServeArgs {
     /// (key: drain_timeout).
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (key: tls_cert).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// The certificate's PEM private key (key: tls_key).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// Extra PEM CA certificates for https:// upstreams (key: upstream_ca_file).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca_file: Option<String>,
 }
 
 fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
@@ -197,7 +206,10 @@ impl ServeArgs {
             promote_after,
             trust_tenant_header,
             upstream_api_key_env,
-            drain_timeout
+            drain_timeout,
+            tls_cert,
+            tls_key,
+            upstream_ca_file
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
@@ -370,6 +382,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
             stack,
             stop_requested(stopped.clone()),
             config.server,
+            config.tls.clone(),
         )));
     } else {
         for (i, listener) in listeners.enumerate() {
@@ -406,7 +419,14 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                             }
                             let _ = ready.send(upstreams[0].clone());
                             let shutdown = stop_requested(stopped);
-                            crate::server::serve(listener, stack, shutdown, config.server).await;
+                            crate::server::serve(
+                                listener,
+                                stack,
+                                shutdown,
+                                config.server,
+                                config.tls.clone(),
+                            )
+                            .await;
                         });
                     })?,
             );

@@ -338,29 +338,35 @@ pub async fn start(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<SimHandl
 /// Serve until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
     let limits = crate::server::ServerLimits::default();
-    crate::server::accept_loop(listener, std::future::pending(), limits, move |_addr| {
-        let n = state.connections.fetch_add(1, Ordering::SeqCst) as f64;
-        let share = state.cfg.refuse_connections.clamp(0.0, 1.0);
-        if ((n + 1.0) * share).floor() > (n * share).floor() {
-            state.refused_connections.fetch_add(1, Ordering::SeqCst);
-            return None;
-        }
-        let state = state.clone();
-        let close = Arc::new(tokio::sync::Notify::new());
-        let closer = close.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (state, closer) = (state.clone(), closer.clone());
-            async move {
-                let resp = handle(state.clone(), req).await;
-                state.maybe_close(closer);
-                Ok::<_, Infallible>(resp)
+    crate::server::accept_loop(
+        listener,
+        std::future::pending(),
+        limits,
+        None,
+        move |_addr| {
+            let n = state.connections.fetch_add(1, Ordering::SeqCst) as f64;
+            let share = state.cfg.refuse_connections.clamp(0.0, 1.0);
+            if ((n + 1.0) * share).floor() > (n * share).floor() {
+                state.refused_connections.fetch_add(1, Ordering::SeqCst);
+                return None;
             }
-        });
-        Some(crate::server::Served {
-            svc,
-            close: Some(close),
-        })
-    })
+            let state = state.clone();
+            let close = Arc::new(tokio::sync::Notify::new());
+            let closer = close.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (state, closer) = (state.clone(), closer.clone());
+                async move {
+                    let resp = handle(state.clone(), req).await;
+                    state.maybe_close(closer);
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            Some(crate::server::Served {
+                svc,
+                close: Some(close),
+            })
+        },
+    )
     .await;
 }
 

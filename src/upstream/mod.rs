@@ -25,6 +25,7 @@ use tokio::time::Timeout;
 use tower::Service;
 
 pub use guard::{StreamGuard, StreamTimeouts};
+pub(crate) use pool::connect;
 pub use pool::{PooledBody, Replay};
 pub use rewrite::Origin;
 

@@ -33,13 +33,40 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::rewrite::Origin;
+use crate::tls::Stream;
 use crate::BoxError;
 
 /// Most idle connections kept. Above the concurrency any one backend is run
 /// at; a connection that finds the pool full is closed.
 const MAX_IDLE: usize = 512;
 
-type Io = TokioIo<TcpStream>;
+type Io = TokioIo<Stream>;
+
+/// Open a connection to `origin` (TCP, then TLS for `https://`), the whole
+/// within `timeout`.
+pub(crate) async fn connect(origin: &Origin, timeout: Duration) -> Result<Stream, BoxError> {
+    let authority = origin.authority();
+    let addr = (
+        authority.host().trim_matches(|c| c == '[' || c == ']'),
+        origin.port(),
+    );
+    let open = async {
+        let tcp = TcpStream::connect(addr).await?;
+        // Each SSE event is a small write; Nagle would hold it back.
+        tcp.set_nodelay(true)?;
+        match origin.tls() {
+            Some(tls) => tls.connect(tcp).await,
+            None if origin.is_https() => Err(std::io::Error::other(
+                "an https:// upstream without TLS settings",
+            )),
+            None => Ok(Stream::Plain(tcp)),
+        }
+    };
+    let stream = tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| format!("connecting to {authority} took longer than {timeout:?}"))??;
+    Ok(stream)
+}
 
 /// One upstream connection: the handle to send on and the connection state
 /// machine that must be polled for anything to move.
@@ -162,22 +189,7 @@ where
     }
 
     async fn connect(&self) -> Result<Conn<B>, BoxError> {
-        let authority = self.origin.authority();
-        let port = authority.port_u16().unwrap_or(80);
-        let addr = (
-            authority.host().trim_matches(|c| c == '[' || c == ']'),
-            port,
-        );
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                format!(
-                    "connecting to {authority} took longer than {:?}",
-                    self.connect_timeout
-                )
-            })??;
-        // Each SSE event is a small write; Nagle would hold it back.
-        stream.set_nodelay(true)?;
+        let stream = connect(&self.origin, self.connect_timeout).await?;
         let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await?;

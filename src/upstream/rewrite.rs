@@ -12,6 +12,8 @@ use http::{Request, Response, Uri, Version};
 pub struct ClientAddr {
     addr: SocketAddr,
     ip: HeaderValue,
+    /// `https` when the client came over TLS, else `http`.
+    proto: HeaderValue,
 }
 
 impl ClientAddr {
@@ -19,7 +21,17 @@ impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
-        Self { addr, ip }
+        Self {
+            addr,
+            ip,
+            proto: HeaderValue::from_static("http"),
+        }
+    }
+
+    /// The client came over TLS.
+    pub fn over_tls(mut self) -> Self {
+        self.proto = HeaderValue::from_static("https");
+        self
     }
 
     /// The peer's address.
@@ -48,6 +60,9 @@ pub struct Origin {
     /// `Bearer <the upstream's key>`, replacing the client's, if configured.
     /// Marked sensitive, so it prints as `Sensitive`.
     authorization: Option<HeaderValue>,
+    /// `https://`: the TLS settings, once attached ([`Origin::with_tls`]).
+    https: bool,
+    tls: Option<crate::tls::UpstreamTls>,
 }
 
 impl Origin {
@@ -61,11 +76,13 @@ impl Origin {
             .scheme()
             .cloned()
             .ok_or_else(|| format!("`{url}` has no scheme (write http://{url})"))?;
-        if scheme != Scheme::HTTP {
-            return Err(format!(
-                "`{url}`: only http:// upstreams are supported so far"
-            ));
-        }
+        let https = if scheme == Scheme::HTTP {
+            false
+        } else if scheme == Scheme::HTTPS {
+            true
+        } else {
+            return Err(format!("`{url}`: the scheme must be http:// or https://"));
+        };
         let authority = uri
             .authority()
             .cloned()
@@ -81,7 +98,43 @@ impl Origin {
             host,
             prefix,
             authorization: None,
+            https,
+            tls: None,
         })
+    }
+
+    /// The Host header it is sent.
+    pub(crate) fn host_header(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    /// Is it `https://`?
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// Reach an `https://` origin with these TLS settings (no effect on an
+    /// `http://` one).
+    pub fn with_tls(
+        mut self,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Self, String> {
+        if self.https {
+            self.tls = Some(crate::tls::UpstreamTls::new(config, self.authority.host())?);
+        }
+        Ok(self)
+    }
+
+    /// Its TLS settings, for an `https://` origin.
+    pub(crate) fn tls(&self) -> Option<&crate::tls::UpstreamTls> {
+        self.tls.as_ref()
+    }
+
+    /// The port to connect to (the scheme's default if none is given).
+    pub(crate) fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.https { 443 } else { 80 })
     }
 
     /// Send `key` to this upstream as `Authorization: Bearer …` in place of
@@ -107,7 +160,13 @@ impl Origin {
 
     /// The absolute URL of `path` on this origin (its prefix included).
     pub fn url_for(&self, path: &str) -> String {
-        format!("http://{}{}{}", self.authority, self.prefix, path)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{}{}", self.authority, self.prefix, path)
+    }
+
+    /// The origin-form URI of `path` (behind the prefix).
+    pub(crate) fn path_for(&self, path: &str) -> Uri {
+        self.uri_for(path.parse::<PathAndQuery>().ok().as_ref())
     }
 
     /// The origin-form URI (`/path?query`, behind the prefix) an HTTP/1.1
@@ -176,7 +235,10 @@ pub fn request<B>(req: &mut Request<B>, origin: &Origin) {
     *req.uri_mut() = uri;
     // The upstream connection is HTTP/1.1 whatever the client spoke.
     *req.version_mut() = Version::HTTP_11;
-    let client_ip = req.extensions().get::<ClientAddr>().map(|c| c.ip.clone());
+    let (client_ip, proto) = match req.extensions().get::<ClientAddr>() {
+        Some(c) => (Some(c.ip.clone()), c.proto.clone()),
+        None => (None, HeaderValue::from_static("http")),
+    };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     // The client's Host named us; the upstream gets its own, and the
@@ -199,7 +261,7 @@ pub fn request<B>(req: &mut Request<B>, origin: &Origin) {
             }
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, proto);
     if let Some(auth) = &origin.authorization {
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
