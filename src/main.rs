@@ -1,19 +1,18 @@
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = anteroom::cli::Cli::parse();
+    let format = cli.log_format;
+    anteroom::cli::init_logging(format);
     match anteroom::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("anteroom: {}", anteroom::error::chain(&*e));
+            let why = anteroom::error::chain(&*e);
+            match format {
+                anteroom::cli::LogFormat::Json => tracing::error!(error = %why, "anteroom stopped"),
+                anteroom::cli::LogFormat::Human => eprintln!("anteroom: {why}"),
+            }
             std::process::ExitCode::FAILURE
         }
     }

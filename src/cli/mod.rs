@@ -1,6 +1,7 @@
 //! The subcommands. Thin: each parses its arguments and calls the library.
 
 pub mod demo;
+pub mod healthcheck;
 pub mod report;
 pub mod serve;
 pub mod simulate;
@@ -12,9 +13,36 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "anteroom", version, about)]
 pub struct Cli {
+    /// Server log lines: `human` (default) or `json` (one object a line,
+    /// for log shippers). The level comes from RUST_LOG (default info).
+    /// One line per request is the request log's job, not this log's.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The server log's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Set up the server log (stderr) in `format`, at RUST_LOG's level.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// The subcommands.
@@ -32,6 +60,9 @@ pub enum Command {
     /// Summarise a request log: counts, rates, and queue wait / TTFT / TPOT
     /// / end-to-end percentiles.
     Report(report::ReportArgs),
+    /// GET the admin listener's /healthz; exit 0 on 200 (for container
+    /// HEALTHCHECKs without curl).
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 /// Run a parsed command line.
@@ -41,6 +72,7 @@ pub async fn run(cli: Cli) -> Result<(), crate::BoxError> {
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Report(args) => report::run(&args),
+        Command::Healthcheck(args) => healthcheck::run(args).await,
     }
 }
 
