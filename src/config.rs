@@ -116,6 +116,12 @@ pub struct FileConfig {
     /// Extra CA certificates (PEM) trusted for `https://` upstreams, besides
     /// the webpki roots: a self-signed backend's.
     pub upstream_ca_file: String,
+    /// Most client connections open at once (0: no limit).
+    pub max_connections: usize,
+    /// Most connections open at once from one address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    pub http2_max_streams: u32,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -200,6 +206,9 @@ impl Default for FileConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             upstream_ca_file: String::new(),
+            max_connections: 10_000,
+            max_connections_per_ip: 0,
+            http2_max_streams: 256,
         }
     }
 }
@@ -726,6 +735,12 @@ impl FileConfig {
                 header_read_timeout: positive("header_read_timeout", &self.header_read_timeout)?,
                 max_header_bytes: self.max_header_bytes,
                 max_headers: self.max_headers,
+                max_connections: self.max_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                http2_max_streams: match self.http2_max_streams {
+                    0 => return Err(ConfigError("http2_max_streams: must be at least 1".into())),
+                    n => n,
+                },
             },
             tls,
             drain_timeout: match parse_duration(&self.drain_timeout) {

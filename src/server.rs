@@ -30,10 +30,11 @@ pub async fn serve(
     shutdown: impl Future<Output = Instant>,
     limits: ServerLimits,
     tls: Option<Arc<rustls::ServerConfig>>,
+    gate: Arc<ConnGate>,
 ) {
     let over_tls = tls.is_some();
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-    accept_loop(listener, shutdown, limits, tls, move |addr| {
+    accept_loop(listener, shutdown, limits, tls, gate, move |addr| {
         let client = if over_tls {
             ClientAddr::new(addr).over_tls()
         } else {
@@ -62,6 +63,7 @@ where
         std::future::pending::<Instant>(),
         ServerLimits::default(),
         None,
+        Arc::default(),
         move |_| Some(Served::new(hyper::service::service_fn(f.clone()))),
     )
     .await
@@ -77,6 +79,13 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     /// Most request headers; more: 431.
     pub max_headers: usize,
+    /// Most client connections open at once (0: no limit). Beyond it a new
+    /// connection is closed at once.
+    pub max_connections: usize,
+    /// Most connections open at once from one client address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Most concurrent HTTP/2 streams a client may open on one connection.
+    pub http2_max_streams: u32,
 }
 
 impl Default for ServerLimits {
@@ -85,6 +94,85 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            http2_max_streams: 256,
+        }
+    }
+}
+
+/// Counts open client connections against `max_connections` and
+/// `max_connections_per_ip`, across every worker's accept loop. One atomic
+/// add per connection; the per-address map (behind a mutex, touched once
+/// at accept and once at close, never per request) only when a per-address
+/// limit is set.
+#[derive(Debug, Default)]
+pub struct ConnGate {
+    max: usize,
+    max_per_ip: usize,
+    open: std::sync::atomic::AtomicUsize,
+    per_ip: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl ConnGate {
+    /// A gate for these limits.
+    pub fn new(limits: &ServerLimits) -> Arc<Self> {
+        Arc::new(Self {
+            max: limits.max_connections,
+            max_per_ip: limits.max_connections_per_ip,
+            ..Self::default()
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Let a connection from `ip` in, or not.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnTicket> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.open.fetch_add(1, Relaxed);
+        if self.max > 0 && n >= self.max {
+            self.open.fetch_sub(1, Relaxed);
+            return None;
+        }
+        if self.max_per_ip > 0 {
+            let mut per_ip = self.per_ip.lock();
+            let mine = per_ip.entry(ip).or_default();
+            if *mine >= self.max_per_ip {
+                drop(per_ip);
+                self.open.fetch_sub(1, Relaxed);
+                return None;
+            }
+            *mine += 1;
+        }
+        Some(ConnTicket {
+            gate: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// A connection's place in the [`ConnGate`], given back on drop.
+struct ConnTicket {
+    gate: Arc<ConnGate>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ConnTicket {
+    fn drop(&mut self) {
+        self.gate
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if self.gate.max_per_ip > 0 {
+            let mut per_ip = self.gate.per_ip.lock();
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
         }
     }
 }
@@ -117,6 +205,7 @@ pub(crate) async fn accept_loop<S, M>(
     shutdown: impl Future<Output = Instant>,
     limits: ServerLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    gate: Arc<ConnGate>,
     make: M,
 ) where
     M: Fn(SocketAddr) -> Option<Served<S>>,
@@ -132,6 +221,13 @@ pub(crate) async fn accept_loop<S, M>(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
+    // HTTP/2: a bound on streams per connection (advertised in SETTINGS; a
+    // client that opens more gets them refused) and on header lists.
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     tokio::pin!(shutdown);
     let mut connections = tokio::task::JoinSet::new();
     let (draining, drain_rx) = tokio::sync::watch::channel(false);
@@ -155,6 +251,10 @@ pub(crate) async fn accept_loop<S, M>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
+        let Some(ticket) = gate.enter(addr.ip()) else {
+            tracing::debug!(%addr, open = gate.open(), "connection limit reached: closed");
+            continue;
+        };
         let Some(Served { svc, close }) = make(addr) else {
             continue;
         };
@@ -162,6 +262,7 @@ pub(crate) async fn accept_loop<S, M>(
         let mut drain_rx = drain_rx.clone();
         let tls = tls.clone();
         connections.spawn(async move {
+            let _ticket = ticket;
             let stream = match tls {
                 None => Stream::Plain(stream),
                 // The handshake is bounded like the request head: a client

@@ -75,3 +75,123 @@ async fn connect_is_refused_never_tunnelled() {
     assert!(answer.contains("method_not_allowed"), "{answer}");
     assert_eq!(sim.stats().received, 0);
 }
+
+/// An absolute-form URI naming another host reaches the configured upstream,
+/// never that host.
+#[tokio::test]
+async fn an_absolute_uri_for_another_host_goes_to_the_upstream_only() {
+    let (sim, proxy, _) = setup(sim_config(Mode::Batch), |_| {}).await;
+    let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+    sock.write_all(
+        b"GET http://169.254.169.254/v1/models HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_to_close(&mut sock).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The simulator's model list: it was the upstream that answered.
+    assert!(answer.contains(&sim_config(Mode::Batch).model), "{answer}");
+    assert!(!answer.contains("169.254"), "{answer}");
+    drop(sim);
+}
+
+/// A connection from 127.0.0.2 (Linux routes all of 127/8 to loopback).
+async fn connect_from(ip: &str, to: std::net::SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    sock.connect(to).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_hoarding_connections_does_not_lock_out_others() {
+    let (_sim, proxy, client) =
+        setup(sim_config(Mode::Batch), |c| c.max_connections_per_ip = 3).await;
+    // 127.0.0.2 opens three idle connections: its quota.
+    let mut hoard = Vec::new();
+    for _ in 0..3 {
+        hoard.push(connect_from("127.0.0.2", proxy.addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Its fourth is closed at once.
+    let mut fourth = connect_from("127.0.0.2", proxy.addr).await;
+    let _ = fourth
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert_eq!(
+        read_to_close(&mut fourth).await,
+        "",
+        "refused without an answer"
+    );
+    // Another address is served.
+    let resp = chat(&client, &proxy.url(), None, "other", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    // When the hoarder lets one go, it may connect again.
+    drop(hoard.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = connect_from("127.0.0.2", proxy.addr).await;
+    again
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_to_close(&mut again).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_connection_limit_holds() {
+    let (_sim, proxy, _) = setup(sim_config(Mode::Batch), |c| c.max_connections = 2).await;
+    let _a = TcpStream::connect(proxy.addr).await.unwrap();
+    let _b = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = c
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert_eq!(read_to_close(&mut c).await, "");
+}
+
+/// An HTTP/2 client may have at most `http2_max_streams` requests open on
+/// its connection; others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_per_connection_are_bounded() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.http2_max_streams = 2;
+        c.max_concurrency = 8.into();
+    })
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        let mut send = send.clone();
+        let req = http::Request::post(format!("http://{}/v1/chat/completions", proxy.addr))
+            .header("x-request-id", format!("h2-{i}"))
+            .body(Full::new(Bytes::from(chat_body(true, 10_000))))
+            .unwrap();
+        streams.push(tokio::spawn(async move { send.send_request(req).await }));
+    }
+    wait_until("two streams running", || {
+        proxy.scheduler.snapshot().running == 2
+    })
+    .await;
+    // The other three stay with the client: never more than two here.
+    for _ in 0..20 {
+        let s = proxy.scheduler.snapshot();
+        assert_eq!(s.running + s.waiting, 2, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resp = chat(&client, &proxy.url(), None, "other", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    for s in streams {
+        s.abort();
+    }
+}

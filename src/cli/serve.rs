@@ -142,6 +142,17 @@ pub struct ServeArgs {
     /// Extra PEM CA certificates for https:// upstreams (key: upstream_ca_file).
     #[arg(long, value_name = "FILE")]
     pub upstream_ca_file: Option<String>,
+    /// Most client connections open at once, 0 for no limit
+    /// (key: max_connections).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most connections from one address, 0 for no limit
+    /// (key: max_connections_per_ip).
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Most concurrent HTTP/2 streams per connection (key: http2_max_streams).
+    #[arg(long, value_name = "N")]
+    pub http2_max_streams: Option<u32>,
 }
 
 fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
@@ -209,7 +220,10 @@ impl ServeArgs {
             drain_timeout,
             tls_cert,
             tls_key,
-            upstream_ca_file
+            upstream_ca_file,
+            max_connections,
+            max_connections_per_ip,
+            http2_max_streams
         );
         if !self.admit_paths.is_empty() {
             f.admit_paths = self.admit_paths.clone();
@@ -367,6 +381,8 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     let (stop, stopped) = tokio::sync::watch::channel(None::<Instant>);
     let drain = Drain::new();
     let mut serving = None;
+    // One count of client connections across every worker.
+    let gate = crate::server::ConnGate::new(&config.server);
     let mut threads = Vec::new();
     let mut first_upstream = None;
     let mut listeners = listeners.into_iter();
@@ -383,12 +399,13 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
             stop_requested(stopped.clone()),
             config.server,
             config.tls.clone(),
+            gate.clone(),
         )));
     } else {
         for (i, listener) in listeners.enumerate() {
             let listener = listener.into_std()?;
             let (config, router, recorder) = (config.clone(), router.clone(), recorder.clone());
-            let (stopped, drain) = (stopped.clone(), drain.clone());
+            let (stopped, drain, gate) = (stopped.clone(), drain.clone(), gate.clone());
             let (ready, upstream) = std::sync::mpsc::channel();
             threads.push(
                 std::thread::Builder::new()
@@ -425,6 +442,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                                 shutdown,
                                 config.server,
                                 config.tls.clone(),
+                                gate,
                             )
                             .await;
                         });

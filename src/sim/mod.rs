@@ -343,6 +343,7 @@ pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
         std::future::pending(),
         limits,
         None,
+        Arc::default(),
         move |_addr| {
             let n = state.connections.fetch_add(1, Ordering::SeqCst) as f64;
             let share = state.cfg.refuse_connections.clamp(0.0, 1.0);
