@@ -11,7 +11,8 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use crate::admission::{Scheduler, Snapshot};
-use crate::auth::Key;
+use crate::auth::{Key, SharedKeys};
+use crate::reload::Reloader;
 use crate::telemetry::Recorder;
 use crate::Body;
 
@@ -20,14 +21,21 @@ pub async fn serve(
     listener: TcpListener,
     schedulers: Vec<(String, Arc<Scheduler>)>,
     recorder: Arc<Recorder>,
-    keys: Arc<[Key]>,
+    keys: SharedKeys,
+    reloader: Arc<Reloader>,
 ) {
     let schedulers = Arc::new(schedulers);
     crate::server::serve_fn(listener, move |req| {
         let schedulers = schedulers.clone();
         let recorder = recorder.clone();
         let keys = keys.clone();
-        async move { Ok::<_, Infallible>(handle(&schedulers, &recorder, &keys, &req)) }
+        let reloader = reloader.clone();
+        async move {
+            if req.method() == Method::POST && req.uri().path() == "/reload" {
+                return Ok::<_, Infallible>(reload(&reloader));
+            }
+            Ok::<_, Infallible>(handle(&schedulers, &recorder, &keys.load(), &req))
+        }
     })
     .await
 }
@@ -76,9 +84,36 @@ fn handle(
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: the admin listener serves GET /healthz, GET /status and GET /metrics\n"
+            "not found: the admin listener serves GET /healthz, GET /status, GET /metrics and POST /reload\n"
                 .into(),
         ),
+    }
+}
+
+/// `POST /reload`: 200 and what changed, or 400 in the OpenAI error shape
+/// saying why nothing was applied.
+fn reload(reloader: &Reloader) -> Response<Body> {
+    match reloader.reload() {
+        Ok(what) => {
+            tracing::info!(%what, "config reloaded (POST /reload)");
+            let body = serde_json::json!({ "reloaded": true, "message": what });
+            text(StatusCode::OK, "application/json", body.to_string())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "config reload refused; the running config stays");
+            let body = serde_json::json!({
+                "error": {
+                    "message": e.to_string(),
+                    "type": "invalid_request_error",
+                    "code": "reload_refused",
+                }
+            });
+            text(
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                body.to_string(),
+            )
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub type UpstreamBody = ClassifiedBody<Incoming>;
 /// Build the proxy for `config`, admitting through `router`'s schedulers
 /// (one per upstream) and recording into `recorder`.
 pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>) -> Stack {
+    let live = crate::reload::Live::new(config);
     let upstreams = Upstreams::<UpstreamBody>::new(
         config
             .replicas
@@ -37,12 +38,14 @@ pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>
             .collect(),
         router.clone(),
     );
-    build_stack_with(config, router, recorder, upstreams)
+    build_stack_with(config, &live, router, recorder, upstreams)
 }
 
 /// Build the proxy around any upstream service (tests use a fake).
+/// `live` holds the settings a reload may replace (keys, routes).
 pub fn build_stack_with<U, B>(
     config: &Config,
+    live: &crate::reload::Live,
     router: Arc<Router>,
     recorder: Arc<Recorder>,
     upstream: U,
@@ -66,19 +69,16 @@ where
         .layer(TelemetryLayer::new(recorder.clone()))
         // Who is asking: a 401 before anything is buffered or queued, but
         // recorded (inside telemetry); the key's name is the tenant.
-        .layer(AuthLayer::new(config.keys.clone()))
+        .layer(AuthLayer::shared(live.keys.clone()))
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
-        .layer(ClassifyLayer::new(config.routes.clone()))
+        .layer(ClassifyLayer::shared(live.routes.clone()))
         // With several upstreams, pick one by the body's model (least
         // outstanding work); needs the model, so after classify, and
         // before admission, which queues on that upstream's scheduler.
         .layer(RouteLayer::new(router.clone()))
         // Queue by priority, hold a slot until the response body ends.
-        .layer(AdmissionLayer::routed(
-            router.clone(),
-            config.limits.queue_timeout,
-        ))
+        .layer(AdmissionLayer::routed(router.clone()))
         // Inside the slot: a request the upstream refuses waits and goes
         // again without losing its place; below the response's way out, so
         // a refusal the client never sees can be retried.

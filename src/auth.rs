@@ -220,16 +220,46 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The keys, replaceable while serving (a config reload): each request
+/// reads the current set, lock-free.
+pub type SharedKeys = Arc<arc_swap::ArcSwap<Vec<Key>>>;
+
+/// The reloaded keys, with the state of every key that stays the same
+/// carried over from `old`: its refusal count, and its limiters when its
+/// limits did not change, so a reload neither resets a key's rate limit
+/// nor forgets its token credit.
+pub fn carry_over(old: &[Key], mut new: Vec<Key>) -> Vec<Key> {
+    for k in &mut new {
+        let Some(o) = old.iter().find(|o| o.name == k.name) else {
+            continue;
+        };
+        k.rate_limited = o.rate_limited.clone();
+        if k.requests_per_minute == o.requests_per_minute {
+            k.limiter = o.limiter.clone();
+        }
+        let per_minute = |t: &Option<Arc<TokenBudget>>| t.as_ref().map(|t| t.per_minute);
+        if per_minute(&k.tokens) == per_minute(&o.tokens) {
+            k.tokens = o.tokens.clone();
+        }
+    }
+    new
+}
+
 /// Builds [`Auth`] services.
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
-    keys: Arc<[Key]>,
+    keys: SharedKeys,
 }
 
 impl AuthLayer {
     /// Check requests against `keys` (none: everything passes).
     pub fn new(keys: Vec<Key>) -> Self {
-        Self { keys: keys.into() }
+        Self::shared(Arc::new(arc_swap::ArcSwap::from_pointee(keys)))
+    }
+
+    /// Check requests against whatever keys `keys` holds at each request.
+    pub fn shared(keys: SharedKeys) -> Self {
+        Self { keys }
     }
 }
 
@@ -248,7 +278,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone, Debug)]
 pub struct Auth<S> {
     inner: S,
-    keys: Arc<[Key]>,
+    keys: SharedKeys,
 }
 
 impl<S, B> Service<Request<B>> for Auth<S>
@@ -266,7 +296,8 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if self.keys.is_empty() {
+        let keys = self.keys.load();
+        if keys.is_empty() {
             return futures_util_either::Either::Left(self.inner.call(req));
         }
         let presented = presented_key(&req);
@@ -274,7 +305,7 @@ where
             let d = digest(secret.as_bytes());
             // Compare with every key, so the time does not tell which.
             let mut hit = None;
-            for k in self.keys.iter() {
+            for k in keys.iter() {
                 if same(&k.digest, &d) {
                     hit = Some(k);
                 }
@@ -436,6 +467,43 @@ mod tests {
             wait > Duration::ZERO && wait <= Duration::from_millis(61),
             "{wait:?}"
         );
+    }
+
+    fn key(name: &str, rpm: u32, tpm: u32) -> Key {
+        Key {
+            name: name.into(),
+            digest: digest(name.as_bytes()),
+            default_priority: None,
+            max_priority: None,
+            limiter: Key::limiter(rpm),
+            share: Share::default(),
+            tokens: TokenBudget::new(tpm),
+            requests_per_minute: Some(rpm),
+            rate_limited: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_the_limiter_state_of_keys_that_stay() {
+        let old = vec![key("a", 10, 1000), key("b", 10, 1000)];
+        let new = carry_over(
+            &old,
+            vec![key("a", 10, 1000), key("b", 20, 1000), key("c", 1, 1)],
+        );
+        let same = |x: &Option<Arc<governor::DefaultDirectRateLimiter>>,
+                    y: &Option<Arc<governor::DefaultDirectRateLimiter>>| {
+            Arc::ptr_eq(x.as_ref().unwrap(), y.as_ref().unwrap())
+        };
+        assert!(same(&new[0].limiter, &old[0].limiter), "unchanged: kept");
+        assert!(
+            !same(&new[1].limiter, &old[1].limiter),
+            "new rate: a new limiter"
+        );
+        assert!(Arc::ptr_eq(
+            new[1].tokens.as_ref().unwrap(),
+            old[1].tokens.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(&new[1].rate_limited, &old[1].rate_limited));
     }
 
     #[test]

@@ -99,12 +99,23 @@ fn share_of<B>(req: &Request<B>, trust_tenant_header: bool) -> Share {
 }
 
 /// A tenant id for a name that is not a key's: a hash with the top bit set,
-/// so it never equals a key's id (small numbers).
+/// so it never equals a key's id.
 fn hashed_tenant(name: &[u8]) -> u64 {
+    hash(name) | 1 << 63
+}
+
+/// The tenant id of the API key named `name`: a hash of the name with the
+/// top bit clear, the same across reloads whatever the keys' order.
+pub fn key_tenant(name: &str) -> u64 {
+    hash(name.as_bytes()) & !(1 << 63)
+}
+
+fn hash(name: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same id in every worker and run.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     name.hash(&mut h);
-    h.finish() | 1 << 63
+    h.finish()
 }
 
 /// The body's `model`, kept (as a slice of the buffered body, no copy) when
@@ -145,18 +156,25 @@ impl Routes {
     }
 }
 
+/// The routes, replaceable while serving (a config reload): each request
+/// reads the current ones, lock-free.
+pub type SharedRoutes = Arc<arc_swap::ArcSwap<Routes>>;
+
 /// Builds [`Classify`] services. Cloning shares the routes.
 #[derive(Clone, Debug)]
 pub struct ClassifyLayer {
-    routes: Arc<Routes>,
+    routes: SharedRoutes,
 }
 
 impl ClassifyLayer {
     /// Classify by these routes.
     pub fn new(routes: Routes) -> Self {
-        Self {
-            routes: Arc::new(routes),
-        }
+        Self::shared(Arc::new(arc_swap::ArcSwap::from_pointee(routes)))
+    }
+
+    /// Classify by whatever routes `routes` holds at each request.
+    pub fn shared(routes: SharedRoutes) -> Self {
+        Self { routes }
     }
 }
 
@@ -175,7 +193,7 @@ impl<S> Layer<S> for ClassifyLayer {
 #[derive(Clone, Debug)]
 pub struct Classify<S> {
     inner: S,
-    routes: Arc<Routes>,
+    routes: SharedRoutes,
 }
 
 impl<S, B> Service<Request<B>> for Classify<S>
@@ -200,7 +218,8 @@ where
             return ResponseFuture::failed(MethodNotAllowed.into());
         }
         let svc = self.inner.clone();
-        if !self.routes.admits(req.method(), req.uri().path()) {
+        let routes = self.routes.load();
+        if !routes.admits(req.method(), req.uri().path()) {
             // An empty body (a GET) is passed as a buffered one, so the
             // upstream client can send it again if a pooled connection
             // closes under it; anything else streams through.
@@ -215,7 +234,7 @@ where
             Ok(p) => p,
             Err(e) => return ResponseFuture::failed(e.into()),
         };
-        let limit = self.routes.max_body_bytes;
+        let limit = routes.max_body_bytes;
         let declared = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -224,7 +243,7 @@ where
         if declared.is_some_and(|n| n > limit as u64) {
             return ResponseFuture::failed(BodyTooLarge::new(limit).into());
         }
-        let share = share_of(&req, self.routes.trust_tenant_header);
+        let share = share_of(&req, routes.trust_tenant_header);
         let (parts, body) = req.into_parts();
         ResponseFuture {
             state: State::Collecting {
@@ -234,9 +253,9 @@ where
                     svc,
                     header_priority,
                     share,
-                    default_priority: self.routes.default_priority,
+                    default_priority: routes.default_priority,
                     limit,
-                    keep_model: self.routes.keep_model,
+                    keep_model: routes.keep_model,
                 }),
             },
         }

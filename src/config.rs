@@ -499,6 +499,9 @@ impl std::error::Error for ConfigError {}
 /// The validated runtime config.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The file (with flags applied) this was validated from, for reloads
+    /// to compare against.
+    pub file: FileConfig,
     /// Proxy listener.
     pub listen: SocketAddr,
     /// Admin listener.
@@ -696,6 +699,7 @@ impl FileConfig {
             )));
         }
         Ok(Config {
+            file: self.clone(),
             listen,
             admin_listen,
             upstream,
@@ -822,9 +826,7 @@ impl FileConfig {
                 requests_per_minute: k.requests_per_minute,
                 rate_limited: Default::default(),
                 share: crate::admission::Share {
-                    // Keys are numbered from 1; other tenants' ids are hashes
-                    // with the top bit set (see classify).
-                    id: out.len() as u64 + 1,
+                    id: crate::classify::key_tenant(&k.name),
                     weight: k.weight.max(1),
                     max_in_flight: k.max_in_flight.unwrap_or(0),
                     name: http::HeaderValue::from_str(&k.name)

@@ -35,6 +35,7 @@ pub mod drain;
 pub mod edge;
 pub mod error;
 pub mod json_scan;
+pub mod reload;
 pub mod report;
 pub mod route;
 pub mod server;

@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use http::Response;
 use pin_project_lite::pin_project;
@@ -80,14 +79,9 @@ where
         }
     }
 
-    pub(crate) fn queued(
-        svc: S,
-        req: R,
-        ticket: Ticket,
-        timeout: Duration,
-        router: Option<Arc<Router>>,
-    ) -> Self {
-        Self::waiting(svc, req, ticket, Instant::now() + timeout, router)
+    pub(crate) fn queued(svc: S, req: R, ticket: Ticket, router: Option<Arc<Router>>) -> Self {
+        let deadline = Instant::now() + ticket.timeout();
+        Self::waiting(svc, req, ticket, deadline, router)
     }
 
     fn waiting(

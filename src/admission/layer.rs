@@ -1,5 +1,4 @@
 use std::sync::Arc;
-use std::time::Duration;
 
 use tower::Layer;
 
@@ -14,29 +13,27 @@ use crate::route::Router;
 pub struct AdmissionLayer {
     schedulers: Arc<[Arc<Scheduler>]>,
     router: Option<Arc<Router>>,
-    queue_timeout: Duration,
 }
 
 impl AdmissionLayer {
-    /// Admit through `scheduler`; a request waits at most `queue_timeout`.
-    pub fn new(scheduler: Arc<Scheduler>, queue_timeout: Duration) -> Self {
+    /// Admit through `scheduler` (a request waits at most its
+    /// `queue_timeout`).
+    pub fn new(scheduler: Arc<Scheduler>) -> Self {
         Self {
             schedulers: Arc::from(vec![scheduler]),
             router: None,
-            queue_timeout,
         }
     }
 
     /// Admit through the scheduler of the upstream each request is routed
     /// to (see [`route`](crate::route)); a request whose upstream is taken
     /// out of service while it waits is queued at another.
-    pub fn routed(router: Arc<Router>, queue_timeout: Duration) -> Self {
+    pub fn routed(router: Arc<Router>) -> Self {
         Self {
             schedulers: (0..router.len())
                 .map(|i| router.scheduler(i).clone())
                 .collect(),
             router: Some(router),
-            queue_timeout,
         }
     }
 }
@@ -45,11 +42,6 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission::per_upstream(
-            inner,
-            self.schedulers.clone(),
-            self.router.clone(),
-            self.queue_timeout,
-        )
+        Admission::per_upstream(inner, self.schedulers.clone(), self.router.clone())
     }
 }

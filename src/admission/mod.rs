@@ -41,7 +41,7 @@
 //!     promote_after: None,
 //! });
 //! let svc = ServiceBuilder::new()
-//!     .layer(AdmissionLayer::new(scheduler.clone(), Duration::from_secs(30)))
+//!     .layer(AdmissionLayer::new(scheduler.clone()))
 //!     .service(service_fn(|_req: http::Request<()>| async {
 //!         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
 //!     }));

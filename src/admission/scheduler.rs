@@ -173,6 +173,7 @@ struct State {
     retry_after_cap: Duration,
     /// Shutting down: nothing may start that cannot finish by then.
     draining: Option<Instant>,
+    queue_timeout: Duration,
 }
 
 /// A snapshot for /status.
@@ -260,6 +261,7 @@ impl Scheduler {
                 epoch: Instant::now(),
                 retry_after_cap: limits.retry_after_cap,
                 draining: None,
+                queue_timeout: limits.queue_timeout,
             }),
         })
     }
@@ -291,7 +293,7 @@ impl Scheduler {
                 match st.queue.push(priority, share.id, share.weight, now, tx) {
                     Push::Queued(key) => {
                         st.waiting_one_more(share.id);
-                        Acquire::Queued(Ticket::new(self.clone(), key, rx))
+                        Acquire::Queued(Ticket::new(self.clone(), key, rx, st.queue_timeout))
                     }
                     Push::Evicted {
                         key,
@@ -305,7 +307,7 @@ impl Scheduler {
                         let place = st.queue.len() + 1;
                         let retry = st.retry_after(place, cap);
                         evicted = Some((victim, retry));
-                        Acquire::Queued(Ticket::new(self.clone(), key, rx))
+                        Acquire::Queued(Ticket::new(self.clone(), key, rx, st.queue_timeout))
                     }
                     Push::Full(_) => {
                         st.forget_if_idle(share.id);
@@ -327,6 +329,29 @@ impl Scheduler {
     /// dispatches waiters at once; lowering it lets running requests finish.
     pub fn set_max_concurrency(self: &Arc<Self>, max: usize) {
         self.state.lock().max_concurrency = max;
+        self.dispatch();
+    }
+
+    /// Take new limits (a config reload). Requests already waiting keep
+    /// their place and deadline, even above a lowered `max_queue`; running
+    /// ones finish above a lowered `max_concurrency`, and no new one starts
+    /// until the count is below it. `max_concurrency` is left alone when
+    /// `keep_concurrency` (the adaptive limit owns it).
+    pub fn reconfigure(self: &Arc<Self>, limits: &Limits, keep_concurrency: bool) {
+        {
+            let mut st = self.state.lock();
+            if !keep_concurrency {
+                st.max_concurrency = limits.max_concurrency;
+            }
+            st.queue.set_capacity(limits.max_queue);
+            st.queue.set_promote_after(limits.promote_after);
+            st.queue_timeout = limits.queue_timeout;
+            st.retry_after_cap = limits.retry_after_cap;
+            let mut reserved = limits.reserved.clone();
+            reserved.sort_by_key(|r| r.max_priority);
+            st.reserved = reserved;
+        }
+        // A raised limit or a smaller reservation frees slots now.
         self.dispatch();
     }
 
@@ -727,16 +752,29 @@ pub struct Ticket {
     key: Key,
     rx: oneshot::Receiver<Grant>,
     done: bool,
+    timeout: Duration,
 }
 
 impl Ticket {
-    fn new(scheduler: Arc<Scheduler>, key: Key, rx: oneshot::Receiver<Grant>) -> Self {
+    fn new(
+        scheduler: Arc<Scheduler>,
+        key: Key,
+        rx: oneshot::Receiver<Grant>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             scheduler,
             key,
             rx,
             done: false,
+            timeout,
         }
+    }
+
+    /// The most time it may wait (the scheduler's `queue_timeout` when it
+    /// was queued).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The priority it waits at.

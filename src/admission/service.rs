@@ -1,6 +1,5 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::{Request, Response};
 use tower::Service;
@@ -20,13 +19,12 @@ pub struct Admission<S> {
     schedulers: Arc<[Arc<Scheduler>]>,
     /// Where to requeue a request whose upstream went out of service.
     router: Option<Arc<Router>>,
-    queue_timeout: Duration,
 }
 
 impl<S> Admission<S> {
     /// Admit through `scheduler` in front of `inner`.
-    pub fn new(inner: S, scheduler: Arc<Scheduler>, queue_timeout: Duration) -> Self {
-        Self::per_upstream(inner, Arc::from(vec![scheduler]), None, queue_timeout)
+    pub fn new(inner: S, scheduler: Arc<Scheduler>) -> Self {
+        Self::per_upstream(inner, Arc::from(vec![scheduler]), None)
     }
 
     /// Admit through the scheduler of the upstream each request is routed
@@ -35,13 +33,11 @@ impl<S> Admission<S> {
         inner: S,
         schedulers: Arc<[Arc<Scheduler>]>,
         router: Option<Arc<Router>>,
-        queue_timeout: Duration,
     ) -> Self {
         Self {
             inner,
             schedulers,
             router,
-            queue_timeout,
         }
     }
 
@@ -89,7 +85,7 @@ where
         match scheduler.acquire(admit.priority, &admit.share) {
             Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
             Acquire::Queued(ticket) => {
-                ResponseFuture::queued(inner, req, ticket, self.queue_timeout, self.router.clone())
+                ResponseFuture::queued(inner, req, ticket, self.router.clone())
             }
             Acquire::Rejected(err) => ResponseFuture::rejected(err),
         }

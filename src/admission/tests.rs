@@ -63,10 +63,7 @@ async fn freed_slot_goes_to_the_most_urgent_then_earliest_waiter() {
     let scheduler = Scheduler::new(limits(1, 100));
     let log = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(30),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(recorder(log.clone()));
 
     // The first request takes the slot and holds it through its body.
@@ -105,10 +102,7 @@ async fn freed_slot_goes_to_the_most_urgent_then_earliest_waiter() {
 async fn the_permit_is_held_until_the_body_ends() {
     let scheduler = Scheduler::new(limits(1, 10));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(30),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(service_fn(|_r: Request<String>| async {
             Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
                 Bytes::from_static(b"hi"),
@@ -133,10 +127,7 @@ async fn the_permit_is_held_until_the_body_ends() {
 async fn a_failing_inner_call_returns_the_slot() {
     let scheduler = Scheduler::new(limits(1, 10));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(30),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(service_fn(|_r: Request<String>| async {
             Err::<Response<Empty<Bytes>>, _>(std::io::Error::other("upstream down"))
         }));
@@ -149,10 +140,7 @@ async fn requests_without_admit_pass_straight_through() {
     let scheduler = Scheduler::new(limits(1, 0));
     let log = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(30),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(recorder(log.clone()));
     let _busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     // Queue off and the slot taken: an admitted request is refused ...
@@ -168,12 +156,12 @@ async fn requests_without_admit_pass_straight_through() {
 
 #[tokio::test(start_paused = true)]
 async fn queue_timeout_answers_429_and_leaves_the_queue() {
-    let scheduler = Scheduler::new(limits(1, 10));
+    let scheduler = Scheduler::new(Limits {
+        queue_timeout: Duration::from_secs(5),
+        ..limits(1, 10)
+    });
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(5),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(recorder(Arc::default()));
     let _busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let waiter = tokio::spawn(svc.clone().oneshot(req(0, "late")));
@@ -190,10 +178,7 @@ async fn dropping_a_queued_request_frees_its_place_at_once() {
     let scheduler = Scheduler::new(limits(1, 10));
     let log = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(30),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(recorder(log.clone()));
     let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let gone = tokio::spawn(svc.clone().oneshot(req(0, "gone")));
@@ -216,10 +201,7 @@ async fn dropping_a_queued_request_frees_its_place_at_once() {
 async fn eviction_tells_the_displaced_waiter_with_a_429() {
     let scheduler = Scheduler::new(limits(1, 2));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(30),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(recorder(Arc::default()));
     let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let older = tokio::spawn(svc.clone().oneshot(req(5, "older")));
@@ -357,13 +339,13 @@ async fn retry_after_is_capped() {
 async fn a_grant_racing_the_deadline_is_not_lost() {
     // The deadline fires at the moment the slot is handed over: the request
     // must run, not be told to go away while its slot leaks.
-    let scheduler = Scheduler::new(limits(1, 10));
+    let scheduler = Scheduler::new(Limits {
+        queue_timeout: Duration::from_secs(1),
+        ..limits(1, 10)
+    });
     let (tx, rx) = oneshot::channel::<()>();
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(
-            scheduler.clone(),
-            Duration::from_secs(1),
-        ))
+        .layer(AdmissionLayer::new(scheduler.clone()))
         .service(recorder(Arc::default()));
     let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let waiter = tokio::spawn(svc.clone().oneshot(req(0, "w")));

@@ -262,6 +262,8 @@ pub struct Running {
     serving: Option<tokio::task::JoinHandle<()>>,
     /// Streams watch it to end at the drain deadline.
     drain: Drain,
+    /// Applies config reloads (SIGHUP, POST /reload).
+    pub reloader: Arc<crate::reload::Reloader>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -372,11 +374,18 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         .map(|r| r.name.clone())
         .zip(schedulers.iter().cloned())
         .collect();
+    let live = crate::reload::Live::new(config);
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        config.file.clone(),
+        live.clone(),
+        schedulers.clone(),
+    ));
     let mut tasks = vec![tokio::spawn(crate::admin::serve(
         admin,
         named,
         recorder.clone(),
-        config.keys.clone().into(),
+        live.keys.clone(),
+        reloader.clone(),
     ))];
     let (stop, stopped) = tokio::sync::watch::channel(None::<Instant>);
     let drain = Drain::new();
@@ -388,7 +397,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     let mut listeners = listeners.into_iter();
     if workers <= 1 {
         let listener = listeners.next().expect("one listener");
-        let (stack, upstreams) = proxy_stack(config, &router, &recorder, &drain);
+        let (stack, upstreams) = proxy_stack(config, &live, &router, &recorder, &drain);
         for u in &upstreams {
             tasks.push(tokio::spawn(u.clone().housekeeping()));
         }
@@ -406,6 +415,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
             let listener = listener.into_std()?;
             let (config, router, recorder) = (config.clone(), router.clone(), recorder.clone());
             let (stopped, drain, gate) = (stopped.clone(), drain.clone(), gate.clone());
+            let live = live.clone();
             let (ready, upstream) = std::sync::mpsc::channel();
             threads.push(
                 std::thread::Builder::new()
@@ -430,7 +440,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                                 }
                             };
                             let (stack, upstreams) =
-                                proxy_stack(&config, &router, &recorder, &drain);
+                                proxy_stack(&config, &live, &router, &recorder, &drain);
                             for u in &upstreams {
                                 tokio::spawn(u.clone().housekeeping());
                             }
@@ -487,8 +497,37 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         stop,
         serving,
         drain,
+        reloader,
         threads,
     })
+}
+
+/// Reload the config on every SIGHUP until dropped.
+async fn reload_on_sighup(reloader: Arc<crate::reload::Reloader>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: reload with POST /reload");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            match reloader.reload() {
+                Ok(what) => tracing::info!(%what, "config reloaded (SIGHUP)"),
+                Err(e) => {
+                    tracing::error!(error = %e, "config reload refused; the running config stays")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The drain deadline, once a stop is requested (now, if the sender is gone).
@@ -502,6 +541,7 @@ async fn stop_requested(mut stopped: tokio::sync::watch::Receiver<Option<Instant
 /// The proxy's request path for one runtime: its own upstream pools.
 fn proxy_stack(
     config: &Config,
+    live: &crate::reload::Live,
     router: &Arc<Router>,
     recorder: &Arc<Recorder>,
     drain: &Drain,
@@ -513,6 +553,7 @@ fn proxy_stack(
         .collect();
     let stack = crate::app::build_stack_with(
         config,
+        live,
         router.clone(),
         recorder.clone(),
         Upstreams::new(upstreams.clone(), router.clone()),
@@ -557,6 +598,12 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
             config.listen, config.admin_listen
         )
     })?;
+    // Reloads re-read the file and apply the same flags on top.
+    let source_args = args.clone();
+    running
+        .reloader
+        .set_source(Box::new(move || source_args.file_config()));
+    let hup = tokio::spawn(reload_on_sighup(running.reloader.clone()));
     if config.keys.is_empty() && !running.addr.ip().is_loopback() {
         tracing::warn!(
             listen = %running.addr,
@@ -573,6 +620,7 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
         "anteroom serving"
     );
     super::shutdown_signal().await;
+    hup.abort();
     tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining");
     // Stop taking requests, let running ones finish, then write out every
     // record. A second signal cuts the drain short.

@@ -1,0 +1,217 @@
+//! Hot reload: SIGHUP or `POST /reload` on the admin listener re-reads the
+//! config file (the command-line flags still override it), validates it,
+//! and applies it without dropping a queued or running request.
+//!
+//! What changes live:
+//! - limits: `max_concurrency` (fixed; also each `[[upstream]]`'s own),
+//!   `max_queue`, `queue_timeout`, `retry_after_cap`, `reserve`,
+//!   `promote_after`: each scheduler takes them in place
+//!   ([`Scheduler::reconfigure`]); waiting requests keep their place and
+//!   deadline, a lowered limit lets running requests finish;
+//! - priorities and routes: `default_priority`, `admit_paths`,
+//!   `max_body_bytes`, `trust_tenant_header`: swapped in for the next
+//!   request;
+//! - keys: `[[key]]` added, removed or changed, for the next request; a key
+//!   that stays keeps its rate-limit state ([`carry_over`]).
+//!
+//! Anything else (listen addresses, TLS, the upstreams' addresses, names
+//! and keys, timeouts, retry policy, workers, the request log) needs a
+//! restart, which the drain makes lossless: a reload that changes any of
+//! it is refused as a whole, naming the keys, and the running config stays.
+//! A file that does not parse or validate is refused the same way.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::admission::Scheduler;
+use crate::auth::{carry_over, SharedKeys};
+use crate::classify::SharedRoutes;
+use crate::config::{Concurrency, Config, ConfigError, FileConfig, Upstreams};
+
+/// The settings the request path reads that a reload may replace.
+#[derive(Clone, Debug)]
+pub struct Live {
+    /// API keys.
+    pub keys: SharedKeys,
+    /// Which requests are admitted, their default priority, body bound.
+    pub routes: SharedRoutes,
+}
+
+impl Live {
+    /// The settings of `config`.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            keys: Arc::new(arc_swap::ArcSwap::from_pointee(config.keys.clone())),
+            routes: Arc::new(arc_swap::ArcSwap::from_pointee(config.routes.clone())),
+        }
+    }
+}
+
+/// Where a reload reads the config from: the file and flags of the command
+/// line, as at start.
+pub type Source = Box<dyn Fn() -> Result<FileConfig, ConfigError> + Send + Sync>;
+
+/// Applies reloads to a running proxy.
+pub struct Reloader {
+    live: Live,
+    schedulers: Vec<Arc<Scheduler>>,
+    source: Mutex<Option<Source>>,
+    /// The config file as last applied.
+    current: Mutex<FileConfig>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+/// The top-level keys a reload may change.
+const LIVE_KEYS: &[&str] = &[
+    "max_concurrency",
+    "max_queue",
+    "queue_timeout",
+    "retry_after_cap",
+    "reserve",
+    "promote_after",
+    "default_priority",
+    "admit_paths",
+    "max_body_bytes",
+    "trust_tenant_header",
+    "key",
+];
+
+impl Reloader {
+    /// A reloader for a proxy started from `file`, with these live
+    /// settings and schedulers (one per upstream, in config order).
+    pub fn new(file: FileConfig, live: Live, schedulers: Vec<Arc<Scheduler>>) -> Self {
+        Self {
+            live,
+            schedulers,
+            source: Mutex::new(None),
+            current: Mutex::new(file),
+        }
+    }
+
+    /// Read reloads from `source` (without one, a reload is refused).
+    pub fn set_source(&self, source: Source) {
+        *self.source.lock() = Some(source);
+    }
+
+    /// Re-read the source and apply it. `Ok` says what changed; `Err` says
+    /// why nothing was applied.
+    pub fn reload(&self) -> Result<String, ConfigError> {
+        let next = match &*self.source.lock() {
+            Some(source) => source()?,
+            None => {
+                return Err(ConfigError(
+                    "no config file to reload from (start with --config FILE)".into(),
+                ))
+            }
+        };
+        self.apply(next)
+    }
+
+    /// Validate `next` and apply it (see the [module docs](self)).
+    pub fn apply(&self, next: FileConfig) -> Result<String, ConfigError> {
+        let validated = next.validate()?;
+        let mut current = self.current.lock();
+        let restart = restart_only_changes(&current, &next);
+        if !restart.is_empty() {
+            return Err(ConfigError(format!(
+                "{} cannot change without a restart (SIGTERM drains without loss); nothing was applied",
+                restart.join(", ")
+            )));
+        }
+        let changed = changed_keys(&current, &next);
+        let adaptive = next.max_concurrency == Concurrency::Auto;
+        for (scheduler, replica) in self.schedulers.iter().zip(&validated.replicas) {
+            let limits = crate::admission::Limits {
+                max_concurrency: replica.max_concurrency,
+                ..validated.limits.clone()
+            };
+            scheduler.reconfigure(&limits, adaptive);
+        }
+        let old_keys = self.live.keys.load_full();
+        self.live
+            .keys
+            .store(Arc::new(carry_over(&old_keys, validated.keys.clone())));
+        self.live.routes.store(Arc::new(validated.routes.clone()));
+        *current = next;
+        Ok(if changed.is_empty() {
+            "reloaded: nothing changed".to_string()
+        } else {
+            format!("reloaded: {}", changed.join(", "))
+        })
+    }
+}
+
+/// The config as a TOML table, for comparing key by key.
+fn table(f: &FileConfig) -> toml::Table {
+    toml::Table::try_from(f).unwrap_or_default()
+}
+
+/// Top-level keys whose values differ.
+fn changed_keys(a: &FileConfig, b: &FileConfig) -> Vec<String> {
+    let (a, b) = (table(a), table(b));
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Keys that changed but cannot change live. `upstream` may change only in
+/// its tables' `max_concurrency`.
+fn restart_only_changes(a: &FileConfig, b: &FileConfig) -> Vec<String> {
+    let mut out: Vec<String> = changed_keys(a, b)
+        .into_iter()
+        .filter(|k| !LIVE_KEYS.contains(&k.as_str()) && k != "upstream")
+        .collect();
+    let without_limits = |u: &Upstreams| match u {
+        Upstreams::Many(entries) => Upstreams::Many(
+            entries
+                .iter()
+                .cloned()
+                .map(|mut e| {
+                    e.max_concurrency = None;
+                    e
+                })
+                .collect(),
+        ),
+        one => one.clone(),
+    };
+    if without_limits(&a.upstream) != without_limits(&b.upstream) {
+        out.push("upstream (other than each one's max_concurrency)".into());
+    }
+    let auto = |f: &FileConfig| f.max_concurrency == Concurrency::Auto;
+    if auto(a) != auto(b) {
+        out.push("max_concurrency between \"auto\" and a number".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_keys_pass_and_others_are_named() {
+        let a = FileConfig::default();
+        let mut b = a.clone();
+        b.max_queue = 10;
+        b.default_priority = 3;
+        assert!(restart_only_changes(&a, &b).is_empty());
+        assert_eq!(changed_keys(&a, &b), ["default_priority", "max_queue"]);
+        b.listen = "127.0.0.1:9".into();
+        b.upstream = "http://127.0.0.1:2".into();
+        let r = restart_only_changes(&a, &b);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0] == "listen" && r[1].starts_with("upstream"), "{r:?}");
+    }
+}
