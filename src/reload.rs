@@ -3,6 +3,8 @@
 //! and applies it without dropping a queued or running request.
 //!
 //! What changes live:
+//! - upstreams: each `[[upstream]]`'s `max_concurrency`, `weight` and
+//!   `models`, for the next request routed;
 //! - limits: `max_concurrency` (fixed; also each `[[upstream]]`'s own),
 //!   `max_queue`, `queue_timeout`, `retry_after_cap`, `reserve`,
 //!   `promote_after`: each scheduler takes them in place
@@ -14,8 +16,8 @@
 //! - keys: `[[key]]` added, removed or changed, for the next request; a key
 //!   that stays keeps its rate-limit state ([`carry_over`]).
 //!
-//! Anything else (listen addresses, TLS, the upstreams' addresses, names
-//! and keys, timeouts, retry policy, workers, the request log) needs a
+//! Anything else (listen addresses, TLS, adding, removing or re-addressing
+//! an upstream, upstream keys, timeouts, retry policy, workers, the request log) needs a
 //! restart, which the drain makes lossless: a reload that changes any of
 //! it is refused as a whole, naming the keys, and the running config stays.
 //! A file that does not parse or validate is refused the same way.
@@ -56,6 +58,7 @@ pub type Source = Box<dyn Fn() -> Result<FileConfig, ConfigError> + Send + Sync>
 pub struct Reloader {
     live: Live,
     schedulers: Vec<Arc<Scheduler>>,
+    router: Arc<crate::route::Router>,
     source: Mutex<Option<Source>>,
     /// The config file as last applied.
     current: Mutex<FileConfig>,
@@ -85,10 +88,16 @@ const LIVE_KEYS: &[&str] = &[
 impl Reloader {
     /// A reloader for a proxy started from `file`, with these live
     /// settings and schedulers (one per upstream, in config order).
-    pub fn new(file: FileConfig, live: Live, schedulers: Vec<Arc<Scheduler>>) -> Self {
+    pub fn new(
+        file: FileConfig,
+        live: Live,
+        schedulers: Vec<Arc<Scheduler>>,
+        router: Arc<crate::route::Router>,
+    ) -> Self {
         Self {
             live,
             schedulers,
+            router,
             source: Mutex::new(None),
             current: Mutex::new(file),
         }
@@ -133,6 +142,7 @@ impl Reloader {
             };
             scheduler.reconfigure(&limits, adaptive);
         }
+        self.router.update_replicas(validated.replicas.clone());
         let old_keys = self.live.keys.load_full();
         self.live
             .keys
@@ -167,7 +177,7 @@ fn changed_keys(a: &FileConfig, b: &FileConfig) -> Vec<String> {
 }
 
 /// Keys that changed but cannot change live. `upstream` may change only in
-/// its tables' `max_concurrency`.
+/// its tables' `max_concurrency`, `weight` and `models`.
 fn restart_only_changes(a: &FileConfig, b: &FileConfig) -> Vec<String> {
     let mut out: Vec<String> = changed_keys(a, b)
         .into_iter()
@@ -180,6 +190,8 @@ fn restart_only_changes(a: &FileConfig, b: &FileConfig) -> Vec<String> {
                 .cloned()
                 .map(|mut e| {
                     e.max_concurrency = None;
+                    e.weight = 1;
+                    e.models = Default::default();
                     e
                 })
                 .collect(),
@@ -187,7 +199,7 @@ fn restart_only_changes(a: &FileConfig, b: &FileConfig) -> Vec<String> {
         one => one.clone(),
     };
     if without_limits(&a.upstream) != without_limits(&b.upstream) {
-        out.push("upstream (other than each one's max_concurrency)".into());
+        out.push("upstream (other than each one's max_concurrency, weight and models)".into());
     }
     let auto = |f: &FileConfig| f.max_concurrency == Concurrency::Auto;
     if auto(a) != auto(b) {

@@ -58,7 +58,11 @@ struct Health {
 /// upstream client (which reports failures) and the health checks.
 #[derive(Debug)]
 pub struct Router {
-    replicas: Vec<ReplicaConfig>,
+    /// Their settings; a reload may replace weights and models (the list's
+    /// length and order never change while serving).
+    replicas: arc_swap::ArcSwap<Vec<ReplicaConfig>>,
+    /// How many (fixed while serving).
+    count: usize,
     schedulers: Vec<Arc<Scheduler>>,
     health: Vec<Health>,
     /// Consecutive failures that take an upstream out of service.
@@ -81,7 +85,8 @@ impl Router {
         assert_eq!(replicas.len(), schedulers.len());
         Arc::new(Self {
             health: replicas.iter().map(|_| Health::default()).collect(),
-            replicas,
+            count: replicas.len(),
+            replicas: arc_swap::ArcSwap::from_pointee(replicas),
             schedulers,
             eject_after: eject_after.max(1),
             retry_after,
@@ -91,12 +96,29 @@ impl Router {
 
     /// How many upstreams.
     pub fn len(&self) -> usize {
-        self.replicas.len()
+        self.count
     }
 
     /// Whether there are none (never: validation needs one).
     pub fn is_empty(&self) -> bool {
-        self.replicas.is_empty()
+        self.count == 0
+    }
+
+    /// Take new weights and models (a config reload). The same upstreams,
+    /// in the same order, are required; others are ignored.
+    pub fn update_replicas(&self, replicas: Vec<ReplicaConfig>) {
+        if replicas.len() == self.count {
+            self.replicas.store(Arc::new(replicas));
+        }
+    }
+
+    /// Upstream `i`'s name.
+    fn name(&self, i: usize) -> String {
+        self.replicas
+            .load()
+            .get(i)
+            .map(|r| r.name.clone())
+            .unwrap_or_default()
     }
 
     /// Upstream `i`'s scheduler.
@@ -115,7 +137,7 @@ impl Router {
     /// could not reach it (`false`). With a single upstream nothing is
     /// ejected: there is nowhere else to go.
     pub fn report(&self, i: usize, ok: bool) {
-        if self.replicas.len() < 2 {
+        if self.count < 2 {
             return;
         }
         let Some(h) = self.health.get(i) else { return };
@@ -127,7 +149,7 @@ impl Router {
         if n >= self.eject_after && !h.ejected.swap(true, Ordering::AcqRel) {
             let moved = self.schedulers[i].reroute_waiting();
             tracing::warn!(
-                upstream = %self.replicas[i].name,
+                upstream = %self.name(i),
                 failures = n,
                 requeued = moved,
                 "upstream taken out of service"
@@ -140,7 +162,7 @@ impl Router {
         let Some(h) = self.health.get(i) else { return };
         h.failures.store(0, Ordering::Release);
         if h.ejected.swap(false, Ordering::AcqRel) {
-            tracing::info!(upstream = %self.replicas[i].name, "upstream back in service");
+            tracing::info!(upstream = %self.name(i), "upstream back in service");
         }
     }
 
@@ -177,13 +199,14 @@ impl Router {
         serves: &dyn Fn(&ReplicaConfig) -> bool,
         exclude: Option<usize>,
     ) -> (Option<usize>, bool) {
-        let n = self.replicas.len();
+        let replicas = self.replicas.load();
+        let n = replicas.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut best: Option<(u64, usize)> = None;
         let mut served = false;
         for k in 0..n {
             let i = (start + k) % n;
-            let r = &self.replicas[i];
+            let r = &replicas[i];
             if !serves(r) {
                 continue;
             }
@@ -203,7 +226,7 @@ impl Router {
 
     fn served(&self) -> String {
         let mut out: Vec<String> = Vec::new();
-        for r in &self.replicas {
+        for r in self.replicas.load().iter() {
             match &r.models {
                 Models::Any => out.push(format!("any model on `{}`", r.name)),
                 Models::List(l) => {
@@ -270,7 +293,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ClassifiedBody<B>>) -> Self::Future {
-        if self.shared.replicas.len() == 1 {
+        if self.shared.count == 1 {
             // One upstream: nothing to decide, everything passes as it is.
             return ResponseFuture::Inner {
                 fut: self.inner.call(req),
@@ -310,7 +333,8 @@ where
     let (parts, _body) = req.into_parts();
     let mut data: Vec<serde_json::Value> = Vec::new();
     let mut ids: Vec<String> = Vec::new();
-    for (i, replica) in shared.replicas.iter().enumerate() {
+    let replicas = shared.replicas.load_full();
+    for (i, replica) in replicas.iter().enumerate() {
         let mut ask = Request::builder()
             .method(Method::GET)
             .uri(parts.uri.clone())

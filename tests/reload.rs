@@ -232,3 +232,61 @@ async fn sighup_reloads_the_file_and_a_bad_one_changes_nothing() {
     let resp = chat(&client(), &proc.url, None, "after", false, 2).await;
     assert_eq!(resp.status(), 200);
 }
+
+/// An `[[upstream]]`'s models and weight change live; adding one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_models_change_live_and_adding_one_needs_a_restart() {
+    use anteroom::config::{Models, UpstreamEntry, Upstreams};
+    let (a, b) = (
+        sim(sim_config(Mode::Batch)).await,
+        sim(sim_config(Mode::Batch)).await,
+    );
+    let entry = |name: &str, url: String, models: Models| UpstreamEntry {
+        name: name.into(),
+        url,
+        models,
+        max_concurrency: Some(4),
+        weight: 1,
+        api_key: None,
+        api_key_env: None,
+    };
+    let mut file = FileConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        upstream: Upstreams::Many(vec![
+            entry("a", a.url(), Models::Any),
+            entry("b", b.url(), Models::Any),
+        ]),
+        ..FileConfig::default()
+    };
+    let proxy = anteroom::cli::serve::start(&file.validate().unwrap())
+        .await
+        .unwrap();
+    let client = client();
+    for i in 0..6 {
+        let r = chat(&client, &proxy.url(), None, &format!("x{i}"), false, 2).await;
+        assert_eq!(r.status(), 200);
+        body_bytes(r).await;
+    }
+    assert!(b.stats().completed > 0, "both serve at first");
+    let before = b.stats().completed;
+    // b now serves another model only: the simulator's go to a.
+    if let Upstreams::Many(e) = &mut file.upstream {
+        e[1].models = Models::List(vec!["other".into()]);
+    }
+    let said = proxy.reloader.apply(file.clone()).unwrap();
+    assert!(said.contains("upstream"), "{said}");
+    for i in 0..6 {
+        let r = chat(&client, &proxy.url(), None, &format!("y{i}"), false, 2).await;
+        assert_eq!(r.status(), 200);
+        body_bytes(r).await;
+    }
+    assert_eq!(b.stats().completed, before, "b no longer gets them");
+    // A third upstream: refused, nothing changes.
+    let mut more = file.clone();
+    if let Upstreams::Many(e) = &mut more.upstream {
+        e.push(entry("c", a.url(), Models::Any));
+    }
+    let err = proxy.reloader.apply(more).unwrap_err().0;
+    assert!(err.contains("upstream") && err.contains("restart"), "{err}");
+}

@@ -379,6 +379,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         config.file.clone(),
         live.clone(),
         schedulers.clone(),
+        router.clone(),
     ));
     let mut tasks = vec![tokio::spawn(crate::admin::serve(
         admin,
