@@ -195,3 +195,17 @@ async fn http2_streams_per_connection_are_bounded() {
         s.abort();
     }
 }
+
+#[tokio::test]
+async fn too_many_headers_get_431_and_others_are_served() {
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| c.max_headers = 20).await;
+    let mut many = TcpStream::connect(proxy.addr).await.unwrap();
+    let headers: String = (0..50).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let head = format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+    let _ = many.write_all(head.as_bytes()).await;
+    let answer = read_to_close(&mut many).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let resp = chat(&client, &proxy.url(), None, "other", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+}
