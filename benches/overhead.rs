@@ -44,8 +44,9 @@ fn free_port() -> u16 {
 /// defaults (one per core), as users run it.
 /// `BENCH_BIN=PATH` runs another build instead (to compare two commits).
 fn spawn(args: &[&str]) -> Proc {
-    let bin =
-        std::env::var_os("BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_anteroom").into());
+    let bin = std::env::var_os("BENCH_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(release_binary);
     let mut cmd = Command::new(bin);
     cmd.args(args).env("RUST_LOG", "warn").stdout(Stdio::null());
     if let Some(n) = std::env::var_os("BENCH_WORKERS") {
@@ -56,6 +57,33 @@ fn spawn(args: &[&str]) -> Proc {
         }
     }
     Proc(cmd.spawn().expect("start anteroom"))
+}
+
+/// The binary as users get it: `cargo build --release`. Not
+/// `CARGO_BIN_EXE_anteroom`: under `cargo bench` that one is built with the
+/// dev-dependencies' features, tokio's `test-util` among them, whose clock
+/// checks cost ~1-2 µs of CPU per request and overstated every figure here.
+fn release_binary() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            let ok = Command::new(env!("CARGO"))
+                .args(["build", "--release", "--locked", "--bin", "anteroom"])
+                .current_dir(root)
+                .status()
+                .expect("run cargo")
+                .success();
+            assert!(ok, "cargo build --release failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            // Copied: a later cargo command may put another build there.
+            let copy = std::env::temp_dir().join(format!("anteroom-bench-{}", std::process::id()));
+            std::fs::copy(target.join("release").join("anteroom"), &copy).expect("copy binary");
+            copy
+        })
+        .clone()
 }
 
 /// utime + stime of a process, from /proc (clock ticks of 10 ms).

@@ -100,7 +100,7 @@ fn share_of<B>(req: &Request<B>, trust_tenant_header: bool) -> Share {
 
 /// A tenant id for a name that is not a key's: a hash with the top bit set,
 /// so it never equals a key's id.
-fn hashed_tenant(name: &[u8]) -> u64 {
+pub(crate) fn hashed_tenant(name: &[u8]) -> u64 {
     hash(name) | 1 << 63
 }
 

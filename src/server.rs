@@ -177,6 +177,78 @@ impl Drop for ConnTicket {
     }
 }
 
+/// "Close once idle", raised for every connection of an accept loop when it
+/// drains. Each connection task polls its wait on every wake-up, so the wait
+/// must be cheap: an atomic load, with the wake-up registered once (again
+/// only if the task's waker changes). tokio's `watch` and `Notify` lock a
+/// mutex shared by every connection on each such poll, which measured as
+/// +2 µs of CPU per small request and +6 µs per 32-event stream.
+#[derive(Debug, Default)]
+struct DrainFlag {
+    raised: std::sync::atomic::AtomicBool,
+    wakers: parking_lot::Mutex<std::collections::HashMap<u64, std::task::Waker>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl DrainFlag {
+    fn raise(&self) {
+        self.raised
+            .store(true, std::sync::atomic::Ordering::Release);
+        for (_, w) in self.wakers.lock().drain() {
+            w.wake();
+        }
+    }
+
+    fn wait(flag: &Arc<Self>) -> DrainWait {
+        DrainWait {
+            flag: flag.clone(),
+            id: flag.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            waker: None,
+        }
+    }
+}
+
+/// Resolves once its [`DrainFlag`] is raised.
+struct DrainWait {
+    flag: Arc<DrainFlag>,
+    id: u64,
+    waker: Option<std::task::Waker>,
+}
+
+impl Future for DrainWait {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::sync::atomic::Ordering::Acquire;
+        if self.flag.raised.load(Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let flag = self.flag.clone();
+            let mut wakers = flag.wakers.lock();
+            // Raised between the load and the lock: its wake-ups are gone.
+            if flag.raised.load(Acquire) {
+                return std::task::Poll::Ready(());
+            }
+            wakers.insert(self.id, cx.waker().clone());
+            drop(wakers);
+            self.waker = Some(cx.waker().clone());
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for DrainWait {
+    fn drop(&mut self) {
+        if self.waker.is_some() {
+            self.flag.wakers.lock().remove(&self.id);
+        }
+    }
+}
+
 /// A connection's service, and a signal to close the connection once what is
 /// in flight is done (the simulator's closing modes).
 pub(crate) struct Served<S> {
@@ -230,7 +302,7 @@ pub(crate) async fn accept_loop<S, M>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     tokio::pin!(shutdown);
     let mut connections = tokio::task::JoinSet::new();
-    let (draining, drain_rx) = tokio::sync::watch::channel(false);
+    let draining = Arc::new(DrainFlag::default());
     let deadline = loop {
         let (stream, addr) = tokio::select! {
             deadline = &mut shutdown => break deadline,
@@ -259,7 +331,7 @@ pub(crate) async fn accept_loop<S, M>(
             continue;
         };
         let builder = builder.clone();
-        let mut drain_rx = drain_rx.clone();
+        let drain_now = DrainFlag::wait(&draining);
         let tls = tls.clone();
         connections.spawn(async move {
             let _ticket = ticket;
@@ -290,14 +362,16 @@ pub(crate) async fn accept_loop<S, M>(
                     None => std::future::pending().await,
                 }
             };
+            // Biased: the connection first, and no random draw per poll.
             let ended = tokio::select! {
+                biased;
                 ended = conn.as_mut() => ended,
                 _ = close => {
                     // Finish what is in flight, then close.
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
-                _ = async { drain_rx.wait_for(|d| *d).await.is_ok() } => {
+                _ = drain_now => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -308,7 +382,7 @@ pub(crate) async fn accept_loop<S, M>(
         });
     };
     drop(listener);
-    let _ = draining.send(true);
+    draining.raise();
     let all_closed = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout_at(deadline + crate::drain::GRACE, all_closed)
         .await

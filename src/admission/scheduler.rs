@@ -5,7 +5,7 @@
 //! integer updates and one `BTreeMap` operation, with no await and no I/O
 //! inside; wake-ups (oneshot sends) happen after the lock is released.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::error::{Overloaded, Reason};
 use super::permit::Permit;
-use super::queue::{Key, PriorityQueue, Push, TenantId};
+use super::queue::{Key, PriorityQueue, Push, TenantId, TenantMap};
 use crate::classify::Priority;
 
 /// Settings of the admission step, the slice of the config it needs.
@@ -160,7 +160,7 @@ struct State {
     reserved: Vec<Reservation>,
     queue: PriorityQueue<oneshot::Sender<Grant>>,
     /// Tenants with requests waiting or running.
-    tenants: HashMap<TenantId, TenantState>,
+    tenants: TenantMap<TenantState>,
     /// Running requests per priority.
     running_by_priority: BTreeMap<Priority, usize>,
     /// Smoothed time a permit is held (dispatch to last byte), in seconds.
@@ -253,7 +253,7 @@ impl Scheduler {
                     q.set_promote_after(limits.promote_after);
                     q
                 },
-                tenants: HashMap::new(),
+                tenants: TenantMap::default(),
                 running_by_priority: BTreeMap::new(),
                 service_secs: None,
                 running_start_sum: 0.0,

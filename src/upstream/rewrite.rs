@@ -14,6 +14,8 @@ pub struct ClientAddr {
     ip: HeaderValue,
     /// `https` when the client came over TLS, else `http`.
     proto: HeaderValue,
+    /// The address as a fair-queuing tenant id, hashed once per connection.
+    tenant: u64,
 }
 
 impl ClientAddr {
@@ -21,11 +23,18 @@ impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
+        let tenant = crate::classify::hashed_tenant(ip.as_bytes());
         Self {
             addr,
             ip,
             proto: HeaderValue::from_static("http"),
+            tenant,
         }
+    }
+
+    /// The address as a tenant id (see [`classify`](crate::classify)).
+    pub fn tenant(&self) -> u64 {
+        self.tenant
     }
 
     /// The client came over TLS.
