@@ -470,11 +470,7 @@ impl Scheduler {
             if st.can_finish_by(deadline, now) {
                 return 0;
             }
-            let waiters = st.queue.drain();
-            st.tenants.retain(|_, t| {
-                t.waiting = 0;
-                t.running > 0
-            });
+            let waiters = st.take_all_waiting();
             (waiters, drain_retry(deadline, now, st.retry_after_cap))
         };
         let n = waiters.len();
@@ -487,15 +483,7 @@ impl Scheduler {
     /// Send every waiter away to be queued elsewhere (its upstream was
     /// taken out of service). Running requests are not touched.
     pub fn reroute_waiting(&self) -> usize {
-        let waiters = {
-            let mut st = self.state.lock();
-            let waiters = st.queue.drain();
-            st.tenants.retain(|_, t| {
-                t.waiting = 0;
-                t.running > 0
-            });
-            waiters
-        };
+        let waiters = self.state.lock().take_all_waiting();
         let n = waiters.len();
         for tx in waiters {
             let _ = tx.send(Err(Overloaded::new(Reason::Rerouted, Duration::ZERO)));
@@ -582,6 +570,17 @@ impl State {
         {
             self.tenants.remove(&tenant);
         }
+    }
+
+    /// Every waiter, parked ones included, out of the queue (to be answered
+    /// outside the lock); tenants keep only their running counts.
+    fn take_all_waiting(&mut self) -> Vec<oneshot::Sender<Grant>> {
+        let waiters = self.queue.drain();
+        self.tenants.retain(|_, t| {
+            t.waiting = 0;
+            t.running > 0
+        });
+        waiters
     }
 
     /// Could a request started now be expected to finish by `deadline`?
