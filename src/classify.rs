@@ -80,18 +80,24 @@ fn share_of<B>(req: &Request<B>, trust_tenant_header: bool) -> Share {
         .then(|| req.headers().get(&TENANT_HEADER))
         .flatten()
         .filter(|v| !v.is_empty());
-    let name = match named {
-        Some(v) if v.len() <= MAX_TENANT_LEN => v.clone(),
+    let (id, name) = match named {
         Some(v) => {
-            HeaderValue::from_bytes(&v.as_bytes()[..MAX_TENANT_LEN]).unwrap_or_else(|_| v.clone())
+            let name = if v.len() <= MAX_TENANT_LEN {
+                v.clone()
+            } else {
+                HeaderValue::from_bytes(&v.as_bytes()[..MAX_TENANT_LEN])
+                    .unwrap_or_else(|_| v.clone())
+            };
+            (hashed_tenant(name.as_bytes()), name)
         }
+        // The address's id was hashed once, when the connection came.
         None => match req.extensions().get::<ClientAddr>() {
-            Some(c) => c.ip().clone(),
+            Some(c) => (c.tenant(), c.ip().clone()),
             None => return Share::default(),
         },
     };
     Share {
-        id: hashed_tenant(name.as_bytes()),
+        id,
         weight: 1,
         max_in_flight: 0,
         name,
