@@ -399,6 +399,10 @@ async fn main() {
             delays.len()
         );
     }
+    // The copy of the release binary made for this run, if one was.
+    if std::env::var_os("BENCH_BIN").is_none() {
+        let _ = std::fs::remove_file(release_binary());
+    }
 }
 
 /// One streamed request; the delay of each event from its `x_sent_ns`.
