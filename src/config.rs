@@ -206,7 +206,7 @@ impl Default for FileConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             upstream_ca_file: String::new(),
-            max_connections: 10_000,
+            max_connections: 65_536,
             max_connections_per_ip: 0,
             http2_max_streams: 256,
         }
