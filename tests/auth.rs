@@ -60,10 +60,6 @@ async fn echo_upstream() -> String {
     url
 }
 
-fn hex(d: [u8; 32]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 async fn post(
     client: &HttpClient,
     base: &str,

@@ -138,12 +138,7 @@ async fn limits_priorities_and_keys_change_without_dropping_requests() {
     // Keys: adding one closes the open door for the next request.
     file.key = vec![KeyEntry {
         name: "ci".into(),
-        sha256: Some(
-            anteroom::auth::digest(b"sk-ci")
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        ),
+        sha256: Some(hex(anteroom::auth::digest(b"sk-ci"))),
         ..Default::default()
     }];
     write(&path, &file);
@@ -236,26 +231,17 @@ async fn sighup_reloads_the_file_and_a_bad_one_changes_nothing() {
 /// An `[[upstream]]`'s models and weight change live; adding one is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstreams_models_change_live_and_adding_one_needs_a_restart() {
-    use anteroom::config::{Models, UpstreamEntry, Upstreams};
+    use anteroom::config::{Models, Upstreams};
     let (a, b) = (
         sim(sim_config(Mode::Batch)).await,
         sim(sim_config(Mode::Batch)).await,
     );
-    let entry = |name: &str, url: String, models: Models| UpstreamEntry {
-        name: name.into(),
-        url,
-        models,
-        max_concurrency: Some(4),
-        weight: 1,
-        api_key: None,
-        api_key_env: None,
-    };
     let mut file = FileConfig {
         listen: "127.0.0.1:0".into(),
         admin_listen: "127.0.0.1:0".into(),
         upstream: Upstreams::Many(vec![
-            entry("a", a.url(), Models::Any),
-            entry("b", b.url(), Models::Any),
+            entry("a", a.url(), Models::Any, 4),
+            entry("b", b.url(), Models::Any, 4),
         ]),
         ..FileConfig::default()
     };
@@ -285,7 +271,7 @@ async fn an_upstreams_models_change_live_and_adding_one_needs_a_restart() {
     // A third upstream: refused, nothing changes.
     let mut more = file.clone();
     if let Upstreams::Many(e) = &mut more.upstream {
-        e.push(entry("c", a.url(), Models::Any));
+        e.push(entry("c", a.url(), Models::Any, 4));
     }
     let err = proxy.reloader.apply(more).unwrap_err().0;
     assert!(err.contains("upstream") && err.contains("restart"), "{err}");

@@ -4,24 +4,12 @@ mod support;
 
 use std::time::Duration;
 
-use anteroom::config::{Models, UpstreamEntry, Upstreams};
+use anteroom::config::{Models, Upstreams};
 use anteroom::sim::{Mode, SimConfig};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use support::*;
-
-fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEntry {
-    UpstreamEntry {
-        name: name.into(),
-        url,
-        models,
-        max_concurrency: Some(max),
-        weight: 1,
-        api_key: None,
-        api_key_env: None,
-    }
-}
 
 async fn ask(
     client: &HttpClient,

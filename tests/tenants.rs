@@ -8,10 +8,6 @@ use anteroom::config::KeyEntry;
 use anteroom::sim::Mode;
 use support::*;
 
-fn hex(d: [u8; 32]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A key named `name` whose secret is `sk-{name}`.
 fn key(name: &str, weight: u32) -> KeyEntry {
     KeyEntry {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anteroom::cli::serve::{self, Running};
-use anteroom::config::FileConfig;
+use anteroom::config::{FileConfig, Models, UpstreamEntry};
 use anteroom::sim::{self, Mode, SimConfig, SimHandle};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -246,4 +246,22 @@ pub async fn anteroom_process(upstream: &str, args: &[&str]) -> Proc {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("anteroom did not start");
+}
+
+/// A SHA-256 digest as the 64 hex digits a `[[key]]` table takes.
+pub fn hex(d: [u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An `[[upstream]]` table: `name` at `url` serving `models`, limit `max`.
+pub fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEntry {
+    UpstreamEntry {
+        name: name.into(),
+        url,
+        models,
+        max_concurrency: Some(max),
+        weight: 1,
+        api_key: None,
+        api_key_env: None,
+    }
 }
