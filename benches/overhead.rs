@@ -399,7 +399,10 @@ async fn main() {
             delays.len()
         );
     }
-    // The copy of the release binary made for this run, if one was.
+    // nginx's files, and the copy of the release binary made for this run
+    // if one was.
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(nginx_dir());
     if std::env::var_os("BENCH_BIN").is_none() {
         let _ = std::fs::remove_file(release_binary());
     }
@@ -437,6 +440,11 @@ async fn event_delays(
     out
 }
 
+/// nginx's config, pid file and temp paths for this run.
+fn nginx_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("anteroom-bench-nginx-{}", std::process::id()))
+}
+
 /// nginx as a reverse proxy to `upstream`: one worker, no master process (so
 /// its pid is the one doing the work), upstream keep-alive, no buffering of
 /// the response (as for SSE), no access log.
@@ -444,7 +452,7 @@ async fn start_nginx(upstream: &str) -> Option<(Proc, String, u32)> {
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())?;
-    let dir = std::env::temp_dir().join(format!("anteroom-bench-nginx-{}", std::process::id()));
+    let dir = nginx_dir();
     std::fs::create_dir_all(&dir).ok()?;
     let port = free_port();
     let conf = format!(

@@ -1,6 +1,6 @@
 //! One misbehaving client does not hold the server for the others.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `max_concurrency = "auto"` against a simulator with a throughput knee.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

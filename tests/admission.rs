@@ -1,6 +1,6 @@
 //! Admission over real sockets, with the simulator as the backend.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

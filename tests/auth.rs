@@ -1,7 +1,7 @@
 //! API keys: 401 without a good one, the key stays with anteroom, the key's
 //! name is the tenant, and its priority bounds apply.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 

@@ -1,6 +1,6 @@
 //! Upstream back-off against a simulator that refuses requests.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

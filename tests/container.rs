@@ -5,7 +5,7 @@
 //! image carries, answers its own HEALTHCHECK, logs JSON and drains on
 //! SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

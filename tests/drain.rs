@@ -2,7 +2,7 @@
 //! a complete stream or a clear error, every request is in the log, and the
 //! process exits 0 by the drain deadline.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

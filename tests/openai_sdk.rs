@@ -4,7 +4,7 @@
 //! first use (or taken from `ANTEROOM_PYTHON`, which .ci/run sets); without
 //! python3 and the package index this test fails, it does not skip.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

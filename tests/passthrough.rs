@@ -1,7 +1,7 @@
 //! What passes through: streams byte for byte and as they are written,
 //! headers, ids; and what is refused, with which error.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! a bad file, or a change that needs a restart, is refused and the running
 //! config stays.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! Several `[[upstream]]`s: routing by model, load sharing, the model list.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Streams that stop without ending: the client gets a clean error event in
 //! the OpenAI shape, the slot comes back, and the record says so.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::time::Duration;

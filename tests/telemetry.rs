@@ -2,7 +2,7 @@
 //! metrics, over real sockets with the simulator (or a canned upstream) as
 //! the backend.
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;

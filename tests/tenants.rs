@@ -2,7 +2,7 @@
 //! out, weights set the shares, a key's own cap holds, and without keys the
 //! tenant is the client (or a trusted `x-tenant`).
 
-mod support;
+use crate::support;
 
 use anteroom::config::KeyEntry;
 use anteroom::sim::Mode;

@@ -3,7 +3,7 @@
 //! trusted (and not before), and bad certificate files are refused at start
 //! with their path named. Certificates are made here, with rcgen.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

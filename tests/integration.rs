@@ -1,0 +1,24 @@
+//! The integration tests, in one binary: one link instead of twenty, and a
+//! fraction of the disk (each test binary carries the whole crate).
+//! Each module is one area, run on real sockets against the simulator.
+
+mod support;
+
+mod abuse;
+mod adaptive;
+mod admission;
+mod auth;
+mod backoff;
+mod config;
+mod container;
+mod dashboard;
+mod demo;
+mod drain;
+mod openai_sdk;
+mod passthrough;
+mod reload;
+mod routing;
+mod streams;
+mod telemetry;
+mod tenants;
+mod tls;
