@@ -10,23 +10,23 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
-use crate::admission::{Scheduler, Snapshot};
+use crate::admission::Snapshot;
 use crate::auth::{Key, SharedKeys};
 use crate::reload::Reloader;
+use crate::route::Router;
 use crate::telemetry::Recorder;
 use crate::Body;
 
 /// Serve the admin endpoints until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
-    schedulers: Vec<(String, Arc<Scheduler>)>,
+    router: Arc<Router>,
     recorder: Arc<Recorder>,
     keys: SharedKeys,
     reloader: Arc<Reloader>,
 ) {
-    let schedulers = Arc::new(schedulers);
     crate::server::serve_fn(listener, move |req| {
-        let schedulers = schedulers.clone();
+        let router = router.clone();
         let recorder = recorder.clone();
         let keys = keys.clone();
         let reloader = reloader.clone();
@@ -34,23 +34,42 @@ pub async fn serve(
             if req.method() == Method::POST && req.uri().path() == "/reload" {
                 return Ok::<_, Infallible>(reload(&reloader));
             }
-            Ok::<_, Infallible>(handle(&schedulers, &recorder, &keys.load(), &req))
+            Ok::<_, Infallible>(handle(&router, &recorder, &keys.load(), &req))
         }
     })
     .await
 }
 
+/// Each upstream's state, in config order; then those a reload removed
+/// while they still run or hold requests (their limits no longer count).
+fn upstreams(router: &Router) -> Vec<(String, Snapshot, bool)> {
+    let table = router.table();
+    let mut out: Vec<(String, Snapshot, bool)> = table
+        .active()
+        .map(|(_, s)| (s.config.name.clone(), s.scheduler.snapshot(), false))
+        .collect();
+    for s in table.slots.iter().filter(|s| s.retired) {
+        let mut snap = s.scheduler.snapshot();
+        if snap.running + snap.waiting > 0 {
+            snap.max_concurrency = 0;
+            snap.max_queue = 0;
+            out.push((s.config.name.clone(), snap, true));
+        }
+    }
+    out
+}
+
 /// The whole proxy's state: every upstream's summed.
-fn total(schedulers: &[(String, Arc<Scheduler>)]) -> Snapshot {
-    let mut all = schedulers[0].1.snapshot();
-    for (_, s) in &schedulers[1..] {
-        all.merge(&s.snapshot());
+fn total(upstreams: &[(String, Snapshot, bool)]) -> Snapshot {
+    let mut all = upstreams[0].1.clone();
+    for (_, s, _) in &upstreams[1..] {
+        all.merge(s);
     }
     all
 }
 
 fn handle(
-    schedulers: &[(String, Arc<Scheduler>)],
+    router: &Router,
     recorder: &Recorder,
     keys: &[Key],
     req: &Request<Incoming>,
@@ -58,13 +77,17 @@ fn handle(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/status") => {
-            let mut status = serde_json::to_value(total(schedulers)).unwrap_or_default();
-            if schedulers.len() > 1 {
-                status["upstreams"] = schedulers
+            let each = upstreams(router);
+            let mut status = serde_json::to_value(total(&each)).unwrap_or_default();
+            if each.len() > 1 {
+                status["upstreams"] = each
                     .iter()
-                    .map(|(name, s)| {
-                        let mut v = serde_json::to_value(s.snapshot()).unwrap_or_default();
+                    .map(|(name, s, retired)| {
+                        let mut v = serde_json::to_value(s).unwrap_or_default();
                         v["name"] = name.as_str().into();
+                        if *retired {
+                            v["retired"] = true.into();
+                        }
                         v
                     })
                     .collect();
@@ -79,7 +102,7 @@ fn handle(
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            recorder.metrics.encode(&total(schedulers)),
+            recorder.metrics.encode(&total(&upstreams(router))),
         ),
         _ => text(
             StatusCode::NOT_FOUND,

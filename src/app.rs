@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::edge::EdgeLayer;
 use crate::route::{RouteLayer, Router};
 use crate::telemetry::{Recorder, TelemetryLayer};
-use crate::upstream::{Upstream, Upstreams};
+use crate::upstream::Upstreams;
 use crate::{Body, BoxError};
 
 /// The whole proxy as one cloneable service: what the server runs per request.
@@ -30,14 +30,7 @@ pub type UpstreamBody = ClassifiedBody<Incoming>;
 /// (one per upstream) and recording into `recorder`.
 pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>) -> Stack {
     let live = crate::reload::Live::new(config);
-    let upstreams = Upstreams::<UpstreamBody>::new(
-        config
-            .replicas
-            .iter()
-            .map(|r| Upstream::new(r.origin.clone(), &config.client))
-            .collect(),
-        router.clone(),
-    );
+    let upstreams = Upstreams::<UpstreamBody>::new(router.clone(), &config.client, None);
     build_stack_with(config, &live, router, recorder, upstreams)
 }
 

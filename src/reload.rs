@@ -3,33 +3,42 @@
 //! and applies it without dropping a queued or running request.
 //!
 //! What changes live:
-//! - upstreams: each `[[upstream]]`'s `max_concurrency`, `weight` and
-//!   `models`, for the next request routed;
+//! - upstreams: `[[upstream]]`s added, removed or given a new address or
+//!   key ([`Router::reconfigure`](crate::route::Router::reconfigure)). An
+//!   upstream is known by its name (a single upstream before and after is
+//!   the same one whatever its name): it keeps its queue, and its
+//!   connections unless its address or key changed. A new one starts with
+//!   an empty queue; a removed one takes no new request, its waiters are
+//!   queued at the others (with their priority and deadline; a 404
+//!   `model_not_found` if no other serves their model) and its running
+//!   requests finish on their connections. Each one's `max_concurrency`,
+//!   `weight` and `models` change in place;
 //! - limits: `max_concurrency` (fixed; also each `[[upstream]]`'s own),
 //!   `max_queue`, `queue_timeout`, `retry_after_cap`, `reserve`,
 //!   `promote_after`: each scheduler takes them in place
-//!   ([`Scheduler::reconfigure`]); waiting requests keep their place and
-//!   deadline, a lowered limit lets running requests finish;
+//!   ([`Scheduler::reconfigure`](crate::admission::Scheduler::reconfigure));
+//!   waiting requests keep their place and deadline, a lowered limit lets
+//!   running requests finish;
 //! - priorities and routes: `default_priority`, `admit_paths`,
 //!   `max_body_bytes`, `trust_tenant_header`: swapped in for the next
 //!   request;
 //! - keys: `[[key]]` added, removed or changed, for the next request; a key
 //!   that stays keeps its rate-limit state ([`carry_over`]).
 //!
-//! Anything else (listen addresses, TLS, adding, removing or re-addressing
-//! an upstream, upstream keys, timeouts, retry policy, workers, the request log) needs a
-//! restart, which the drain makes lossless: a reload that changes any of
-//! it is refused as a whole, naming the keys, and the running config stays.
-//! A file that does not parse or validate is refused the same way.
+//! Anything else (listen addresses, TLS and `upstream_ca_file`, timeouts,
+//! retry policy, health checks, workers, the request log, and switching
+//! between `"auto"` and a fixed limit) needs a restart, which the drain
+//! makes lossless: a reload that changes any of it is refused as a whole,
+//! naming the keys, and the running config stays. A file that does not
+//! parse or validate is refused the same way.
 
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::admission::Scheduler;
 use crate::auth::{carry_over, SharedKeys};
 use crate::classify::SharedRoutes;
-use crate::config::{Concurrency, Config, ConfigError, FileConfig, Upstreams};
+use crate::config::{Concurrency, Config, ConfigError, FileConfig};
 
 /// The settings the request path reads that a reload may replace.
 #[derive(Clone, Debug)]
@@ -57,7 +66,6 @@ pub type Source = Box<dyn Fn() -> Result<FileConfig, ConfigError> + Send + Sync>
 /// Applies reloads to a running proxy.
 pub struct Reloader {
     live: Live,
-    schedulers: Vec<Arc<Scheduler>>,
     router: Arc<crate::route::Router>,
     source: Mutex<Option<Source>>,
     /// The config file as last applied.
@@ -83,20 +91,17 @@ const LIVE_KEYS: &[&str] = &[
     "max_body_bytes",
     "trust_tenant_header",
     "key",
+    "upstream",
+    "upstream_api_key",
+    "upstream_api_key_env",
 ];
 
 impl Reloader {
     /// A reloader for a proxy started from `file`, with these live
-    /// settings and schedulers (one per upstream, in config order).
-    pub fn new(
-        file: FileConfig,
-        live: Live,
-        schedulers: Vec<Arc<Scheduler>>,
-        router: Arc<crate::route::Router>,
-    ) -> Self {
+    /// settings and upstreams.
+    pub fn new(file: FileConfig, live: Live, router: Arc<crate::route::Router>) -> Self {
         Self {
             live,
-            schedulers,
             router,
             source: Mutex::new(None),
             current: Mutex::new(file),
@@ -133,16 +138,21 @@ impl Reloader {
                 restart.join(", ")
             )));
         }
-        let changed = changed_keys(&current, &next);
+        let mut changed = changed_keys(&current, &next);
         let adaptive = next.max_concurrency == Concurrency::Auto;
-        for (scheduler, replica) in self.schedulers.iter().zip(&validated.replicas) {
-            let limits = crate::admission::Limits {
-                max_concurrency: replica.max_concurrency,
-                ..validated.limits.clone()
-            };
-            scheduler.reconfigure(&limits, adaptive);
+        let set = self
+            .router
+            .reconfigure(validated.replicas.clone(), &validated.limits, adaptive);
+        for (what, names) in [
+            ("added", &set.added),
+            ("removed", &set.removed),
+            ("re-addressed", &set.readdressed),
+        ] {
+            if !names.is_empty() {
+                tracing::info!(upstreams = %names.join(", "), "upstreams {what}");
+                changed.push(format!("upstreams {what}: {}", names.join(", ")));
+            }
         }
-        self.router.update_replicas(validated.replicas.clone());
         let old_keys = self.live.keys.load_full();
         self.live
             .keys
@@ -176,31 +186,12 @@ fn changed_keys(a: &FileConfig, b: &FileConfig) -> Vec<String> {
     keys
 }
 
-/// Keys that changed but cannot change live. `upstream` may change only in
-/// its tables' `max_concurrency`, `weight` and `models`.
+/// Keys that changed but cannot change live.
 fn restart_only_changes(a: &FileConfig, b: &FileConfig) -> Vec<String> {
     let mut out: Vec<String> = changed_keys(a, b)
         .into_iter()
-        .filter(|k| !LIVE_KEYS.contains(&k.as_str()) && k != "upstream")
+        .filter(|k| !LIVE_KEYS.contains(&k.as_str()))
         .collect();
-    let without_limits = |u: &Upstreams| match u {
-        Upstreams::Many(entries) => Upstreams::Many(
-            entries
-                .iter()
-                .cloned()
-                .map(|mut e| {
-                    e.max_concurrency = None;
-                    e.weight = 1;
-                    e.models = Default::default();
-                    e
-                })
-                .collect(),
-        ),
-        one => one.clone(),
-    };
-    if without_limits(&a.upstream) != without_limits(&b.upstream) {
-        out.push("upstream (other than each one's max_concurrency, weight and models)".into());
-    }
     let auto = |f: &FileConfig| f.max_concurrency == Concurrency::Auto;
     if auto(a) != auto(b) {
         out.push("max_concurrency between \"auto\" and a number".into());
@@ -220,10 +211,10 @@ mod tests {
         b.default_priority = 3;
         assert!(restart_only_changes(&a, &b).is_empty());
         assert_eq!(changed_keys(&a, &b), ["default_priority", "max_queue"]);
-        b.listen = "127.0.0.1:9".into();
         b.upstream = "http://127.0.0.1:2".into();
-        let r = restart_only_changes(&a, &b);
-        assert_eq!(r.len(), 2, "{r:?}");
-        assert!(r[0] == "listen" && r[1].starts_with("upstream"), "{r:?}");
+        assert!(restart_only_changes(&a, &b).is_empty());
+        b.listen = "127.0.0.1:9".into();
+        b.upstream_timeout = "1s".into();
+        assert_eq!(restart_only_changes(&a, &b), ["listen", "upstream_timeout"]);
     }
 }

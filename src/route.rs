@@ -14,13 +14,15 @@
 //! `GET /v1/models` is answered with the union of every upstream's list
 //! (each asked in turn; a list in the config filters what that upstream
 //! reports; duplicates are dropped). Other requests that bypass admission
-//! go to the first upstream.
+//! go to the first upstream in service.
 //!
 //! With a single upstream the layer passes everything straight through.
+//! The upstreams live in a [`Table`] that a reload replaces
+//! ([`Router::reconfigure`]); a request reads it once per step, lock-free.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,7 +33,8 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::admission::{Overloaded, Reason, Scheduler};
+use crate::admission::{Acquire, Overloaded, Reason, Scheduler};
+use crate::backoff::Cooldown;
 use crate::classify::{Admit, ClassifiedBody, Model};
 use crate::config::{Models, ReplicaConfig};
 use crate::error::ModelNotFound;
@@ -53,23 +56,102 @@ struct Health {
     failures: AtomicU32,
 }
 
+/// One upstream as the request path sees it: its settings, its scheduler
+/// (queue and limit), its health and its pause.
+///
+/// A reload that keeps an upstream (same name, or the only one before and
+/// after) keeps its scheduler, so waiters keep their place; one that gives it
+/// a new address also gives it a new `id`, which tells each worker to open a
+/// new connection pool. A removed upstream stays in the table, `retired`:
+/// nothing new goes there, its waiters are queued elsewhere and its running
+/// requests finish. Indices into the table ([`Route`]) therefore never move.
+#[derive(Debug)]
+pub struct Slot {
+    /// Names its address: a new one when the address changes.
+    pub id: u64,
+    /// Its settings.
+    pub config: ReplicaConfig,
+    /// Its admission state.
+    pub scheduler: Arc<Scheduler>,
+    /// The pause a 429/503 from it puts on its requests.
+    pub cooldown: Arc<Cooldown>,
+    health: Arc<Health>,
+    /// Removed by a reload.
+    pub retired: bool,
+}
+
+/// Every upstream ever configured since start, by index.
+#[derive(Debug)]
+pub struct Table {
+    /// Bumped by every reload that changes an address or the set.
+    pub generation: u64,
+    /// By index; retired ones included.
+    pub slots: Vec<Arc<Slot>>,
+    /// The indices in service (not retired), in config order.
+    order: Vec<usize>,
+}
+
+impl Table {
+    /// The upstreams in service, in config order.
+    pub fn active(&self) -> impl Iterator<Item = (usize, &Arc<Slot>)> {
+        self.order.iter().map(|&i| (i, &self.slots[i]))
+    }
+
+    /// How many upstreams are in service.
+    pub fn active_len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// The first in config order: where requests that are not routed go.
+    pub fn first(&self) -> usize {
+        self.order.first().copied().unwrap_or(0)
+    }
+
+    /// Upstream `i` (the last one for an index out of range: never, since
+    /// indices come from this table or an older, shorter one).
+    pub fn slot(&self, i: usize) -> &Arc<Slot> {
+        &self.slots[i.min(self.slots.len() - 1)]
+    }
+}
+
+/// What a reload did to the set of upstreams.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SetChange {
+    /// Names of upstreams added.
+    pub added: Vec<String>,
+    /// Names of upstreams removed.
+    pub removed: Vec<String>,
+    /// Names of upstreams given a new address (or upstream key).
+    pub readdressed: Vec<String>,
+}
+
+impl SetChange {
+    /// Nothing was added, removed or re-addressed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.readdressed.is_empty()
+    }
+}
+
 /// The upstreams, their schedulers and their health: shared by the route
 /// layer, admission (to requeue), back-off (to resend elsewhere), the
-/// upstream client (which reports failures) and the health checks.
+/// upstream client (which reports failures) and the health checks. A reload
+/// replaces the table ([`Router::reconfigure`]); each request reads it
+/// without a lock.
 #[derive(Debug)]
 pub struct Router {
-    /// Their settings; a reload may replace weights and models (the list's
-    /// length and order never change while serving).
-    replicas: arc_swap::ArcSwap<Vec<ReplicaConfig>>,
-    /// How many (fixed while serving).
-    count: usize,
-    schedulers: Vec<Arc<Scheduler>>,
-    health: Vec<Health>,
+    table: arc_swap::ArcSwap<Table>,
+    /// Serialises reloads (never taken on the request path).
+    reloading: parking_lot::Mutex<()>,
+    next_id: AtomicU64,
     /// Consecutive failures that take an upstream out of service.
     eject_after: u32,
     /// When to come back if no upstream is healthy.
     retry_after: Duration,
     next: AtomicUsize,
+    /// Set once health checks run: a reload starts them for new upstreams.
+    health: std::sync::OnceLock<crate::config::HealthConfig>,
+    /// Stops the health checks (the proxy stopped).
+    closed: AtomicBool,
 }
 
 impl Router {
@@ -83,73 +165,213 @@ impl Router {
         retry_after: Duration,
     ) -> Arc<Self> {
         assert_eq!(replicas.len(), schedulers.len());
+        assert!(!replicas.is_empty(), "at least one upstream");
+        let slots: Vec<Arc<Slot>> = replicas
+            .into_iter()
+            .zip(schedulers)
+            .enumerate()
+            .map(|(i, (config, scheduler))| Arc::new(Slot::new(i as u64, config, scheduler)))
+            .collect();
+        let n = slots.len();
         Arc::new(Self {
-            health: replicas.iter().map(|_| Health::default()).collect(),
-            count: replicas.len(),
-            replicas: arc_swap::ArcSwap::from_pointee(replicas),
-            schedulers,
+            table: arc_swap::ArcSwap::from_pointee(Table {
+                generation: 0,
+                slots,
+                order: (0..n).collect(),
+            }),
+            reloading: parking_lot::Mutex::new(()),
+            next_id: AtomicU64::new(n as u64),
             eject_after: eject_after.max(1),
             retry_after,
             next: AtomicUsize::new(0),
+            health: std::sync::OnceLock::new(),
+            closed: AtomicBool::new(false),
         })
     }
 
-    /// How many upstreams.
+    /// The table as it is now.
+    pub fn table(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.table.load()
+    }
+
+    /// How many upstreams are in service.
     pub fn len(&self) -> usize {
-        self.count
+        self.table.load().active_len()
     }
 
-    /// Whether there are none (never: validation needs one).
+    /// Whether none is (never: validation needs one).
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.len() == 0
     }
 
-    /// Take new weights and models (a config reload). The same upstreams,
-    /// in the same order, are required; others are ignored.
-    pub fn update_replicas(&self, replicas: Vec<ReplicaConfig>) {
-        if replicas.len() == self.count {
-            self.replicas.store(Arc::new(replicas));
+    /// Every scheduler, retired upstreams' included (they may still run
+    /// requests): what a drain must reach.
+    pub fn all_schedulers(&self) -> Vec<Arc<Scheduler>> {
+        let mut out: Vec<Arc<Scheduler>> = Vec::new();
+        for s in &self.table.load().slots {
+            if !out.iter().any(|x| Arc::ptr_eq(x, &s.scheduler)) {
+                out.push(s.scheduler.clone());
+            }
         }
+        out
+    }
+
+    /// The schedulers in service, by name, in config order.
+    pub fn named_schedulers(&self) -> Vec<(String, Arc<Scheduler>)> {
+        self.table
+            .load()
+            .active()
+            .map(|(_, s)| (s.config.name.clone(), s.scheduler.clone()))
+            .collect()
+    }
+
+    /// Upstream `i`'s scheduler.
+    pub fn scheduler(&self, i: usize) -> Arc<Scheduler> {
+        self.table.load().slot(i).scheduler.clone()
+    }
+
+    /// Ask upstream `i`'s scheduler for a slot.
+    pub fn acquire(&self, i: usize, priority: i32, share: &crate::admission::Share) -> Acquire {
+        self.table.load().slot(i).scheduler.acquire(priority, share)
+    }
+
+    /// Upstream `i`'s pause.
+    pub fn cooldown(&self, i: usize) -> Arc<Cooldown> {
+        self.table.load().slot(i).cooldown.clone()
+    }
+
+    /// Take a new list of upstreams (a config reload), with `limits` for
+    /// their schedulers. An upstream is known by its name (or, when there is
+    /// one before and after, as the same one): it keeps its scheduler, and
+    /// its health and pools unless its address changed. New ones get a
+    /// scheduler of their own; removed ones retire and their waiters are
+    /// queued at the others.
+    pub fn reconfigure(
+        self: &Arc<Self>,
+        replicas: Vec<ReplicaConfig>,
+        limits: &crate::admission::Limits,
+        adaptive: bool,
+    ) -> SetChange {
+        let _one_at_a_time = self.reloading.lock();
+        let old = self.table.load_full();
+        let mut slots: Vec<Arc<Slot>> = old.slots.clone();
+        let mut order = Vec::with_capacity(replicas.len());
+        let mut change = SetChange::default();
+        let single = replicas.len() == 1 && old.order.len() == 1;
+        for config in replicas {
+            let limits = crate::admission::Limits {
+                max_concurrency: config.max_concurrency,
+                ..limits.clone()
+            };
+            let kept = if single {
+                Some(old.order[0])
+            } else {
+                old.active()
+                    .find(|(_, s)| s.config.name == config.name)
+                    .map(|(i, _)| i)
+            };
+            let Some(i) = kept else {
+                change.added.push(config.name.clone());
+                let scheduler = Scheduler::new(limits);
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                order.push(slots.len());
+                slots.push(Arc::new(Slot::new(id, config, scheduler)));
+                continue;
+            };
+            let was = &old.slots[i];
+            was.scheduler.reconfigure(&limits, adaptive);
+            let moved = !was.config.origin.same_address(&config.origin);
+            if moved {
+                change.readdressed.push(config.name.clone());
+            }
+            slots[i] = Arc::new(Slot {
+                id: if moved {
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                } else {
+                    was.id
+                },
+                config,
+                scheduler: was.scheduler.clone(),
+                cooldown: was.cooldown.clone(),
+                health: if moved {
+                    Arc::default()
+                } else {
+                    was.health.clone()
+                },
+                retired: false,
+            });
+            order.push(i);
+        }
+        let mut retiring = Vec::new();
+        for (i, was) in old.active() {
+            if !order.contains(&i) {
+                change.removed.push(was.config.name.clone());
+                retiring.push(was.scheduler.clone());
+                slots[i] = Arc::new(Slot {
+                    retired: true,
+                    config: was.config.clone(),
+                    scheduler: was.scheduler.clone(),
+                    cooldown: was.cooldown.clone(),
+                    health: was.health.clone(),
+                    id: was.id,
+                });
+            }
+        }
+        let generation = old.generation + u64::from(!change.is_empty());
+        let fresh: Vec<u64> = order
+            .iter()
+            .map(|&i| slots[i].id)
+            .filter(|id| !old.active().any(|(_, s)| s.id == *id))
+            .collect();
+        self.table.store(Arc::new(Table {
+            generation,
+            slots,
+            order,
+        }));
+        // Now that the table no longer offers them, move the waiters of
+        // removed upstreams, and probe the new addresses.
+        for s in retiring {
+            s.reroute_waiting();
+        }
+        if let Some(health) = self.health.get() {
+            for id in fresh {
+                self.spawn_health_check(id, health.clone());
+            }
+        }
+        change
     }
 
     /// Upstream `i`'s name.
     fn name(&self, i: usize) -> String {
-        self.replicas
-            .load()
-            .get(i)
-            .map(|r| r.name.clone())
-            .unwrap_or_default()
-    }
-
-    /// Upstream `i`'s scheduler.
-    pub fn scheduler(&self, i: usize) -> &Arc<Scheduler> {
-        &self.schedulers[i.min(self.schedulers.len() - 1)]
+        self.table.load().slot(i).config.name.clone()
     }
 
     /// Is upstream `i` in service?
     pub fn is_healthy(&self, i: usize) -> bool {
-        self.health
-            .get(i)
-            .is_none_or(|h| !h.ejected.load(Ordering::Acquire))
+        let table = self.table.load();
+        let s = table.slot(i);
+        !s.retired && !s.health.ejected.load(Ordering::Acquire)
     }
 
     /// A request to upstream `i` (or a probe) got an answer (`true`) or
     /// could not reach it (`false`). With a single upstream nothing is
     /// ejected: there is nowhere else to go.
     pub fn report(&self, i: usize, ok: bool) {
-        if self.count < 2 {
+        let table = self.table.load();
+        if table.active_len() < 2 {
             return;
         }
-        let Some(h) = self.health.get(i) else { return };
+        let slot = table.slot(i);
+        let h = &slot.health;
         if ok {
             h.failures.store(0, Ordering::Release);
             return;
         }
         let n = h.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.eject_after && !h.ejected.swap(true, Ordering::AcqRel) {
-            let moved = self.schedulers[i].reroute_waiting();
+            let moved = slot.scheduler.reroute_waiting();
             tracing::warn!(
-                upstream = %self.name(i),
+                upstream = %slot.config.name,
                 failures = n,
                 requeued = moved,
                 "upstream taken out of service"
@@ -159,7 +381,8 @@ impl Router {
 
     /// A health probe of upstream `i` succeeded: back in service.
     pub fn readmit(&self, i: usize) {
-        let Some(h) = self.health.get(i) else { return };
+        let table = self.table.load();
+        let h = &table.slot(i).health;
         h.failures.store(0, Ordering::Release);
         if h.ejected.swap(false, Ordering::AcqRel) {
             tracing::info!(upstream = %self.name(i), "upstream back in service");
@@ -176,9 +399,10 @@ impl Router {
             _ => false,
         };
         let any = |r: &ReplicaConfig| matches!(r.models, Models::Any) || model.is_none();
+        let table = self.table.load();
         let mut served = false;
         for tier in [&named as &dyn Fn(&ReplicaConfig) -> bool, &any] {
-            let (best, seen) = self.least_loaded(tier, exclude);
+            let (best, seen) = self.least_loaded(&table, tier, exclude);
             served |= seen;
             if let Some(i) = best {
                 return Ok(i);
@@ -187,7 +411,7 @@ impl Router {
         if served {
             Err(Overloaded::new(Reason::Rerouted, self.retry_after).into())
         } else {
-            Err(ModelNotFound::new(model.unwrap_or_default().to_owned(), self.served()).into())
+            Err(ModelNotFound::new(model.unwrap_or_default().to_owned(), served_by(&table)).into())
         }
     }
 
@@ -196,27 +420,27 @@ impl Router {
     /// upstream serves at all.
     fn least_loaded(
         &self,
+        table: &Table,
         serves: &dyn Fn(&ReplicaConfig) -> bool,
         exclude: Option<usize>,
     ) -> (Option<usize>, bool) {
-        let replicas = self.replicas.load();
-        let n = replicas.len();
+        let n = table.order.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut best: Option<(u64, usize)> = None;
         let mut served = false;
         for k in 0..n {
-            let i = (start + k) % n;
-            let r = &replicas[i];
-            if !serves(r) {
+            let i = table.order[(start + k) % n];
+            let s = &table.slots[i];
+            if !serves(&s.config) {
                 continue;
             }
             served = true;
-            if Some(i) == exclude || !self.is_healthy(i) {
+            if Some(i) == exclude || s.health.ejected.load(Ordering::Acquire) {
                 continue;
             }
-            let (waiting, running) = self.schedulers[i].snapshot_counts();
+            let (waiting, running) = s.scheduler.snapshot_counts();
             // Outstanding work per unit of weight, in thousandths.
-            let load = (waiting + running) as u64 * 1000 / u64::from(r.weight.max(1));
+            let load = (waiting + running) as u64 * 1000 / u64::from(s.config.weight.max(1));
             if best.is_none_or(|(l, _)| load < l) {
                 best = Some((load, i));
             }
@@ -224,22 +448,72 @@ impl Router {
         (best.map(|(_, i)| i), served)
     }
 
-    fn served(&self) -> String {
-        let mut out: Vec<String> = Vec::new();
-        for r in self.replicas.load().iter() {
-            match &r.models {
-                Models::Any => out.push(format!("any model on `{}`", r.name)),
-                Models::List(l) => {
-                    for m in l {
-                        if !out.contains(m) {
-                            out.push(m.clone());
-                        }
+    /// Probe every upstream in service (now and added by reloads) while
+    /// there are several, until [`close`](Self::close).
+    pub fn start_health_checks(self: &Arc<Self>, health: crate::config::HealthConfig) {
+        if self.health.set(health.clone()).is_err() {
+            return;
+        }
+        let ids: Vec<u64> = self.table.load().active().map(|(_, s)| s.id).collect();
+        for id in ids {
+            self.spawn_health_check(id, health.clone());
+        }
+    }
+
+    fn spawn_health_check(self: &Arc<Self>, id: u64, health: crate::config::HealthConfig) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(health_checks(Arc::downgrade(self), id, health));
+            }
+            Err(_) => tracing::warn!(id, "no runtime to run health checks on"),
+        }
+    }
+
+    /// Stop the health checks.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// The index and address of upstream `id`, while it is in service.
+    fn find(&self, id: u64) -> Option<(usize, crate::upstream::Origin, usize)> {
+        let table = self.table.load();
+        let found = table
+            .active()
+            .find(|(_, s)| s.id == id)
+            .map(|(i, s)| (i, s.config.origin.clone(), table.active_len()));
+        found
+    }
+}
+
+impl Slot {
+    fn new(id: u64, config: ReplicaConfig, scheduler: Arc<Scheduler>) -> Self {
+        Self {
+            id,
+            config,
+            scheduler,
+            cooldown: Arc::default(),
+            health: Arc::default(),
+            retired: false,
+        }
+    }
+}
+
+/// What the upstreams in service serve, for a 404.
+fn served_by(table: &Table) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for (_, s) in table.active() {
+        match &s.config.models {
+            Models::Any => out.push(format!("any model on `{}`", s.config.name)),
+            Models::List(l) => {
+                for m in l {
+                    if !out.contains(m) {
+                        out.push(m.clone());
                     }
                 }
             }
         }
-        out.join(", ")
     }
+    out.join(", ")
 }
 
 /// Builds [`RouteService`]s.
@@ -293,12 +567,21 @@ where
     }
 
     fn call(&mut self, mut req: Request<ClassifiedBody<B>>) -> Self::Future {
-        if self.shared.count == 1 {
-            // One upstream: nothing to decide, everything passes as it is.
+        let table = self.shared.table();
+        if table.active_len() == 1 {
+            // One upstream: nothing to decide, everything passes as it is
+            // (named only when a reload made it other than the first).
+            let only = table.first();
+            if only != 0 {
+                req.extensions_mut().insert(Route(only));
+            }
+            drop(table);
             return ResponseFuture::Inner {
                 fut: self.inner.call(req),
             };
         }
+        let first = table.first();
+        drop(table);
         if req.extensions().get::<Admit>().is_some() {
             let model = req.extensions().get::<Model>().map(|m| m.as_str());
             match self.shared.pick(model, None) {
@@ -311,6 +594,9 @@ where
             return ResponseFuture::Models {
                 fut: Box::pin(models_union(self.inner.clone(), self.shared.clone(), req)),
             };
+        } else if first != 0 {
+            // Not admitted: to the first upstream in service.
+            req.extensions_mut().insert(Route(first));
         }
         ResponseFuture::Inner {
             fut: self.inner.call(req),
@@ -333,8 +619,9 @@ where
     let (parts, _body) = req.into_parts();
     let mut data: Vec<serde_json::Value> = Vec::new();
     let mut ids: Vec<String> = Vec::new();
-    let replicas = shared.replicas.load_full();
-    for (i, replica) in replicas.iter().enumerate() {
+    let table = shared.table.load_full();
+    for (i, slot) in table.active() {
+        let replica = &slot.config;
         let mut ask = Request::builder()
             .method(Method::GET)
             .uri(parts.uri.clone())
@@ -453,23 +740,41 @@ async fn probe(origin: &crate::upstream::Origin, path: &str, timeout: Duration) 
     ok
 }
 
-/// Probe upstream `i` every `health.interval` until dropped: a 200 on
-/// `health.path` puts it (back) in service, anything else counts as a
-/// failure towards ejecting it.
-pub async fn health_checks(
-    router: Arc<Router>,
-    i: usize,
-    origin: crate::upstream::Origin,
+/// Probe upstream `id` every `health.interval` while it is in service (a
+/// reload that removes or re-addresses it ends this; a new address gets a
+/// loop of its own) and there are several: a 200 on `health.path` puts it
+/// (back) in service, anything else counts as a failure towards ejecting it.
+async fn health_checks(
+    weak: std::sync::Weak<Router>,
+    id: u64,
     health: crate::config::HealthConfig,
 ) {
     let timeout = health.interval.min(Duration::from_secs(5));
     let mut tick = tokio::time::interval(health.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The router (and so the loop's end) as of now, while it is in service.
+    let find = |weak: &std::sync::Weak<Router>| {
+        let router = weak.upgrade()?;
+        if router.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let (i, origin, active) = router.find(id)?;
+        Some((router, i, origin, active))
+    };
     loop {
         tick.tick().await;
+        let Some((_, _, origin, active)) = find(&weak) else {
+            return;
+        };
+        if active < 2 {
+            continue;
+        }
         let ok = tokio::time::timeout(timeout, probe(&origin, &health.path, timeout))
             .await
             .unwrap_or(false);
+        let Some((router, i, _, _)) = find(&weak) else {
+            return;
+        };
         if ok {
             router.readmit(i);
         } else {

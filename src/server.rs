@@ -22,7 +22,7 @@ use crate::upstream::rewrite::ClientAddr;
 use crate::Body;
 
 /// Serve the proxy stack on `listener` until `shutdown` resolves with a
-/// drain deadline; then drain (see [`accept_loop`]). Each request carries
+/// drain deadline; then drain (see `accept_loop`). Each request carries
 /// its connection's [`ClientAddr`].
 pub async fn serve(
     listener: TcpListener,

@@ -8,7 +8,7 @@ use crate::support;
 use std::path::PathBuf;
 
 use anteroom::config::{FileConfig, KeyEntry};
-use anteroom::sim::Mode;
+use anteroom::sim::{Mode, SimConfig};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
@@ -228,9 +228,9 @@ async fn sighup_reloads_the_file_and_a_bad_one_changes_nothing() {
     assert_eq!(resp.status(), 200);
 }
 
-/// An `[[upstream]]`'s models and weight change live; adding one is refused.
+/// An `[[upstream]]`'s models and weight change live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstreams_models_change_live_and_adding_one_needs_a_restart() {
+async fn an_upstreams_models_change_live() {
     use anteroom::config::{Models, Upstreams};
     let (a, b) = (
         sim(sim_config(Mode::Batch)).await,
@@ -262,17 +262,156 @@ async fn an_upstreams_models_change_live_and_adding_one_needs_a_restart() {
     }
     let said = proxy.reloader.apply(file.clone()).unwrap();
     assert!(said.contains("upstream"), "{said}");
+    assert!(
+        !said.contains("added") && !said.contains("removed"),
+        "{said}"
+    );
     for i in 0..6 {
         let r = chat(&client, &proxy.url(), None, &format!("y{i}"), false, 2).await;
         assert_eq!(r.status(), 200);
         body_bytes(r).await;
     }
     assert_eq!(b.stats().completed, before, "b no longer gets them");
-    // A third upstream: refused, nothing changes.
-    let mut more = file.clone();
-    if let Upstreams::Many(e) = &mut more.upstream {
-        e.push(entry("c", a.url(), Models::Any, 4));
+}
+
+/// Send a chat request in the background; its status and whole body.
+fn send(
+    url: String,
+    id: &str,
+    stream: bool,
+    tokens: usize,
+) -> tokio::task::JoinHandle<(u16, Bytes)> {
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        let r = chat(&client(), &url, None, &id, stream, tokens).await;
+        let status = r.status().as_u16();
+        (status, body_bytes(r).await)
+    })
+}
+
+/// Upstreams are re-addressed, added and removed by a reload while requests
+/// wait and run: waiters keep their place or move to an upstream still in
+/// service, running streams finish where they started, and every request
+/// gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_are_readdressed_added_and_removed_live() {
+    use anteroom::config::{Models, Upstreams};
+    trace_init();
+    let cfg = SimConfig {
+        tokens_per_second: 1000.0,
+        ..sim_config(Mode::Batch)
+    };
+    let (a, b, c) = (
+        sim(cfg.clone()).await,
+        sim(cfg.clone()).await,
+        sim(cfg).await,
+    );
+    let mut file = FileConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        upstream: Upstreams::Many(vec![entry("main", a.url(), Models::Any, 1)]),
+        ..FileConfig::default()
+    };
+    let proxy = anteroom::cli::serve::start(&file.validate().unwrap())
+        .await
+        .unwrap();
+    let admin = format!("http://{}", proxy.admin_addr);
+    let url = proxy.url();
+
+    // 1. The one upstream moves (say LM Studio came back on another port)
+    // while its slot is busy and three wait: the waiters keep their place
+    // and go to the new address; the running stream ends where it began.
+    let busy = send(url.clone(), "busy", true, 1500);
+    wait_until("busy runs", || proxy.scheduler.snapshot().running == 1).await;
+    let waiting: Vec<_> = (0..3)
+        .map(|i| send(url.clone(), &format!("w{i}"), false, 2))
+        .collect();
+    wait_until("three wait", || proxy.scheduler.snapshot().waiting == 3).await;
+    file.upstream = Upstreams::Many(vec![entry("main", b.url(), Models::Any, 1)]);
+    let said = proxy.reloader.apply(file.clone()).unwrap();
+    assert!(said.contains("re-addressed: main"), "{said}");
+    assert_eq!(proxy.scheduler.snapshot().waiting, 3, "waiters kept");
+    let (code, body) = busy.await.unwrap();
+    assert_eq!(code, 200);
+    assert!(body.ends_with(b"data: [DONE]\n\n"), "the stream finished");
+    for w in waiting {
+        assert_eq!(w.await.unwrap().0, 200);
     }
-    let err = proxy.reloader.apply(more).unwrap_err().0;
-    assert!(err.contains("upstream") && err.contains("restart"), "{err}");
+    assert_eq!(a.stats().completed, 1, "only the stream that began there");
+    assert_eq!(
+        b.stats().completed,
+        3,
+        "the waiters went to the new address"
+    );
+
+    // 2. A second upstream is added: it takes a share at once.
+    file.upstream = Upstreams::Many(vec![
+        entry("main", b.url(), Models::Any, 1),
+        entry("extra", c.url(), Models::Any, 1),
+    ]);
+    let said = proxy.reloader.apply(file.clone()).unwrap();
+    assert!(said.contains("added: extra"), "{said}");
+    let burst: Vec<_> = (0..6)
+        .map(|i| send(url.clone(), &format!("x{i}"), false, 2))
+        .collect();
+    for r in burst {
+        assert_eq!(r.await.unwrap().0, 200);
+    }
+    assert!(c.stats().completed > 0, "the new upstream serves");
+    let st = status(&admin).await;
+    assert_eq!(st["upstreams"].as_array().map(Vec::len), Some(2), "{st}");
+
+    // 3. The first is removed while each runs a stream and two wait at
+    // each: main's waiters move to extra, main's stream finishes.
+    let on_b = b.stats().completed;
+    let all = |f: fn(&anteroom::admission::Snapshot) -> usize| {
+        proxy
+            .router
+            .all_schedulers()
+            .iter()
+            .map(|s| f(&s.snapshot()))
+            .sum::<usize>()
+    };
+    let s1 = send(url.clone(), "s1", true, 1500);
+    wait_until("one runs", || all(|s| s.running) == 1).await;
+    let s2 = send(url.clone(), "s2", true, 1500);
+    wait_until("one runs at each", || all(|s| s.running) == 2).await;
+    let waiting: Vec<_> = (0..4)
+        .map(|i| send(url.clone(), &format!("v{i}"), false, 2))
+        .collect();
+    wait_until("four wait", || all(|s| s.waiting) == 4).await;
+    file.upstream = Upstreams::Many(vec![entry("extra", c.url(), Models::Any, 1)]);
+    let said = proxy.reloader.apply(file.clone()).unwrap();
+    assert!(said.contains("removed: main"), "{said}");
+    let st = status(&admin).await;
+    let retired = st["upstreams"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == "main"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(retired["retired"], true, "{st}");
+    assert_eq!(retired["running"], 1, "{st}");
+    assert_eq!(retired["waiting"], 0, "its waiters moved: {st}");
+    for s in [s1, s2] {
+        let (code, body) = s.await.unwrap();
+        assert_eq!(code, 200);
+        assert!(body.ends_with(b"data: [DONE]\n\n"), "both streams finished");
+    }
+    for w in waiting {
+        assert_eq!(w.await.unwrap().0, 200);
+    }
+    assert_eq!(b.stats().completed, on_b + 1, "main got only its stream");
+    // The one left is not the first of the table: everything goes there,
+    // requests that are not admitted included.
+    let models = client()
+        .get(format!("{url}/v1/models").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    let before = c.stats().completed;
+    let r = chat(&client(), &url, None, "last", false, 2).await;
+    assert_eq!(r.status(), 200);
+    body_bytes(r).await;
+    assert_eq!(c.stats().completed, before + 1);
+    assert_eq!(b.stats().completed, on_b + 1);
 }

@@ -223,15 +223,13 @@ where
     let admit = req.admit().cloned().unwrap_or_else(|| Admit::new(0));
     let i = router.pick(req.model(), Some(req.route()))?;
     req.set_route(i);
-    Ok(
-        match router.scheduler(i).acquire(admit.priority, &admit.share) {
-            Acquire::Admitted(permit) => ResponseFuture::admitted(svc, req, permit),
-            Acquire::Queued(ticket) => {
-                ResponseFuture::waiting(svc, req, ticket, deadline, Some(router))
-            }
-            Acquire::Rejected(err) => ResponseFuture::rejected(err),
-        },
-    )
+    Ok(match router.acquire(i, admit.priority, &admit.share) {
+        Acquire::Admitted(permit) => ResponseFuture::admitted(svc, req, permit),
+        Acquire::Queued(ticket) => {
+            ResponseFuture::waiting(svc, req, ticket, deadline, Some(router))
+        }
+        Acquire::Rejected(err) => ResponseFuture::rejected(err),
+    })
 }
 
 impl<S, R> std::fmt::Debug for ResponseFuture<S, R>

@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use tower::Layer;
 
+use super::service::Schedulers;
 use super::{Admission, Scheduler};
 use crate::route::Router;
 
@@ -11,8 +12,7 @@ use crate::route::Router;
 /// builds shares the ones it was given.
 #[derive(Clone, Debug)]
 pub struct AdmissionLayer {
-    schedulers: Arc<[Arc<Scheduler>]>,
-    router: Option<Arc<Router>>,
+    schedulers: Schedulers,
 }
 
 impl AdmissionLayer {
@@ -20,8 +20,7 @@ impl AdmissionLayer {
     /// `queue_timeout`).
     pub fn new(scheduler: Arc<Scheduler>) -> Self {
         Self {
-            schedulers: Arc::from(vec![scheduler]),
-            router: None,
+            schedulers: Schedulers::One(scheduler),
         }
     }
 
@@ -30,10 +29,7 @@ impl AdmissionLayer {
     /// out of service while it waits is queued at another.
     pub fn routed(router: Arc<Router>) -> Self {
         Self {
-            schedulers: (0..router.len())
-                .map(|i| router.scheduler(i).clone())
-                .collect(),
-            router: Some(router),
+            schedulers: Schedulers::Routed(router),
         }
     }
 }
@@ -42,6 +38,6 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission::per_upstream(inner, self.schedulers.clone(), self.router.clone())
+        Admission::with(inner, self.schedulers.clone())
     }
 }

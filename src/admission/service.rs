@@ -11,34 +11,37 @@ use crate::classify::Admit;
 use crate::route::Router;
 use crate::BoxError;
 
+/// Where admission takes its slots.
+#[derive(Clone, Debug)]
+pub(crate) enum Schedulers {
+    /// One scheduler for every request.
+    One(Arc<Scheduler>),
+    /// The scheduler of the upstream each request is routed to; the router
+    /// also requeues a request whose upstream went out of service.
+    Routed(Arc<Router>),
+}
+
 /// Admission control in front of `S`: see the [module docs](super).
 #[derive(Clone, Debug)]
 pub struct Admission<S> {
     inner: S,
-    /// One per upstream; a request's [`Route`](crate::route::Route) picks.
-    schedulers: Arc<[Arc<Scheduler>]>,
-    /// Where to requeue a request whose upstream went out of service.
-    router: Option<Arc<Router>>,
+    schedulers: Schedulers,
 }
 
 impl<S> Admission<S> {
     /// Admit through `scheduler` in front of `inner`.
     pub fn new(inner: S, scheduler: Arc<Scheduler>) -> Self {
-        Self::per_upstream(inner, Arc::from(vec![scheduler]), None)
+        Self::with(inner, Schedulers::One(scheduler))
     }
 
     /// Admit through the scheduler of the upstream each request is routed
     /// to.
-    pub fn per_upstream(
-        inner: S,
-        schedulers: Arc<[Arc<Scheduler>]>,
-        router: Option<Arc<Router>>,
-    ) -> Self {
-        Self {
-            inner,
-            schedulers,
-            router,
-        }
+    pub fn routed(inner: S, router: Arc<Router>) -> Self {
+        Self::with(inner, Schedulers::Routed(router))
+    }
+
+    pub(crate) fn with(inner: S, schedulers: Schedulers) -> Self {
+        Self { inner, schedulers }
     }
 
     /// The inner service.
@@ -78,15 +81,19 @@ where
         let Some(admit) = req.extensions().get::<Admit>() else {
             return ResponseFuture::pass(inner, req);
         };
-        let scheduler = match &*self.schedulers {
-            [one] => one,
-            many => &many[crate::route::route_of(&req).min(many.len() - 1)],
-        };
-        match scheduler.acquire(admit.priority, &admit.share) {
-            Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
-            Acquire::Queued(ticket) => {
-                ResponseFuture::queued(inner, req, ticket, self.router.clone())
+        let (acquired, router) = match &self.schedulers {
+            Schedulers::One(one) => (one.acquire(admit.priority, &admit.share), None),
+            Schedulers::Routed(router) => {
+                let i = crate::route::route_of(&req);
+                (
+                    router.acquire(i, admit.priority, &admit.share),
+                    Some(router),
+                )
             }
+        };
+        match acquired {
+            Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
+            Acquire::Queued(ticket) => ResponseFuture::queued(inner, req, ticket, router.cloned()),
             Acquire::Rejected(err) => ResponseFuture::rejected(err),
         }
     }

@@ -90,8 +90,9 @@ impl Reason {
 struct Shared {
     policy: RetryPolicy,
     budget: RetryBudget,
-    /// One per upstream: a 429 from one replica pauses only that one.
-    cooldowns: Box<[Cooldown]>,
+    /// The pause without a router; with one, each upstream has its own
+    /// (a 429 from one replica pauses only that one).
+    cooldown: Arc<Cooldown>,
     /// Several upstreams: a request whose upstream went out of service is
     /// sent again to another.
     router: Option<Arc<Router>>,
@@ -118,12 +119,11 @@ impl BackoffLayer {
     }
 
     fn build(policy: RetryPolicy, recorder: Arc<Recorder>, router: Option<Arc<Router>>) -> Self {
-        let upstreams = router.as_ref().map_or(1, |r| r.len()).max(1);
         Self {
             shared: Arc::new(Shared {
                 budget: RetryBudget::new(policy.budget),
                 policy,
-                cooldowns: (0..upstreams).map(|_| Cooldown::default()).collect(),
+                cooldown: Arc::default(),
                 router,
                 recorder,
             }),
@@ -138,6 +138,16 @@ impl<S> Layer<S> for BackoffLayer {
         Backoff {
             inner,
             shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Shared {
+    /// The pause of upstream `route`.
+    fn cooldown(&self, route: usize) -> Arc<Cooldown> {
+        match &self.router {
+            Some(router) => router.cooldown(route),
+            None => self.cooldown.clone(),
         }
     }
 }
@@ -204,13 +214,10 @@ where
     let policy = &shared.policy;
     let metrics = &shared.recorder.metrics;
     let mut parts = parts;
-    let mut route = parts
-        .extensions
-        .get::<Route>()
-        .map_or(0, |r| r.0)
-        .min(shared.cooldowns.len() - 1);
+    let mut route = parts.extensions.get::<Route>().map_or(0, |r| r.0);
+    let mut cooldown = shared.cooldown(route);
     shared.budget.deposit();
-    let mut result = attempt(svc.clone(), &parts, &body, &shared.cooldowns[route]).await;
+    let mut result = attempt(svc.clone(), &parts, &body, &cooldown).await;
     let mut retries = 0u32;
     loop {
         let (reason, advised) = match &result {
@@ -239,7 +246,7 @@ where
         if reason != Reason::Connection {
             // The upstream speaks for every request: pause it for all, and
             // tell the adaptive limit.
-            shared.cooldowns[route].pause(delay.min(policy.max_delay));
+            cooldown.pause(delay.min(policy.max_delay));
             metrics.upstream_pauses.inc();
             shared.recorder.signals.overload();
         }
@@ -282,11 +289,12 @@ where
                 let model = parts.extensions.get::<Model>().map(Model::as_str);
                 if let Ok(i) = router.pick(model, Some(route)) {
                     route = i;
+                    cooldown = shared.cooldown(i);
                     parts.extensions.insert(Route(i));
                 }
             }
         }
-        result = attempt(svc.clone(), &parts, &body, &shared.cooldowns[route]).await;
+        result = attempt(svc.clone(), &parts, &body, &cooldown).await;
     }
 }
 

@@ -249,7 +249,7 @@ pub struct Running {
     pub admin_addr: std::net::SocketAddr,
     /// The admission state (of the first upstream).
     pub scheduler: Arc<Scheduler>,
-    /// The admission state of each upstream, in config order.
+    /// The admission state of each upstream at start, in config order.
     pub schedulers: Vec<Arc<Scheduler>>,
     /// Metrics and the request log.
     pub recorder: Arc<Recorder>,
@@ -264,6 +264,8 @@ pub struct Running {
     drain: Drain,
     /// Applies config reloads (SIGHUP, POST /reload).
     pub reloader: Arc<crate::reload::Reloader>,
+    /// The upstreams as they are now (a reload may change them).
+    pub router: Arc<Router>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -290,13 +292,14 @@ impl Running {
     pub async fn drain(mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         self.drain.begin(deadline);
-        for s in &self.schedulers {
+        // Every upstream's, those a reload added or removed included.
+        let schedulers = self.router.all_schedulers();
+        for s in &schedulers {
             s.drain(deadline);
         }
         let _ = self.stop.send(Some(deadline));
         // As the deadline nears, answer the waiters that can no longer
         // start in time (no release may come to do it).
-        let schedulers = self.schedulers.clone();
         let shedding = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             loop {
@@ -323,6 +326,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.stop.send(Some(Instant::now()));
+        self.router.close();
         for t in &self.tasks {
             t.abort();
         }
@@ -368,22 +372,15 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         config.health.eject_after,
         config.health.interval,
     );
-    let named: Vec<(String, Arc<Scheduler>)> = config
-        .replicas
-        .iter()
-        .map(|r| r.name.clone())
-        .zip(schedulers.iter().cloned())
-        .collect();
     let live = crate::reload::Live::new(config);
     let reloader = Arc::new(crate::reload::Reloader::new(
         config.file.clone(),
         live.clone(),
-        schedulers.clone(),
         router.clone(),
     ));
     let mut tasks = vec![tokio::spawn(crate::admin::serve(
         admin,
-        named,
+        router.clone(),
         recorder.clone(),
         live.keys.clone(),
         reloader.clone(),
@@ -399,10 +396,8 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     if workers <= 1 {
         let listener = listeners.next().expect("one listener");
         let (stack, upstreams) = proxy_stack(config, &live, &router, &recorder, &drain);
-        for u in &upstreams {
-            tasks.push(tokio::spawn(u.clone().housekeeping()));
-        }
-        first_upstream = upstreams.into_iter().next();
+        first_upstream = upstreams.client(None);
+        tasks.push(tokio::spawn(upstreams.housekeeping()));
         serving = Some(tokio::spawn(crate::server::serve(
             listener,
             stack,
@@ -442,10 +437,8 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                             };
                             let (stack, upstreams) =
                                 proxy_stack(&config, &live, &router, &recorder, &drain);
-                            for u in &upstreams {
-                                tokio::spawn(u.clone().housekeeping());
-                            }
-                            let _ = ready.send(upstreams[0].clone());
+                            let _ = ready.send(upstreams.client(None));
+                            tokio::spawn(upstreams.housekeeping());
                             let shutdown = stop_requested(stopped);
                             crate::server::serve(
                                 listener,
@@ -463,20 +456,13 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                 first_upstream = tokio::task::spawn_blocking(move || upstream.recv().ok())
                     .await
                     .ok()
+                    .flatten()
                     .flatten();
             }
         }
     }
-    if router.len() > 1 {
-        for (i, r) in config.replicas.iter().enumerate() {
-            tasks.push(tokio::spawn(crate::route::health_checks(
-                router.clone(),
-                i,
-                r.origin.clone(),
-                config.health.clone(),
-            )));
-        }
-    }
+    // Probes run while there are several upstreams (a reload may add some).
+    router.start_health_checks(config.health.clone());
     let scheduler = schedulers[0].clone();
     if let Some(bounds) = config.adaptive {
         tasks.push(tokio::spawn(crate::admission::adaptive::run(
@@ -499,6 +485,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         serving,
         drain,
         reloader,
+        router,
         threads,
     })
 }
@@ -546,18 +533,14 @@ fn proxy_stack(
     router: &Arc<Router>,
     recorder: &Arc<Recorder>,
     drain: &Drain,
-) -> (crate::app::Stack, Vec<Upstream<UpstreamBody>>) {
-    let upstreams: Vec<Upstream<UpstreamBody>> = config
-        .replicas
-        .iter()
-        .map(|r| Upstream::new(r.origin.clone(), &config.client).with_drain(drain.clone()))
-        .collect();
+) -> (crate::app::Stack, Upstreams<UpstreamBody>) {
+    let upstreams = Upstreams::new(router.clone(), &config.client, Some(drain.clone()));
     let stack = crate::app::build_stack_with(
         config,
         live,
         router.clone(),
         recorder.clone(),
-        Upstreams::new(upstreams.clone(), router.clone()),
+        upstreams.clone(),
     );
     (stack, upstreams)
 }

@@ -163,16 +163,43 @@ where
     }
 }
 
-/// Several upstreams: each request goes to the one its
-/// [`Route`](crate::route::Route) names. Cloning shares them.
-#[derive(Debug)]
+/// The upstreams of the [`Router`]'s table: each request goes to the one
+/// its [`Route`](crate::route::Route) names, over this runtime's own pool
+/// of connections to it. When a reload adds or re-addresses an upstream the
+/// table's generation moves on, and the next request (or the housekeeping
+/// tick) opens pools for the new addresses and lets go of those of removed
+/// ones (requests still running on them keep them until they end).
+/// Cloning shares the pools.
 pub struct Upstreams<B>
 where
     B: Body + 'static,
 {
-    replicas: Arc<[Upstream<B>]>,
+    pools: Arc<arc_swap::ArcSwap<Pools<B>>>,
+    /// Serialises rebuilding the pools (after a reload only).
+    rebuild: Arc<parking_lot::Mutex<()>>,
+    settings: ClientSettings,
+    drain: Option<Drain>,
     /// Told whether each request reached its upstream.
     router: Arc<Router>,
+}
+
+/// One runtime's clients, by the table's index.
+struct Pools<B>
+where
+    B: Body + 'static,
+{
+    generation: u64,
+    /// Per index: the slot's id and its client (none once retired).
+    clients: Vec<Option<(u64, Upstream<B>)>>,
+}
+
+impl<B> std::fmt::Debug for Upstreams<B>
+where
+    B: Body + 'static,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams").finish_non_exhaustive()
+    }
 }
 
 impl<B> Clone for Upstreams<B>
@@ -181,7 +208,10 @@ where
 {
     fn clone(&self) -> Self {
         Self {
-            replicas: self.replicas.clone(),
+            pools: self.pools.clone(),
+            rebuild: self.rebuild.clone(),
+            settings: self.settings.clone(),
+            drain: self.drain.clone(),
             router: self.router.clone(),
         }
     }
@@ -189,15 +219,93 @@ where
 
 impl<B> Upstreams<B>
 where
-    B: Body + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
+    B::Error: Into<BoxError>,
 {
-    /// These upstreams, in config order, reporting to `router` whether
-    /// requests reach them (passive health).
-    pub fn new(replicas: Vec<Upstream<B>>, router: Arc<Router>) -> Self {
-        assert!(!replicas.is_empty(), "at least one upstream");
-        Self {
-            replicas: replicas.into(),
+    /// Clients for `router`'s upstreams, reporting to it whether requests
+    /// reach them (passive health); streams end at `drain`'s deadline.
+    pub fn new(router: Arc<Router>, settings: &ClientSettings, drain: Option<Drain>) -> Self {
+        let this = Self {
+            pools: Arc::new(arc_swap::ArcSwap::from_pointee(Pools {
+                generation: u64::MAX,
+                clients: Vec::new(),
+            })),
+            rebuild: Arc::default(),
+            settings: settings.clone(),
+            drain,
             router,
+        };
+        this.refresh();
+        this
+    }
+
+    /// The client of upstream `i` (the first in service for `None`).
+    pub fn client(&self, i: Option<usize>) -> Option<Upstream<B>> {
+        let i = i.unwrap_or_else(|| self.router.table().first());
+        self.current()
+            .clients
+            .get(i)?
+            .as_ref()
+            .map(|(_, c)| c.clone())
+    }
+
+    /// The pools for the router's table as it is now.
+    fn current(&self) -> arc_swap::Guard<Arc<Pools<B>>> {
+        let pools = self.pools.load();
+        if pools.generation == self.router.table().generation {
+            return pools;
+        }
+        drop(pools);
+        self.refresh();
+        self.pools.load()
+    }
+
+    /// Match the pools to the table: keep those whose address stays, open
+    /// new ones, drop those of removed upstreams.
+    fn refresh(&self) {
+        let _one_at_a_time = self.rebuild.lock();
+        let table = self.router.table();
+        let old = self.pools.load_full();
+        if old.generation == table.generation {
+            return;
+        }
+        let clients = table
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                if slot.retired {
+                    return None;
+                }
+                if let Some(Some((id, c))) = old.clients.get(i) {
+                    if *id == slot.id {
+                        return Some((*id, c.clone()));
+                    }
+                }
+                let mut client = Upstream::new(slot.config.origin.clone(), &self.settings);
+                if let Some(drain) = &self.drain {
+                    client = client.with_drain(drain.clone());
+                }
+                Some((slot.id, client))
+            })
+            .collect();
+        self.pools.store(Arc::new(Pools {
+            generation: table.generation,
+            clients,
+        }));
+    }
+
+    /// Housekeeping of every pool, until dropped (see
+    /// [`Upstream::housekeeping`]); also follows reloads between requests.
+    pub async fn housekeeping(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for (_, c) in self.current().clients.iter().flatten() {
+                let idle = c.pool.reap();
+                tracing::trace!(idle, "upstream pool reaped");
+            }
         }
     }
 }
@@ -217,9 +325,18 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let i = crate::route::route_of(&req).min(self.replicas.len() - 1);
-        let mut fut = self.replicas[i].send(req);
-        if self.replicas.len() > 1 {
+        let i = crate::route::route_of(&req);
+        let pools = self.current();
+        // A request routed to an upstream that a reload removed a moment
+        // ago still goes there, on a connection of its own.
+        let mut fut = match pools.clients.get(i) {
+            Some(Some((_, client))) => client.send(req),
+            _ => {
+                let slot = self.router.table().slot(i).clone();
+                Upstream::new(slot.config.origin.clone(), &self.settings).send(req)
+            }
+        };
+        if pools.clients.len() > 1 {
             fut.report = Some((self.router.clone(), i));
         }
         fut

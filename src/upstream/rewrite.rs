@@ -157,6 +157,16 @@ impl Origin {
         Ok(self)
     }
 
+    /// Whether `other` reaches the same place the same way: scheme,
+    /// authority, path prefix and upstream key (a pool of connections to
+    /// one serves the other).
+    pub fn same_address(&self, other: &Origin) -> bool {
+        self.https == other.https
+            && self.authority == other.authority
+            && self.prefix == other.prefix
+            && self.authorization == other.authorization
+    }
+
     /// The `Authorization` this upstream is sent, if anteroom holds its key.
     pub fn authorization(&self) -> Option<&HeaderValue> {
         self.authorization.as_ref()
