@@ -86,13 +86,13 @@ fn release_binary() -> std::path::PathBuf {
         .clone()
 }
 
-/// utime + stime of a process, from /proc (clock ticks of 10 ms).
-fn cpu_time(pid: u32) -> Duration {
+/// User and system CPU time of a process, from /proc (clock ticks of 10 ms).
+fn cpu_times(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("linux /proc");
     let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+    let ticks = |i: usize| Duration::from_millis(fields[i].parse::<u64>().unwrap() * 10);
+    (ticks(11), ticks(12))
 }
 
 async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, url: &str) {
@@ -342,17 +342,21 @@ async fn main() {
             // Warm the proxy's upstream pool.
             concurrent(&client, url, &b, CONCURRENCY * 10).await;
             let p = sequential(&client, url, &b).await;
-            let cpu0 = cpu_time(*pid);
+            let (user0, sys0) = cpu_times(*pid);
             let wall = concurrent(&client, url, &b, n).await;
-            let cpu = cpu_time(*pid) - cpu0;
+            let (user1, sys1) = cpu_times(*pid);
+            let (user, sys) = (user1 - user0, sys1 - sys0);
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
             println!(
-                "  {proxy_name:<9} one at a time p50 {:?} p99 {:?} (adds {:?} at p50); {:.0} req/s; CPU {:.1} µs per request ({:?} over {n})",
+                "  {proxy_name:<9} one at a time p50 {:?} p99 {:?} (adds {:?} at p50); {:.0} req/s; CPU {:.1} µs per request (user {:.1}, system {:.1}; {:?} over {n})",
                 pct(&p, 0.5),
                 pct(&p, 0.99),
                 pct(&p, 0.5).saturating_sub(pct(&d, 0.5)),
                 n as f64 / wall.as_secs_f64(),
-                cpu.as_secs_f64() * 1e6 / n as f64,
-                cpu
+                per(user + sys),
+                per(user),
+                per(sys),
+                user + sys
             );
         }
         println!();

@@ -47,6 +47,7 @@ use crate::classify::{Admit, Model};
 use crate::error::{self, UpstreamUnavailable};
 use crate::route::{Route, Router};
 use crate::telemetry::{Recorder, Tap};
+use crate::upstream::rewrite::ClientAddr;
 use crate::BoxError;
 
 /// The retry settings: the slice of the config this step needs.
@@ -216,8 +217,13 @@ where
     let mut parts = parts;
     let mut route = parts.extensions.get::<Route>().map_or(0, |r| r.0);
     let mut cooldown = shared.cooldown(route);
+    // The first try takes the request's extensions as they are; a retry
+    // gets a copy of the few that the steps below read.
+    let mut below = Below::of(&parts.extensions);
+    let model = parts.extensions.get::<Model>().cloned();
+    let first = std::mem::take(&mut parts.extensions);
     shared.budget.deposit();
-    let mut result = attempt(svc.clone(), &parts, &body, &cooldown).await;
+    let mut result = attempt(svc.clone(), &parts, first, &body, &cooldown).await;
     let mut retries = 0u32;
     loop {
         let (reason, advised) = match &result {
@@ -271,7 +277,7 @@ where
         }
         retries += 1;
         metrics.retry(reason);
-        if let Some(tap) = parts.extensions.get::<Tap>() {
+        if let Some(tap) = &below.tap {
             tap.retried();
         }
         tracing::debug!(
@@ -286,22 +292,58 @@ where
         if let Some(router) = &shared.router {
             if !router.is_healthy(route) {
                 // Its upstream went out of service meanwhile: another.
-                let model = parts.extensions.get::<Model>().map(Model::as_str);
-                if let Ok(i) = router.pick(model, Some(route)) {
+                if let Ok(i) = router.pick(model.as_ref().map(Model::as_str), Some(route)) {
                     route = i;
                     cooldown = shared.cooldown(i);
-                    parts.extensions.insert(Route(i));
+                    below.route = Some(Route(i));
                 }
             }
         }
-        result = attempt(svc.clone(), &parts, &body, &cooldown).await;
+        result = attempt(svc.clone(), &parts, below.extensions(), &body, &cooldown).await;
     }
 }
 
-/// One try: wait out any pause of the upstream, then send a copy.
+/// What the steps below back-off read of a request's extensions: the
+/// upstream it is routed to, its telemetry tap (dispatch and first-byte
+/// times) and the client's address (`x-forwarded-for`). A retry carries
+/// just these: copying every extension cost an allocation each.
+#[derive(Clone, Debug)]
+struct Below {
+    route: Option<Route>,
+    tap: Option<Tap>,
+    client: Option<ClientAddr>,
+}
+
+impl Below {
+    fn of(ext: &http::Extensions) -> Self {
+        Self {
+            route: ext.get::<Route>().copied(),
+            tap: ext.get::<Tap>().cloned(),
+            client: ext.get::<ClientAddr>().cloned(),
+        }
+    }
+
+    fn extensions(&self) -> http::Extensions {
+        let mut ext = http::Extensions::new();
+        if let Some(r) = self.route {
+            ext.insert(r);
+        }
+        if let Some(t) = &self.tap {
+            ext.insert(t.clone());
+        }
+        if let Some(c) = &self.client {
+            ext.insert(c.clone());
+        }
+        ext
+    }
+}
+
+/// One try: wait out any pause of the upstream, then send a copy with
+/// `extensions`.
 async fn attempt<S, B, ResB>(
     svc: S,
     parts: &http::request::Parts,
+    extensions: http::Extensions,
     body: &Full<Bytes>,
     cooldown: &Cooldown,
 ) -> Result<Response<ResB>, BoxError>
@@ -314,7 +356,12 @@ where
     while let Some(wait) = cooldown.remaining() {
         tokio::time::sleep(wait).await;
     }
-    let req = Request::from_parts(parts.clone(), Either::Left(body.clone()));
+    let mut req = Request::new(Either::Left(body.clone()));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = extensions;
     let mut svc = svc.ready_oneshot().await.map_err(Into::into)?;
     svc.call(req).await.map_err(Into::into)
 }

@@ -28,7 +28,12 @@ enum Step {
 struct Upstream {
     script: Arc<Mutex<VecDeque<Step>>>,
     calls: Arc<Mutex<Vec<Instant>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
+
+/// What the upstream saw of one call: its route, whether the client's
+/// address came along, and its x-request-id.
+type Seen = (Option<Route>, bool, Option<String>);
 
 type TestReq = Request<Either<Full<Bytes>, Empty<Bytes>>>;
 
@@ -37,6 +42,7 @@ impl Upstream {
         Self {
             script: Arc::new(Mutex::new(steps.iter().cloned().collect())),
             calls: Arc::new(Mutex::new(Vec::new())),
+            seen: Arc::default(),
         }
     }
 
@@ -54,8 +60,16 @@ impl Service<TestReq> for Upstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _req: TestReq) -> Self::Future {
+    fn call(&mut self, req: TestReq) -> Self::Future {
         self.calls.lock().push(Instant::now());
+        self.seen.lock().push((
+            req.extensions().get::<Route>().copied(),
+            req.extensions().get::<ClientAddr>().is_some(),
+            req.headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ));
         let step = {
             let mut s = self.script.lock();
             if s.len() > 1 {
@@ -217,4 +231,20 @@ fn jitter_stays_under_its_ceiling_and_spreads() {
         (350..650).contains(&below_half),
         "{below_half} of 1000 below half"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_carries_the_route_the_client_address_and_the_headers() {
+    let up = Upstream::new(&[Step::Status(429, Some("10")), Step::Status(200, None)]);
+    let mut r = req(true);
+    r.extensions_mut().insert(Route(0));
+    r.extensions_mut()
+        .insert(ClientAddr::new("127.0.0.1:9".parse().expect("an address")));
+    r.headers_mut()
+        .insert("x-request-id", http::HeaderValue::from_static("r-1"));
+    let resp = stack(policy(3), &up).oneshot(r).await.expect("answered");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = up.seen.lock().clone();
+    let want = (Some(Route(0)), true, Some("r-1".to_owned()));
+    assert_eq!(seen, vec![want.clone(), want]);
 }
