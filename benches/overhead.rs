@@ -67,23 +67,29 @@ fn release_binary() -> std::path::PathBuf {
     static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-            let ok = Command::new(env!("CARGO"))
-                .args(["build", "--release", "--locked", "--bin", "anteroom"])
-                .current_dir(root)
-                .status()
-                .expect("run cargo")
-                .success();
-            assert!(ok, "cargo build --release failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
+            let target = build_release(&["--bin", "anteroom"]);
             // Copied: a later cargo command may put another build there.
             let copy = std::env::temp_dir().join(format!("anteroom-bench-{}", std::process::id()));
             std::fs::copy(target.join("release").join("anteroom"), &copy).expect("copy binary");
             copy
         })
         .clone()
+}
+
+/// `cargo build --release --locked` with `what`; the target directory.
+fn build_release(what: &[&str]) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--locked"])
+        .args(what)
+        .current_dir(root)
+        .status()
+        .expect("run cargo")
+        .success();
+    assert!(ok, "cargo build --release {what:?} failed");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
 }
 
 /// User and system CPU time of a process, from /proc (clock ticks of 10 ms).
@@ -310,10 +316,14 @@ async fn main() {
     // The same load through nginx, for a baseline measured the same way,
     // when nginx is installed (it is not needed for anteroom's tests).
     let nginx = start_nginx(&sim_addr).await;
+    // And through a bare hyper proxy (examples/bare_proxy.rs): the floor
+    // that hyper and tokio alone set under anteroom's cost.
+    let bare = start_bare(&sim_addr).await;
     let mut targets = vec![("anteroom", proxied.clone(), proxy.0.id())];
     if let Some((_, url, pid)) = &nginx {
         targets.push(("nginx", url.clone(), *pid));
     }
+    targets.push(("bare hyper", bare.1.clone(), bare.0 .0.id()));
 
     println!("proxy overhead (loopback; simulator with zero model time)\n");
     for (name, b, n) in [
@@ -348,7 +358,7 @@ async fn main() {
             let (user, sys) = (user1 - user0, sys1 - sys0);
             let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
             println!(
-                "  {proxy_name:<9} one at a time p50 {:?} p99 {:?} (adds {:?} at p50); {:.0} req/s; CPU {:.1} µs per request (user {:.1}, system {:.1}; {:?} over {n})",
+                "  {proxy_name:<10} one at a time p50 {:?} p99 {:?} (adds {:?} at p50); {:.0} req/s; CPU {:.1} µs per request (user {:.1}, system {:.1}; {:?} over {n})",
                 pct(&p, 0.5),
                 pct(&p, 0.99),
                 pct(&p, 0.5).saturating_sub(pct(&d, 0.5)),
@@ -442,6 +452,27 @@ async fn event_delays(
         }
     }
     out
+}
+
+/// examples/bare_proxy.rs, built for release, in front of `upstream` with
+/// as many workers as anteroom runs.
+async fn start_bare(upstream: &str) -> (Proc, String) {
+    let target = build_release(&["--example", "bare_proxy"]);
+    let workers = std::env::var("BENCH_WORKERS").unwrap_or_else(|_| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .to_string()
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(target.join("release/examples/bare_proxy"))
+        .args([listen.as_str(), upstream, workers.as_str()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start bare_proxy");
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    wait_ready(&client, &format!("http://{listen}/v1/models")).await;
+    (Proc(child), format!("http://{listen}/v1/chat/completions"))
 }
 
 /// nginx's config, pid file and temp paths for this run.
