@@ -112,7 +112,9 @@ pub(crate) struct Pool<B>
 where
     B: Body + 'static,
 {
-    idle: ArrayQueue<Conn<B>>,
+    /// Boxed: a connection (hyper's state machine) is several hundred
+    /// bytes, and the response body carries it through every layer.
+    idle: ArrayQueue<Box<Conn<B>>>,
     origin: Origin,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -149,7 +151,7 @@ where
     }
 
     /// An idle connection that is still good, if there is one.
-    fn checkout(&self) -> Option<Conn<B>> {
+    fn checkout(&self) -> Option<Box<Conn<B>>> {
         while let Some(mut conn) = self.idle.pop() {
             if conn.idle_since.elapsed() < self.idle_timeout && conn.reusable() {
                 return Some(conn);
@@ -180,7 +182,7 @@ where
         self.idle.len()
     }
 
-    fn checkin(&self, mut conn: Conn<B>) {
+    fn checkin(&self, mut conn: Box<Conn<B>>) {
         if conn.reusable() {
             conn.idle_since = Instant::now();
             // A full pool closes the connection.
@@ -188,16 +190,16 @@ where
         }
     }
 
-    async fn connect(&self) -> Result<Conn<B>, BoxError> {
+    async fn connect(&self) -> Result<Box<Conn<B>>, BoxError> {
         let stream = connect(&self.origin, self.connect_timeout).await?;
         let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await?;
-        Ok(Conn {
+        Ok(Box::new(Conn {
             sender,
             driver: Some(driver),
             idle_since: Instant::now(),
-        })
+        }))
     }
 
     /// Send `req` and wait for the response headers. The response body owns
@@ -328,11 +330,11 @@ where
     B: Body + 'static,
 {
     incoming: Incoming,
-    conn: Option<Conn<B>>,
+    conn: Option<Box<Conn<B>>>,
     pool: Arc<Pool<B>>,
     /// `Pool::checkin`, captured where its bounds are known, so `Drop` (which
     /// cannot add bounds) can call it.
-    checkin: fn(&Pool<B>, Conn<B>),
+    checkin: fn(&Pool<B>, Box<Conn<B>>),
 }
 
 impl<B> std::fmt::Debug for PooledBody<B>
