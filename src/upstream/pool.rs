@@ -107,6 +107,9 @@ where
     }
 }
 
+/// A connection being opened.
+type Connecting<'a, B> = Pin<Box<dyn Future<Output = Result<Box<Conn<B>>, BoxError>> + Send + 'a>>;
+
 /// The connections to one upstream origin. Cloning shares them.
 pub(crate) struct Pool<B>
 where
@@ -190,6 +193,18 @@ where
         }
     }
 
+    /// [`connect`](Self::connect)'s future on the heap: its TCP and TLS
+    /// handshake state would otherwise sit inside every request's send
+    /// future (which is boxed and moved per request) though most requests
+    /// reuse a connection.
+    fn connect_boxed(&self) -> Connecting<'_, B>
+    where
+        B: Send,
+        B::Data: Send,
+    {
+        Box::pin(self.connect())
+    }
+
     async fn connect(&self) -> Result<Box<Conn<B>>, BoxError> {
         let stream = connect(&self.origin, self.connect_timeout).await?;
         let (sender, driver) = http1::Builder::new()
@@ -216,7 +231,7 @@ where
             Some(c) => c,
             None => {
                 reused = false;
-                self.connect().await?
+                self.connect_boxed().await?
             }
         };
         loop {
@@ -253,7 +268,7 @@ where
                         tracing::debug!(error = %e.error(), "pooled connection was closed; reconnecting");
                         req = back;
                         reused = false;
-                        conn = self.connect().await?;
+                        conn = self.connect_boxed().await?;
                     }
                     // Written, but the connection closed without a byte of
                     // answer: the upstream was closing it (it does not read
@@ -264,7 +279,7 @@ where
                         );
                         req = copy;
                         reused = false;
-                        conn = self.connect().await?;
+                        conn = self.connect_boxed().await?;
                     }
                     _ => return Err(e.into_error().into()),
                 },
