@@ -117,23 +117,6 @@ where
     pub fn idle_connections(&self) -> usize {
         self.pool.idle_len()
     }
-
-    /// Housekeeping, until dropped: once a second, close the idle
-    /// connections the upstream has closed or that idled too long.
-    ///
-    /// The tick also keeps tokio's timer armed within the second, so a
-    /// request's own far-off timeout (`upstream_timeout`) is never the
-    /// earliest timer: registering it then costs no wake-up of the I/O
-    /// driver (strace showed one `eventfd` write per request without it).
-    pub async fn housekeeping(self) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let idle = self.pool.reap();
-            tracing::trace!(idle, "upstream pool reaped");
-        }
-    }
 }
 
 type SendFuture<B> =
@@ -295,8 +278,14 @@ where
         }));
     }
 
-    /// Housekeeping of every pool, until dropped (see
-    /// [`Upstream::housekeeping`]); also follows reloads between requests.
+    /// Housekeeping, until dropped: once a second, close the idle
+    /// connections the upstreams have closed or that idled too long, and
+    /// follow a reload between requests.
+    ///
+    /// The tick also keeps tokio's timer armed within the second, so a
+    /// request's own far-off timeout (`upstream_timeout`) is never the
+    /// earliest timer: registering it then costs no wake-up of the I/O
+    /// driver (strace showed one `eventfd` write per request without it).
     pub async fn housekeeping(self) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
