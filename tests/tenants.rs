@@ -56,6 +56,27 @@ fn flood(
         .collect()
 }
 
+/// Two long streams of `holder` that hold both of the proxy's slots until
+/// dropped, so what is sent meanwhile queues before anything is served.
+async fn hold_both_slots(
+    client: &HttpClient,
+    proxy: &anteroom::cli::serve::Running,
+    holder: &str,
+) -> Vec<http::Response<hyper::body::Incoming>> {
+    let auth = bearer(holder);
+    let h = [("authorization", auth.as_str())];
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let id = format!("{holder}-{i}");
+        held.push(chat_with(client, &proxy.url(), &h, &id, true, 10_000).await);
+    }
+    wait_until("both slots held", || {
+        proxy.scheduler.snapshot().running == 2
+    })
+    .await;
+    held
+}
+
 async fn all_ok(tasks: Vec<tokio::task::JoinHandle<u16>>) {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -83,26 +104,7 @@ async fn a_late_tenant_is_served_interleaved_with_a_flood() {
     // Both slots are held while alpha's flood and then bravo's 20 arrive,
     // so the order they go out in is the queue's alone, however slowly the
     // clients' connections come up on a loaded machine.
-    let auth = bearer("charlie");
-    let mut held = Vec::new();
-    for i in 0..2 {
-        let h = [("authorization", auth.as_str())];
-        held.push(
-            chat_with(
-                &client,
-                &proxy.url(),
-                &h,
-                &format!("charlie-{i}"),
-                true,
-                10_000,
-            )
-            .await,
-        );
-    }
-    wait_until("charlie holds both slots", || {
-        proxy.scheduler.snapshot().running == 2
-    })
-    .await;
+    let held = hold_both_slots(&client, &proxy, "charlie").await;
     let a = flood(&proxy.url(), "alpha", 500, "authorization");
     wait_until("alpha's 500 wait", || {
         proxy.scheduler.snapshot().waiting == 500
@@ -141,10 +143,7 @@ async fn weights_3_to_1_share_the_slots_3_to_1() {
     })
     .await;
     // Both slots held, so both floods queue before anything is served.
-    let hold = [("authorization", bearer("holder"))];
-    let hold: Vec<(&str, &str)> = hold.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let busy1 = chat_with(&client, &proxy.url(), &hold, "hold-1", true, 10_000).await;
-    let busy2 = chat_with(&client, &proxy.url(), &hold, "hold-2", true, 10_000).await;
+    let held = hold_both_slots(&client, &proxy, "holder").await;
     let heavy = flood(&proxy.url(), "heavy", 200, "authorization");
     let light = flood(&proxy.url(), "light", 200, "authorization");
     wait_until("400 queued", || proxy.scheduler.snapshot().waiting == 400).await;
@@ -152,7 +151,7 @@ async fn weights_3_to_1_share_the_slots_3_to_1() {
     let named = |n: &str| tenants.iter().find(|t| t.name == n).cloned().unwrap();
     assert_eq!((named("heavy").waiting, named("heavy").weight), (200, 3));
     assert_eq!((named("light").waiting, named("holder").running), (200, 2));
-    drop((busy1, busy2));
+    drop(held);
     all_ok(heavy).await;
     all_ok(light).await;
 
