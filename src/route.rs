@@ -216,20 +216,6 @@ impl Router {
         out
     }
 
-    /// The schedulers in service, by name, in config order.
-    pub fn named_schedulers(&self) -> Vec<(String, Arc<Scheduler>)> {
-        self.table
-            .load()
-            .active()
-            .map(|(_, s)| (s.config.name.clone(), s.scheduler.clone()))
-            .collect()
-    }
-
-    /// Upstream `i`'s scheduler.
-    pub fn scheduler(&self, i: usize) -> Arc<Scheduler> {
-        self.table.load().slot(i).scheduler.clone()
-    }
-
     /// Ask upstream `i`'s scheduler for a slot.
     pub fn acquire(&self, i: usize, priority: i32, share: &crate::admission::Share) -> Acquire {
         self.table.load().slot(i).scheduler.acquire(priority, share)
