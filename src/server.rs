@@ -300,6 +300,16 @@ pub(crate) async fn accept_loop<S, M>(
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // A plaintext client's first bytes tell HTTP/1.1 from h2c (see
+    // `sniff`); serving it with a builder for that version only spares
+    // hyper-util's own sniffing, whose 24-byte replay made hyper's first
+    // read short and so doubled every HTTP/1.1 connection's read buffer
+    // to 16 KiB (dhat). TLS connections keep the sniffing builder.
+    let builders = Arc::new(Builders {
+        http1: builder.clone().http1_only(),
+        http2: builder.clone().http2_only(),
+        either: builder,
+    });
     tokio::pin!(shutdown);
     let mut connections = tokio::task::JoinSet::new();
     let draining = Arc::new(DrainFlag::default());
@@ -330,13 +340,27 @@ pub(crate) async fn accept_loop<S, M>(
         let Some(Served { svc, close }) = make(addr) else {
             continue;
         };
-        let builder = builder.clone();
+        let builders = builders.clone();
         let drain_now = DrainFlag::wait(&draining);
         let tls = tls.clone();
         connections.spawn(async move {
             let _ticket = ticket;
+            let mut builder = &builders.either;
             let stream = match tls {
-                None => Stream::Plain(stream),
+                None => {
+                    // Bounded like the request head: a client that sends
+                    // nothing holds only its own socket.
+                    match tokio::time::timeout(limits.header_read_timeout, sniff(&stream)).await {
+                        Ok(Some(Version::Http1)) => builder = &builders.http1,
+                        Ok(Some(Version::Http2)) => builder = &builders.http2,
+                        Ok(None) => {}
+                        Err(_) => {
+                            tracing::debug!(%addr, "no request before the header read timeout");
+                            return;
+                        }
+                    }
+                    Stream::Plain(stream)
+                }
                 // The handshake is bounded like the request head: a client
                 // that stalls it holds only its own socket.
                 Some(acceptor) => {
@@ -394,5 +418,67 @@ pub(crate) async fn accept_loop<S, M>(
         );
         connections.abort_all();
         while connections.join_next().await.is_some() {}
+    }
+}
+
+/// The server's connection builders: for HTTP/1.1 only, h2c only, and
+/// either (telling them apart by the first bytes, as hyper-util does).
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    either: auto::Builder<TokioExecutor>,
+}
+
+/// The protocol a plaintext client speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    Http1,
+    Http2,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which protocol a plaintext client speaks, from its first bytes, read
+/// with `MSG_PEEK` so hyper still reads them itself: HTTP/2 if they are the
+/// preface, HTTP/1.1 as soon as they differ from it. `None` when the bytes
+/// so far are a prefix of the preface (a client sending it a byte at a
+/// time) or the client closed: hyper-util's sniffing decides then.
+async fn sniff(tcp: &tokio::net::TcpStream) -> Option<Version> {
+    let mut buf = [0u8; 24];
+    let n = tcp.peek(&mut buf).await.ok()?;
+    version_of(&buf[..n])
+}
+
+/// [`sniff`]'s decision on the bytes read so far.
+fn version_of(first: &[u8]) -> Option<Version> {
+    if first.is_empty() {
+        None
+    } else if !H2_PREFACE.starts_with(first) {
+        Some(Version::Http1)
+    } else if first.len() == H2_PREFACE.len() {
+        Some(Version::Http2)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod sniff_tests {
+    use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_http1_from_h2c() {
+        assert_eq!(
+            version_of(b"POST /v1/chat/completions HTTP/1.1\r\n"),
+            Some(Version::Http1)
+        );
+        assert_eq!(version_of(b"GET / HTTP/1.1\r\n"), Some(Version::Http1));
+        assert_eq!(version_of(b"PUT"), Some(Version::Http1));
+        assert_eq!(version_of(H2_PREFACE), Some(Version::Http2));
+        // Not decided yet: a prefix of the preface, or nothing.
+        assert_eq!(version_of(b"P"), None);
+        assert_eq!(version_of(b"PRI * HTTP/2"), None);
+        assert_eq!(version_of(b""), None);
     }
 }
