@@ -262,6 +262,9 @@ impl<S> Served<S> {
     }
 }
 
+/// hyper's default bound on request headers (`DEFAULT_MAX_HEADERS`).
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// Accept connections until `shutdown`, serving each with the service `make`
 /// builds for its peer address (`None`: close the connection at once), with
 /// `limits` on each connection.
@@ -291,8 +294,14 @@ pub(crate) async fn accept_loop<S, M>(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    // hyper's own limit is 100 headers, parsed into an inline array; a limit
+    // set explicitly, even to 100, makes it build a SmallVec element by
+    // element for every request (1.5k instructions each, callgrind). So the
+    // limit is handed over only when it differs from hyper's.
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        builder.http1().max_headers(limits.max_headers);
+    }
     // HTTP/2: a bound on streams per connection (advertised in SETTINGS; a
     // client that opens more gets them refused) and on header lists.
     builder

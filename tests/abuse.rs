@@ -209,3 +209,27 @@ async fn too_many_headers_get_431_and_others_are_served() {
     assert_eq!(resp.status(), 200);
     body_bytes(resp).await;
 }
+
+/// The default limit (100, hyper's own, which anteroom leaves to hyper so it
+/// parses into an inline array): 100 request headers pass, 101 get a 431.
+/// A bad `x-priority` gets anteroom's own 400, so what is counted is what
+/// anteroom parsed, not what the backend would accept.
+#[tokio::test]
+async fn the_default_header_limit_is_one_hundred() {
+    let (_sim, proxy, _client) = setup(sim_config(Mode::Batch), |_| {}).await;
+    for (count, status) in [(100, "400"), (101, "431")] {
+        let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+        // Host, Connection, Content-Length and x-priority count too.
+        let headers: String = (0..count - 4).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Length: 2\r\nx-priority: soon\r\n{headers}\r\n{{}}"
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let answer = read_to_close(&mut conn).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{count}: {answer}"
+        );
+    }
+}
