@@ -19,7 +19,10 @@
 //!
 //! While the server drains (see [`drain`](crate::drain)) the timer is also
 //! pulled in to the drain deadline, and a stream still running then ends
-//! the same way with `shutting_down`.
+//! the same way with `shutting_down`. A stream whose backend is silent
+//! (a long prompt before the first token, say) is not polled when the drain
+//! begins, so a guarded stream's timer never sleeps longer than
+//! [`DRAIN_CHECK`]: it wakes, sees the drain and moves in to its deadline.
 //!
 //! The idle timer is not reset per event: each frame stamps the time, and
 //! when the timer fires it is re-armed from the last stamp if the stream
@@ -37,6 +40,11 @@ use tokio::time::{Instant, Sleep};
 use crate::drain::Drain;
 use crate::telemetry::Tap;
 use crate::BoxError;
+
+/// Longest a guarded stream's timer sleeps before it looks whether the
+/// server has begun to drain: a wake-up a second per quiet stream, far below
+/// any drain timeout.
+pub const DRAIN_CHECK: Duration = Duration::from_secs(1);
 
 const DRAINED: &str =
     "anteroom is shutting down and this stream ran past the drain deadline; retry the request";
@@ -56,6 +64,8 @@ pub struct StreamGuard<B> {
     /// `None`: not a stream; errors pass on as errors.
     timer: Option<Pin<Box<Sleep>>>,
     timeouts: StreamTimeouts,
+    /// When the headers came: the first-token timeout runs from here.
+    since: Instant,
     last_data: Option<Instant>,
     tap: Option<Tap>,
     drain: Option<Drain>,
@@ -71,10 +81,13 @@ impl<B> StreamGuard<B> {
     /// Guard `inner`, an SSE body whose headers just arrived; end it at
     /// `drain`'s deadline if the server drains.
     pub fn new(inner: B, timeouts: StreamTimeouts, tap: Option<Tap>, drain: Option<Drain>) -> Self {
+        let since = Instant::now();
+        let wake = wake_at(since + timeouts.first_token, drain.as_ref(), since);
         Self {
             inner: Some(inner),
-            timer: Some(Box::pin(tokio::time::sleep(timeouts.first_token))),
+            timer: Some(Box::pin(tokio::time::sleep_until(wake))),
             timeouts,
+            since,
             last_data: None,
             tap,
             drain,
@@ -91,6 +104,7 @@ impl<B> StreamGuard<B> {
                 first_token: Duration::ZERO,
                 idle: Duration::ZERO,
             },
+            since: Instant::now(),
             last_data: None,
             tap: None,
             drain: None,
@@ -120,6 +134,16 @@ impl<B> StreamGuard<B> {
         });
         // A leading blank line ends any event the upstream left half-written.
         Frame::data(Bytes::from(format!("\n\ndata: {event}\n\n")))
+    }
+}
+
+/// When a guarded stream's timer should next fire for a timeout `due`: no
+/// later than the drain deadline once there is one, and before that no
+/// later than a [`DRAIN_CHECK`] from `now`.
+fn wake_at(due: Instant, drain: Option<&Drain>, now: Instant) -> Instant {
+    match drain {
+        None => due,
+        Some(d) => due.min(d.deadline().unwrap_or(now + DRAIN_CHECK)),
     }
 }
 
@@ -157,7 +181,8 @@ where
                     let now = Instant::now();
                     if this.last_data.is_none() {
                         // From now on the idle timeout applies.
-                        timer.as_mut().reset(now + this.timeouts.idle);
+                        let due = now + this.timeouts.idle;
+                        timer.as_mut().reset(wake_at(due, this.drain.as_ref(), now));
                     }
                     this.last_data = Some(now);
                 }
@@ -178,25 +203,34 @@ where
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if drain_at.is_some_and(|at| Instant::now() >= at) {
+            // The timer fired: a timeout, the drain deadline, a drain check,
+            // or a stream that has moved since the timer was armed.
+            let now = Instant::now();
+            if this
+                .drain
+                .as_ref()
+                .and_then(Drain::deadline)
+                .is_some_and(|at| now >= at)
+            {
                 return Poll::Ready(Some(Ok(this.fail("shutting_down", DRAINED))));
             }
-            // The timer fired; has the stream moved since it was armed?
             let (due, code, after) = match this.last_data {
-                None => (None, "first_token_timeout", this.timeouts.first_token),
+                None => (
+                    this.since + this.timeouts.first_token,
+                    "first_token_timeout",
+                    this.timeouts.first_token,
+                ),
                 Some(t) => (
-                    Some(t + this.timeouts.idle),
+                    t + this.timeouts.idle,
                     "stream_idle_timeout",
                     this.timeouts.idle,
                 ),
             };
-            match due {
-                Some(due) if due > Instant::now() => timer.as_mut().reset(due),
-                _ => {
-                    let message = format!("the upstream sent nothing for {after:?}");
-                    return Poll::Ready(Some(Ok(this.fail(code, &message))));
-                }
+            if due <= now {
+                let message = format!("the upstream sent nothing for {after:?}");
+                return Poll::Ready(Some(Ok(this.fail(code, &message))));
             }
+            timer.as_mut().reset(wake_at(due, this.drain.as_ref(), now));
         }
     }
 
@@ -211,5 +245,88 @@ where
             h.set_lower(b.size_hint().lower());
         }
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A backend body that sends `first` (if any) and then nothing, ever.
+    struct Quiet(Option<&'static str>);
+
+    impl Body for Quiet {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(data) => {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+                }
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    const TIMEOUTS: StreamTimeouts = StreamTimeouts {
+        first_token: Duration::from_secs(600),
+        idle: Duration::from_secs(120),
+    };
+
+    /// The text of the next frame and when it came, from `t0`.
+    async fn next(guard: &mut StreamGuard<Quiet>, t0: Instant) -> (String, Duration) {
+        let frame = guard.frame().await.expect("a frame").expect("no error");
+        let data = frame.into_data().expect("data");
+        (String::from_utf8_lossy(&data).into_owned(), t0.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_ends_at_the_drain_deadline_not_at_its_timeout() {
+        let drain = Drain::new();
+        let t0 = Instant::now();
+        let mut guard = StreamGuard::new(Quiet(None), TIMEOUTS, None, Some(drain.clone()));
+        // Nobody polls the stream when the drain begins, 5.5 s in.
+        let begin = drain.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5_500)).await;
+            begin.begin(Instant::now() + Duration::from_secs(3));
+        });
+        let (text, at) = next(&mut guard, t0).await;
+        assert!(text.contains("\"code\":\"shutting_down\""), "{text}");
+        assert_eq!(at, Duration::from_millis(8_500));
+        assert!(guard.frame().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_checks_do_not_cut_a_quiet_stream_early() {
+        let t0 = Instant::now();
+        let timeouts = StreamTimeouts {
+            first_token: Duration::from_millis(10_300),
+            idle: Duration::from_millis(4_700),
+        };
+        let mut guard = StreamGuard::new(Quiet(None), timeouts, None, Some(Drain::new()));
+        let (text, at) = next(&mut guard, t0).await;
+        assert!(text.contains("\"code\":\"first_token_timeout\""), "{text}");
+        assert_eq!(at, Duration::from_millis(10_300));
+
+        let t0 = Instant::now();
+        let mut guard = StreamGuard::new(
+            Quiet(Some("data: {}\n\n")),
+            timeouts,
+            None,
+            Some(Drain::new()),
+        );
+        assert_eq!(
+            next(&mut guard, t0).await,
+            ("data: {}\n\n".to_string(), Duration::ZERO)
+        );
+        let (text, at) = next(&mut guard, t0).await;
+        assert!(text.contains("\"code\":\"stream_idle_timeout\""), "{text}");
+        assert_eq!(at, Duration::from_millis(4_700));
     }
 }
