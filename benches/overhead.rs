@@ -318,12 +318,16 @@ async fn main() {
     let nginx = start_nginx(&sim_addr).await;
     // And through a bare hyper proxy (examples/bare_proxy.rs): the floor
     // that hyper and tokio alone set under anteroom's cost.
-    let bare = start_bare(&sim_addr).await;
+    let bare = start_bare("bare_proxy", &sim_addr).await;
+    // And through a proxy on tokio and httparse without hyper
+    // (examples/raw_proxy.rs): the floor for an HTTP/1.1 codec of our own.
+    let raw = start_bare("raw_proxy", &sim_addr).await;
     let mut targets = vec![("anteroom", proxied.clone(), proxy.0.id())];
     if let Some((_, url, pid)) = &nginx {
         targets.push(("nginx", url.clone(), *pid));
     }
     targets.push(("bare hyper", bare.1.clone(), bare.0 .0.id()));
+    targets.push(("raw tokio", raw.1.clone(), raw.0 .0.id()));
 
     println!("proxy overhead (loopback; simulator with zero model time)\n");
     for (name, b, n) in [
@@ -456,19 +460,19 @@ async fn event_delays(
 
 /// examples/bare_proxy.rs, built for release, in front of `upstream` with
 /// as many workers as anteroom runs.
-async fn start_bare(upstream: &str) -> (Proc, String) {
-    let target = build_release(&["--example", "bare_proxy"]);
+async fn start_bare(example: &str, upstream: &str) -> (Proc, String) {
+    let target = build_release(&["--example", example]);
     let workers = std::env::var("BENCH_WORKERS").unwrap_or_else(|_| {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .to_string()
     });
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(target.join("release/examples/bare_proxy"))
+    let child = Command::new(target.join("release/examples").join(example))
         .args([listen.as_str(), upstream, workers.as_str()])
         .stdout(Stdio::null())
         .spawn()
-        .expect("start bare_proxy");
+        .unwrap_or_else(|e| panic!("start {example}: {e}"));
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     wait_ready(&client, &format!("http://{listen}/v1/models")).await;

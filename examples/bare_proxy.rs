@@ -9,7 +9,6 @@
 //! `cargo run --release --example bare_proxy -- LISTEN UPSTREAM [WORKERS]`
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -17,7 +16,9 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpSocket;
+
+#[path = "support/workers.rs"]
+mod workers;
 
 type Upstream = Client<HttpConnector, Incoming>;
 
@@ -43,46 +44,16 @@ async fn forward(
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() < 3 {
-        eprintln!("usage: bare_proxy LISTEN UPSTREAM [WORKERS]");
-        std::process::exit(2);
-    }
-    let listen: SocketAddr = args[1].parse().expect("LISTEN is host:port");
-    let upstream: &'static str = Box::leak(args[2].clone().into_boxed_str());
-    let workers: usize = args.get(3).and_then(|w| w.parse().ok()).unwrap_or(2);
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async move {
-                    let socket = TcpSocket::new_v4().expect("socket");
-                    socket.set_reuseaddr(true).expect("reuseaddr");
-                    socket.set_reuseport(true).expect("reuseport");
-                    socket.bind(listen).expect("bind");
-                    let listener = socket.listen(1024).expect("listen");
-                    let client: Upstream = Client::builder(TokioExecutor::new()).build_http();
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        let client = client.clone();
-                        tokio::spawn(async move {
-                            let svc = service_fn(move |req| forward(client.clone(), upstream, req));
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                });
-            })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+    workers::run("bare_proxy", |upstream| {
+        let client: Upstream = Client::builder(TokioExecutor::new()).build_http();
+        move |stream, _| {
+            let client = client.clone();
+            async move {
+                let svc = service_fn(move |req| forward(client.clone(), upstream, req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        }
+    });
 }
