@@ -312,6 +312,9 @@ async fn main() {
     if std::env::var_os("BENCH_SKIP_MEMORY").is_none() {
         queued_memory(false).await;
         queued_memory(true).await;
+        if std::env::var_os("BENCH_MEMORY_ONLY").is_some() {
+            return;
+        }
     }
     // The same load through nginx, for a baseline measured the same way,
     // when nginx is installed (it is not needed for anteroom's tests).
