@@ -28,6 +28,8 @@ pub enum GroupBy {
     Model,
     /// By tenant (API key name, else client address).
     Tenant,
+    /// By the upstream that answered.
+    Upstream,
 }
 
 /// The part of a record the report reads.
@@ -43,6 +45,8 @@ struct Line<'a> {
     tenant: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     client: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    upstream: Option<Cow<'a, str>>,
     outcome: Outcome,
     #[serde(default)]
     queue_ms: Option<f64>,
@@ -254,6 +258,7 @@ pub fn read(input: impl BufRead, by: Option<GroupBy>) -> io::Result<Report> {
                     .or(l.client.as_deref())
                     .unwrap_or("-")
                     .to_owned(),
+                GroupBy::Upstream => l.upstream.as_deref().unwrap_or("-").to_owned(),
             };
             match groups.get_mut(&key) {
                 Some(acc) => acc.add(&l),
@@ -434,6 +439,34 @@ mod tests {
             text.contains("| all | 101 | 100 | 0 | 1 | 0 | 99.0% |"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn groups_by_the_upstream_that_answered() {
+        let mut log = String::new();
+        for (i, upstream) in ["vllm", "llama", "vllm", "", "vllm"].iter().enumerate() {
+            let mut v: serde_json::Value = serde_json::from_str(&line(
+                Some(0),
+                "ok",
+                "2026-11-27T10:00:00.000Z",
+                0.0,
+                10.0 * (i + 1) as f64,
+            ))
+            .unwrap();
+            // An older log has no `upstream`; a rejected request has null.
+            if !upstream.is_empty() {
+                v["upstream"] = (*upstream).into();
+            }
+            log += &v.to_string();
+            log.push('\n');
+        }
+        let r = read(log.as_bytes(), Some(GroupBy::Upstream)).unwrap();
+        let by = r.by.as_ref().unwrap();
+        assert_eq!(by.len(), 3, "{:?}", by.keys());
+        assert_eq!(by["vllm"].requests, 3);
+        assert_eq!(by["llama"].requests, 1);
+        assert_eq!(by["llama"].e2e_ms.p50, Some(20.0));
+        assert_eq!(by["-"].requests, 1);
     }
 
     #[test]

@@ -42,7 +42,10 @@ async fn requests_go_to_the_upstream_that_serves_their_model() {
     let (a, b) = (sim(named("alpha")).await, sim(named("beta")).await);
     let rest = sim(named("other")).await;
     let (ua, ub, ur) = (a.url(), b.url(), rest.url());
+    let log = log_path("routed");
+    let log_s = log.display().to_string();
     let proxy = proxy("http://unused:1", |c| {
+        c.request_log = log_s;
         c.upstream = Upstreams::Many(vec![
             entry("a", ua, Models::List(vec!["alpha".into()]), 4),
             entry(
@@ -74,6 +77,11 @@ async fn requests_go_to_the_upstream_that_serves_their_model() {
         1,
         "the \"*\" upstream takes the rest"
     );
+    // Each record names the upstream that answered.
+    let records = by_id(&records(&proxy, &log).await);
+    for (id, upstream) in [("r0", "a"), ("r1", "b"), ("r3", "a"), ("elsewhere", "rest")] {
+        assert_eq!(records[id].upstream.as_deref(), Some(upstream), "{id}");
+    }
 
     // The model list is the union of both.
     let req = Request::get(format!("{}/v1/models", proxy.url()))

@@ -44,13 +44,6 @@ async fn only_record(proxy: &anteroom::cli::serve::Running, log: &PathBuf) -> Re
     recs.into_iter().next().unwrap()
 }
 
-fn log_path(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("streams-{name}-{}.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    path
-}
-
 #[tokio::test]
 async fn a_backend_crash_mid_stream_ends_with_an_error_event() {
     trace_init();

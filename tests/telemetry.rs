@@ -7,7 +7,6 @@ use crate::support;
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,37 +23,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use support::*;
 use tokio::time::Instant;
-
-/// A fresh request log path under the test target dir.
-fn log_path(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("request-logs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}-{}.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    path
-}
-
-/// Flush the proxy's log and read every record in it.
-async fn records(proxy: &Running, path: &PathBuf) -> Vec<Record> {
-    proxy.recorder.flush().await;
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line ({e}): {l}")))
-        .collect()
-}
-
-fn by_id(records: &[Record]) -> HashMap<String, Record> {
-    let mut map = HashMap::new();
-    for r in records {
-        assert!(
-            map.insert(r.request_id.clone(), r.clone()).is_none(),
-            "two records for {}",
-            r.request_id
-        );
-    }
-    map
-}
 
 fn near(what: &str, got: Option<f64>, want: f64, tolerance: f64) {
     let got = got.unwrap_or_else(|| panic!("{what} missing"));
@@ -405,12 +373,17 @@ async fn every_request_leaves_exactly_one_record_under_200_concurrent() {
         let r = &recs[id];
         assert_eq!(r.status, *status, "{id}");
         match status {
-            200 => assert_eq!(r.outcome, Outcome::Ok, "{id}"),
+            200 => {
+                assert_eq!(r.outcome, Outcome::Ok, "{id}");
+                // One `--upstream`: its name is "upstream".
+                assert_eq!(r.upstream.as_deref(), Some("upstream"), "{id}");
+            }
             429 => {
                 rejected += 1;
                 assert_eq!(r.outcome, Outcome::Rejected);
                 assert_eq!(r.error.as_deref(), Some("queue_full"));
                 assert!(r.priority.is_some());
+                assert_eq!(r.upstream, None, "{id} was sent nowhere");
             }
             400 => assert_eq!(r.error.as_deref(), Some("invalid_priority")),
             other => panic!("{id}: unexpected status {other}"),

@@ -141,6 +141,8 @@ struct TapInner {
     retries: AtomicU32,
     stream_error: OnceLock<&'static str>,
     tenant: OnceLock<Arc<str>>,
+    /// The upstream it was last sent to (a retry may go elsewhere).
+    upstream: parking_lot::Mutex<Option<Arc<str>>>,
     classified: OnceLock<Classified>,
     tokens: OnceLock<crate::auth::TokenCharge>,
 }
@@ -154,6 +156,7 @@ impl Tap {
             retries: AtomicU32::new(0),
             stream_error: OnceLock::new(),
             tenant: OnceLock::new(),
+            upstream: parking_lot::Mutex::new(None),
             classified: OnceLock::new(),
             tokens: OnceLock::new(),
         }))
@@ -172,6 +175,17 @@ impl Tap {
     /// Note that the request was handed to the upstream now.
     pub fn dispatched(&self) {
         self.stamp(&self.0.dispatched);
+    }
+
+    /// Note that the request was handed now to the upstream `name`.
+    pub fn dispatched_to(&self, name: &Arc<str>) {
+        self.dispatched();
+        *self.0.upstream.lock() = Some(name.clone());
+    }
+
+    /// The upstream it was last handed to.
+    pub fn upstream(&self) -> Option<Arc<str>> {
+        self.0.upstream.lock().clone()
     }
 
     /// Note who is asking (the API key's name).

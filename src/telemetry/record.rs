@@ -76,6 +76,10 @@ pub struct Record {
     /// The API key's name, when keys are configured.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// The name of the upstream that answered (`upstream` when there is one
+    /// `--upstream`); `null` when it was not sent to any.
+    #[serde(default)]
+    pub upstream: Option<String>,
     /// Whether the response was a stream (`stream: true` or an SSE response).
     pub stream: bool,
     /// Status sent to the client; 499 when the client left before any.
@@ -180,6 +184,7 @@ impl Finished {
             priority: self.priority,
             client: self.client,
             tenant: self.tap.tenant().map(|t| t.to_string()),
+            upstream: self.tap.upstream().map(|u| u.to_string()),
             stream: self.stream,
             status: self.status,
             error: self.error.map(str::to_owned),

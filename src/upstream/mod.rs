@@ -60,6 +60,8 @@ where
 {
     pool: Arc<Pool<B>>,
     origin: Origin,
+    /// Its name, for the request's record.
+    name: Arc<str>,
     response_timeout: Duration,
     stream: StreamTimeouts,
     drain: Option<Drain>,
@@ -74,6 +76,7 @@ where
         Self {
             pool: self.pool.clone(),
             origin: self.origin.clone(),
+            name: self.name.clone(),
             response_timeout: self.response_timeout,
             stream: self.stream,
             drain: self.drain.clone(),
@@ -95,10 +98,17 @@ where
                 settings.pool_idle_timeout,
             ),
             origin,
+            name: Arc::from("upstream"),
             response_timeout: settings.response_timeout,
             stream: settings.stream,
             drain: None,
         }
+    }
+
+    /// Name it (in records); "upstream" unless named.
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = Arc::from(name);
+        self
     }
 
     /// End streams still running at `drain`'s deadline with an error event.
@@ -131,7 +141,7 @@ where
         rewrite::request(&mut req, &self.origin);
         let tap = req.extensions_mut().remove::<Tap>();
         if let Some(tap) = &tap {
-            tap.dispatched();
+            tap.dispatched_to(&self.name);
         }
         // One allocation per request: hyper's send future cannot be named.
         let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
@@ -265,7 +275,8 @@ where
                         return Some((*id, c.clone()));
                     }
                 }
-                let mut client = Upstream::new(slot.config.origin.clone(), &self.settings);
+                let mut client = Upstream::new(slot.config.origin.clone(), &self.settings)
+                    .named(&slot.config.name);
                 if let Some(drain) = &self.drain {
                     client = client.with_drain(drain.clone());
                 }
@@ -322,7 +333,9 @@ where
             Some(Some((_, client))) => client.send(req),
             _ => {
                 let slot = self.router.table().slot(i).clone();
-                Upstream::new(slot.config.origin.clone(), &self.settings).send(req)
+                Upstream::new(slot.config.origin.clone(), &self.settings)
+                    .named(&slot.config.name)
+                    .send(req)
             }
         };
         if pools.clients.len() > 1 {

@@ -265,3 +265,36 @@ pub fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEnt
         api_key_env: None,
     }
 }
+
+/// A fresh request log path under the test target dir.
+pub fn log_path(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("request-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Flush the proxy's log and read every record in it.
+pub async fn records(proxy: &Running, path: &std::path::Path) -> Vec<anteroom::telemetry::Record> {
+    proxy.recorder.flush().await;
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line ({e}): {l}")))
+        .collect()
+}
+
+pub fn by_id(
+    records: &[anteroom::telemetry::Record],
+) -> std::collections::HashMap<String, anteroom::telemetry::Record> {
+    let mut map = std::collections::HashMap::new();
+    for r in records {
+        assert!(
+            map.insert(r.request_id.clone(), r.clone()).is_none(),
+            "two records for {}",
+            r.request_id
+        );
+    }
+    map
+}
