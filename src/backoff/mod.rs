@@ -11,6 +11,12 @@
 //! requests of the last ten seconds (plus a small reserve), so a backend
 //! that refuses everything is not hammered by retries.
 //!
+//! The upstream may say otherwise with `x-should-retry` (as OpenAI's API and
+//! gateways in front of it do, and the OpenAI SDKs obey): `false` on a
+//! 429/503 passes it on untouched, neither retried nor pausing the upstream
+//! (a spent quota is not a busy server); `true` on a 408, 409 or 5xx has it
+//! retried like a 429, without the pause.
+//!
 //! Nothing of a refused answer has reached the client (this layer is below
 //! the point where the response goes out), so a retry is never visible to
 //! it. The request keeps its slot while it waits, and with it its place
@@ -74,6 +80,8 @@ pub enum Reason {
     Unavailable,
     /// The connection was refused or reset before any response.
     Connection,
+    /// Another status the upstream marked `x-should-retry: true`.
+    Advised,
 }
 
 impl Reason {
@@ -83,6 +91,7 @@ impl Reason {
             Reason::TooManyRequests => "status_429",
             Reason::Unavailable => "status_503",
             Reason::Connection => "connection",
+            Reason::Advised => "advised",
         }
     }
 }
@@ -201,6 +210,16 @@ where
     }
 }
 
+/// The upstream's `x-should-retry`: `Some(true)`, `Some(false)`, or `None`
+/// when absent or neither.
+fn should_retry(headers: &http::HeaderMap) -> Option<bool> {
+    match headers.get("x-should-retry")?.as_bytes() {
+        b"true" => Some(true),
+        b"false" => Some(false),
+        _ => None,
+    }
+}
+
 /// Send, and send again while the upstream pushes back and the policy allows.
 async fn retry_loop<S, B, ResB>(
     svc: S,
@@ -226,12 +245,33 @@ where
     let mut result = attempt(svc.clone(), &parts, first, &body, &cooldown).await;
     let mut retries = 0u32;
     loop {
+        let said = result
+            .as_ref()
+            .ok()
+            .and_then(|resp| should_retry(resp.headers()));
         let (reason, advised) = match &result {
+            Ok(resp) if said == Some(false) => {
+                if matches!(
+                    resp.status(),
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                ) {
+                    metrics.retries_given_up("upstream_said_no");
+                }
+                return result;
+            }
             Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
                 (Reason::TooManyRequests, retry_after::parse(resp.headers()))
             }
             Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => {
                 (Reason::Unavailable, retry_after::parse(resp.headers()))
+            }
+            Ok(resp)
+                if said == Some(true)
+                    && (resp.status().is_server_error()
+                        || resp.status() == StatusCode::REQUEST_TIMEOUT
+                        || resp.status() == StatusCode::CONFLICT) =>
+            {
+                (Reason::Advised, retry_after::parse(resp.headers()))
             }
             // A refused certificate is a settings problem: not retried.
             Err(e)
@@ -249,7 +289,7 @@ where
                 .min(policy.max_delay);
             jitter(ceiling)
         });
-        if reason != Reason::Connection {
+        if matches!(reason, Reason::TooManyRequests | Reason::Unavailable) {
             // The upstream speaks for every request: pause it for all, and
             // tell the adaptive limit.
             cooldown.pause(delay.min(policy.max_delay));

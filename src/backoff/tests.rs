@@ -20,6 +20,8 @@ use crate::error::{UpstreamTimeout, UpstreamUnavailable};
 #[derive(Clone)]
 enum Step {
     Status(u16, Option<&'static str>),
+    /// A status with `x-should-retry`.
+    Said(u16, bool),
     Unreachable,
     TimedOut,
 }
@@ -86,6 +88,11 @@ impl Service<TestReq> for Upstream {
                 }
                 Ok(b.body("answer").expect("valid"))
             }
+            Step::Said(code, retry) => Ok(Response::builder()
+                .status(code)
+                .header("x-should-retry", if retry { "true" } else { "false" })
+                .body("answer")
+                .expect("valid")),
             Step::Unreachable => Err(UpstreamUnavailable::new("connection refused").into()),
             Step::TimedOut => Err(UpstreamTimeout::new(Duration::from_secs(1)).into()),
         })
@@ -145,6 +152,43 @@ async fn giving_up_passes_the_refusal_on_with_retry_advice() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_429_marked_not_to_be_retried_passes_on_at_once_and_pauses_nobody() {
+    let up = Upstream::new(&[Step::Said(429, false), Step::Status(200, None)]);
+    let svc = stack(policy(3), &up);
+    let start = Instant::now();
+    let resp = svc.clone().oneshot(req(true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    assert!(
+        !resp.headers().contains_key("retry-after"),
+        "passed on untouched"
+    );
+    // The next request goes straight to the upstream: no pause.
+    let resp = svc.oneshot(req(true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(up.calls(), [start, start]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_5xx_is_retried_only_when_the_upstream_says_so() {
+    let up = Upstream::new(&[Step::Said(500, true), Step::Status(200, None)]);
+    let resp = stack(policy(3), &up).oneshot(req(true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(up.calls().len(), 2);
+
+    let up = Upstream::new(&[Step::Status(500, None), Step::Status(200, None)]);
+    let resp = stack(policy(3), &up).oneshot(req(true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(up.calls().len(), 1);
+
+    // A 400 is the client's to fix, whatever the header says.
+    let up = Upstream::new(&[Step::Said(400, true), Step::Status(200, None)]);
+    let resp = stack(policy(3), &up).oneshot(req(true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(up.calls().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn advice_longer_than_retry_max_delay_goes_to_the_client() {
     let up = Upstream::new(&[Step::Status(429, Some("120000")), Step::Status(200, None)]);
     let resp = stack(policy(3), &up).oneshot(req(true)).await.unwrap();
@@ -159,7 +203,10 @@ async fn advice_longer_than_retry_max_delay_goes_to_the_client() {
 
 #[tokio::test(start_paused = true)]
 async fn the_budget_caps_retries_in_a_storm_of_refusals() {
-    let up = Upstream::new(&[Step::Status(429, None)]);
+    // A fixed 1 ms advice: with jittered delays the storm's (paused) time
+    // depended on the random draws, and could outlast the budget's
+    // ten-second window and so earn more retries.
+    let up = Upstream::new(&[Step::Status(429, Some("1"))]);
     let svc = stack(policy(3), &up);
     const N: usize = 100;
     for _ in 0..N {

@@ -91,7 +91,7 @@ pub struct Metrics {
     /// Requests that came with `x-stainless-retry-count` > 0: the client's
     /// own retries.
     pub client_retries: IntCounter,
-    retries: [IntCounter; 3],
+    retries: [IntCounter; 4],
     given_up: IntCounterVec,
     tenant_requests: IntCounterVec,
     tenant_tokens: IntCounterVec,
@@ -236,7 +236,7 @@ impl Metrics {
         );
         let given_up = counter(
             "anteroom_upstream_retries_given_up_total",
-            "Refused requests not retried again, by why: max_retries, too_long (advised wait over retry_max_delay), budget.",
+            "Refused requests not retried again, by why: max_retries, too_long (advised wait over retry_max_delay), budget, upstream_said_no (x-should-retry: false).",
             &["why"],
         );
         let upstream_pauses = IntCounter::new(
@@ -330,6 +330,7 @@ impl Metrics {
                 crate::backoff::Reason::TooManyRequests,
                 crate::backoff::Reason::Unavailable,
                 crate::backoff::Reason::Connection,
+                crate::backoff::Reason::Advised,
             ]
             .map(|r| upstream_retries.with_label_values(&[r.as_str()])),
             given_up,
