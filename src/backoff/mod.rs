@@ -245,10 +245,11 @@ where
     let mut result = attempt(svc.clone(), &parts, first, &body, &cooldown).await;
     let mut retries = 0u32;
     loop {
-        let said = result
-            .as_ref()
-            .ok()
-            .and_then(|resp| should_retry(resp.headers()));
+        // Read only on a refusal: a success skips the header lookup.
+        let said = match &result {
+            Ok(resp) if !resp.status().is_success() => should_retry(resp.headers()),
+            _ => None,
+        };
         let (reason, advised) = match &result {
             Ok(resp) if said == Some(false) => {
                 if matches!(
