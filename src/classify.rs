@@ -139,6 +139,30 @@ impl Model {
 /// The body handed on: buffered for admitted requests, streamed otherwise.
 pub type ClassifiedBody<B> = Either<Full<Bytes>, B>;
 
+/// A classified request lets go of its connection's read buffer: its header
+/// values, path, buffered body and model name are copied (see
+/// [`Detach`](crate::admission::Detach)).
+impl<B> crate::admission::Detach for Request<ClassifiedBody<B>> {
+    fn detach(&mut self) {
+        for v in self.headers_mut().values_mut() {
+            if let Ok(mut copy) = HeaderValue::from_bytes(v.as_bytes()) {
+                copy.set_sensitive(v.is_sensitive());
+                *v = copy;
+            }
+        }
+        if let Ok(uri) = http::Uri::try_from(self.uri().to_string()) {
+            *self.uri_mut() = uri;
+        }
+        if let Either::Left(full) = self.body_mut() {
+            let data = std::mem::take(full).into_inner().unwrap_or_default();
+            *full = Full::new(Bytes::copy_from_slice(&data));
+        }
+        if let Some(model) = self.extensions_mut().get_mut::<Model>() {
+            model.0 = Bytes::copy_from_slice(&model.0);
+        }
+    }
+}
+
 /// Which requests are admitted and how their bodies are read: the slice of
 /// the config this step needs.
 #[derive(Clone, Debug)]
@@ -471,5 +495,51 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Detach;
+
+    #[test]
+    fn a_detached_request_points_into_none_of_its_connections_buffer() {
+        // As hyper hands it out: every part a slice of one read buffer.
+        let buf = Bytes::from(
+            b"/v1/chat/completions?x=1 Bearer-abc {\"model\":\"m\",\"priority\":3}".to_vec(),
+        );
+        let inside = |p: *const u8| buf.as_ptr_range().contains(&p);
+        let mut req = Request::builder()
+            .uri(http::Uri::from_maybe_shared(buf.slice(0..24)).unwrap())
+            .header(
+                "authorization",
+                HeaderValue::from_maybe_shared(buf.slice(25..35)).unwrap(),
+            )
+            .body(Either::<_, ()>::Left(Full::new(buf.slice(36..))))
+            .unwrap();
+        if let Some(v) = req.headers_mut().get_mut("authorization") {
+            v.set_sensitive(true);
+        }
+        req.extensions_mut().insert(Model(buf.slice(46..47)));
+        assert!(inside(req.uri().path().as_ptr()));
+
+        req.detach();
+        let (parts, body) = req.into_parts();
+        assert_eq!(parts.uri, "/v1/chat/completions?x=1");
+        assert!(!inside(parts.uri.path().as_ptr()));
+        let auth = &parts.headers["authorization"];
+        assert_eq!(auth, "Bearer-abc");
+        assert!(auth.is_sensitive());
+        assert!(!inside(auth.as_bytes().as_ptr()));
+        let model = parts.extensions.get::<Model>().unwrap();
+        assert_eq!(model.as_str(), "m");
+        assert!(!inside(model.0.as_ptr()));
+        let Either::Left(full) = body else {
+            panic!("buffered")
+        };
+        let data = full.into_inner().unwrap();
+        assert_eq!(&data[..], b"{\"model\":\"m\",\"priority\":3}");
+        assert!(!inside(data.as_ptr()));
     }
 }

@@ -71,7 +71,7 @@ pub use scheduler::{
     Acquire, Grant, Limits, Reservation, ReservationState, Scheduler, Share, Snapshot,
     TenantSnapshot, Ticket,
 };
-pub use service::Admission;
+pub use service::{Admission, Detach};
 
 #[cfg(test)]
 mod tests;

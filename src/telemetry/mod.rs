@@ -298,9 +298,21 @@ where
             tap: tap.clone(),
             received: SystemTime::now(),
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            // Only the log reads these; a copy, so that a waiting request's
+            // record does not hold its connection's read buffer (see
+            // `admission::Detach`).
+            uri: match self.recorder.log {
+                Some(_) => Uri::try_from(req.uri().path()).unwrap_or_default(),
+                None => Uri::default(),
+            },
             client: req.extensions().get::<ClientAddr>().map(|c| c.addr().ip()),
-            request_id: req.headers().get(REQUEST_ID).cloned(),
+            request_id: match self.recorder.log {
+                Some(_) => req
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()),
+                None => None,
+            },
             status: 499,
             error: None,
             rejected: false,
