@@ -69,15 +69,24 @@ impl<S> Admission<S> {
 /// request that is about to wait copies out what it holds (a few hundred
 /// bytes, once, off the hot path of requests that start at once), so a
 /// waiting HTTP/1.1 connection keeps one buffer instead of two.
+///
+/// [`Admission`] requires it of the requests it serves; anteroom's classified
+/// requests implement it (see `classify`).
 pub trait Detach {
     /// Copy out of the connection's buffers whatever still points into them.
     fn detach(&mut self);
 }
 
-/// Test requests: nothing to detach.
-impl Detach for Request<String> {
-    fn detach(&mut self) {}
+/// Requests whose bodies hold nothing of a connection (tests, examples):
+/// nothing to detach. For a body of your own, an empty impl does too.
+macro_rules! nothing_to_detach {
+    ($($body:ty),*) => {
+        $(impl Detach for Request<$body> {
+            fn detach(&mut self) {}
+        })*
+    };
 }
+nothing_to_detach!((), String, http_body_util::Empty<bytes::Bytes>);
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Admission<S>
 where
