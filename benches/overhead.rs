@@ -461,8 +461,9 @@ async fn event_delays(
     out
 }
 
-/// examples/bare_proxy.rs, built for release, in front of `upstream` with
-/// as many workers as anteroom runs.
+/// One of the floor proxies (examples/bare_proxy.rs, examples/raw_proxy.rs),
+/// built for release, in front of `upstream` with as many workers as
+/// anteroom runs.
 async fn start_bare(example: &str, upstream: &str) -> (Proc, String) {
     let target = build_release(&["--example", example]);
     let workers = std::env::var("BENCH_WORKERS").unwrap_or_else(|_| {

@@ -68,7 +68,7 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, peer: SocketAddr) ->
         // A kept-alive upstream connection may have been closed since its
         // last use: then reconnect and send again, once.
         let mut reused = up.is_some();
-        let (conn, head, framing) = loop {
+        let (conn, head, mut framing) = loop {
             let conn = match up.take() {
                 Some(c) => c,
                 None => {
@@ -88,7 +88,6 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, peer: SocketAddr) ->
                 Err(e) => return Err(e),
             }
         };
-        let mut framing = framing;
         let mut from = head;
         loop {
             // How much of what is buffered belongs to this response.
@@ -101,8 +100,8 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, peer: SocketAddr) ->
                 Framing::Chunked(chunks) => chunks.walk(&ubuf[from..]).map(|n| from + n),
             };
             client.write_all(&ubuf[..end.unwrap_or(ubuf.len())]).await?;
-            if let Some(end) = end {
-                ubuf.drain(..end);
+            if end.is_some() {
+                // What follows is the next exchange's, which starts afresh.
                 break;
             }
             ubuf.clear();
