@@ -298,3 +298,89 @@ pub fn by_id(
     }
     map
 }
+
+/// Check a Prometheus text exposition as a scraper would read it, and parse
+/// it: every line a comment, a `HELP`/`TYPE` line or a sample with a number;
+/// every sample's family typed and documented before it; no series twice;
+/// each histogram's buckets non-decreasing up to a `+Inf` bucket equal to
+/// its `_count`. (`prometheus-parse` alone skips lines it cannot read.)
+pub fn check_exposition(text: &str) -> Result<prometheus_parse::Scrape, String> {
+    use prometheus_parse::{LineInfo, SampleType, Value};
+    use std::collections::{HashMap, HashSet};
+    let mut typed: HashMap<String, SampleType> = HashMap::new();
+    let mut documented: HashSet<String> = HashSet::new();
+    let mut series: HashSet<String> = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = |why: &str| format!("line {}: {why}: {line}", n + 1);
+        match LineInfo::parse(line) {
+            LineInfo::Empty => {}
+            LineInfo::Doc { metric_name, .. } => {
+                documented.insert(metric_name.to_owned());
+            }
+            LineInfo::Type {
+                metric_name,
+                metric_alias,
+                sample_type,
+            } => {
+                let family = metric_alias.unwrap_or(metric_name);
+                if typed.insert(family.clone(), sample_type).is_some() {
+                    return Err(at("a second TYPE for the family"));
+                }
+            }
+            LineInfo::Sample {
+                metric_name,
+                labels,
+                value,
+                ..
+            } => {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        metric_name
+                            .strip_suffix(s)
+                            .filter(|f| typed.get(*f) == Some(&SampleType::Histogram))
+                    })
+                    .unwrap_or(metric_name);
+                if !typed.contains_key(family) {
+                    return Err(at("a sample before its family's TYPE"));
+                }
+                if !documented.contains(family) {
+                    return Err(at("a sample of a family without HELP"));
+                }
+                let number = match value {
+                    "+Inf" | "-Inf" | "NaN" => true,
+                    v => v.parse::<f64>().is_ok(),
+                };
+                if !number {
+                    return Err(at("the value is not a number"));
+                }
+                if !series.insert(format!("{metric_name}{{{}}}", labels.unwrap_or(""))) {
+                    return Err(at("the same series twice"));
+                }
+            }
+            LineInfo::Ignored if line.trim_start().starts_with('#') => {}
+            LineInfo::Ignored => return Err(at("not a sample, comment, HELP or TYPE line")),
+        }
+    }
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .map_err(|e| e.to_string())?;
+    for s in &scrape.samples {
+        if let Value::Histogram(buckets) = &s.value {
+            let counts: Vec<f64> = buckets.iter().map(|b| b.count).collect();
+            if counts.windows(2).any(|w| w[1] < w[0]) {
+                return Err(format!("{}: buckets decrease: {counts:?}", s.metric));
+            }
+            let inf = buckets.iter().find(|b| b.less_than.is_infinite());
+            let count = scrape
+                .samples
+                .iter()
+                .find(|c| c.metric == format!("{}_count", s.metric) && *c.labels == *s.labels);
+            match (inf, count) {
+                (Some(i), Some(c)) if matches!(c.value, Value::Untyped(v) | Value::Counter(v) if v == i.count) =>
+                    {}
+                _ => return Err(format!("{}: no +Inf bucket equal to its _count", s.metric)),
+            }
+        }
+    }
+    Ok(scrape)
+}
