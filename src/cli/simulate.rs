@@ -12,10 +12,13 @@ pub struct SimulateArgs {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:1234", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
-    /// serial: one request at a time (LM Studio); batch: up to --slots at once (vLLM).
+    /// serial: one request at a time; batch: up to --slots at once; knee:
+    /// everything at once, with a throughput knee at --slots; llama:
+    /// llama-server --parallel SLOTS (/props, /slots, /metrics, timings);
+    /// vllm: vLLM (its /metrics, --max-queued refusals).
     #[arg(long, value_enum, default_value = "serial")]
     pub mode: Mode,
-    /// Concurrent requests in batch mode.
+    /// Concurrent requests (batch, llama, vllm), the knee (knee).
     #[arg(long, default_value_t = 8)]
     pub slots: usize,
     /// Time to first token.
@@ -65,6 +68,17 @@ pub struct SimulateArgs {
     /// later.
     #[arg(long, default_value_t = 0.0)]
     pub close_idle_share: f64,
+    /// llama mode: answer /metrics with 501, as llama-server without
+    /// --metrics does.
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// vllm mode: refuse with 503 once this many run and wait
+    /// (--max-num-queued-reqs).
+    #[arg(long, value_name = "N")]
+    pub max_queued: Option<usize>,
+    /// vllm mode: a refused stream gets 200 with one SSE error event.
+    #[arg(long)]
+    pub sse_refusal: bool,
 }
 
 impl SimulateArgs {
@@ -88,6 +102,9 @@ impl SimulateArgs {
             stamp_events: self.stamp_events,
             close_after_response: self.close_after_response,
             close_idle_share: self.close_idle_share,
+            metrics: !self.no_metrics,
+            max_queued: self.max_queued,
+            sse_refusal: self.sse_refusal,
         }
     }
 }

@@ -26,6 +26,19 @@ pub(crate) struct Completion {
     /// Put the wall-clock send time in each chunk (`x_sent_ns`), so a client
     /// on the same machine can measure each event's delivery delay.
     pub(crate) stamp: bool,
+    /// Put llama.cpp's `timings` in the last chunk / the body.
+    pub(crate) timings: bool,
+}
+
+/// When a generation's phases happened, for llama.cpp's `timings`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Phases {
+    /// It took its slot: prompt processing begins.
+    pub(crate) started: tokio::time::Instant,
+    /// The first token was out.
+    pub(crate) first: tokio::time::Instant,
+    /// The last token was out.
+    pub(crate) last: tokio::time::Instant,
 }
 
 impl Completion {
@@ -78,22 +91,66 @@ impl Completion {
         Bytes::from(format!("data: {v}\n\n"))
     }
 
+    /// llama.cpp's per-request `timings`, as its server writes them.
+    pub(crate) fn timings(&self, at: Phases) -> serde_json::Value {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let prompt_ms = ms(at.first.duration_since(at.started));
+        let predicted_ms = ms(at.last.duration_since(at.first));
+        let per = |ms: f64, n: usize| if n == 0 { 0.0 } else { ms / n as f64 };
+        let rate = |ms: f64, n: usize| {
+            if ms <= 0.0 {
+                0.0
+            } else {
+                n as f64 * 1000.0 / ms
+            }
+        };
+        serde_json::json!({
+            "cache_n": 0,
+            "prompt_n": self.prompt_tokens,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": per(prompt_ms, self.prompt_tokens),
+            "prompt_per_second": rate(prompt_ms, self.prompt_tokens),
+            "predicted_n": self.tokens,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": per(predicted_ms, self.tokens),
+            "predicted_per_second": rate(predicted_ms, self.tokens),
+        })
+    }
+
     /// The whole response of a non-streamed request.
-    pub(crate) fn full_response(&self) -> serde_json::Value {
+    pub(crate) fn full_response(&self, at: Phases) -> serde_json::Value {
         let text: String = (0..self.tokens).map(token_text).collect();
         let choice = if self.chat {
             serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"})
         } else {
             serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"})
         };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "id": format!("cmpl-sim-{}", self.id),
             "object": self.object(false),
             "created": 0,
             "model": self.model,
             "choices": [choice],
             "usage": self.usage(),
-        })
+        });
+        if self.timings {
+            v["timings"] = self.timings(at);
+        }
+        v
+    }
+}
+
+/// An SSE `data:` event with one more top-level field.
+fn with_field(event: &Bytes, key: &str, value: serde_json::Value) -> Bytes {
+    let json = event
+        .strip_prefix(b"data: ")
+        .and_then(|j| serde_json::from_slice::<serde_json::Value>(j.trim_ascii()).ok());
+    match json {
+        Some(mut v) => {
+            v[key] = value;
+            Bytes::from(format!("data: {v}\n\n"))
+        }
+        None => event.clone(),
     }
 }
 
@@ -123,6 +180,10 @@ pub(crate) struct SseBody {
     waiting: bool,
     guard: InFlight,
     _slot: Option<Slot>,
+    /// When the slot was taken, and the first token went out.
+    started: tokio::time::Instant,
+    first: Option<tokio::time::Instant>,
+    last: Option<tokio::time::Instant>,
 }
 
 impl SseBody {
@@ -148,6 +209,9 @@ impl SseBody {
             waiting,
             guard,
             _slot: Some(slot),
+            started: tokio::time::Instant::now(),
+            first: None,
+            last: None,
         }
     }
 }
@@ -174,6 +238,9 @@ impl Body for SseBody {
                     // Never wakes: the stream hangs until its client leaves.
                     return Poll::Pending;
                 }
+                let now = tokio::time::Instant::now();
+                this.first.get_or_insert(now);
+                this.last = Some(now);
                 let text = if this.completion.chat && i == 0 {
                     // The first chat chunk carries the role too, as OpenAI's do.
                     let v = serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": token_text(i)}, "logprobs": null, "finish_reason": null}]);
@@ -209,7 +276,18 @@ impl Body for SseBody {
                     Phase::Done
                 };
                 let c = this.completion.choice("", Some("stop"));
-                this.completion.chunk(serde_json::json!([c]), None)
+                let mut chunk = this.completion.chunk(serde_json::json!([c]), None);
+                if this.completion.timings {
+                    // llama.cpp puts its timings on the last choice chunk.
+                    let now = tokio::time::Instant::now();
+                    let at = Phases {
+                        started: this.started,
+                        first: this.first.unwrap_or(now),
+                        last: this.last.unwrap_or(now),
+                    };
+                    chunk = with_field(&chunk, "timings", this.completion.timings(at));
+                }
+                chunk
             }
             Phase::Usage => {
                 this.phase = Phase::Done;
@@ -219,6 +297,8 @@ impl Body for SseBody {
             Phase::Done => {
                 this.phase = Phase::End;
                 this.guard.finish();
+                this.state
+                    .count_tokens(this.completion.prompt_tokens, this.completion.tokens);
                 this._slot = None;
                 Bytes::from_static(b"data: [DONE]\n\n")
             }

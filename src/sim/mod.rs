@@ -43,6 +43,17 @@ pub enum Mode {
     /// and collapses beyond (time to first token and per token grow faster
     /// than the number in flight), like a GPU server past its KV cache.
     Knee,
+    /// llama.cpp's `llama-server --parallel K`: accepts everything, runs
+    /// `slots` at once (each token slower as more run, like `batch`), queues
+    /// the rest inside itself first come first served, answers `/props`,
+    /// `/slots` and `/metrics` with llama.cpp's names, and puts `timings` in
+    /// its answers.
+    Llama,
+    /// vLLM: runs up to `slots` at once (`max_num_seqs`), the rest wait
+    /// inside; `/metrics` with vLLM's names; with `max_queued`, refuses with
+    /// a 503 past that many running and waiting (streamed requests, with
+    /// `sse_refusal`, get vLLM's 200 with a lone error event instead).
+    Vllm,
 }
 
 /// The simulated model's timing.
@@ -89,6 +100,15 @@ pub struct SimConfig {
     /// Share of responses after which the connection, once idle, is closed
     /// a random 0–50 ms later (an upstream's idle timeout).
     pub close_idle_share: f64,
+    /// `llama` mode: serve `/metrics` (llama-server's `--metrics`); without
+    /// it `/metrics` answers 501 as llama-server does.
+    pub metrics: bool,
+    /// `vllm` mode: refuse with a 503 once this many are running and waiting
+    /// (`--max-num-queued-reqs`).
+    pub max_queued: Option<usize>,
+    /// `vllm` mode: a refused streamed request gets 200 with one SSE error
+    /// event (`"code": 503`) and `[DONE]`, as vLLM does for some.
+    pub sse_refusal: bool,
 }
 
 impl Default for SimConfig {
@@ -111,6 +131,9 @@ impl Default for SimConfig {
             stamp_events: false,
             close_after_response: false,
             close_idle_share: 0.0,
+            metrics: true,
+            max_queued: None,
+            sse_refusal: false,
         }
     }
 }
@@ -124,6 +147,16 @@ pub struct Stats {
     pub received: u64,
     /// Requests in flight now (waiting for a slot or running).
     pub in_flight: usize,
+    /// Generation requests waiting inside the simulator for a slot now
+    /// (llama.cpp's `requests_deferred`, vLLM's `num_requests_waiting`).
+    #[serde(default)]
+    pub waiting: usize,
+    /// Most generation requests waiting inside at once.
+    #[serde(default)]
+    pub peak_waiting: usize,
+    /// Most generation requests holding a slot at once.
+    #[serde(default)]
+    pub peak_running: usize,
     /// Most requests in flight at once.
     pub peak_in_flight: usize,
     /// Generations that ran to their end.
@@ -150,6 +183,13 @@ pub struct SimState {
     in_flight: AtomicUsize,
     peak: AtomicUsize,
     running: AtomicUsize,
+    /// Generation requests waiting inside for a slot.
+    waiting: AtomicUsize,
+    peak_waiting: AtomicUsize,
+    peak_running: AtomicUsize,
+    /// Prompt and output tokens of finished generations (llama.cpp's counters).
+    prompt_tokens: AtomicU64,
+    predicted_tokens: AtomicU64,
     completed: AtomicU64,
     cancelled: AtomicU64,
     rejected: AtomicU64,
@@ -164,7 +204,7 @@ impl SimState {
     fn new(cfg: SimConfig) -> Arc<Self> {
         let slots = match cfg.mode {
             Mode::Serial => 1,
-            Mode::Batch => cfg.slots.max(1),
+            Mode::Batch | Mode::Llama | Mode::Vllm => cfg.slots.max(1),
             Mode::Knee => 1 << 16,
         };
         Arc::new(Self {
@@ -175,6 +215,11 @@ impl SimState {
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            peak_waiting: AtomicUsize::new(0),
+            peak_running: AtomicUsize::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            predicted_tokens: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -192,6 +237,9 @@ impl SimState {
             connections: self.connections.load(Ordering::SeqCst),
             received: self.received.load(Ordering::SeqCst),
             in_flight: self.in_flight.load(Ordering::SeqCst),
+            waiting: self.waiting.load(Ordering::SeqCst),
+            peak_waiting: self.peak_waiting.load(Ordering::SeqCst),
+            peak_running: self.peak_running.load(Ordering::SeqCst),
             peak_in_flight: self.peak.load(Ordering::SeqCst),
             completed: self.completed.load(Ordering::SeqCst),
             cancelled: self.cancelled.load(Ordering::SeqCst),
@@ -212,7 +260,7 @@ impl SimState {
         }
         let factor = match self.cfg.mode {
             Mode::Serial => 1.0,
-            Mode::Batch => {
+            Mode::Batch | Mode::Llama | Mode::Vllm => {
                 let others = self.running.load(Ordering::Relaxed).saturating_sub(1);
                 1.0 + self.cfg.batch_slowdown * others as f64
             }
@@ -291,6 +339,15 @@ pub(crate) struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.state.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes one off a counter when dropped.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -386,6 +443,13 @@ async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> 
             serde_json::to_value(state.stats()).unwrap_or_default(),
         ),
         (Method::GET, "/health") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (Method::GET, "/props") if state.cfg.mode == Mode::Llama => llama_props(&state),
+        (Method::GET, "/slots") if state.cfg.mode == Mode::Llama => llama_slots(&state, &req),
+        (Method::GET, "/metrics") if state.cfg.mode == Mode::Llama => llama_metrics(&state),
+        (Method::GET, "/metrics") if state.cfg.mode == Mode::Vllm => vllm_metrics(&state),
+        (Method::POST, "/v1/chat/completions" | "/v1/completions") if state.vllm_full() => {
+            vllm_refuse(state, req).await
+        }
         (Method::POST, "/v1/chat/completions" | "/v1/completions") if state.refuses() => {
             refuse(state, req).await
         }
@@ -514,13 +578,24 @@ async fn admit(state: &Arc<SimState>, req: Request<Incoming>) -> Result<Admitted
         }
     };
     let prompt_tokens = (bytes.len() / 4).max(1);
-    let permit = state
-        .slots
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the simulator never closes its semaphore");
-    state.running.fetch_add(1, Ordering::SeqCst);
+    let permit = match state.slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            // No free slot: counted as waiting inside until it holds one (or
+            // its client leaves while it waits).
+            let now = state.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            state.peak_waiting.fetch_max(now, Ordering::SeqCst);
+            let _waiting = Decrement(&state.waiting);
+            state
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the simulator never closes its semaphore")
+        }
+    };
+    let running = state.running.fetch_add(1, Ordering::SeqCst) + 1;
+    state.peak_running.fetch_max(running, Ordering::SeqCst);
     let slot = Slot {
         state: state.clone(),
         _permit: permit,
@@ -592,6 +667,7 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
             .filter(|r| *r > 0.0)
             .map(|r| Duration::from_secs_f64(1.0 / r)),
         stamp: state.cfg.stamp_events,
+        timings: state.cfg.mode == Mode::Llama,
     };
     if stream {
         let body = SseBody::new(state.clone(), completion, guard, slot);
@@ -601,14 +677,24 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
             .body(body.boxed_unsync())
             .expect("static headers are valid");
     }
+    let started = tokio::time::Instant::now();
     pause(state.ttft()).await;
+    let first = tokio::time::Instant::now();
     for _ in 1..n {
         pause(state.token_interval()).await;
     }
     let mut guard = guard;
     guard.finish();
+    state.count_tokens(completion.prompt_tokens, n);
     drop(slot);
-    json(StatusCode::OK, completion.full_response())
+    json(
+        StatusCode::OK,
+        completion.full_response(body::Phases {
+            started,
+            first,
+            last: tokio::time::Instant::now(),
+        }),
+    )
 }
 
 async fn embed(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
@@ -641,6 +727,167 @@ async fn pause(d: Duration) {
     if !d.is_zero() {
         tokio::time::sleep(d).await;
     }
+}
+
+impl SimState {
+    /// A generation finished with these token counts.
+    pub(crate) fn count_tokens(&self, prompt: usize, predicted: usize) {
+        self.prompt_tokens
+            .fetch_add(prompt as u64, Ordering::Relaxed);
+        self.predicted_tokens
+            .fetch_add(predicted as u64, Ordering::Relaxed);
+    }
+
+    /// vLLM with `max_queued`: as many running and waiting as it takes.
+    fn vllm_full(&self) -> bool {
+        self.cfg.mode == Mode::Vllm
+            && self.cfg.max_queued.is_some_and(|cap| {
+                self.running.load(Ordering::SeqCst) + self.waiting.load(Ordering::SeqCst) >= cap
+            })
+    }
+}
+
+/// llama.cpp's `GET /props`: its slot count and build.
+fn llama_props(state: &SimState) -> Response<Body> {
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "default_generation_settings": {"n_ctx": 4096, "params": {"n_predict": -1}},
+            "total_slots": state.cfg.slots.max(1),
+            "model_path": format!("/models/{}.gguf", state.cfg.model),
+            "chat_template": "",
+            "modalities": {"vision": false, "audio": false},
+            "build_info": "b0-anteroom-sim",
+        }),
+    )
+}
+
+/// llama.cpp's `GET /slots` (`?fail_on_no_slot=1`: 503 when all are busy).
+fn llama_slots(state: &SimState, req: &Request<Incoming>) -> Response<Body> {
+    let slots = state.cfg.slots.max(1);
+    let busy = state.running.load(Ordering::SeqCst).min(slots);
+    let fail = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "fail_on_no_slot=1"));
+    if fail && busy == slots {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": {"code": 503, "message": "no slot available", "type": "unavailable_error"}}),
+        );
+    }
+    let list: Vec<serde_json::Value> = (0..slots)
+        .map(|id| serde_json::json!({"id": id, "n_ctx": 4096, "is_processing": id < busy, "params": {}}))
+        .collect();
+    json(StatusCode::OK, serde_json::Value::Array(list))
+}
+
+/// llama.cpp's `GET /metrics` (`--metrics`), with its names.
+fn llama_metrics(state: &SimState) -> Response<Body> {
+    if !state.cfg.metrics {
+        return json(
+            StatusCode::NOT_IMPLEMENTED,
+            serde_json::json!({"error": {"code": 501, "message": "This server does not support metrics endpoint. Start it with `--metrics`", "type": "not_supported_error"}}),
+        );
+    }
+    let mut out = String::new();
+    let counts = [
+        (
+            "counter",
+            "prompt_tokens_total",
+            "Number of prompt tokens processed.",
+            state.prompt_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "counter",
+            "tokens_predicted_total",
+            "Number of generation tokens processed.",
+            state.predicted_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "gauge",
+            "requests_processing",
+            "Number of requests processing.",
+            state.running.load(Ordering::SeqCst) as u64,
+        ),
+        (
+            "gauge",
+            "requests_deferred",
+            "Number of requests deferred.",
+            state.waiting.load(Ordering::SeqCst) as u64,
+        ),
+    ];
+    for (kind, name, help, v) in counts {
+        out += &format!(
+            "# HELP llamacpp:{name} {help}\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {v}\n"
+        );
+    }
+    text(out)
+}
+
+/// vLLM's `GET /metrics`: its scheduler gauges, labelled as vLLM labels them.
+fn vllm_metrics(state: &SimState) -> Response<Body> {
+    let labels = format!("engine=\"0\",model_name=\"{}\"", state.cfg.model);
+    let running = state.running.load(Ordering::SeqCst);
+    let waiting = state.waiting.load(Ordering::SeqCst);
+    let out = format!(
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{{labels}}} {running}.0\n\
+         # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{{labels}}} {waiting}.0\n\
+         # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n\
+         vllm:kv_cache_usage_perc{{{labels}}} {kv}\n\
+         # HELP vllm:generation_tokens_total Number of generation tokens processed.\n\
+         # TYPE vllm:generation_tokens_total counter\n\
+         vllm:generation_tokens_total{{{labels}}} {gen}.0\n",
+        kv = running as f64 / state.cfg.slots.max(1) as f64,
+        gen = state.predicted_tokens.load(Ordering::Relaxed),
+    );
+    text(out)
+}
+
+/// vLLM past `--max-num-queued-reqs`: a 503 with its error body and no
+/// `Retry-After`, or, for a stream with `sse_refusal`, a 200 whose only event
+/// is that error.
+async fn vllm_refuse(state: Arc<SimState>, req: Request<Incoming>) -> Response<Body> {
+    state.received.fetch_add(1, Ordering::SeqCst);
+    state.rejected.fetch_add(1, Ordering::SeqCst);
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let stream = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(|s| s.as_bool()))
+        .unwrap_or(false);
+    let error = serde_json::json!({"error": {"message": "The server is at capacity: too many requests queued.", "type": "ServiceUnavailableError", "param": null, "code": 503}});
+    if stream && state.cfg.sse_refusal {
+        return Response::builder()
+            .header("content-type", "text/event-stream; charset=utf-8")
+            .body(
+                Full::new(Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n")))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .expect("static headers are valid");
+    }
+    json(StatusCode::SERVICE_UNAVAILABLE, error)
+}
+
+fn text(body: String) -> Response<Body> {
+    Response::builder()
+        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static headers are valid")
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
