@@ -40,30 +40,48 @@ pub async fn serve(
     .await
 }
 
+/// One upstream's state, for `/status` and `/metrics`.
+struct Upstream {
+    name: String,
+    snapshot: Snapshot,
+    retired: bool,
+    backend: crate::backend::Status,
+}
+
 /// Each upstream's state, in config order; then those a reload removed
 /// while they still run or hold requests (their limits no longer count).
-fn upstreams(router: &Router) -> Vec<(String, Snapshot, bool)> {
+fn upstreams(router: &Router) -> Vec<Upstream> {
     let table = router.table();
-    let mut out: Vec<(String, Snapshot, bool)> = table
+    let mut out: Vec<Upstream> = table
         .active()
-        .map(|(_, s)| (s.config.name.clone(), s.scheduler.snapshot(), false))
+        .map(|(_, s)| Upstream {
+            name: s.config.name.clone(),
+            snapshot: s.scheduler.snapshot(),
+            retired: false,
+            backend: s.backend.status(),
+        })
         .collect();
     for s in table.slots.iter().filter(|s| s.retired) {
         let mut snap = s.scheduler.snapshot();
         if snap.running + snap.waiting > 0 {
             snap.max_concurrency = 0;
             snap.max_queue = 0;
-            out.push((s.config.name.clone(), snap, true));
+            out.push(Upstream {
+                name: s.config.name.clone(),
+                snapshot: snap,
+                retired: true,
+                backend: s.backend.status(),
+            });
         }
     }
     out
 }
 
 /// The whole proxy's state: every upstream's summed.
-fn total(upstreams: &[(String, Snapshot, bool)]) -> Snapshot {
-    let mut all = upstreams[0].1.clone();
-    for (_, s, _) in &upstreams[1..] {
-        all.merge(s);
+fn total(upstreams: &[Upstream]) -> Snapshot {
+    let mut all = upstreams[0].snapshot.clone();
+    for u in &upstreams[1..] {
+        all.merge(&u.snapshot);
     }
     all
 }
@@ -82,15 +100,18 @@ fn handle(
             if each.len() > 1 {
                 status["upstreams"] = each
                     .iter()
-                    .map(|(name, s, retired)| {
-                        let mut v = serde_json::to_value(s).unwrap_or_default();
-                        v["name"] = name.as_str().into();
-                        if *retired {
+                    .map(|u| {
+                        let mut v = serde_json::to_value(&u.snapshot).unwrap_or_default();
+                        v["name"] = u.name.as_str().into();
+                        v["backend"] = serde_json::to_value(&u.backend).unwrap_or_default();
+                        if u.retired {
                             v["retired"] = true.into();
                         }
                         v
                     })
                     .collect();
+            } else {
+                status["backend"] = serde_json::to_value(&each[0].backend).unwrap_or_default();
             }
             if !keys.is_empty() {
                 status["keys"] = keys.iter().map(Key::status).collect();
@@ -99,11 +120,19 @@ fn handle(
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
             text(StatusCode::OK, "application/json", body)
         }
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            recorder.metrics.encode(&total(&upstreams(router))),
-        ),
+        (&Method::GET, "/metrics") => {
+            let each = upstreams(router);
+            let backends: Vec<(&str, &crate::backend::Status)> = each
+                .iter()
+                .filter(|u| !u.retired)
+                .map(|u| (u.name.as_str(), &u.backend))
+                .collect();
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                recorder.metrics.encode(&total(&each), &backends),
+            )
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",

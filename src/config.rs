@@ -38,6 +38,10 @@ pub struct FileConfig {
     pub auto_min_concurrency: usize,
     /// Highest limit `"auto"` goes to.
     pub auto_max_concurrency: usize,
+    /// What the upstream is: `"auto"` (find out from its endpoints),
+    /// `"llama.cpp"`, `"vllm"`, `"ollama"`, `"lmstudio"` or `"openai"`
+    /// (read nothing).
+    pub backend: crate::backend::Setting,
     /// Most requests waiting for a slot; 0 turns queueing off.
     pub max_queue: usize,
     /// Most time a request may wait for a slot, e.g. "180s".
@@ -168,6 +172,7 @@ impl Default for FileConfig {
             max_concurrency: Concurrency::Fixed(4),
             auto_min_concurrency: 1,
             auto_max_concurrency: 64,
+            backend: crate::backend::Setting::Auto,
             max_queue: 4096,
             queue_timeout: "180s".into(),
             retry_after_cap: "60s".into(),
@@ -249,6 +254,9 @@ pub struct UpstreamEntry {
     /// Its own limit (default: the top-level `max_concurrency`).
     #[serde(default)]
     pub max_concurrency: Option<usize>,
+    /// What it is (default: the top-level `backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<crate::backend::Setting>,
     /// Its share among replicas of the same model (default 1).
     #[serde(default = "one")]
     pub weight: u32,
@@ -365,6 +373,8 @@ pub struct ReplicaConfig {
     pub max_concurrency: usize,
     /// Its share among replicas of the same model.
     pub weight: u32,
+    /// What it is, as configured.
+    pub backend: crate::backend::Setting,
 }
 
 impl Upstreams {
@@ -372,6 +382,7 @@ impl Upstreams {
         &self,
         default_limit: usize,
         default_key: Option<&str>,
+        default_backend: crate::backend::Setting,
     ) -> Result<Vec<ReplicaConfig>, ConfigError> {
         let keyed = |origin: Origin, key: Option<&str>, at: &str| match key {
             Some(k) => origin
@@ -390,6 +401,7 @@ impl Upstreams {
                 models: Models::Any,
                 max_concurrency: default_limit,
                 weight: 1,
+                backend: default_backend,
             }]),
             Upstreams::Many(entries) if entries.is_empty() => {
                 Err(ConfigError("upstream: at least one is needed".into()))
@@ -423,6 +435,7 @@ impl Upstreams {
                         models: e.models.clone(),
                         max_concurrency: e.max_concurrency.unwrap_or(default_limit),
                         weight: e.weight,
+                        backend: e.backend.unwrap_or(default_backend),
                     });
                 }
                 Ok(out)
@@ -431,13 +444,24 @@ impl Upstreams {
     }
 }
 
-/// `max_concurrency`: a fixed limit or `"auto"`.
+/// `max_concurrency`: a fixed limit, `"auto"` or `"backend"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Concurrency {
     /// At most this many in flight.
     Fixed(usize),
-    /// Found by anteroom, within the `auto_*_concurrency` bounds.
+    /// Found by anteroom, within the `auto_*_concurrency` bounds (and never
+    /// above the slots the backend reports).
     Auto,
+    /// The slots the backend reports, followed live; `"auto"` where it
+    /// reports none.
+    Backend,
+}
+
+impl Concurrency {
+    /// Whether anteroom decides the limit (not a number in the config).
+    pub fn is_adaptive(self) -> bool {
+        !matches!(self, Concurrency::Fixed(_))
+    }
 }
 
 impl From<usize> for Concurrency {
@@ -452,10 +476,11 @@ impl std::str::FromStr for Concurrency {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim() {
             "auto" => Ok(Concurrency::Auto),
+            "backend" => Ok(Concurrency::Backend),
             n => n
                 .parse()
                 .map(Concurrency::Fixed)
-                .map_err(|_| format!("`{s}` is neither a number nor \"auto\"")),
+                .map_err(|_| format!("`{s}` is not a number, \"auto\" or \"backend\"")),
         }
     }
 }
@@ -465,6 +490,7 @@ impl Serialize for Concurrency {
         match self {
             Concurrency::Fixed(n) => s.serialize_u64(*n as u64),
             Concurrency::Auto => s.serialize_str("auto"),
+            Concurrency::Backend => s.serialize_str("backend"),
         }
     }
 }
@@ -520,8 +546,8 @@ pub struct Config {
     pub request_log: Option<PathBuf>,
     /// Retrying refused requests.
     pub retry: RetryPolicy,
-    /// Bounds of the adaptive limit, when `max_concurrency = "auto"`.
-    pub adaptive: Option<AdaptiveBounds>,
+    /// The adaptive limit, when `max_concurrency` is `"auto"` or `"backend"`.
+    pub adaptive: Option<crate::admission::adaptive::Adaptive>,
     /// Health checks of several upstreams.
     pub health: HealthConfig,
     /// Threads serving the proxy port (resolved: at least 1).
@@ -578,16 +604,16 @@ impl FileConfig {
         }
         let first_limit = match self.max_concurrency {
             Concurrency::Fixed(n) => n,
-            Concurrency::Auto => self.auto_min_concurrency,
+            Concurrency::Auto | Concurrency::Backend => self.auto_min_concurrency,
         };
         let default_key = upstream_key(
             "upstream_api_key",
             Some(&self.upstream_api_key).filter(|k| !k.0.is_empty()),
             Some(self.upstream_api_key_env.trim()).filter(|v| !v.is_empty()),
         )?;
-        let mut replicas = self
-            .upstream
-            .replicas(first_limit, default_key.as_deref())?;
+        let mut replicas =
+            self.upstream
+                .replicas(first_limit, default_key.as_deref(), self.backend)?;
         let ca_file = Some(self.upstream_ca_file.trim())
             .filter(|p| !p.is_empty())
             .map(std::path::Path::new);
@@ -612,10 +638,11 @@ impl FileConfig {
                 ))
             }
         };
-        if replicas.len() > 1 && self.max_concurrency == Concurrency::Auto {
-            return Err(ConfigError(
-                "max_concurrency: \"auto\" works with one upstream so far; give each [[upstream]] its max_concurrency".into(),
-            ));
+        if replicas.len() > 1 && self.max_concurrency.is_adaptive() {
+            return Err(ConfigError(format!(
+                "max_concurrency: \"{}\" works with one upstream so far; give each [[upstream]] its max_concurrency",
+                if self.max_concurrency == Concurrency::Auto { "auto" } else { "backend" }
+            )));
         }
         let upstream = replicas[0].origin.clone();
         let keep_model = replicas.len() > 1;
@@ -626,14 +653,27 @@ impl FileConfig {
                 ))
             }
             Concurrency::Fixed(n) => (n, None),
-            Concurrency::Auto => {
+            mode @ (Concurrency::Auto | Concurrency::Backend) => {
                 let (min, max) = (self.auto_min_concurrency, self.auto_max_concurrency);
                 if min == 0 || min > max {
                     return Err(ConfigError(format!(
                         "auto_min_concurrency / auto_max_concurrency: need 1 <= min <= max, got {min} and {max}"
                     )));
                 }
-                (min, Some(AdaptiveBounds { min, max }))
+                if mode == Concurrency::Backend
+                    && self.backend == crate::backend::Setting::Is(crate::backend::Kind::OpenAi)
+                {
+                    return Err(ConfigError(
+                        "max_concurrency: \"backend\" reads the slots from the backend, which backend = \"openai\" never asks; use \"auto\" or a number".into(),
+                    ));
+                }
+                (
+                    min,
+                    Some(crate::admission::adaptive::Adaptive {
+                        bounds: AdaptiveBounds { min, max },
+                        follow_backend: mode == Concurrency::Backend,
+                    }),
+                )
             }
         };
         let queue_timeout = positive("queue_timeout", &self.queue_timeout)?;
@@ -653,7 +693,7 @@ impl FileConfig {
         let reserved: usize = self.reserve.iter().map(|r| r.slots).sum();
         let smallest_limit = match self.max_concurrency {
             Concurrency::Fixed(_) => replicas.iter().map(|r| r.max_concurrency).min(),
-            Concurrency::Auto => Some(self.auto_max_concurrency),
+            Concurrency::Auto | Concurrency::Backend => Some(self.auto_max_concurrency),
         }
         .unwrap_or(0);
         if self.reserve.iter().any(|r| r.slots == 0) {

@@ -27,6 +27,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod backend;
 pub mod backoff;
 pub mod classify;
 pub mod cli;

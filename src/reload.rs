@@ -23,11 +23,13 @@
 //!   `max_body_bytes`, `trust_tenant_header`: swapped in for the next
 //!   request;
 //! - keys: `[[key]]` added, removed or changed, for the next request; a key
-//!   that stays keeps its rate-limit state ([`carry_over`]).
+//!   that stays keeps its rate-limit state ([`carry_over`]);
+//! - `backend` (top-level or an `[[upstream]]`'s): the upstream is
+//!   identified anew.
 //!
 //! Anything else (listen addresses, TLS and `upstream_ca_file`, timeouts,
 //! retry policy, health checks, workers, the request log, and switching
-//! between `"auto"` and a fixed limit) needs a restart, which the drain
+//! `max_concurrency` between a number, `"auto"` and `"backend"`) needs a restart, which the drain
 //! makes lossless: a reload that changes any of it is refused as a whole,
 //! naming the keys, and the running config stays. A file that does not
 //! parse or validate is refused the same way.
@@ -94,6 +96,7 @@ const LIVE_KEYS: &[&str] = &[
     "upstream",
     "upstream_api_key",
     "upstream_api_key_env",
+    "backend",
 ];
 
 impl Reloader {
@@ -139,7 +142,7 @@ impl Reloader {
             )));
         }
         let mut changed = changed_keys(&current, &next);
-        let adaptive = next.max_concurrency == Concurrency::Auto;
+        let adaptive = next.max_concurrency.is_adaptive();
         let set = self
             .router
             .reconfigure(validated.replicas.clone(), &validated.limits, adaptive);
@@ -192,9 +195,13 @@ fn restart_only_changes(a: &FileConfig, b: &FileConfig) -> Vec<String> {
         .into_iter()
         .filter(|k| !LIVE_KEYS.contains(&k.as_str()))
         .collect();
-    let auto = |f: &FileConfig| f.max_concurrency == Concurrency::Auto;
-    if auto(a) != auto(b) {
-        out.push("max_concurrency between \"auto\" and a number".into());
+    let mode = |f: &FileConfig| match f.max_concurrency {
+        Concurrency::Fixed(_) => "a number",
+        Concurrency::Auto => "\"auto\"",
+        Concurrency::Backend => "\"backend\"",
+    };
+    if mode(a) != mode(b) {
+        out.push(format!("max_concurrency from {} to {}", mode(a), mode(b)));
     }
     out
 }

@@ -75,6 +75,8 @@ pub struct Slot {
     pub scheduler: Arc<Scheduler>,
     /// The pause a 429/503 from it puts on its requests.
     pub cooldown: Arc<Cooldown>,
+    /// What its backend says of itself.
+    pub backend: Arc<crate::backend::Backend>,
     health: Arc<Health>,
     /// Removed by a reload.
     pub retired: bool,
@@ -152,6 +154,9 @@ pub struct Router {
     health: std::sync::OnceLock<crate::config::HealthConfig>,
     /// Stops the health checks (the proxy stopped).
     closed: AtomicBool,
+    /// Set once backends are watched: a reload starts watchers for new
+    /// upstreams (the identification interval).
+    watching: std::sync::OnceLock<Duration>,
 }
 
 impl Router {
@@ -186,6 +191,7 @@ impl Router {
             next: AtomicUsize::new(0),
             health: std::sync::OnceLock::new(),
             closed: AtomicBool::new(false),
+            watching: std::sync::OnceLock::new(),
         })
     }
 
@@ -267,6 +273,12 @@ impl Router {
             let was = &old.slots[i];
             was.scheduler.reconfigure(&limits, adaptive);
             let moved = !was.config.origin.same_address(&config.origin);
+            // Another address (or another `backend`) is read anew.
+            let backend = if moved || was.config.backend != config.backend {
+                Arc::new(crate::backend::Backend::new(config.backend))
+            } else {
+                was.backend.clone()
+            };
             if moved {
                 change.readdressed.push(config.name.clone());
             }
@@ -279,6 +291,7 @@ impl Router {
                 config,
                 scheduler: was.scheduler.clone(),
                 cooldown: was.cooldown.clone(),
+                backend,
                 health: if moved {
                     Arc::default()
                 } else {
@@ -298,6 +311,7 @@ impl Router {
                     config: was.config.clone(),
                     scheduler: was.scheduler.clone(),
                     cooldown: was.cooldown.clone(),
+                    backend: was.backend.clone(),
                     health: was.health.clone(),
                     id: was.id,
                 });
@@ -320,8 +334,21 @@ impl Router {
             s.reroute_waiting();
         }
         if let Some(health) = self.health.get() {
-            for id in fresh {
+            for &id in &fresh {
                 self.spawn_health_check(id, health.clone());
+            }
+        }
+        // A slot whose backend is new (a new address or `backend`) is read
+        // anew; its old watcher ends with its id.
+        if let Some(&every) = self.watching.get() {
+            let table = self.table.load();
+            for (_, s) in table.active() {
+                let known = old
+                    .active()
+                    .any(|(_, o)| Arc::ptr_eq(&o.backend, &s.backend));
+                if !known {
+                    self.spawn_watch(s.id, every);
+                }
             }
         }
         change
@@ -455,9 +482,36 @@ impl Router {
         }
     }
 
-    /// Stop the health checks.
+    /// Stop the health checks and backend watchers.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Read every upstream's backend (now and added by reloads) until
+    /// [`close`](Self::close), identifying it every `every` (see
+    /// [`backend`](crate::backend)).
+    pub fn start_watching_backends(self: &Arc<Self>, every: Duration) {
+        if self.watching.set(every).is_err() {
+            return;
+        }
+        let ids: Vec<u64> = self.table.load().active().map(|(_, s)| s.id).collect();
+        for id in ids {
+            self.spawn_watch(id, every);
+        }
+    }
+
+    fn spawn_watch(self: &Arc<Self>, id: u64, every: Duration) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(crate::backend::watch(Arc::downgrade(self), id, every));
+            }
+            Err(_) => tracing::warn!(id, "no runtime to watch the backend on"),
+        }
     }
 
     /// The index and address of upstream `id`, while it is in service.
@@ -475,6 +529,7 @@ impl Slot {
     fn new(id: u64, config: ReplicaConfig, scheduler: Arc<Scheduler>) -> Self {
         Self {
             id,
+            backend: Arc::new(crate::backend::Backend::new(config.backend)),
             config,
             scheduler,
             cooldown: Arc::default(),
@@ -693,37 +748,13 @@ where
     }
 }
 
-/// One probe: GET `path` on a fresh connection (a server that stopped
-/// accepting, or restarted, must not look alive through an old keep-alive
-/// connection), with the upstream's key if anteroom holds one. True on 200.
+/// One probe: GET `path` on a fresh connection, true on 200.
 async fn probe(origin: &crate::upstream::Origin, path: &str, timeout: Duration) -> bool {
-    let Ok(stream) = crate::upstream::connect(origin, timeout).await else {
-        return false;
-    };
-    let Ok((mut sender, conn)) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
-    else {
-        return false;
-    };
-    let driving = tokio::spawn(conn);
-    let mut req = http::Request::get(origin.path_for(path))
-        .header(http::header::HOST, origin.host_header().clone());
-    if let Some(auth) = origin.authorization() {
-        req = req.header(http::header::AUTHORIZATION, auth.clone());
-    }
-    let ok = match req.body(http_body_util::Empty::<Bytes>::new()) {
-        Ok(req) => match sender.send_request(req).await {
-            Ok(resp) => {
-                let ok = resp.status() == StatusCode::OK;
-                let _ = resp.into_body().collect().await;
-                ok
-            }
-            Err(_) => false,
-        },
-        Err(_) => false,
-    };
-    driving.abort();
-    ok
+    // The body is read to its end, but none of it is needed.
+    matches!(
+        crate::upstream::get(origin, path, timeout, crate::backend::PROBE_MAX_BYTES).await,
+        Ok((StatusCode::OK, _))
+    )
 }
 
 /// Probe upstream `id` every `health.interval` while it is in service (a

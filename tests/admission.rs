@@ -322,7 +322,10 @@ async fn a_reserved_slot_lets_an_urgent_request_past_a_running_flood() {
     assert_eq!(stats.completed, 1, "only the urgent one has finished");
     // The flood never took the reserved slot, and the metrics say so.
     assert_eq!(proxy.scheduler.snapshot().running, 1);
-    let text = proxy.recorder.metrics.encode(&proxy.scheduler.snapshot());
+    let text = proxy
+        .recorder
+        .metrics
+        .encode(&proxy.scheduler.snapshot(), &[]);
     assert!(
         text.contains("anteroom_reserved_slots_free{max_priority=\"0\"} 1"),
         "{text}"

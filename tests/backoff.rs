@@ -8,7 +8,10 @@ use anteroom::sim::{Mode, SimConfig};
 use support::*;
 
 async fn metric(proxy: &anteroom::cli::serve::Running, line_start: &str) -> u64 {
-    let text = proxy.recorder.metrics.encode(&proxy.scheduler.snapshot());
+    let text = proxy
+        .recorder
+        .metrics
+        .encode(&proxy.scheduler.snapshot(), &[]);
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())

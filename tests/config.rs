@@ -41,12 +41,18 @@ fn default_toml_lists_exactly_the_defaults() {
 
 #[test]
 fn shipped_configs_say_what_they_are_for() {
+    // LM Studio's default: 4 concurrent predictions per model.
     let lm = FileConfig::load(&config_dir().join("lmstudio.toml")).unwrap();
-    assert_eq!(lm.max_concurrency, Concurrency::Fixed(1));
+    assert_eq!(lm.max_concurrency, Concurrency::Fixed(4));
     assert!(matches!(&lm.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":1234")));
     let vllm = FileConfig::load(&config_dir().join("vllm.toml")).unwrap();
     assert!(matches!(vllm.max_concurrency, Concurrency::Fixed(n) if n > 1));
     assert!(matches!(&vllm.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":8000")));
+    // llama-server reports its slots: read, not written down.
+    let llama = FileConfig::load(&config_dir().join("llama-server.toml")).unwrap();
+    assert_eq!(llama.max_concurrency, Concurrency::Backend);
+    assert!(matches!(&llama.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":8080")));
+    assert!(llama.validate().is_ok());
 }
 
 fn anteroom(args: &[&str]) -> std::process::Output {
@@ -134,12 +140,28 @@ fn the_cli_contract_is_accepted() {
 }
 
 #[test]
-fn max_concurrency_is_a_number_or_auto() {
+fn max_concurrency_is_a_number_auto_or_backend() {
     let auto = FileConfig::parse("max_concurrency = \"auto\"\nauto_max_concurrency = 16").unwrap();
     assert_eq!(auto.max_concurrency, Concurrency::Auto);
     let c = auto.validate().unwrap();
-    let bounds = c.adaptive.expect("auto has bounds");
-    assert_eq!((bounds.min, bounds.max), (1, 16));
+    let adaptive = c.adaptive.expect("auto has bounds");
+    assert_eq!((adaptive.bounds.min, adaptive.bounds.max), (1, 16));
+    assert!(!adaptive.follow_backend);
+    let backend = FileConfig::parse("max_concurrency = \"backend\"").unwrap();
+    assert_eq!(backend.max_concurrency, Concurrency::Backend);
+    assert!(backend.validate().unwrap().adaptive.unwrap().follow_backend);
+    // "backend" with a backend that is never asked is refused, by name.
+    let err = FileConfig::parse("max_concurrency = \"backend\"\nbackend = \"openai\"")
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(err.0.contains("backend"), "{}", err.0);
+    let err = FileConfig::parse("backend = \"tgi\"").unwrap_err();
+    assert!(
+        err.0.contains("llama.cpp") && err.0.contains("backend"),
+        "{}",
+        err.0
+    );
     assert_eq!(c.limits.max_concurrency, 1, "starts at the minimum");
     let err = FileConfig::parse("max_concurrency = \"lots\"").unwrap_err();
     assert!(err.0.contains("auto"), "{}", err.0);

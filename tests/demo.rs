@@ -19,6 +19,7 @@ fn the_demo_runs_and_shows_priority_report_and_reservation() {
         "`anteroom report --by priority`",
         "| all | queue wait |",
         "Reserved capacity",
+        "Knowing the backend",
     ] {
         assert!(text.contains(want), "missing `{want}` in\n{text}");
     }
@@ -41,4 +42,19 @@ fn the_demo_runs_and_shows_priority_report_and_reservation() {
         reserved < priority_only,
         "reserved {reserved} ms, priority only {priority_only} ms\n{text}"
     );
+    // Discovery: the slots read from the backend, whose own queue stays
+    // empty; a limit too high fills it.
+    let line = |label: &str| {
+        text.lines()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("no `{label}` line in\n{text}"))
+    };
+    let read = line("max_concurrency = \"backend\"");
+    assert!(
+        read.contains("identified llama.cpp with 3 slots; limit  3")
+            && read.ends_with(" 0 waiting inside it"),
+        "{read}"
+    );
+    let high = line("max_concurrency = 16");
+    assert!(!high.ends_with(" 0 waiting inside it"), "{high}");
 }

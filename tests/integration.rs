@@ -8,6 +8,7 @@ mod abuse;
 mod adaptive;
 mod admission;
 mod auth;
+mod backend;
 mod backoff;
 mod config;
 mod container;

@@ -258,7 +258,7 @@ async fn the_admin_listener_reports_health_and_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_kept_alive_and_reused() {
     trace_init();
-    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), no_probes).await;
     for i in 0..10 {
         // Non-streamed (known length), streamed (chunked), and a GET.
         let resp = chat(&client, &proxy.url(), None, &format!("n{i}"), false, 3).await;
@@ -291,7 +291,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_by_the_client_is_not_reused() {
     trace_init();
-    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), no_probes).await;
     let mut resp = chat(&client, &proxy.url(), None, "cut", true, 10_000).await;
     resp.body_mut().frame().await.unwrap().unwrap();
     drop(resp);
@@ -360,7 +360,7 @@ async fn closing_upstream_after(
 async fn an_upstream_that_closes_after_each_response_never_causes_a_502() {
     trace_init();
     let (url, accepted) = closing_upstream().await;
-    let proxy = proxy(&url, |_| {}).await;
+    let proxy = proxy(&url, no_probes).await;
     let client = client();
     for i in 0..50 {
         let resp = client
@@ -380,7 +380,7 @@ async fn an_upstream_that_closes_after_each_response_never_causes_a_502() {
 #[tokio::test]
 async fn idle_connections_the_upstream_closed_are_reaped_without_a_request() {
     let (url, accepted) = closing_upstream_after(Duration::from_millis(100)).await;
-    let proxy = proxy(&url, |_| {}).await;
+    let proxy = proxy(&url, no_probes).await;
     let resp = client()
         .get(format!("{}/v1/models", proxy.url()).parse().unwrap())
         .await

@@ -32,14 +32,6 @@ async fn post_reload(admin: &str) -> (u16, serde_json::Value) {
     (status, body_json(resp).await)
 }
 
-async fn status(admin: &str) -> serde_json::Value {
-    let resp = client()
-        .get(format!("{admin}/status").parse().unwrap())
-        .await
-        .unwrap();
-    body_json(resp).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_priorities_and_keys_change_without_dropping_requests() {
     trace_init();

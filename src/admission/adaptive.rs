@@ -1,36 +1,76 @@
-//! `max_concurrency = "auto"`: find the limit instead of being told it.
+//! `max_concurrency = "auto"` and `"backend"`: a limit anteroom finds
+//! instead of being told, that cannot move the queue into the backend.
 //!
-//! A person who has not measured their backend does not know how many
-//! requests it serves best at once. Past its knee a server gets no more
-//! done per second, its time to first token grows, and at worst it refuses
-//! (429/503) or times out. So the limit moves, in the spirit of TCP's AIMD
-//! and Netflix's Gradient2, every [`TICK`]:
+//! The queue must live in anteroom: a request sent to a backend with no
+//! free slot waits inside it, where no priority reaches it and its wait is
+//! counted as the model's time. So the limit is never more than the backend
+//! serves at once, and grows only on evidence that more in flight gets more
+//! done. Every [`TICK`] the controller looks at what happened since the
+//! last one, and applies the first rule that fits:
 //!
-//! - **down ×0.7** when the upstream pushed back since the last tick (a
-//!   429/503, a time-out, a stream that went quiet);
-//! - **down by a tenth (at least 1)** when the backend's time to first
-//!   token (dispatch → first token, the model's own latency, queue
-//!   excluded) averaged over the tick is more than [`TOLERANCE`] × its
-//!   baseline;
-//! - **up by 1** when requests are waiting for a slot and latency holds;
-//! - else it stays.
+//! 1. **never above the backend's slots**: where the backend reports its
+//!    slot count (llama.cpp's `total_slots`), that is the ceiling, with
+//!    `auto_max_concurrency`. `"backend"` *is* that count, followed live;
+//!    where the backend reports none, `"backend"` runs as `"auto"` (said in
+//!    the log and `/status`).
+//! 2. **down ×0.7 on push-back**: the upstream refused for capacity (429,
+//!    503, a 200 whose only event is an error), timed out, or a stream went
+//!    quiet. Growth then pauses for [`HOLD`].
+//! 3. **down to what the backend runs, when it reports a queue of its
+//!    own** (llama.cpp's `requests_deferred`, vLLM's
+//!    `num_requests_waiting`, read every half second): the requests past
+//!    its slots are waiting inside it, so the limit becomes the number it
+//!    is processing (at most one below the current limit). Growth pauses.
+//! 4. **down by one when requests wait inside the backend**, as the
+//!    backend's own timings show (llama.cpp's `timings`: time to first
+//!    token minus its `prompt_ms`, averaged over the tick, more than
+//!    [`WAIT_FLOOR`] and half the prompt time): the same queue, seen
+//!    without `/metrics`. Growth pauses.
+//! 5. **down by a tenth when the model slows**: time to first token
+//!    (the backend's prefill time where it reports one, else dispatch →
+//!    first token) averaged over a window of measurement (below) is more
+//!    than [`TOLERANCE`] × its baseline, the lowest window's average
+//!    (drifting up by 2% of the gap a window, so a change of model or
+//!    prompts is followed). A window, not a tick: one slow request in a
+//!    quarter second is noise, not a trend. Only where the backend reports
+//!    no slots: one that does has said what it serves at once, and time to
+//!    first token grows with every sequence batched beside it (streamed
+//!    answers only: a non-streamed answer's first byte is its last).
+//! 6. **up by one on evidence**: only while requests wait in anteroom and
+//!    the slots are in use, and only once a window at the current limit
+//!    has seen enough completions (at least `2 × limit`, 4, and a second)
+//!    to measure its throughput (output tokens, plus one per request, per
+//!    second). A step up is a probe: if the next window's throughput is not
+//!    [`GAIN`] above the last, the limit steps back and holds there for
+//!    [`HOLD`] before probing again. A tick with no completions is no
+//!    evidence: it never moves the limit up.
 //!
-//! The baseline is the lowest tick average seen, drifting up slowly
-//! (2% of the gap per tick) so that a change of model or prompt mix is
-//! followed. The limit stays within `auto_min_concurrency ..=
-//! auto_max_concurrency` and starts at the minimum. Lowering it never cuts
+//! The limit starts at `auto_min_concurrency` and stays within
+//! `auto_min_concurrency ..= auto_max_concurrency`. Lowering it never cuts
 //! a running request: running ones finish, fewer start.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Scheduler;
+use tokio::time::Instant;
+
+use crate::backend::View;
+use crate::route::Router;
 
 /// How often the limit moves.
 pub const TICK: Duration = Duration::from_millis(250);
 /// How far above its baseline the time to first token may go.
 pub const TOLERANCE: f64 = 1.5;
+/// How much more throughput a step up must bring to be kept.
+pub const GAIN: f64 = 0.05;
+/// How long growth pauses after a step back or a shrink.
+pub const HOLD: Duration = Duration::from_secs(30);
+/// The least time a window of measurement lasts.
+pub const MIN_WINDOW: Duration = Duration::from_secs(1);
+/// Time waited inside the backend below this is not a queue (its own
+/// scheduling step, the network).
+pub const WAIT_FLOOR: Duration = Duration::from_millis(100);
 
 /// The range the limit moves in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +81,16 @@ pub struct AdaptiveBounds {
     pub max: usize,
 }
 
+/// An adaptive limit: its range, and whether it follows the backend's slots
+/// (`"backend"`) or finds its own (`"auto"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adaptive {
+    /// The range.
+    pub bounds: AdaptiveBounds,
+    /// `max_concurrency = "backend"`.
+    pub follow_backend: bool,
+}
+
 /// What the controller listens to, fed from the request path with atomic
 /// adds (no lock).
 #[derive(Debug, Default)]
@@ -48,6 +98,34 @@ pub struct Signals {
     overloads: AtomicU64,
     ttft_sum_us: AtomicU64,
     ttft_count: AtomicU64,
+    wait_sum_us: AtomicU64,
+    prompt_sum_us: AtomicU64,
+    wait_count: AtomicU64,
+    completed: AtomicU64,
+    work: AtomicU64,
+}
+
+/// What happened since the last tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Taken {
+    /// Push-backs from the upstream.
+    pub overloads: u64,
+    /// Times to first token measured (prefill where reported): their sum
+    /// in microseconds, and how many.
+    pub ttft_sum_us: u64,
+    /// How many times to first token were measured.
+    pub ttft_n: u64,
+    /// Mean time waited inside the backend and mean prefill time, where
+    /// the backend reports its timings, microseconds.
+    pub backend_wait_us: Option<(f64, f64)>,
+    /// Admitted requests that completed.
+    pub completed: u64,
+    /// Their work: output tokens plus one per request.
+    pub work: u64,
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX >> 8)) as u64
 }
 
 impl Signals {
@@ -56,37 +134,138 @@ impl Signals {
         self.overloads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A backend time to first token was measured.
+    /// A time to first token was measured: the backend's prefill time where
+    /// it reports one, else dispatch → first token.
     pub fn ttft(&self, d: Duration) {
-        let us = d.as_micros().min(u128::from(u64::MAX >> 8)) as u64;
-        self.ttft_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.ttft_sum_us.fetch_add(micros(d), Ordering::Relaxed);
         self.ttft_count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Overloads and the mean TTFT since the last call.
-    fn take(&self) -> (u64, Option<f64>) {
-        let overloads = self.overloads.swap(0, Ordering::Relaxed);
-        let sum = self.ttft_sum_us.swap(0, Ordering::Relaxed);
-        let n = self.ttft_count.swap(0, Ordering::Relaxed);
-        (overloads, (n > 0).then(|| sum as f64 / n as f64))
+    /// The backend reported its timings: `waited` inside it before
+    /// `prefill` began.
+    pub fn backend_wait(&self, waited: Duration, prefill: Duration) {
+        self.wait_sum_us
+            .fetch_add(micros(waited), Ordering::Relaxed);
+        self.prompt_sum_us
+            .fetch_add(micros(prefill), Ordering::Relaxed);
+        self.wait_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An admitted request completed with `tokens` output tokens.
+    pub fn completed(&self, tokens: u64) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        self.work
+            .fetch_add(tokens.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Everything since the last call.
+    pub fn take(&self) -> Taken {
+        let mean = |sum: &AtomicU64, n: u64| sum.swap(0, Ordering::Relaxed) as f64 / n as f64;
+        let w = self.wait_count.swap(0, Ordering::Relaxed);
+        let backend_wait_us =
+            (w > 0).then(|| (mean(&self.wait_sum_us, w), mean(&self.prompt_sum_us, w)));
+        Taken {
+            overloads: self.overloads.swap(0, Ordering::Relaxed),
+            ttft_sum_us: self.ttft_sum_us.swap(0, Ordering::Relaxed),
+            ttft_n: self.ttft_count.swap(0, Ordering::Relaxed),
+            backend_wait_us,
+            completed: self.completed.swap(0, Ordering::Relaxed),
+            work: self.work.swap(0, Ordering::Relaxed),
+        }
     }
 }
 
-/// The controller's state between ticks.
+/// Anteroom's own state at a tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Requests waiting in anteroom's queue.
+    pub waiting: usize,
+    /// Requests in flight at the upstream.
+    pub running: usize,
+}
+
+/// A window of measurement at one limit.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    since: Instant,
+    completed: u64,
+    work: u64,
+    ticks: u32,
+    saturated: u32,
+    ttft_sum_us: u64,
+    ttft_n: u64,
+}
+
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self {
+            since: now,
+            completed: 0,
+            work: 0,
+            ticks: 0,
+            saturated: 0,
+            ttft_sum_us: 0,
+            ttft_n: 0,
+        }
+    }
+}
+
+/// Why the limit is what it is, for `/status` and the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `"backend"`, with the backend's slots.
+    Backend,
+    /// `"auto"`.
+    Auto,
+    /// `"backend"`, but the backend reports no slots: as `"auto"`.
+    AutoFallback,
+}
+
+impl Source {
+    /// As `/status` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Backend => "backend",
+            Source::Auto => "auto",
+            Source::AutoFallback => "auto (the backend reports no slots)",
+        }
+    }
+}
+
+/// The controller's state between ticks: plain state, no I/O, so that it
+/// is tested tick by tick on made-up inputs.
 #[derive(Debug)]
 pub struct Controller {
-    bounds: AdaptiveBounds,
+    adaptive: Adaptive,
     limit: usize,
     baseline_us: Option<f64>,
+    window: Option<Window>,
+    /// Throughput measured one below the current limit, while the current
+    /// limit is a probe.
+    below: Option<f64>,
+    /// No growth before this.
+    hold_until: Option<Instant>,
+    /// The last backend load reading acted on.
+    readings: u64,
+    source: Source,
 }
 
 impl Controller {
     /// Start at the lowest limit.
-    pub fn new(bounds: AdaptiveBounds) -> Self {
+    pub fn new(adaptive: Adaptive) -> Self {
         Self {
-            bounds,
-            limit: bounds.min,
+            adaptive,
+            limit: adaptive.bounds.min,
             baseline_us: None,
+            window: None,
+            below: None,
+            hold_until: None,
+            readings: 0,
+            source: if adaptive.follow_backend {
+                Source::AutoFallback
+            } else {
+                Source::Auto
+            },
         }
     }
 
@@ -95,55 +274,177 @@ impl Controller {
         self.limit
     }
 
-    /// One tick: the new limit, from what happened since the last.
-    pub fn step(&mut self, overloads: u64, ttft_us: Option<f64>, waiting: usize) -> usize {
-        let AdaptiveBounds { min, max } = self.bounds;
-        let slow = match (ttft_us, self.baseline_us) {
-            (Some(now), Some(base)) => now > base * TOLERANCE,
-            _ => false,
-        };
-        if let Some(now) = ttft_us {
-            self.baseline_us = Some(match self.baseline_us {
-                Some(base) if now >= base => base + (now - base) * 0.02,
-                _ => now,
-            });
+    /// Why it is what it is.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// A new limit from here on: measurement starts again, and growth
+    /// waits `hold` if given.
+    fn set(&mut self, limit: usize, now: Instant, hold: bool) -> usize {
+        self.limit = limit.clamp(self.adaptive.bounds.min, self.adaptive.bounds.max.max(1));
+        self.window = None;
+        self.below = None;
+        if hold {
+            self.hold_until = Some(now + HOLD);
         }
-        self.limit = if overloads > 0 {
-            ((self.limit as f64 * 0.7).floor() as usize).max(min)
-        } else if slow {
-            self.limit.saturating_sub((self.limit / 10).max(1)).max(min)
-        } else if waiting > 0 {
-            (self.limit + 1).min(max)
-        } else {
-            self.limit
-        };
         self.limit
+    }
+
+    /// One tick: the new limit, from what happened since the last.
+    pub fn step(&mut self, now: Instant, taken: Taken, load: Load, backend: View) -> usize {
+        let AdaptiveBounds { min, max } = self.adaptive.bounds;
+        let fresh = backend.readings != self.readings;
+        self.readings = backend.readings;
+
+        // 1. "backend": the slots it reports.
+        if self.adaptive.follow_backend {
+            if let Some(slots) = backend.slots {
+                self.source = Source::Backend;
+                self.limit = slots.max(1);
+                return self.limit;
+            }
+            self.source = Source::AutoFallback;
+        }
+        let ceiling = backend.slots.map_or(max, |s| s.min(max)).max(min);
+        if self.limit > ceiling {
+            return self.set(ceiling, now, false);
+        }
+
+        // 2. Push-back.
+        if taken.overloads > 0 {
+            let to = (self.limit as f64 * 0.7).floor() as usize;
+            return self.set(to, now, true);
+        }
+        // 3. The backend reports a queue of its own.
+        if fresh {
+            if let Some(queued) = backend.waiting.filter(|&w| w > 0) {
+                let serving = backend
+                    .running
+                    .unwrap_or_else(|| load.running.saturating_sub(queued));
+                let to = serving.min(self.limit.saturating_sub(1));
+                return self.set(to, now, true);
+            }
+        }
+        // 4. Requests wait inside the backend (its timings say so).
+        if let Some((wait, prefill)) = taken.backend_wait_us {
+            if wait > micros(WAIT_FLOOR) as f64 && wait > 0.5 * prefill {
+                return self.set(self.limit.saturating_sub(1), now, true);
+            }
+        }
+        // 5 and 6: measured over a window at this limit, while there is
+        // demand.
+        if load.waiting == 0 {
+            // Nothing waits: no reason to go higher, and no measurement of
+            // what this limit can do.
+            self.window = None;
+            return self.limit;
+        }
+        let w = self.window.get_or_insert_with(|| Window::new(now));
+        w.ticks += 1;
+        w.saturated += u32::from(load.running >= self.limit);
+        w.completed += taken.completed;
+        w.work += taken.work;
+        w.ttft_sum_us = w.ttft_sum_us.saturating_add(taken.ttft_sum_us);
+        w.ttft_n += taken.ttft_n;
+        let elapsed = now.duration_since(w.since);
+        let enough = (2 * self.limit as u64).max(4);
+        if w.completed < enough || elapsed < MIN_WINDOW {
+            return self.limit;
+        }
+        let window = *w;
+        self.window = None;
+        if window.saturated * 4 < window.ticks * 3 {
+            // The slots were not in use most of the time: what the window
+            // measured is the demand, not this limit.
+            return self.limit;
+        }
+        // 5. The model slows: the window's time to first token against
+        // the baseline (the lowest window's, drifting up slowly).
+        if window.ttft_n > 0 && backend.slots.is_none() {
+            let mean = window.ttft_sum_us as f64 / window.ttft_n as f64;
+            let slow = self.baseline_us.is_some_and(|base| mean > base * TOLERANCE);
+            self.baseline_us = Some(match self.baseline_us {
+                Some(base) if mean >= base => base + (mean - base) * 0.02,
+                _ => mean,
+            });
+            if slow {
+                let to = self.limit.saturating_sub((self.limit / 10).max(1));
+                return self.set(to, now, false);
+            }
+        }
+        let rate = window.work as f64 / elapsed.as_secs_f64();
+        let may_grow = self.limit < ceiling && self.hold_until.is_none_or(|t| now >= t);
+        match self.below {
+            Some(below) if rate <= below * (1.0 + GAIN) => {
+                // The step up bought nothing: back, and stay a while.
+                tracing::debug!(limit = self.limit, rate, below, "no gain from the step up");
+                self.set(self.limit - 1, now, true)
+            }
+            _ if may_grow => {
+                self.limit += 1;
+                self.below = Some(rate);
+                self.limit
+            }
+            _ => {
+                self.below = None;
+                self.limit
+            }
+        }
     }
 }
 
-/// Run the controller on `scheduler` until dropped.
-pub async fn run(scheduler: Arc<Scheduler>, signals: Arc<Signals>, bounds: AdaptiveBounds) {
-    let mut controller = Controller::new(bounds);
-    scheduler.set_max_concurrency(controller.limit());
+/// Run the controller on the first upstream's scheduler until dropped (or
+/// the router closes).
+pub async fn run(router: Arc<Router>, signals: Arc<super::adaptive::Signals>, adaptive: Adaptive) {
+    let mut controller = Controller::new(adaptive);
+    let slot = |router: &Router| {
+        let table = router.table();
+        table.slot(table.first()).clone()
+    };
+    slot(&router)
+        .scheduler
+        .set_max_concurrency(controller.limit());
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    loop {
+    let mut said = None;
+    while !router.is_closed() {
         tick.tick().await;
-        let (overloads, ttft) = signals.take();
-        let waiting = scheduler.snapshot_counts().0;
+        let slot = slot(&router);
+        let taken = signals.take();
+        let (waiting, running) = slot.scheduler.snapshot_counts();
         let before = controller.limit();
-        let limit = controller.step(overloads, ttft, waiting);
+        let view = slot.backend.view();
+        let limit = controller.step(Instant::now(), taken, Load { waiting, running }, view);
+        let source = controller.source();
+        slot.backend.set_limit(source.as_str());
+        if said != Some(source) {
+            match source {
+                Source::AutoFallback => tracing::warn!(
+                    upstream = %slot.config.name,
+                    "max_concurrency = \"backend\", but the backend reports no slots: finding the limit as \"auto\" does"
+                ),
+                Source::Backend => tracing::info!(
+                    upstream = %slot.config.name,
+                    limit,
+                    "max_concurrency follows the backend's slots"
+                ),
+                Source::Auto => {}
+            }
+            said = Some(source);
+        }
         if limit != before {
             tracing::debug!(
                 limit,
                 before,
-                overloads,
-                ?ttft,
+                ?taken,
                 waiting,
+                running,
+                ?view,
                 "adaptive limit moved"
             );
-            scheduler.set_max_concurrency(limit);
+            slot.scheduler.set_max_concurrency(limit);
         }
     }
 }
@@ -152,53 +453,266 @@ pub async fn run(scheduler: Arc<Scheduler>, signals: Arc<Signals>, bounds: Adapt
 mod tests {
     use super::*;
 
-    const B: AdaptiveBounds = AdaptiveBounds { min: 1, max: 32 };
+    const AUTO: Adaptive = Adaptive {
+        bounds: AdaptiveBounds { min: 1, max: 32 },
+        follow_backend: false,
+    };
 
-    #[test]
-    fn climbs_while_requests_wait_and_latency_holds() {
-        let mut c = Controller::new(B);
-        for i in 0..10 {
-            assert_eq!(c.step(0, Some(100_000.0), 5), 2 + i);
+    /// A backend whose throughput (work per second) at `k` in flight is
+    /// `rate(k)`, served under load for `secs` seconds of ticks; returns the
+    /// limit after each tick.
+    fn drive(
+        c: &mut Controller,
+        secs: u64,
+        rate: impl Fn(usize) -> f64,
+        backend: impl Fn(usize) -> View,
+        t: &mut Instant,
+    ) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut owed = 0.0;
+        for _ in 0..secs * 4 {
+            *t += TICK;
+            let k = c.limit();
+            // Completions of 10 units of work each.
+            owed += rate(k) * TICK.as_secs_f64() / 10.0;
+            let completed = owed.floor() as u64;
+            owed -= completed as f64;
+            let taken = Taken {
+                completed,
+                work: completed * 10,
+                ..Taken::default()
+            };
+            let load = Load {
+                waiting: 100,
+                running: k,
+            };
+            out.push(c.step(*t, taken, load, backend(k)));
         }
-        // Nobody waiting: no reason to go higher.
-        assert_eq!(c.step(0, Some(100_000.0), 0), 11);
-        // Never above the bound.
-        for _ in 0..100 {
-            c.step(0, Some(100_000.0), 5);
-        }
-        assert_eq!(c.limit(), 32);
+        out
+    }
+
+    fn quiet(_: usize) -> View {
+        View::default()
     }
 
     #[test]
-    fn backs_off_multiplicatively_on_push_back_and_gently_on_latency() {
-        let mut c = Controller::new(B);
-        for _ in 0..19 {
-            c.step(0, Some(100_000.0), 5);
+    fn no_growth_without_samples() {
+        let mut c = Controller::new(AUTO);
+        let mut t = Instant::now();
+        // A hundred ticks with requests waiting and the slot busy, but
+        // nothing completing (long generations): no evidence, no growth.
+        for _ in 0..100 {
+            t += TICK;
+            let load = Load {
+                waiting: 50,
+                running: 1,
+            };
+            assert_eq!(c.step(t, Taken::default(), load, View::default()), 1);
         }
-        assert_eq!(c.limit(), 20);
-        assert_eq!(c.step(2, Some(100_000.0), 5), 14, "×0.7 on a 429");
-        assert_eq!(c.step(0, Some(200_000.0), 5), 13, "TTFT 2× baseline: −1");
-        assert_eq!(c.step(0, Some(140_000.0), 5), 14, "within tolerance: +1");
+        // Nothing waiting: completions are no reason to grow either.
+        for _ in 0..100 {
+            t += TICK;
+            let taken = Taken {
+                completed: 10,
+                work: 100,
+                ..Taken::default()
+            };
+            assert_eq!(c.step(t, taken, Load::default(), View::default()), 1);
+        }
+    }
+
+    #[test]
+    fn climbs_to_the_knee_and_stays() {
+        // Throughput grows to 4 in flight, flat to 8, collapses beyond.
+        let knee = |k: usize| {
+            let k = k as f64;
+            if k <= 4.0 {
+                100.0 * k
+            } else if k <= 8.0 {
+                400.0
+            } else {
+                400.0 / (1.0 + k - 8.0)
+            }
+        };
+        let mut c = Controller::new(AUTO);
+        let mut t = Instant::now();
+        let limits = drive(&mut c, 120, knee, quiet, &mut t);
+        let settled = &limits[limits.len() / 2..];
+        assert!(settled.iter().all(|&l| (4..=6).contains(&l)), "{limits:?}");
+        assert!(
+            settled.iter().filter(|&&l| l == 4).count() > settled.len() / 2,
+            "{limits:?}"
+        );
+        // Climbing took seconds, not minutes.
+        let first4 = limits.iter().position(|&l| l == 4).unwrap();
+        assert!(first4 < 4 * 20, "{limits:?}");
+    }
+
+    #[test]
+    fn stops_at_the_backends_slots() {
+        let linear = |k: usize| 100.0 * k as f64;
+        let slots = |_| View {
+            slots: Some(3),
+            ..View::default()
+        };
+        let mut c = Controller::new(AUTO);
+        let mut t = Instant::now();
+        let limits = drive(&mut c, 60, linear, slots, &mut t);
+        assert_eq!(*limits.iter().max().unwrap(), 3, "{limits:?}");
+        assert_eq!(*limits.last().unwrap(), 3);
+        // Reported fewer later (restarted with fewer slots): down at once.
+        let fewer = |_| View {
+            slots: Some(2),
+            ..View::default()
+        };
+        let limits = drive(&mut c, 1, linear, fewer, &mut t);
+        assert_eq!(limits[0], 2);
+    }
+
+    #[test]
+    fn shrinks_on_a_reported_backend_queue() {
+        let mut c = Controller::new(AUTO);
+        let mut t = Instant::now();
+        let linear = |k: usize| 100.0 * k as f64;
+        drive(&mut c, 30, linear, quiet, &mut t);
+        let high = c.limit();
+        assert!(high >= 6, "{high}");
+        // The backend says it runs 2 and queues the rest.
+        t += TICK;
+        let view = View {
+            running: Some(2),
+            waiting: Some(high - 2),
+            readings: 1,
+            ..View::default()
+        };
+        let load = Load {
+            waiting: 10,
+            running: high,
+        };
+        assert_eq!(c.step(t, Taken::default(), load, view), 2);
+        // The same reading again is not news; and growth holds for a while
+        // however good the evidence.
+        let limits = drive(
+            &mut c,
+            HOLD.as_secs() - 1,
+            linear,
+            |_| View {
+                readings: 1,
+                ..View::default()
+            },
+            &mut t,
+        );
+        assert!(limits.iter().all(|&l| l == 2), "{limits:?}");
+        // A fresh reading with no queue: growth may resume after the hold.
+        let limits = drive(&mut c, 10, linear, quiet, &mut t);
+        assert!(*limits.last().unwrap() > 2, "{limits:?}");
+    }
+
+    #[test]
+    fn shrinks_when_the_backends_timings_show_a_wait() {
+        let mut c = Controller::new(AUTO);
+        let mut t = Instant::now();
+        drive(&mut c, 20, |k| 100.0 * k as f64, quiet, &mut t);
+        let high = c.limit();
+        t += TICK;
+        let taken = Taken {
+            // 900 ms waited inside for a 200 ms prefill.
+            backend_wait_us: Some((900_000.0, 200_000.0)),
+            ..Taken::default()
+        };
+        let load = Load {
+            waiting: 1,
+            running: high,
+        };
+        assert_eq!(c.step(t, taken, load, View::default()), high - 1);
+        // A wait within the backend's own scheduling step is no queue.
+        let mut c = Controller::new(AUTO);
+        drive(&mut c, 20, |k| 100.0 * k as f64, quiet, &mut t);
+        let high = c.limit();
+        t += TICK;
+        let taken = Taken {
+            backend_wait_us: Some((20_000.0, 200_000.0)),
+            ..Taken::default()
+        };
+        assert_eq!(c.step(t, taken, load, View::default()), high);
+    }
+
+    #[test]
+    fn backs_off_on_push_back_and_on_latency() {
+        let mut c = Controller::new(AUTO);
+        let mut t = Instant::now();
+        drive(&mut c, 40, |k| 100.0 * k as f64, quiet, &mut t);
+        let high = c.limit();
+        assert!(high >= 10, "{high}");
+        let step = |c: &mut Controller, t: &mut Instant, taken: Taken| {
+            *t += TICK;
+            let load = Load {
+                waiting: 5,
+                running: c.limit(),
+            };
+            c.step(*t, taken, load, View::default())
+        };
+        let push = Taken {
+            overloads: 2,
+            ..Taken::default()
+        };
+        assert_eq!(step(&mut c, &mut t, push), (high as f64 * 0.7) as usize);
+        // Ticks of completions whose time to first token is `us`, until a
+        // window closes (the limit moves, or 40 ticks pass).
+        let window = |c: &mut Controller, t: &mut Instant, us: u64| {
+            let before = c.limit();
+            for _ in 0..40 {
+                let taken = Taken {
+                    completed: 20,
+                    work: 200,
+                    ttft_sum_us: 20 * us,
+                    ttft_n: 20,
+                    ..Taken::default()
+                };
+                if step(c, t, taken) != before {
+                    break;
+                }
+            }
+            c.limit()
+        };
+        // Growth is on hold after the push-back; the baseline is learnt.
+        let l = c.limit();
+        assert_eq!(window(&mut c, &mut t, 100_000), l);
+        // A window twice as slow: down by a tenth; one as slow as the
+        // baseline is no reason.
+        assert_eq!(window(&mut c, &mut t, 200_000), l - (l / 10).max(1));
+        let l = c.limit();
+        assert_eq!(window(&mut c, &mut t, 110_000), l);
         for _ in 0..20 {
-            c.step(1, None, 5);
+            step(&mut c, &mut t, push);
         }
         assert_eq!(c.limit(), 1, "never below the bound");
     }
 
     #[test]
-    fn the_baseline_follows_a_lasting_change_slowly() {
-        let mut c = Controller::new(AdaptiveBounds { min: 4, max: 4 });
-        c.step(0, Some(100_000.0), 0);
-        // A slower model: at first every tick is "slow", then the
-        // baseline catches up and it no longer is.
-        let mut slow_ticks = 0;
-        for _ in 0..200 {
-            let before = c.baseline_us.unwrap();
-            c.step(0, Some(300_000.0), 0);
-            if 300_000.0 > before * TOLERANCE {
-                slow_ticks += 1;
-            }
-        }
-        assert!(slow_ticks > 10 && slow_ticks < 200, "{slow_ticks}");
+    fn backend_mode_follows_the_slots_or_falls_back() {
+        let mut c = Controller::new(Adaptive {
+            follow_backend: true,
+            ..AUTO
+        });
+        let mut t = Instant::now();
+        t += TICK;
+        let view = |slots| View {
+            slots,
+            ..View::default()
+        };
+        assert_eq!(
+            c.step(t, Taken::default(), Load::default(), view(Some(4))),
+            4
+        );
+        assert_eq!(c.source(), Source::Backend);
+        assert_eq!(
+            c.step(t, Taken::default(), Load::default(), view(Some(1))),
+            1
+        );
+        // No slots reported: "auto" from where it is.
+        let limits = drive(&mut c, 20, |k| 100.0 * k as f64, |_| view(None), &mut t);
+        assert_eq!(c.source(), Source::AutoFallback);
+        assert!(*limits.last().unwrap() > 1, "{limits:?}");
     }
 }

@@ -9,6 +9,9 @@
 //! the `anteroom report` of its own request log, and, in a second part, an
 //! interactive user's time to first token beside an eval flood: on an idle
 //! backend, with priority alone, and with one slot reserved for urgent work.
+//! A third part shows discovery: a llama.cpp-like simulator behind
+//! `max_concurrency = "backend"`, its slots read from `/props`, and its own
+//! queue empty where a limit too high fills it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -140,7 +143,86 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
     if !keep_log {
         let _ = std::fs::remove_file(&log_path);
     }
-    reservation().await
+    reservation().await?;
+    discovery().await
+}
+
+/// Part three: the limit read from the backend, and the backend's own queue
+/// with it and with a limit too high.
+async fn discovery() -> Result<(), BoxError> {
+    const SLOTS: usize = 3;
+    const STREAMS: usize = 12;
+    println!(
+        "\nKnowing the backend: a llama.cpp-like simulator (--mode llama --slots {SLOTS}) \
+         and {STREAMS} streams at once.\n"
+    );
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    for (label, limit) in [
+        (
+            "max_concurrency = \"backend\"",
+            crate::config::Concurrency::Backend,
+        ),
+        ("max_concurrency = 16", 16.into()),
+    ] {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+        let sim = sim::start(
+            loopback,
+            SimConfig {
+                mode: Mode::Llama,
+                slots: SLOTS,
+                ttft: Duration::from_millis(30),
+                tokens_per_second: 200.0,
+                ..SimConfig::default()
+            },
+        )
+        .await?;
+        let file = FileConfig {
+            listen: "127.0.0.1:0".into(),
+            admin_listen: "127.0.0.1:0".into(),
+            upstream: sim.url().into(),
+            max_concurrency: limit,
+            ..FileConfig::default()
+        };
+        let proxy = super::serve::start(&file.validate()?).await?;
+        // Discovery runs at start; wait (bounded) for the limit to follow.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let backend = loop {
+            let table = proxy.router.table();
+            let slot = table.slot(table.first()).clone();
+            drop(table);
+            let status = slot.backend.status();
+            let known = status.kind.is_some()
+                && (limit != crate::config::Concurrency::Backend
+                    || slot.scheduler.snapshot().max_concurrency == SLOTS);
+            if known || Instant::now() > deadline {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let url = format!("{}/v1/chat/completions", proxy.url());
+        let tasks: Vec<_> = (0..STREAMS)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move { stream_all(&client, &url, 10, 16).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        let stats = sim.stats();
+        println!(
+            "  {label:<30} identified {} with {} slots; limit {:>2}: at most {} running in the backend, {:>2} waiting inside it",
+            backend.kind.unwrap_or("nothing"),
+            backend.slots.map_or("no".into(), |n| n.to_string()),
+            proxy.scheduler.snapshot().max_concurrency,
+            stats.peak_running,
+            stats.peak_waiting,
+        );
+    }
+    println!(
+        "\n  (waiting inside the backend, a request has no priority, and its wait counts as the model's time)"
+    );
+    Ok(())
 }
 
 /// Part two: an interactive user's time to first token beside an eval flood,

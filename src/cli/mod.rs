@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod healthcheck;
+pub mod probe;
 pub mod report;
 pub mod serve;
 pub mod simulate;
@@ -60,6 +61,10 @@ pub enum Command {
     /// Summarise a request log: counts, rates, and queue wait / TTFT / TPOT
     /// / end-to-end percentiles.
     Report(report::ReportArgs),
+    /// Test a backend before a benchmark: what it is, its models and slots,
+    /// how its answers look (usage, timings, priority), and the settings
+    /// anteroom would use.
+    Probe(probe::ProbeArgs),
     /// GET the admin listener's /healthz; exit 0 on 200 (for container
     /// HEALTHCHECKs without curl).
     Healthcheck(healthcheck::HealthcheckArgs),
@@ -72,6 +77,7 @@ pub async fn run(cli: Cli) -> Result<(), crate::BoxError> {
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Report(args) => report::run(&args),
+        Command::Probe(args) => probe::run(args).await,
         Command::Healthcheck(args) => healthcheck::run(args).await,
     }
 }

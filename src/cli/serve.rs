@@ -32,9 +32,9 @@ pub struct ServeArgs {
     /// Admin listen address for /healthz and /status (key: admin_listen).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Most requests in flight at the upstream, or "auto" (key:
+    /// Most requests in flight at the upstream, "auto" or "backend" (key:
     /// max_concurrency).
-    #[arg(long, value_name = "N|auto")]
+    #[arg(long, value_name = "N|auto|backend")]
     pub max_concurrency: Option<crate::config::Concurrency>,
     /// Lowest limit of "auto" (key: auto_min_concurrency).
     #[arg(long, value_name = "N")]
@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Highest limit of "auto" (key: auto_max_concurrency).
     #[arg(long, value_name = "N")]
     pub auto_max_concurrency: Option<usize>,
+    /// What the upstream is: auto, llama.cpp, vllm, ollama, lmstudio or
+    /// openai (key: backend).
+    #[arg(long, value_name = "KIND")]
+    pub backend: Option<crate::backend::Setting>,
     /// Most requests waiting (key: max_queue).
     #[arg(long, value_name = "N")]
     pub max_queue: Option<usize>,
@@ -192,6 +196,7 @@ impl ServeArgs {
             max_concurrency,
             auto_min_concurrency,
             auto_max_concurrency,
+            backend,
             max_queue,
             queue_timeout,
             retry_after_cap,
@@ -463,12 +468,14 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     }
     // Probes run while there are several upstreams (a reload may add some).
     router.start_health_checks(config.health.clone());
+    // Every upstream's backend is identified now and every health_interval.
+    router.start_watching_backends(config.health.interval);
     let scheduler = schedulers[0].clone();
-    if let Some(bounds) = config.adaptive {
+    if let Some(adaptive) = config.adaptive {
         tasks.push(tokio::spawn(crate::admission::adaptive::run(
-            scheduler.clone(),
+            router.clone(),
             recorder.signals.clone(),
-            bounds,
+            adaptive,
         )));
     }
     let upstream =

@@ -80,6 +80,10 @@ pub struct Metrics {
     running: IntGaugeVec,
     max_concurrency: IntGauge,
     max_queue: IntGauge,
+    backend_info: IntGaugeVec,
+    backend_slots: IntGaugeVec,
+    backend_running: IntGaugeVec,
+    backend_waiting: IntGaugeVec,
     reserved_used: IntGaugeVec,
     reserved_free: IntGaugeVec,
     /// Records the request log could not take (its channel was full).
@@ -208,6 +212,26 @@ impl Metrics {
             "The most requests that may wait in the queue.",
         )
         .expect("metric definitions are valid");
+        let backend_info = gauge(
+            "anteroom_backend_info",
+            "1 for each upstream, labelled with what its backend was identified as (kind: llama.cpp, vllm, ollama, lmstudio, openai, or unknown) and how the concurrency limit is decided (limit: fixed, backend, auto).",
+            &["upstream", "kind", "limit"],
+        );
+        let backend_slots = gauge(
+            "anteroom_backend_slots",
+            "Slots the backend reports it serves at once (llama.cpp's total_slots); absent where it reports none.",
+            &["upstream"],
+        );
+        let backend_running = gauge(
+            "anteroom_backend_requests_running",
+            "Requests the backend reports it is processing (all its clients', not only anteroom's).",
+            &["upstream"],
+        );
+        let backend_waiting = gauge(
+            "anteroom_backend_requests_waiting",
+            "Requests the backend reports waiting inside it for a slot: above 0, the queue has moved into the backend.",
+            &["upstream"],
+        );
         let reserved_used = gauge(
             "anteroom_reserved_slots_used",
             "Running requests that may use a reservation (at its max_priority or more urgent).",
@@ -278,6 +302,10 @@ impl Metrics {
             Box::new(running.clone()),
             Box::new(max_concurrency.clone()),
             Box::new(max_queue.clone()),
+            Box::new(backend_info.clone()),
+            Box::new(backend_slots.clone()),
+            Box::new(backend_running.clone()),
+            Box::new(backend_waiting.clone()),
             Box::new(reserved_used.clone()),
             Box::new(reserved_free.clone()),
             Box::new(log_dropped.clone()),
@@ -316,6 +344,10 @@ impl Metrics {
             running,
             max_concurrency,
             max_queue,
+            backend_info,
+            backend_slots,
+            backend_running,
+            backend_waiting,
             reserved_used,
             reserved_free,
             log_dropped,
@@ -420,8 +452,39 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the queue gauges taken from `snapshot`.
-    pub fn encode(&self, snapshot: &Snapshot) -> String {
+    /// The text exposition, with the queue gauges taken from `snapshot`
+    /// and the backend gauges from each upstream's backend.
+    pub fn encode(
+        &self,
+        snapshot: &Snapshot,
+        backends: &[(&str, &crate::backend::Status)],
+    ) -> String {
+        for g in [
+            &self.backend_info,
+            &self.backend_slots,
+            &self.backend_running,
+            &self.backend_waiting,
+        ] {
+            g.reset();
+        }
+        for (name, b) in backends {
+            self.backend_info
+                .with_label_values(&[
+                    name,
+                    b.kind.unwrap_or("unknown"),
+                    b.limit.split(' ').next().unwrap_or("auto"),
+                ])
+                .set(1);
+            for (g, v) in [
+                (&self.backend_slots, b.slots),
+                (&self.backend_running, b.running),
+                (&self.backend_waiting, b.waiting),
+            ] {
+                if let Some(v) = v {
+                    g.with_label_values(&[name]).set(v as i64);
+                }
+            }
+        }
         self.max_concurrency.set(snapshot.max_concurrency as i64);
         self.max_queue.set(snapshot.max_queue as i64);
         for (vec, by) in [

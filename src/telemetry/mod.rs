@@ -505,11 +505,10 @@ impl Capture {
         }
         let now = Instant::now();
         if self.first_byte.is_none() {
+            // Not a stream: its first byte is its first token for the
+            // record, but that is the whole generation, not a time to first
+            // token the adaptive limit could compare: no signal.
             self.first_byte = Some(now);
-            if self.observer.framing() != Framing::Sse {
-                // Not a stream: its first byte is its first token.
-                self.backend_ttft_signal(now);
-            }
         }
         if tokens == 0 {
             return;
@@ -600,6 +599,12 @@ impl Capture {
             None if self.rejected => Some(ms(e2e)),
             None => None,
         };
+        if outcome == Outcome::Ok && classified.is_some() && dispatched.is_some() {
+            // The adaptive limit's measure of throughput.
+            self.recorder
+                .signals
+                .completed(completion_tokens.unwrap_or(0));
+        }
         let timings = Timings {
             queue_ms,
             upstream_headers_ms: match (dispatched, headers) {

@@ -36,6 +36,64 @@ use crate::telemetry::Tap;
 use crate::BoxError;
 use pool::Pool;
 
+/// One `GET path` to `origin` on a fresh connection (a server that stopped
+/// accepting, or restarted, must not look alive through an old keep-alive
+/// connection), with the upstream's key if anteroom holds one: its status and
+/// at most `max_bytes` of its body, the whole within `timeout`. For probes
+/// (health, the backend's endpoints), never for a client's request.
+pub(crate) async fn get(
+    origin: &Origin,
+    path: &str,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<(http::StatusCode, Bytes), BoxError> {
+    exchange(origin, http::Method::GET, path, None, timeout, max_bytes).await
+}
+
+/// [`get`], for any method, with a JSON body if given.
+pub(crate) async fn exchange(
+    origin: &Origin,
+    method: http::Method,
+    path: &str,
+    json: Option<Bytes>,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<(http::StatusCode, Bytes), BoxError> {
+    use http_body_util::BodyExt;
+    let one = async {
+        let stream = connect(origin, timeout).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let driving = tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(origin.path_for(path))
+            .header(http::header::HOST, origin.host_header().clone());
+        if let Some(auth) = origin.authorization() {
+            req = req.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        if json.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let answer = async {
+            let body = http_body_util::Full::new(json.unwrap_or_default());
+            let resp = sender.send_request(req.body(body)?).await?;
+            let status = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), max_bytes)
+                .collect()
+                .await?
+                .to_bytes();
+            Ok::<_, BoxError>((status, body))
+        }
+        .await;
+        driving.abort();
+        answer
+    };
+    tokio::time::timeout(timeout, one)
+        .await
+        .map_err(|_| format!("no answer to {path} within {timeout:?}"))?
+}
+
 /// Connection settings of the upstream client.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {

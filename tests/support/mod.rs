@@ -57,6 +57,12 @@ pub async fn proxy(upstream: &str, f: impl FnOnce(&mut FileConfig)) -> Running {
     serve::start(&file.validate().unwrap()).await.unwrap()
 }
 
+/// For tests that count the upstream's connections: the backend is not
+/// probed (`backend = "openai"`), so every connection is the pool's.
+pub fn no_probes(c: &mut FileConfig) {
+    c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::OpenAi);
+}
+
 /// A simulator with `cfg`, a proxy in front of it adjusted by `f`, and a client.
 pub async fn setup(
     cfg: SimConfig,
@@ -158,6 +164,20 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// `GET /status` of the admin listener at `admin` (`http://host:port`).
+pub async fn status(admin: &str) -> serde_json::Value {
+    let resp = client()
+        .get(format!("{admin}/status").parse().unwrap())
+        .await
+        .unwrap();
+    body_json(resp).await
+}
+
+/// [`status`] of a proxy.
+pub async fn proxy_status(proxy: &Running) -> serde_json::Value {
+    status(&format!("http://{}", proxy.admin_addr)).await
 }
 
 /// A header as a number.
@@ -263,6 +283,7 @@ pub fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEnt
         weight: 1,
         api_key: None,
         api_key_env: None,
+        backend: None,
     }
 }
 
@@ -383,4 +404,62 @@ pub fn check_exposition(text: &str) -> Result<prometheus_parse::Scrape, String> 
         }
     }
     Ok(scrape)
+}
+
+/// What [`closed_loop`] saw.
+pub struct Driven {
+    /// The proxy's limit every 100 ms.
+    pub samples: Vec<usize>,
+    /// Requests completed in all.
+    pub done: u64,
+    /// Requests completed in the second half of the run.
+    pub second_half: u64,
+}
+
+/// `clients` closed-loop clients (each sends its next request when the last
+/// is read to its end; every other one streamed when `streams`) against the
+/// proxy for `run`, bounded in count as well; the limit is sampled every
+/// 100 ms.
+pub async fn closed_loop(proxy: &Running, clients: usize, run: Duration, streams: bool) -> Driven {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (stop, done, url) = (stop.clone(), done.clone(), proxy.url());
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            for i in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let stream = streams && i % 2 == 0;
+                let resp = chat(&client, &url, None, &format!("c{c}-{i}"), stream, 8).await;
+                assert_eq!(resp.status(), 200);
+                body_bytes(resp).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut samples = Vec::new();
+    let ticks = run.as_millis() / 100;
+    let mut at_half = 0;
+    for t in 0..ticks {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        samples.push(proxy.scheduler.snapshot().max_concurrency);
+        if t == ticks / 2 {
+            at_half = done.load(Ordering::Relaxed);
+        }
+    }
+    let total = done.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Driven {
+        samples,
+        done: total,
+        second_half: total - at_half,
+    }
 }

@@ -1,0 +1,353 @@
+//! Knowing the backend: which model server an upstream is, and what it says
+//! about its own capacity and queue.
+//!
+//! Everything anteroom promises holds only while the queue lives in
+//! anteroom. A backend that gets more requests than it has slots queues the
+//! rest itself, where no priority reaches them and their wait is counted as
+//! the model's time. The backends say how many they serve, if asked:
+//!
+//! | backend | identified by | slots | running, waiting |
+//! |---|---|---|---|
+//! | llama.cpp `llama-server` | `GET /props` (`total_slots`) | `total_slots` | `/metrics` `llamacpp:requests_processing`, `llamacpp:requests_deferred` (with `--metrics`), else `/slots` (`is_processing`) |
+//! | vLLM | `/metrics` with `vllm:` names | – | `vllm:num_requests_running`, `vllm:num_requests_waiting` |
+//! | Ollama | `GET /api/version` | – | – |
+//! | LM Studio | `GET /api/v0/models` (`state`) | – | – |
+//! | anything else | – (`openai`) | – | – |
+//!
+//! [`watch`](fn@watch) reads each upstream at start and every `health_interval`
+//! (its kind and slots), and its running and waiting counts every
+//! [`LOAD_EVERY`] where it reports them. A probe never delays or fails a
+//! client's request: it runs in a task of its own, on a connection of its
+//! own, with a bounded body and a time-out. A probe that fails keeps the
+//! last good reading (said once in the log and in `/status`).
+//!
+//! What was read is in `/status` (each upstream's `backend`) and in the
+//! `anteroom_backend_*` metrics; `max_concurrency = "backend"` follows the
+//! slots, and `"auto"` never goes above them and shrinks when the backend
+//! reports a queue of its own (see [`adaptive`](crate::admission::adaptive)).
+
+pub mod parse;
+pub mod probe;
+pub mod watch;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+pub use watch::{watch, LOAD_EVERY};
+
+/// A kind of model server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// llama.cpp's `llama-server` (LM Studio's engine, among others).
+    LlamaCpp,
+    /// vLLM.
+    Vllm,
+    /// Ollama.
+    Ollama,
+    /// LM Studio.
+    LmStudio,
+    /// Any other OpenAI-compatible server: nothing to read.
+    OpenAi,
+}
+
+impl Kind {
+    /// Its name in the config, `/status` and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::LlamaCpp => "llama.cpp",
+            Kind::Vllm => "vllm",
+            Kind::Ollama => "ollama",
+            Kind::LmStudio => "lmstudio",
+            Kind::OpenAi => "openai",
+        }
+    }
+
+    const ALL: [Kind; 5] = [
+        Kind::LlamaCpp,
+        Kind::Vllm,
+        Kind::Ollama,
+        Kind::LmStudio,
+        Kind::OpenAi,
+    ];
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `backend` in the config: find out, or take the user's word.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Setting {
+    /// Identify it from its endpoints.
+    #[default]
+    Auto,
+    /// It is this kind (`openai`: read nothing).
+    Is(Kind),
+}
+
+impl std::str::FromStr for Setting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Setting::Auto);
+        }
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .map(Setting::Is)
+            .ok_or_else(|| {
+                format!("`{s}` is not one of \"auto\", \"llama.cpp\", \"vllm\", \"ollama\", \"lmstudio\", \"openai\"")
+            })
+    }
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setting::Auto => f.write_str("auto"),
+            Setting::Is(k) => f.write_str(k.as_str()),
+        }
+    }
+}
+
+impl Serialize for Setting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Setting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What one round of probes read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// What it is (`None`: nothing answered as any kind does).
+    pub kind: Option<Kind>,
+    /// Slots it serves at once.
+    pub slots: Option<usize>,
+    /// Requests it is processing.
+    pub running: Option<usize>,
+    /// Requests waiting inside it for a slot.
+    pub waiting: Option<usize>,
+    /// Its version, where it says.
+    pub version: Option<String>,
+    /// The path its running and waiting counts are read from.
+    pub load_path: Option<&'static str>,
+    /// What went wrong on the way (a probe that timed out, a body too
+    /// large), though something answered.
+    pub problem: Option<String>,
+}
+
+/// What anteroom knows of one upstream's backend: the last good reading,
+/// shared by the watcher (writes), the adaptive limit and `/status` (read).
+#[derive(Debug)]
+pub struct Backend {
+    setting: Setting,
+    state: Mutex<State>,
+    /// Bumped by every good load reading: the limit acts on fresh ones only.
+    readings: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    reading: Reading,
+    /// When the last good reading came.
+    read_at: Option<Instant>,
+    /// Why the last probe failed, while they fail.
+    error: Option<String>,
+    /// What the last identification could not read, though it succeeded:
+    /// it stands until the next identification.
+    partial: Option<String>,
+    /// How the limit is decided now (set by the limit's owner).
+    limit: &'static str,
+}
+
+/// What the limit needs of the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// Slots it reports.
+    pub slots: Option<usize>,
+    /// Requests it is processing.
+    pub running: Option<usize>,
+    /// Requests waiting inside it.
+    pub waiting: Option<usize>,
+    /// How many good load readings there have been (a new number: a fresh one).
+    pub readings: u64,
+}
+
+/// `/status`'s view of a backend.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// `backend` as configured.
+    pub setting: String,
+    /// What it was identified as (`null` until something answered).
+    pub kind: Option<&'static str>,
+    /// Slots it reports.
+    pub slots: Option<usize>,
+    /// Requests it is processing (as of `read_ms_ago`).
+    pub running: Option<usize>,
+    /// Requests waiting inside it.
+    pub waiting: Option<usize>,
+    /// Its version, where it says.
+    pub version: Option<String>,
+    /// Milliseconds since the last good reading.
+    pub read_ms_ago: Option<u64>,
+    /// Why the last probe failed (the last good reading stays in use).
+    pub error: Option<String>,
+    /// How the concurrency limit is decided: `fixed`, `backend`, `auto`, or
+    /// `auto (the backend reports no slots)`.
+    pub limit: &'static str,
+}
+
+impl Backend {
+    /// Nothing known yet.
+    pub fn new(setting: Setting) -> Self {
+        Self {
+            setting,
+            state: Mutex::new(State {
+                limit: "fixed",
+                ..State::default()
+            }),
+            readings: AtomicU64::new(0),
+        }
+    }
+
+    /// `backend` as configured.
+    pub fn setting(&self) -> Setting {
+        self.setting
+    }
+
+    /// What the limit needs.
+    pub fn view(&self) -> View {
+        let st = self.state.lock();
+        View {
+            slots: st.reading.slots,
+            running: st.reading.running,
+            waiting: st.reading.waiting,
+            readings: self.readings.load(Ordering::Acquire),
+        }
+    }
+
+    /// The last good reading.
+    pub fn reading(&self) -> Reading {
+        self.state.lock().reading.clone()
+    }
+
+    /// Say how the limit is decided now.
+    pub fn set_limit(&self, how: &'static str) {
+        self.state.lock().limit = how;
+    }
+
+    /// For `/status`.
+    pub fn status(&self) -> Status {
+        let st = self.state.lock();
+        Status {
+            setting: self.setting.to_string(),
+            kind: st.reading.kind.map(Kind::as_str),
+            slots: st.reading.slots,
+            running: st.reading.running,
+            waiting: st.reading.waiting,
+            version: st.reading.version.clone(),
+            read_ms_ago: st.read_at.map(|t| t.elapsed().as_millis() as u64),
+            error: st.error.clone(),
+            limit: st.limit,
+        }
+    }
+
+    /// A full reading (kind and slots, with the load if read): taken as it
+    /// is, logged where it differs from the last.
+    pub(crate) fn identified(&self, name: &str, next: Reading) {
+        let mut st = self.state.lock();
+        let was = std::mem::take(&mut st.reading);
+        if was.kind != next.kind || was.slots != next.slots {
+            match (was.kind, next.kind) {
+                (None, Some(kind)) => tracing::info!(
+                    upstream = name,
+                    %kind,
+                    slots = ?next.slots,
+                    version = ?next.version,
+                    "backend identified"
+                ),
+                (Some(a), Some(b)) if a != b => tracing::warn!(
+                    upstream = name,
+                    was = %a,
+                    now = %b,
+                    slots = ?next.slots,
+                    "the backend changed kind"
+                ),
+                _ => tracing::info!(
+                    upstream = name,
+                    was = ?was.slots,
+                    now = ?next.slots,
+                    "the backend's slot count changed"
+                ),
+            }
+        }
+        st.partial = next.problem.clone();
+        st.reading = next;
+        let problem = st.partial.clone();
+        self.good(&mut st, name, problem);
+    }
+
+    /// A load reading (running and waiting).
+    pub(crate) fn loaded(&self, name: &str, running: Option<usize>, waiting: Option<usize>) {
+        let mut st = self.state.lock();
+        st.reading.running = running;
+        st.reading.waiting = waiting;
+        let problem = st.partial.clone();
+        self.good(&mut st, name, problem);
+    }
+
+    /// A good reading, though `problem` may say some probes failed: a
+    /// change between failing and not is logged, once.
+    fn good(&self, st: &mut State, name: &str, problem: Option<String>) {
+        st.read_at = Some(Instant::now());
+        match (&st.error, &problem) {
+            (Some(_), None) => {
+                tracing::info!(upstream = name, "the backend answers its probes again")
+            }
+            (None, Some(why)) => {
+                tracing::warn!(upstream = name, error = %why, "some backend probes failed")
+            }
+            _ => {}
+        }
+        st.error = problem;
+        self.readings.fetch_add(1, Ordering::Release);
+    }
+
+    /// A probe failed: the last good reading stays; said once until one
+    /// succeeds again.
+    pub(crate) fn failed(&self, name: &str, why: String) {
+        let mut st = self.state.lock();
+        if st.error.is_none() {
+            tracing::warn!(
+                upstream = name,
+                error = %why,
+                kept = ?st.reading.slots,
+                "backend probe failed; keeping the last good reading"
+            );
+        }
+        // The load it said before is stale: do not act on it.
+        st.reading.running = None;
+        st.reading.waiting = None;
+        st.error = Some(why);
+    }
+}
+
+/// Each probe's time-out: short, so that a hung backend is seen as one.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest probe body read (`/slots` of many slots, vLLM's `/metrics`).
+pub const PROBE_MAX_BYTES: usize = 1 << 20;
