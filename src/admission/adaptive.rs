@@ -36,14 +36,18 @@
 //!    no slots: one that does has said what it serves at once, and time to
 //!    first token grows with every sequence batched beside it (streamed
 //!    answers only: a non-streamed answer's first byte is its last).
-//! 6. **up by one on evidence**: only while requests wait in anteroom and
-//!    the slots are in use, and only once a window at the current limit
-//!    has seen enough completions (at least `2 × limit`, 4, and a second)
-//!    to measure its throughput (output tokens, plus one per request, per
-//!    second). A step up is a probe: if the next window's throughput is not
+//! 6. **up on evidence**: only while requests wait in anteroom and the
+//!    slots are in use, and only once a window at the current limit has
+//!    seen enough completions (at least `2 × limit`, 4, and a second) to
+//!    measure its throughput (output tokens, plus one per request, per
+//!    second; half a second suffices in slow start, below). A step up is a
+//!    probe: if the next window's throughput is not
 //!    [`GAIN`] above the last, the limit steps back and holds there for
-//!    [`HOLD`] before probing again. A tick with no completions is no
-//!    evidence: it never moves the limit up.
+//!    [`HOLD`] before probing again. Steps double the limit at first (TCP's
+//!    slow start), while each brings at least half the gain proportional
+//!    to it; after the first that does not, or any step down, they are of
+//!    one. A tick with no completions is no evidence: it never moves the
+//!    limit up.
 //!
 //! The limit starts at `auto_min_concurrency` and stays within
 //! `auto_min_concurrency ..= auto_max_concurrency`. Lowering it never cuts
@@ -240,9 +244,12 @@ pub struct Controller {
     limit: usize,
     baseline_us: Option<f64>,
     window: Option<Window>,
-    /// Throughput measured one below the current limit, while the current
-    /// limit is a probe.
-    below: Option<f64>,
+    /// The limit before a step up and the throughput measured there, while
+    /// the current limit is a probe.
+    below: Option<(usize, f64)>,
+    /// Doubling while each step up nearly doubles throughput (TCP's slow
+    /// start); over at the first step that does not, or any step down.
+    slow_start: bool,
     /// No growth before this.
     hold_until: Option<Instant>,
     /// The last backend load reading acted on.
@@ -259,6 +266,7 @@ impl Controller {
             baseline_us: None,
             window: None,
             below: None,
+            slow_start: true,
             hold_until: None,
             readings: 0,
             source: if adaptive.follow_backend {
@@ -285,6 +293,7 @@ impl Controller {
         self.limit = limit.clamp(self.adaptive.bounds.min, self.adaptive.bounds.max.max(1));
         self.window = None;
         self.below = None;
+        self.slow_start = false;
         if hold {
             self.hold_until = Some(now + HOLD);
         }
@@ -349,7 +358,14 @@ impl Controller {
         w.ttft_n += taken.ttft_n;
         let elapsed = now.duration_since(w.since);
         let enough = (2 * self.limit as u64).max(4);
-        if w.completed < enough || elapsed < MIN_WINDOW {
+        // A doubling is judged against a near-doubling: half the window
+        // tells that apart.
+        let least = if self.slow_start {
+            MIN_WINDOW / 2
+        } else {
+            MIN_WINDOW
+        };
+        if w.completed < enough || elapsed < least {
             return self.limit;
         }
         let window = *w;
@@ -375,22 +391,28 @@ impl Controller {
         }
         let rate = window.work as f64 / elapsed.as_secs_f64();
         let may_grow = self.limit < ceiling && self.hold_until.is_none_or(|t| now >= t);
-        match self.below {
-            Some(below) if rate <= below * (1.0 + GAIN) => {
+        if let Some((before, below)) = self.below {
+            if rate <= below * (1.0 + GAIN) {
                 // The step up bought nothing: back, and stay a while.
                 tracing::debug!(limit = self.limit, rate, below, "no gain from the step up");
-                self.set(self.limit - 1, now, true)
+                return self.set(before, now, true);
             }
-            _ if may_grow => {
-                self.limit += 1;
-                self.below = Some(rate);
-                self.limit
-            }
-            _ => {
-                self.below = None;
-                self.limit
+            // Slow start goes on while a step buys at least half of what
+            // its share of slots would if throughput grew in proportion.
+            let proportional = self.limit as f64 / before as f64;
+            if rate < below * (1.0 + 0.5 * (proportional - 1.0)) {
+                self.slow_start = false;
             }
         }
+        if may_grow {
+            let step = if self.slow_start { self.limit } else { 1 };
+            let before = self.limit;
+            self.limit = (self.limit + step.max(1)).min(ceiling);
+            self.below = Some((before, rate));
+        } else {
+            self.below = None;
+        }
+        self.limit
     }
 }
 
@@ -402,9 +424,11 @@ pub async fn run(router: Arc<Router>, signals: Arc<super::adaptive::Signals>, ad
         let table = router.table();
         table.slot(table.first()).clone()
     };
-    slot(&router)
-        .scheduler
-        .set_max_concurrency(controller.limit());
+    {
+        let slot = slot(&router);
+        slot.scheduler.set_max_concurrency(controller.limit());
+        slot.backend.set_limit(controller.source().as_str());
+    }
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -546,6 +570,27 @@ mod tests {
         // Climbing took seconds, not minutes.
         let first4 = limits.iter().position(|&l| l == 4).unwrap();
         assert!(first4 < 4 * 20, "{limits:?}");
+    }
+
+    #[test]
+    fn slow_start_doubles_then_steps_by_one() {
+        // Throughput in proportion to the limit up to 8, then 30 more per
+        // extra slot: doubling to 16 (a gain, though far from double),
+        // then one at a time, and back when a step buys under 5%.
+        let rate = |k: usize| {
+            let k = k as f64;
+            if k <= 8.0 {
+                100.0 * k
+            } else {
+                800.0 + 30.0 * (k - 8.0)
+            }
+        };
+        let mut c = Controller::new(AUTO);
+        let mut t = Instant::now();
+        let limits = drive(&mut c, 30, rate, quiet, &mut t);
+        let mut distinct = limits.clone();
+        distinct.dedup();
+        assert_eq!(distinct, [1, 2, 4, 8, 16, 17, 16], "{limits:?}");
     }
 
     #[test]
