@@ -55,6 +55,10 @@ struct Line<'a> {
     #[serde(default)]
     backend_ttft_ms: Option<f64>,
     #[serde(default)]
+    backend_prompt_ms: Option<f64>,
+    #[serde(default)]
+    backend_wait_ms: Option<f64>,
+    #[serde(default)]
     tpot_ms: Option<f64>,
     #[serde(default)]
     e2e_ms: Option<f64>,
@@ -126,6 +130,10 @@ pub struct Group {
     pub ttft_ms: Summary,
     /// Dispatch → first token.
     pub backend_ttft_ms: Summary,
+    /// The backend's own prefill time, where it reports it.
+    pub backend_prompt_ms: Summary,
+    /// Time waited inside the backend, where it reports its timings.
+    pub backend_wait_ms: Summary,
     /// Time per output token.
     pub tpot_ms: Summary,
     /// Arrival → last byte.
@@ -160,6 +168,8 @@ struct Acc {
     queue: Vec<f32>,
     ttft: Vec<f32>,
     backend_ttft: Vec<f32>,
+    backend_prompt: Vec<f32>,
+    backend_wait: Vec<f32>,
     tpot: Vec<f32>,
     e2e: Vec<f32>,
 }
@@ -181,6 +191,8 @@ impl Acc {
             (&mut self.queue, l.queue_ms),
             (&mut self.ttft, l.ttft_ms),
             (&mut self.backend_ttft, l.backend_ttft_ms),
+            (&mut self.backend_prompt, l.backend_prompt_ms),
+            (&mut self.backend_wait, l.backend_wait_ms),
             (&mut self.tpot, l.tpot_ms),
             (&mut self.e2e, l.e2e_ms),
         ] {
@@ -209,6 +221,8 @@ impl Acc {
             queue_ms: Summary::of(self.queue),
             ttft_ms: Summary::of(self.ttft),
             backend_ttft_ms: Summary::of(self.backend_ttft),
+            backend_prompt_ms: Summary::of(self.backend_prompt),
+            backend_wait_ms: Summary::of(self.backend_wait),
             tpot_ms: Summary::of(self.tpot),
             e2e_ms: Summary::of(self.e2e),
         }
@@ -364,9 +378,15 @@ pub fn render(report: &Report, source: &str) -> String {
             ("queue wait", &g.queue_ms),
             ("TTFT", &g.ttft_ms),
             ("backend TTFT", &g.backend_ttft_ms),
+            ("backend prefill", &g.backend_prompt_ms),
+            ("backend wait", &g.backend_wait_ms),
             ("TPOT", &g.tpot_ms),
             ("end-to-end", &g.e2e_ms),
         ] {
+            if s.n == 0 && metric.starts_with("backend ") && metric != "backend TTFT" {
+                // Only backends that report their timings have these.
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "| {name} | {metric} | {} | {} | {} | {} | {} |",

@@ -392,3 +392,177 @@ async fn probe_tells_what_a_backend_is_and_how_it_answers() {
     );
     assert!(r.plain.is_none());
 }
+
+/// Four requests at once to a one-slot llama.cpp-like backend, through a
+/// proxy with `limit`; their records, and the report of them.
+async fn four_at_once(
+    limit: Concurrency,
+    name: &str,
+) -> (Vec<anteroom::telemetry::Record>, String) {
+    let log = log_path(name);
+    let log_s = log.display().to_string();
+    let cfg = SimConfig {
+        ttft: Duration::from_millis(100),
+        ..llama(1)
+    };
+    let (_sim, proxy, _) = setup(cfg, |c| {
+        c.max_concurrency = limit;
+        c.request_log = log_s;
+    })
+    .await;
+    backend_until(&proxy, "1 slot", |b| b["slots"] == 1).await;
+    wait_until("the limit", || {
+        limit != Concurrency::Backend || proxy.scheduler.snapshot().max_concurrency == 1
+    })
+    .await;
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let url = proxy.url();
+            tokio::spawn(async move {
+                let resp = chat(&client(), &url, None, &format!("w{i}"), i % 2 == 0, 4).await;
+                assert_eq!(resp.status(), 200);
+                body_bytes(resp).await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let recs = records(&proxy, &log).await;
+    let report = anteroom::report::render(
+        &anteroom::report::read(std::fs::read(&log).unwrap().as_slice(), None).unwrap(),
+        "log",
+    );
+    (recs, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_inside_the_backend_is_recorded() {
+    // A limit above the backend's one slot: the queue moves into it, and
+    // the records say so (the last of four waits behind three generations,
+    // each longer than a prefill).
+    let (recs, report) = four_at_once(4.into(), "backend-wait-high").await;
+    assert_eq!(recs.len(), 4);
+    let prefill: Vec<f64> = recs
+        .iter()
+        .map(|r| r.timings.backend_prompt_ms.unwrap())
+        .collect();
+    let waits: Vec<f64> = recs
+        .iter()
+        .map(|r| r.timings.backend_wait_ms.unwrap())
+        .collect();
+    let longest_prefill = prefill.iter().cloned().fold(0.0, f64::max);
+    let longest_wait = waits.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        longest_wait > 2.0 * longest_prefill,
+        "waits {waits:?}, prefill {prefill:?}"
+    );
+    assert!(report.contains("| all | backend wait | 4 |"), "{report}");
+    assert!(report.contains("| all | backend prefill | 4 |"), "{report}");
+    // Following the backend's slot: the queue stays in anteroom, and no
+    // request waited inside the backend as long as a prefill.
+    let (recs, _) = four_at_once(Concurrency::Backend, "backend-wait-one").await;
+    for r in &recs {
+        let (wait, prefill) = (
+            r.timings.backend_wait_ms.unwrap(),
+            r.timings.backend_prompt_ms.unwrap(),
+        );
+        assert!(wait < prefill, "{r:?}");
+    }
+    let queued = recs
+        .iter()
+        .filter_map(|r| r.timings.queue_ms)
+        .fold(0.0, f64::max);
+    assert!(
+        queued > 2.0 * longest_prefill,
+        "the wait is anteroom's now: {recs:?}"
+    );
+}
+
+/// A vLLM-like backend that refuses streams past `cap` running and waiting
+/// with a 200 whose only event is its 503 error.
+fn vllm_capped(cap: usize) -> SimConfig {
+    SimConfig {
+        slots: 2,
+        max_queued: Some(cap),
+        sse_refusal: true,
+        ..sim_config(Mode::Vllm)
+    }
+}
+
+async fn stream_text(url: &str, id: &str) -> (u16, Option<String>, String) {
+    let resp = chat(&client(), url, None, id, true, 8).await;
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    (status, retry, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_that_only_carries_a_refusal_is_retried_never_passed_on() {
+    let log = log_path("sse-refusal");
+    let log_s = log.display().to_string();
+    let (sim, proxy, _) = setup(vllm_capped(3), |c| {
+        c.max_concurrency = 6.into();
+        c.retry_base_delay = "20ms".into();
+        c.request_log = log_s;
+    })
+    .await;
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let url = proxy.url();
+            tokio::spawn(async move { stream_text(&url, &format!("s{i}")).await })
+        })
+        .collect();
+    for t in tasks {
+        let (status, _, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            !body.contains("\"error\""),
+            "a refusal reached the client: {body}"
+        );
+        assert!(
+            body.contains("tok0") && body.ends_with("data: [DONE]\n\n"),
+            "{body}"
+        );
+    }
+    let refused = sim.stats().rejected;
+    assert!(refused > 0, "the cap never tripped: {:?}", sim.stats());
+    let recs = records(&proxy, &log).await;
+    assert!(
+        recs.iter()
+            .all(|r| r.outcome == anteroom::telemetry::Outcome::Ok),
+        "{recs:?}"
+    );
+    let retries: u64 = recs
+        .iter()
+        .map(|r| u64::from(r.timings.upstream_retries))
+        .sum();
+    assert_eq!(retries, refused, "each refusal was sent again once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_a_200_that_cannot_be_retried_is_a_503_to_the_client() {
+    let log = log_path("sse-refusal-503");
+    let log_s = log.display().to_string();
+    // A cap of 0: every stream is refused.
+    let (_sim, proxy, _) = setup(vllm_capped(0), |c| {
+        c.max_retries = 1;
+        c.retry_base_delay = "10ms".into();
+        c.request_log = log_s;
+    })
+    .await;
+    let (status, retry_after, body) = stream_text(&proxy.url(), "refused").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after.is_some());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], 503, "{body}");
+    let recs = records(&proxy, &log).await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].status, 503);
+    assert_eq!(recs[0].outcome, anteroom::telemetry::Outcome::Error);
+    assert_eq!(recs[0].timings.upstream_retries, 1);
+}

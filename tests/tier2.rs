@@ -11,3 +11,6 @@ mod dashboard;
 
 #[path = "tier2/promtool.rs"]
 mod promtool;
+
+#[path = "tier2/llama_server.rs"]
+mod llama_server;

@@ -117,15 +117,15 @@ impl Completion {
         })
     }
 
-    /// The whole response of a non-streamed request.
-    pub(crate) fn full_response(&self, at: Phases) -> serde_json::Value {
+    /// The whole response of a non-streamed request, as JSON text.
+    pub(crate) fn full_response(&self, at: Phases) -> String {
         let text: String = (0..self.tokens).map(token_text).collect();
         let choice = if self.chat {
             serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"})
         } else {
             serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"})
         };
-        let mut v = serde_json::json!({
+        let v = serde_json::json!({
             "id": format!("cmpl-sim-{}", self.id),
             "object": self.object(false),
             "created": 0,
@@ -134,22 +134,30 @@ impl Completion {
             "usage": self.usage(),
         });
         if self.timings {
-            v["timings"] = self.timings(at);
+            return with_last_field(&v, "timings", &self.timings(at));
         }
-        v
+        v.to_string()
     }
 }
 
-/// An SSE `data:` event with one more top-level field.
+/// `v`'s JSON text with one more top-level field written after all the
+/// others, as llama-server writes `timings` (serde_json would sort it in).
+fn with_last_field(v: &serde_json::Value, key: &str, value: &serde_json::Value) -> String {
+    let text = v.to_string();
+    match text.strip_suffix('}') {
+        Some(head) if head.ends_with('{') => format!("{head}\"{key}\":{value}}}"),
+        Some(head) => format!("{head},\"{key}\":{value}}}"),
+        None => text,
+    }
+}
+
+/// An SSE `data:` event with one more top-level field, written last.
 fn with_field(event: &Bytes, key: &str, value: serde_json::Value) -> Bytes {
     let json = event
         .strip_prefix(b"data: ")
         .and_then(|j| serde_json::from_slice::<serde_json::Value>(j.trim_ascii()).ok());
     match json {
-        Some(mut v) => {
-            v[key] = value;
-            Bytes::from(format!("data: {v}\n\n"))
-        }
+        Some(v) => Bytes::from(format!("data: {}\n\n", with_last_field(&v, key, &value))),
         None => event.clone(),
     }
 }
@@ -216,6 +224,23 @@ impl SseBody {
     }
 }
 
+impl SseBody {
+    /// llama.cpp puts its timings on the stream's last chunk (the usage
+    /// chunk when one is asked for), written after its other fields.
+    fn with_timings(&self, chunk: Bytes) -> Bytes {
+        if !self.completion.timings {
+            return chunk;
+        }
+        let now = tokio::time::Instant::now();
+        let at = Phases {
+            started: self.started,
+            first: self.first.unwrap_or(now),
+            last: self.last.unwrap_or(now),
+        };
+        with_field(&chunk, "timings", self.completion.timings(at))
+    }
+}
+
 impl Body for SseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -276,23 +301,19 @@ impl Body for SseBody {
                     Phase::Done
                 };
                 let c = this.completion.choice("", Some("stop"));
-                let mut chunk = this.completion.chunk(serde_json::json!([c]), None);
-                if this.completion.timings {
-                    // llama.cpp puts its timings on the last choice chunk.
-                    let now = tokio::time::Instant::now();
-                    let at = Phases {
-                        started: this.started,
-                        first: this.first.unwrap_or(now),
-                        last: this.last.unwrap_or(now),
-                    };
-                    chunk = with_field(&chunk, "timings", this.completion.timings(at));
+                let chunk = this.completion.chunk(serde_json::json!([c]), None);
+                if this.completion.include_usage {
+                    chunk
+                } else {
+                    this.with_timings(chunk)
                 }
-                chunk
             }
             Phase::Usage => {
                 this.phase = Phase::Done;
-                this.completion
-                    .chunk(serde_json::json!([]), Some(this.completion.usage()))
+                let chunk = this
+                    .completion
+                    .chunk(serde_json::json!([]), Some(this.completion.usage()));
+                this.with_timings(chunk)
             }
             Phase::Done => {
                 this.phase = Phase::End;

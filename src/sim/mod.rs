@@ -687,7 +687,7 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
     guard.finish();
     state.count_tokens(completion.prompt_tokens, n);
     drop(slot);
-    json(
+    json_text(
         StatusCode::OK,
         completion.full_response(body::Phases {
             started,
@@ -891,11 +891,15 @@ fn text(body: String) -> Response<Body> {
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    json_text(status, value.to_string())
+}
+
+fn json_text(status: StatusCode, text: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
         .body(
-            Full::new(Bytes::from(value.to_string()))
+            Full::new(Bytes::from(text))
                 .map_err(|never| match never {})
                 .boxed_unsync(),
         )

@@ -55,6 +55,7 @@ struct ByPriority {
     queue: Histogram,
     ttft: Histogram,
     backend_ttft: Histogram,
+    backend_wait: Histogram,
     itl: Histogram,
     tpot: Histogram,
     e2e: Histogram,
@@ -69,6 +70,7 @@ pub struct Metrics {
     queue: HistogramVec,
     ttft: HistogramVec,
     backend_ttft: HistogramVec,
+    backend_wait: HistogramVec,
     itl: HistogramVec,
     tpot: HistogramVec,
     e2e: HistogramVec,
@@ -146,6 +148,12 @@ impl Metrics {
         let backend_ttft = histogram(
             "anteroom_backend_time_to_first_token_seconds",
             "Time from dispatch to the first generated token: the backend's own time to first token.",
+            LATENCY_BUCKETS,
+            p,
+        );
+        let backend_wait = histogram(
+            "anteroom_backend_wait_seconds",
+            "Time a request waited inside the backend before its prompt was processed, where the backend reports its timings (llama.cpp): above a few milliseconds, the queue has moved into the backend.",
             LATENCY_BUCKETS,
             p,
         );
@@ -290,6 +298,7 @@ impl Metrics {
             Box::new(queue.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ttft.clone()),
             Box::new(backend_ttft.clone()),
+            Box::new(backend_wait.clone()),
             Box::new(itl.clone()),
             Box::new(tpot.clone()),
             Box::new(e2e.clone()),
@@ -333,6 +342,7 @@ impl Metrics {
             queue,
             ttft,
             backend_ttft,
+            backend_wait,
             itl,
             tpot,
             e2e,
@@ -389,6 +399,7 @@ impl Metrics {
                 queue: self.queue.with_label_values(&l),
                 ttft: self.ttft.with_label_values(&l),
                 backend_ttft: self.backend_ttft.with_label_values(&l),
+                backend_wait: self.backend_wait.with_label_values(&l),
                 itl: self.itl.with_label_values(&l),
                 tpot: self.tpot.with_label_values(&l),
                 e2e: self.e2e.with_label_values(&l),
@@ -434,6 +445,7 @@ impl Metrics {
         for (h, v) in [
             (&m.ttft, t.ttft_ms),
             (&m.backend_ttft, t.backend_ttft_ms),
+            (&m.backend_wait, t.backend_wait_ms),
             (&m.tpot, t.tpot_ms),
             (&m.e2e, t.e2e_ms),
         ] {

@@ -447,6 +447,11 @@ impl Buf {
     }
 }
 
+/// Milliseconds a backend reported (finite, not negative, but any size).
+fn from_ms(ms: f64) -> Duration {
+    Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX)
+}
+
 fn ms(d: Duration) -> f64 {
     // Microsecond resolution is plenty and keeps the log short.
     (d.as_micros() as f64) / 1000.0
@@ -484,20 +489,6 @@ impl Capture {
         }
     }
 
-    /// Tell the adaptive limit how long the backend took to its first
-    /// token (admitted, successful requests only).
-    fn backend_ttft_signal(&self, at: Instant) {
-        if self.status >= 400 || self.tap.0.classified.get().is_none() {
-            return;
-        }
-        if let Some(dispatched) = self.queued() {
-            let ttft = at
-                .duration_since(self.tap.0.arrival)
-                .saturating_sub(dispatched);
-            self.recorder.signals.ttft(ttft);
-        }
-    }
-
     fn on_data(&mut self, data: &Bytes) {
         let tokens = self.observer.feed(data);
         if tokens == 0 && self.first_byte.is_some() {
@@ -516,7 +507,6 @@ impl Capture {
         match self.last_token {
             None => {
                 self.first_token = Some(now);
-                self.backend_ttft_signal(now);
             }
             Some(last) => self
                 .gaps_us
@@ -599,11 +589,40 @@ impl Capture {
             None if self.rejected => Some(ms(e2e)),
             None => None,
         };
+        // The backend's own account, where it gives one: its prefill time,
+        // and so how long the request waited inside it first.
+        let bt = self.observer.timings;
+        let backend_prompt = bt.prompt_ms;
+        let backend_wait = match (dispatched, first, bt.prompt_ms) {
+            (Some(d), Some(f), Some(prompt)) => {
+                let to_first = ms(f.duration_since(arrival).saturating_sub(d));
+                // A JSON body's first byte comes after the whole generation.
+                let held = if sse {
+                    to_first - prompt
+                } else {
+                    to_first - prompt - bt.predicted_ms.unwrap_or(0.0)
+                };
+                // Negative only if the two clocks disagree: no figure then.
+                (held >= 0.0).then_some(held)
+            }
+            _ => None,
+        };
         if outcome == Outcome::Ok && classified.is_some() && dispatched.is_some() {
-            // The adaptive limit's measure of throughput.
-            self.recorder
-                .signals
-                .completed(completion_tokens.unwrap_or(0));
+            // The adaptive limit: throughput, and time to first token
+            // (the backend's prefill where it says, else dispatch → first
+            // token of a stream), and the wait inside the backend.
+            let signals = &self.recorder.signals;
+            signals.completed(completion_tokens.unwrap_or(0));
+            let ttft_ms = backend_prompt.or(match (sse, ttft, dispatched) {
+                (true, Some(t), Some(d)) => Some(ms(t.saturating_sub(d))),
+                _ => None,
+            });
+            if let Some(t) = ttft_ms {
+                signals.ttft(from_ms(t));
+            }
+            if let (Some(w), Some(p)) = (backend_wait, backend_prompt) {
+                signals.backend_wait(from_ms(w), from_ms(p));
+            }
         }
         let timings = Timings {
             queue_ms,
@@ -616,6 +635,8 @@ impl Capture {
                 (Some(t), Some(d)) => Some(ms(t.saturating_sub(d))),
                 _ => None,
             },
+            backend_prompt_ms: backend_prompt,
+            backend_wait_ms: backend_wait,
             e2e_ms: Some(ms(e2e)),
             tpot_ms: tpot,
             itl_p50_ms: pct(0.5),

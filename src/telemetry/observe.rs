@@ -18,7 +18,12 @@
 //!
 //! Token counts come from the last `usage` object seen (`prompt_tokens` /
 //! `completion_tokens`, or the Responses API's `input_tokens` /
-//! `output_tokens`).
+//! `output_tokens`). llama.cpp's per-request `timings` (`prompt_ms`,
+//! `predicted_ms`) are read where it puts them: in a stream's last chunk (an
+//! event without output, so token events are never searched for them), and
+//! after `usage` at the end of a JSON body (or right before it, where its
+//! keys are sorted: only a body whose `usage` follows an object is searched
+//! back).
 //!
 //! Costs: no allocation per event. A line split across two frames is copied
 //! into a carry buffer that is reused for the whole stream; a JSON body's
@@ -68,6 +73,16 @@ pub struct Usage {
     pub completion_tokens: Option<u64>,
 }
 
+/// The backend's own account of a request (llama.cpp's `timings`), in
+/// milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BackendTimings {
+    /// Prompt processing (prefill).
+    pub prompt_ms: Option<f64>,
+    /// Generation after the first token.
+    pub predicted_ms: Option<f64>,
+}
+
 /// What one SSE `data:` payload was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -107,6 +122,8 @@ pub struct Observer {
     pub done: bool,
     /// The last `usage` numbers seen.
     pub usage: Usage,
+    /// The backend's `timings`, where it reports them.
+    pub timings: BackendTimings,
 }
 
 impl Observer {
@@ -123,6 +140,7 @@ impl Observer {
             malformed: 0,
             done: false,
             usage: Usage::default(),
+            timings: BackendTimings::default(),
         }
     }
 
@@ -168,11 +186,16 @@ impl Observer {
             Framing::Json => {
                 let chunks = std::mem::take(&mut self.json);
                 if self.json_len <= MAX_JSON {
-                    match chunks.as_slice() {
-                        [] => {}
-                        [one] => self.usage = json_usage(one),
-                        many => self.usage = json_usage(&many.concat()),
-                    }
+                    let joined;
+                    let body: &[u8] = match chunks.as_slice() {
+                        [] => &[],
+                        [one] => one,
+                        many => {
+                            joined = many.concat();
+                            &joined
+                        }
+                    };
+                    (self.usage, self.timings) = json_usage_and_timings(body);
                 }
                 false
             }
@@ -229,7 +252,11 @@ impl Observer {
             Event::Token => self.token_events += 1,
             Event::Done => self.done = true,
             Event::Malformed => self.malformed += 1,
-            Event::Other => {}
+            Event::Other => {
+                if let Some(t) = event_timings(payload) {
+                    self.timings = t;
+                }
+            }
         }
     }
 }
@@ -329,12 +356,72 @@ pub fn scan_event(payload: &[u8], usage: &mut Usage) -> Event {
 
 /// The `usage` of a whole JSON response body.
 pub fn json_usage(body: &[u8]) -> Usage {
+    json_usage_and_timings(body).0
+}
+
+static TIMINGS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"timings\":"));
+
+/// `prompt_ms` and `predicted_ms` of the `timings` object that starts at
+/// `obj` (its `{`), up to its first `}` (it holds only numbers).
+fn timings_object(obj: &[u8]) -> Option<BackendTimings> {
+    let obj = trim_start(obj);
+    if obj.first() != Some(&b'{') {
+        return None;
+    }
+    let end = memchr(b'}', obj)?;
+    let obj = &obj[..end];
+    let number = |key: &[u8]| -> Option<f64> {
+        let at = memmem::find(obj, key)?;
+        let v = trim_start(&obj[at + key.len()..]);
+        let n = v
+            .iter()
+            .take_while(|c| c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'+' | b'e' | b'E'))
+            .count();
+        let x: f64 = std::str::from_utf8(&v[..n]).ok()?.parse().ok()?;
+        (x.is_finite() && x >= 0.0).then_some(x)
+    };
+    let t = BackendTimings {
+        prompt_ms: number(b"\"prompt_ms\":"),
+        predicted_ms: number(b"\"predicted_ms\":"),
+    };
+    t.prompt_ms.is_some().then_some(t)
+}
+
+/// The `timings` of an SSE event without output (llama.cpp's last chunk).
+pub fn event_timings(payload: &[u8]) -> Option<BackendTimings> {
+    let at = TIMINGS.find(payload)?;
+    timings_object(&payload[at + TIMINGS.needle().len()..])
+}
+
+/// The `usage` and llama.cpp `timings` of a whole JSON response body.
+pub fn json_usage_and_timings(body: &[u8]) -> (Usage, BackendTimings) {
     let mut usage = Usage::default();
+    let mut timings = BackendTimings::default();
     // `usage` comes last in every server's answer; start at its key rather
     // than walking a long generated text.
     static USAGE: LazyLock<memmem::FinderRev<'static>> =
         LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
     if let Some(at) = USAGE.rfind(body) {
+        // llama.cpp puts `timings` last, after `usage` (the short tail
+        // every body has there is searched), or, where its keys are sorted,
+        // right before it: then `usage` follows an object, and only so far
+        // back is looked.
+        let after = TIMINGS
+            .find(&body[at..])
+            .and_then(|i| timings_object(&body[at + i + TIMINGS.needle().len()..]));
+        let before = || {
+            if !trim(&body[..at]).ends_with(b"},") {
+                return None;
+            }
+            let from = at.saturating_sub(2048);
+            TIMINGS
+                .find_iter(&body[from..at])
+                .last()
+                .and_then(|i| timings_object(&body[from + i + TIMINGS.needle().len()..at]))
+        };
+        if let Some(t) = after.or_else(before) {
+            timings = t;
+        }
         let mut in_usage = false;
         walk_keys(&body[at..], |key, value| match key {
             Key::Usage => in_usage = value.first() == Some(&b'{'),
@@ -347,7 +434,7 @@ pub fn json_usage(body: &[u8]) -> Usage {
             _ => {}
         });
     }
-    usage
+    (usage, timings)
 }
 
 /// The keys read inside a `usage` object.
@@ -612,5 +699,69 @@ mod tests {
         assert_eq!(Framing::of(Some(b"Application/JSON")), Framing::Json);
         assert_eq!(Framing::of(Some(b"text/plain")), Framing::Opaque);
         assert_eq!(Framing::of(None), Framing::Opaque);
+    }
+
+    /// llama.cpp's answers as its server writes them (keys in order).
+    const LLAMA_LAST_CHUNK: &str = r#"{"choices":[{"delta":{},"finish_reason":"stop","index":0}],"created":1,"id":"chatcmpl-x","model":"m","object":"chat.completion.chunk","system_fingerprint":"b1","timings":{"cache_n":0,"predicted_ms":88.25,"predicted_n":8,"predicted_per_second":90.6,"predicted_per_token_ms":11.0,"prompt_ms":41.5,"prompt_n":12,"prompt_per_second":289.1,"prompt_per_token_ms":3.4},"usage":{"completion_tokens":8,"prompt_tokens":12,"total_tokens":20}}"#;
+
+    #[test]
+    fn llama_cpp_timings_from_a_stream_and_a_json_body() {
+        let want = BackendTimings {
+            prompt_ms: Some(41.5),
+            predicted_ms: Some(88.25),
+        };
+        let mut o = Observer::new(Framing::Sse);
+        let tok =
+            r#"{"choices":[{"delta":{"content":"Hi"},"index":0}],"timings":{"prompt_ms":1.0}}"#;
+        o.feed(&Bytes::from(format!(
+            "data: {tok}\n\ndata: {LLAMA_LAST_CHUNK}\n\ndata: [DONE]\n\n"
+        )));
+        o.finish();
+        // From the chunk without output only: token events are not searched.
+        assert_eq!(o.timings, want);
+        assert_eq!(o.usage.completion_tokens, Some(8));
+        let body = LLAMA_LAST_CHUNK.replace(".chunk", "");
+        assert_eq!(json_usage_and_timings(body.as_bytes()).1, want);
+        // As llama-server writes it today: `usage`, `id`, then `timings`.
+        let real = r#"{"choices":[{"finish_reason":"length","index":0,"message":{"role":"assistant","content":"a b"}}],"created":1,"model":"m","system_fingerprint":"b1","object":"chat.completion","usage":{"completion_tokens":8,"prompt_tokens":29,"total_tokens":37,"prompt_tokens_details":{"cached_tokens":0}},"id":"chatcmpl-j","timings":{"cache_n":0,"prompt_n":29,"prompt_ms":41.5,"prompt_per_token_ms":0.26,"prompt_per_second":3724.1,"predicted_n":8,"predicted_ms":88.25,"predicted_per_token_ms":4.3,"predicted_per_second":227.8}}"#;
+        assert_eq!(
+            json_usage_and_timings(real.as_bytes()),
+            (
+                Usage {
+                    prompt_tokens: Some(29),
+                    completion_tokens: Some(8)
+                },
+                want
+            )
+        );
+        // Split across frames, as a body arrives.
+        let mut o = Observer::new(Framing::Json);
+        for piece in body.as_bytes().chunks(13) {
+            o.feed(&Bytes::copy_from_slice(piece));
+        }
+        o.finish();
+        assert_eq!(o.timings, want);
+    }
+
+    #[test]
+    fn timings_are_read_only_where_llama_cpp_puts_them_and_only_if_numbers() {
+        // OpenAI's and vLLM's bodies: `usage` follows no object; nothing is
+        // searched, whatever text holds.
+        let openai = r#"{"choices":[{"message":{"content":"\"timings\":{\"prompt_ms\":5}"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+        assert_eq!(
+            json_usage_and_timings(openai.as_bytes()).1,
+            BackendTimings::default()
+        );
+        for bad in [
+            r#""timings":{"prompt_ms":-3}"#,
+            r#""timings":{"prompt_ms":"41"}"#,
+            r#""timings":{"prompt_ms":1e400}"#,
+            r#""timings":{"prompt_ms":}"#,
+            r#""timings":"none""#,
+            r#""timings":{"prompt_n":12}"#,
+        ] {
+            let event = format!(r#"{{"choices":[],{bad}}}"#);
+            assert_eq!(event_timings(event.as_bytes()), None, "{bad}");
+        }
     }
 }

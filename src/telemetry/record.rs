@@ -107,6 +107,18 @@ pub struct Timings {
     pub ttft_ms: Option<f64>,
     /// Dispatch → first token: the backend's own time to first token.
     pub backend_ttft_ms: Option<f64>,
+    /// The backend's own prompt processing (prefill) time, where it reports
+    /// it (llama.cpp's `timings.prompt_ms`).
+    #[serde(default)]
+    pub backend_prompt_ms: Option<f64>,
+    /// How long the request waited inside the backend before its prompt was
+    /// processed (its own queue, and the transport), where the backend
+    /// reports its timings: `backend_ttft_ms − backend_prompt_ms` for a
+    /// stream, the time to the whole answer minus `prompt_ms` and
+    /// `predicted_ms` for a JSON one. Above a few milliseconds, the queue
+    /// has moved into the backend.
+    #[serde(default)]
+    pub backend_wait_ms: Option<f64>,
     /// Arrival → last byte handed to the client.
     pub e2e_ms: Option<f64>,
     /// Mean time per output token after the first.
