@@ -273,8 +273,10 @@ impl Router {
             let was = &old.slots[i];
             was.scheduler.reconfigure(&limits, adaptive);
             let moved = !was.config.origin.same_address(&config.origin);
-            // Another address (or another `backend`) is read anew.
-            let backend = if moved || was.config.backend != config.backend {
+            // Another address (or another `backend`) is read anew, and
+            // gets a new id: each worker's pools then take the new backend.
+            let rebacked = was.config.backend != config.backend;
+            let backend = if moved || rebacked {
                 Arc::new(crate::backend::Backend::new(config.backend))
             } else {
                 was.backend.clone()
@@ -283,7 +285,7 @@ impl Router {
                 change.readdressed.push(config.name.clone());
             }
             slots[i] = Arc::new(Slot {
-                id: if moved {
+                id: if moved || rebacked {
                     self.next_id.fetch_add(1, Ordering::Relaxed)
                 } else {
                     was.id
@@ -317,7 +319,11 @@ impl Router {
                 });
             }
         }
-        let generation = old.generation + u64::from(!change.is_empty());
+        // Pools follow the generation: any slot with a new id needs one.
+        let new_ids = order
+            .iter()
+            .any(|&i| old.slots.get(i).is_none_or(|o| o.id != slots[i].id));
+        let generation = old.generation + u64::from(!change.is_empty() || new_ids);
         let fresh: Vec<u64> = order
             .iter()
             .map(|&i| slots[i].id)

@@ -30,7 +30,7 @@ pub mod parse;
 pub mod probe;
 pub mod watch;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -159,6 +159,9 @@ pub struct Backend {
     state: Mutex<State>,
     /// Bumped by every good load reading: the limit acts on fresh ones only.
     readings: AtomicU64,
+    /// What it was identified as, for the request path to read without a
+    /// lock: 0 while unknown, else 1 + [`Kind::ALL`]'s index.
+    kind: AtomicU8,
 }
 
 #[derive(Debug, Default)]
@@ -222,7 +225,30 @@ impl Backend {
                 ..State::default()
             }),
             readings: AtomicU64::new(0),
+            // The user's word stands until the backend says otherwise.
+            kind: AtomicU8::new(match setting {
+                Setting::Is(k) => Self::index(Some(k)),
+                Setting::Auto => 0,
+            }),
         }
+    }
+
+    fn index(kind: Option<Kind>) -> u8 {
+        kind.and_then(|k| Kind::ALL.iter().position(|&x| x == k))
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    /// Whether this backend may answer a stream with a refusal dressed as
+    /// one (vLLM's 200 with a lone error event; see
+    /// [`guard`](crate::upstream::guard)): vLLM, a server of no known kind,
+    /// or one not identified yet. llama.cpp, Ollama and LM Studio refuse
+    /// with a status, so their streams are not read ahead.
+    pub fn may_dress_refusals(&self) -> bool {
+        let kind = match self.kind.load(Ordering::Relaxed) {
+            0 => None,
+            n => Kind::ALL.get(usize::from(n) - 1).copied(),
+        };
+        !matches!(kind, Some(Kind::LlamaCpp | Kind::Ollama | Kind::LmStudio))
     }
 
     /// `backend` as configured.
@@ -296,6 +322,7 @@ impl Backend {
                 ),
             }
         }
+        self.kind.store(Self::index(next.kind), Ordering::Relaxed);
         st.partial = next.problem.clone();
         st.reading = next;
         let problem = st.partial.clone();
@@ -351,3 +378,34 @@ impl Backend {
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest probe body read (`/slots` of many slots, vLLM's `/metrics`).
 pub const PROBE_MAX_BYTES: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_backends_that_may_dress_a_refusal_have_streams_read_ahead() {
+        let b = Backend::new(Setting::Auto);
+        // Not identified yet: read ahead, to be safe; unless the config
+        // says what it is.
+        assert!(b.may_dress_refusals());
+        assert!(!Backend::new(Setting::Is(Kind::LlamaCpp)).may_dress_refusals());
+        for (kind, reads) in [
+            (Kind::Vllm, true),
+            (Kind::OpenAi, true),
+            (Kind::LlamaCpp, false),
+            (Kind::Ollama, false),
+            (Kind::LmStudio, false),
+        ] {
+            b.identified(
+                "u",
+                Reading {
+                    kind: Some(kind),
+                    ..Reading::default()
+                },
+            );
+            assert_eq!(b.may_dress_refusals(), reads, "{kind}");
+            assert_eq!(b.status().kind, Some(kind.as_str()));
+        }
+    }
+}

@@ -24,9 +24,6 @@
 //! for everyone ([`Cooldown`]): requests about to be dispatched wait out the
 //! advised time instead of each collecting a 429 of its own.
 //!
-//! A streamed answer whose first event is an error with code 429 or 503
-//! (vLLM's 200 with a lone error event) is such a refusal too ([`peek`]).
-//!
 //! When it gives up, the client gets the upstream's own answer, with a
 //! `Retry-After` (and `retry-after-ms`) added if the upstream sent none, or
 //! the 502 for a connection that never worked. Only admitted requests, whose
@@ -35,7 +32,6 @@
 
 pub mod budget;
 pub mod cooldown;
-pub mod peek;
 pub mod retry_after;
 
 use std::future::Future;
@@ -52,7 +48,6 @@ use tower::{Layer, Service, ServiceExt};
 
 pub use budget::RetryBudget;
 pub use cooldown::Cooldown;
-pub use peek::Peeked;
 
 use crate::classify::{Admit, Model};
 use crate::error::{self, UpstreamUnavailable};
@@ -183,12 +178,11 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send,
     B: Send + 'static,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    ResB: Send + 'static,
 {
-    type Response = Response<Peeked<ResB>>;
+    type Response = Response<ResB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, Response<Peeked<ResB>>>;
+    type Future = ResponseFuture<S::Future, Response<ResB>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -232,12 +226,10 @@ async fn retry_loop<S, B, ResB>(
     parts: http::request::Parts,
     body: Full<Bytes>,
     shared: Arc<Shared>,
-) -> Result<Response<Peeked<ResB>>, BoxError>
+) -> Result<Response<ResB>, BoxError>
 where
     S: Service<Req<B>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
-    ResB: http_body::Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
 {
     let policy = &shared.policy;
     let metrics = &shared.recorder.metrics;
@@ -250,7 +242,7 @@ where
     let model = parts.extensions.get::<Model>().cloned();
     let first = std::mem::take(&mut parts.extensions);
     shared.budget.deposit();
-    let mut result = looked_at(attempt(svc.clone(), &parts, first, &body, &cooldown).await).await;
+    let mut result = attempt(svc.clone(), &parts, first, &body, &cooldown).await;
     let mut retries = 0u32;
     loop {
         // Read only on a refusal: a success skips the header lookup.
@@ -348,24 +340,7 @@ where
                 }
             }
         }
-        result =
-            looked_at(attempt(svc.clone(), &parts, below.extensions(), &body, &cooldown).await)
-                .await;
-    }
-}
-
-/// An answer as back-off judges it: a stream's first event is read, so
-/// that a refusal dressed as a stream is seen as one (see [`peek`]).
-async fn looked_at<ResB>(
-    result: Result<Response<ResB>, BoxError>,
-) -> Result<Response<Peeked<ResB>>, BoxError>
-where
-    ResB: http_body::Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
-{
-    match result {
-        Ok(resp) if peek::is_stream(&resp) => peek::first_event(resp).await,
-        other => other.map(|r| r.map(Peeked::plain)),
+        result = attempt(svc.clone(), &parts, below.extensions(), &body, &cooldown).await;
     }
 }
 
@@ -492,18 +467,16 @@ impl<F, T> std::fmt::Debug for ResponseFuture<F, T> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, Response<Peeked<B>>>
+impl<F, T, E> Future for ResponseFuture<F, T>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<Response<Peeked<B>>, BoxError>;
+    type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Direct { fut } => fut
-                .poll(cx)
-                .map(|r| r.map(|resp| resp.map(Peeked::plain)).map_err(Into::into)),
+            StateProj::Direct { fut } => fut.poll(cx).map_err(Into::into),
             StateProj::Retrying { fut } => fut.as_mut().poll(cx),
         }
     }

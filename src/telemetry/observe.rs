@@ -252,11 +252,15 @@ impl Observer {
             Event::Token => self.token_events += 1,
             Event::Done => self.done = true,
             Event::Malformed => self.malformed += 1,
-            Event::Other => {
+            // llama.cpp's `timings` object is the last field of its last
+            // chunk, so that event ends `}}`: only such events are searched
+            // (a role or finish chunk elsewhere ends `]}` or `"}`).
+            Event::Other if trim(payload).ends_with(b"}}") => {
                 if let Some(t) = event_timings(payload) {
                     self.timings = t;
                 }
             }
+            Event::Other => {}
         }
     }
 }

@@ -27,13 +27,25 @@
 //! The idle timer is not reset per event: each frame stamps the time, and
 //! when the timer fires it is re-armed from the last stamp if the stream
 //! has moved since.
+//!
+//! A refusal dressed as a stream: vLLM answers some streamed requests it
+//! has no room for with `200 OK` and a single event, `data: {"error": {…,
+//! "code": 503}}`, then `[DONE]`. Passed on, the client would get a 200 that
+//! carries only an error, recorded as `ok` with no tokens. So the upstream
+//! client reads the first event of a stream the request asked for
+//! ([`StreamGuard::poll_first_event`], under the same timeouts) before the
+//! answer goes on; an error with code 429 or 503 ([`refusal`]) turns the
+//! answer into what it is, a response of that status with the error as its
+//! JSON body, which back-off retries like any other. Anything else goes on
+//! unchanged, what was read handed on first.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -60,6 +72,9 @@ pub struct StreamTimeouts {
 
 /// See the [module docs](self).
 pub struct StreamGuard<B> {
+    /// Read ahead (a stream's first event), handed on first; or the whole
+    /// body of a refusal.
+    ahead: Option<Bytes>,
     inner: Option<B>,
     /// `None`: not a stream; errors pass on as errors.
     timer: Option<Pin<Box<Sleep>>>,
@@ -84,6 +99,7 @@ impl<B> StreamGuard<B> {
         let since = Instant::now();
         let wake = wake_at(since + timeouts.first_token, drain.as_ref(), since);
         Self {
+            ahead: None,
             inner: Some(inner),
             timer: Some(Box::pin(tokio::time::sleep_until(wake))),
             timeouts,
@@ -97,8 +113,23 @@ impl<B> StreamGuard<B> {
     /// A body that is not an SSE stream: passed on as it is (an error
     /// cannot be put into a JSON body; it stays an error).
     pub fn passthrough(inner: B) -> Self {
+        let mut guard = Self::passthrough_none();
+        guard.inner = Some(inner);
+        guard
+    }
+
+    /// A body of `json` alone: a refusal's, in place of the stream that
+    /// carried it (dropped: its connection is not reused).
+    pub fn refused(json: Bytes) -> Self {
+        let mut guard = Self::passthrough_none();
+        guard.ahead = Some(json);
+        guard
+    }
+
+    fn passthrough_none() -> Self {
         Self {
-            inner: Some(inner),
+            ahead: None,
+            inner: None,
             timer: None,
             timeouts: StreamTimeouts {
                 first_token: Duration::ZERO,
@@ -108,6 +139,13 @@ impl<B> StreamGuard<B> {
             last_data: None,
             tap: None,
             drain: None,
+        }
+    }
+
+    /// Hand `bytes` on before anything else of the body.
+    pub fn read_ahead(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.ahead = Some(bytes);
         }
     }
 
@@ -160,6 +198,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(ahead) = this.ahead.take() {
+            return Poll::Ready(Some(Ok(Frame::data(ahead))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -235,17 +276,99 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.ahead.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        // An error event may be added: never an exact length.
-        let mut h = SizeHint::new();
-        if let Some(b) = &self.inner {
-            h.set_lower(b.size_hint().lower());
+        let ahead = self.ahead.as_ref().map_or(0, |a| a.len() as u64);
+        match &self.inner {
+            // A refusal's body: exactly what was put ahead.
+            None => SizeHint::with_exact(ahead),
+            // An error event may be added: never an exact length.
+            Some(b) => {
+                let mut h = SizeHint::new();
+                h.set_lower(b.size_hint().lower() + ahead);
+                h
+            }
         }
-        h
     }
+}
+
+/// The most read while looking for the end of a stream's first event: a
+/// first event longer than this is not an error event.
+const MAX_FIRST_EVENT: usize = 64 * 1024;
+
+impl<B> StreamGuard<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Read the stream's first event into `read` (up to its blank line,
+    /// [`MAX_FIRST_EVENT`] or the end), under the stream's timeouts (a
+    /// first token that never comes ends in the usual error event, read
+    /// like any other). Ready when it has; then hand `read` back with
+    /// [`read_ahead`](Self::read_ahead) unless it was a [`refusal`].
+    pub fn poll_first_event(&mut self, read: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match Pin::new(&mut *self).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        read.extend_from_slice(&data);
+                        let ended = memchr::memmem::find(read, b"\n\n").is_some()
+                            || memchr::memmem::find(read, b"\r\n\r\n").is_some();
+                        if ended || read.len() > MAX_FIRST_EVENT {
+                            return Poll::Ready(());
+                        }
+                    } else {
+                        // Trailers: no more of the first event will come.
+                        return Poll::Ready(());
+                    }
+                }
+                // The guard turns failures into events; an end is an end.
+                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// The status a stream's first event refuses with: an `{"error": …}`
+/// object whose `code` is 429 or 503 (a number, or a string of one), and
+/// that object as a JSON body.
+pub fn refusal(event: &[u8]) -> Option<(StatusCode, Bytes)> {
+    // The first `data:` line only, and only one that opens with the error
+    // object (`{"error"`, the OpenAI error shape): a stream's ordinary
+    // first frame is turned down with a few byte compares, whatever follows.
+    let mut rest = event;
+    let line = loop {
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+        if let Some(data) = line.strip_prefix(b"data:") {
+            break data.trim_ascii();
+        }
+        if end == rest.len() {
+            return None;
+        }
+        rest = &rest[end + 1..];
+    };
+    let opens = line
+        .strip_prefix(b"{")
+        .is_some_and(|l| l.trim_ascii_start().starts_with(b"\"error\""));
+    if !opens {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    let data = line;
+    let code = v.get("error")?.get("code")?;
+    let code = code
+        .as_u64()
+        .or_else(|| code.as_str().and_then(|s| s.parse().ok()))?;
+    let status = match code {
+        429 => StatusCode::TOO_MANY_REQUESTS,
+        503 => StatusCode::SERVICE_UNAVAILABLE,
+        _ => return None,
+    };
+    Some((status, Bytes::copy_from_slice(data)))
 }
 
 #[cfg(test)]
@@ -328,5 +451,82 @@ mod tests {
         let (text, at) = next(&mut guard, t0).await;
         assert!(text.contains("\"code\":\"stream_idle_timeout\""), "{text}");
         assert_eq!(at, Duration::from_millis(4_700));
+    }
+
+    const VLLM_REFUSAL: &str = "data: {\"error\": {\"object\": \"error\", \"message\": \"busy\", \"type\": \"ServiceUnavailableError\", \"param\": null, \"code\": 503}}\n\ndata: [DONE]\n\n";
+
+    #[test]
+    fn refusals_are_told_by_their_code() {
+        let (status, json) = refusal(VLLM_REFUSAL.as_bytes()).unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(json.starts_with(b"{\"error\""));
+        assert_eq!(
+            refusal(b"data: {\"error\":{\"code\":\"429\",\"message\":\"slow down\"}}\n\n")
+                .map(|r| r.0),
+            Some(StatusCode::TOO_MANY_REQUESTS)
+        );
+        for other in [
+            // A real first chunk.
+            &b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n"[..],
+            // An error that is not about capacity.
+            b"data: {\"error\":{\"code\":400,\"message\":\"bad\"}}\n\n",
+            // anteroom's own timeout event.
+            b"\n\ndata: {\"error\":{\"code\":\"first_token_timeout\"}}\n\n",
+            // Content that talks about errors.
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"error\\\" 503\"}}]}\n\n",
+            b"data: [DONE]\n\n",
+            b"",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(refusal(other), None, "{:?}", String::from_utf8_lossy(other));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_event_is_read_ahead_and_handed_on_first() {
+        // Two events in one frame, then more: the first frame is read, and
+        // comes out first, unchanged, followed by the rest.
+        let frames = Frames(["data: {\"a\":1}\n\ndata: {\"b\":2}\n\n", "data: [DONE]\n\n"].into());
+        let mut guard = StreamGuard::new(frames, TIMEOUTS, None, None);
+        let mut read = BytesMut::new();
+        std::future::poll_fn(|cx| guard.poll_first_event(&mut read, cx)).await;
+        assert_eq!(&read[..], b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n");
+        assert!(refusal(&read).is_none());
+        guard.read_ahead(read.freeze());
+        let all = guard.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &all[..],
+            b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n"
+        );
+        // A silent backend: the read ends with the first-token timeout's
+        // own event, which is no refusal.
+        let mut guard = StreamGuard::new(Quiet(None), TIMEOUTS, None, None);
+        let mut read = BytesMut::new();
+        std::future::poll_fn(|cx| guard.poll_first_event(&mut read, cx)).await;
+        assert!(String::from_utf8_lossy(&read).contains("first_token_timeout"));
+        assert!(refusal(&read).is_none());
+        // A refusal's replacement body is exactly its JSON.
+        let refused = StreamGuard::<Quiet>::refused(Bytes::from_static(b"{}"));
+        assert_eq!(refused.size_hint().exact(), Some(2));
+        assert_eq!(&refused.collect().await.unwrap().to_bytes()[..], b"{}");
+    }
+
+    /// A body of these frames, then its end.
+    struct Frames(std::collections::VecDeque<&'static str>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|f| Ok(Frame::data(Bytes::from_static(f.as_bytes())))),
+            )
+        }
     }
 }

@@ -123,6 +123,9 @@ where
     response_timeout: Duration,
     stream: StreamTimeouts,
     drain: Option<Drain>,
+    /// What its backend is: whether a stream's first event is read ahead
+    /// (see [`guard`]). Without one, it is.
+    backend: Option<Arc<crate::backend::Backend>>,
 }
 
 // By hand: a derive would require `B: Clone`, which request bodies are not.
@@ -138,6 +141,7 @@ where
             response_timeout: self.response_timeout,
             stream: self.stream,
             drain: self.drain.clone(),
+            backend: self.backend.clone(),
         }
     }
 }
@@ -160,7 +164,14 @@ where
             response_timeout: settings.response_timeout,
             stream: settings.stream,
             drain: None,
+            backend: None,
         }
+    }
+
+    /// Read streams ahead only as `backend`'s kind needs.
+    pub fn of_backend(mut self, backend: Arc<crate::backend::Backend>) -> Self {
+        self.backend = Some(backend);
+        self
     }
 
     /// Name it (in records); "upstream" unless named.
@@ -210,6 +221,8 @@ where
             drain: self.drain.clone(),
             tap,
             report: None,
+            reading: None,
+            read_ahead: self.backend.as_ref().is_none_or(|b| b.may_dress_refusals()),
         }
     }
 }
@@ -334,7 +347,8 @@ where
                     }
                 }
                 let mut client = Upstream::new(slot.config.origin.clone(), &self.settings)
-                    .named(&slot.config.name);
+                    .named(&slot.config.name)
+                    .of_backend(slot.backend.clone());
                 if let Some(drain) = &self.drain {
                     client = client.with_drain(drain.clone());
                 }
@@ -393,6 +407,7 @@ where
                 let slot = self.router.table().slot(i).clone();
                 Upstream::new(slot.config.origin.clone(), &self.settings)
                     .named(&slot.config.name)
+                    .of_backend(slot.backend.clone())
                     .send(req)
             }
         };
@@ -418,6 +433,43 @@ pin_project! {
         tap: Option<Tap>,
         // Several upstreams: tell the router whether this one answered.
         report: Option<(Arc<Router>, usize)>,
+        // A stream the request asked for, while its first event is read
+        // (boxed: only streams carry it).
+        reading: Option<Box<Reading<B>>>,
+        // Whether the backend may dress a refusal as a stream.
+        read_ahead: bool,
+    }
+}
+
+/// A streamed answer, and what has been read of its first event.
+type Reading<B> = (Response<StreamGuard<PooledBody<B>>>, bytes::BytesMut);
+
+/// The answer once its first event is read: a refusal turned into what it
+/// is (see [`guard`]), anything else with what was read handed on first.
+fn after_first_event<B>(reading: Reading<B>) -> Response<StreamGuard<PooledBody<B>>>
+where
+    B: Body + 'static,
+{
+    let (resp, read) = reading;
+    let read = read.freeze();
+    match guard::refusal(&read) {
+        Some((status, json)) => {
+            let (mut parts, _refused) = resp.into_parts();
+            parts.status = status;
+            let h = &mut parts.headers;
+            h.remove(http::header::CONTENT_LENGTH);
+            h.remove(http::header::TRANSFER_ENCODING);
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Response::from_parts(parts, StreamGuard::refused(json))
+        }
+        None => {
+            let mut resp = resp;
+            resp.body_mut().read_ahead(read);
+            resp
+        }
     }
 }
 
@@ -432,12 +484,19 @@ where
 
 impl<B> Future for ResponseFuture<B>
 where
-    B: Body + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<Response<StreamGuard<PooledBody<B>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if let Some(reading) = this.reading.as_mut() {
+            let (resp, read) = &mut **reading;
+            ready!(resp.body_mut().poll_first_event(read, cx));
+            let reading = this.reading.take().expect("being read");
+            return Poll::Ready(Ok(after_first_event(*reading)));
+        }
         let result = ready!(this.inner.poll(cx));
         let tap = this.tap.take();
         if let Some(tap) = &tap {
@@ -456,13 +515,31 @@ where
                     .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
                 let stream = *this.stream;
                 let drain = this.drain.take();
-                Ok(resp.map(|body| {
+                // The first event of a stream an admitted request asked for
+                // is read before the answer goes on: it may be a refusal.
+                let read_first = sse
+                    && *this.read_ahead
+                    && tap
+                        .as_ref()
+                        .and_then(Tap::classified)
+                        .is_some_and(|c| c.stream);
+                let resp = resp.map(|body| {
                     if sse {
                         StreamGuard::new(body, stream, tap, drain)
                     } else {
                         StreamGuard::passthrough(body)
                     }
-                }))
+                });
+                if read_first {
+                    let mut reading = Box::new((resp, bytes::BytesMut::new()));
+                    let (resp, read) = &mut *reading;
+                    if resp.body_mut().poll_first_event(read, cx).is_pending() {
+                        *this.reading = Some(reading);
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Ok(after_first_event(*reading)));
+                }
+                Ok(resp)
             }
             Ok(Err(e)) => Err(UpstreamUnavailable::new(e).into()),
             Err(_elapsed) => Err(UpstreamTimeout::new(*this.after).into()),
