@@ -415,7 +415,10 @@ pub fn error_response(d: &Described, message: &str) -> Response<Full<Bytes>> {
 /// `Retry-After` in whole seconds (rounded up, at least 1) and
 /// `retry-after-ms` (rounded up, at least 1).
 pub fn retry_after_values(after: Duration) -> (u64, u64) {
-    let ms = (after.as_micros().div_ceil(1000) as u64).max(1);
+    // Saturating: an upstream's advice can be any size.
+    let ms = u64::try_from(after.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1);
     let secs = ms.div_ceil(1000).max(1);
     (secs, ms)
 }

@@ -13,7 +13,9 @@ pub fn parse(headers: &HeaderMap) -> Option<Duration> {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|ms| ms.is_finite() && *ms >= 0.0)
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        // Any size the header can spell (`1e30`): past what a Duration
+        // holds it is "longer than anyone waits", not a panic.
+        return Some(Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX));
     }
     let v = headers
         .get(http::header::RETRY_AFTER)?
@@ -65,5 +67,21 @@ mod tests {
         );
         let past = h(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
         assert_eq!(parse(&past), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn advice_of_any_size_is_read_without_a_panic() {
+        for huge in ["1e30", "1e300", "18446744073709551616000"] {
+            assert_eq!(
+                parse(&h(&[("retry-after-ms", huge)])),
+                Some(Duration::MAX),
+                "{huge}"
+            );
+        }
+        // Not numbers: no advice, the seconds header is read instead.
+        let m = h(&[("retry-after-ms", "inf"), ("retry-after", "2")]);
+        assert_eq!(parse(&m), Some(Duration::from_secs(2)));
+        assert_eq!(parse(&h(&[("retry-after-ms", "NaN")])), None);
+        assert_eq!(parse(&h(&[("retry-after-ms", "-5")])), None);
     }
 }

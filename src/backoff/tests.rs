@@ -295,3 +295,20 @@ async fn a_retry_carries_the_route_the_client_address_and_the_headers() {
     let want = (Some(Route(0)), true, Some("r-1".to_owned()));
     assert_eq!(seen, vec![want.clone(), want]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn absurd_advice_from_the_upstream_is_passed_on_not_a_panic() {
+    // retry-after-ms: 1e30 used to panic in Duration::from_secs_f64 and cut
+    // the client's connection. Longer than retry_max_delay: passed on.
+    let up = Upstream::new(&[Step::Status(429, Some("1e30"))]);
+    let resp = stack(policy(3), &up).oneshot(req(true)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(up.calls().len(), 1, "not retried");
+    // The advice added for the client saturates rather than wraps.
+    let secs: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(secs > 1 << 50, "{secs}");
+}
