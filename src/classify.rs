@@ -435,10 +435,13 @@ where
                     let charge = match tenant.and_then(|t| Some((t, t.tokens.as_ref()?))) {
                         Some((tenant, budget)) => {
                             let prompt = crate::auth::prompt_estimate(bytes.len());
-                            let charged = prompt
-                                + fields
+                            // Saturating: a client's `max_tokens` near u64::MAX
+                            // must not wrap into a small charge.
+                            let charged = prompt.saturating_add(
+                                fields
                                     .max_tokens
-                                    .unwrap_or(crate::auth::DEFAULT_COMPLETION_ESTIMATE);
+                                    .unwrap_or(crate::auth::DEFAULT_COMPLETION_ESTIMATE),
+                            );
                             if let Err(wait) = budget.charge(charged) {
                                 tenant
                                     .rate_limited
@@ -447,7 +450,10 @@ where
                             }
                             Some(crate::auth::TokenCharge {
                                 budget: budget.clone(),
-                                charged,
+                                // What was counted: a charge is cut to a
+                                // minute's tokens, and so is its correction
+                                // (else a huge max_tokens earns a credit).
+                                charged: charged.min(budget.largest_charge()),
                                 prompt,
                             })
                         }

@@ -384,3 +384,43 @@ async fn the_upstream_key_replaces_the_clients() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_huge_max_tokens_cannot_wrap_past_the_token_limit() {
+    use anteroom::sim::Mode;
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.key = vec![KeyEntry {
+            name: "tok".into(),
+            sha256: Some(hex(anteroom::auth::digest(b"sk-tok"))),
+            tokens_per_minute: Some(1000),
+            ..Default::default()
+        }];
+    })
+    .await;
+    let ask = |id: &'static str| {
+        let (client, url) = (client.clone(), proxy.url());
+        async move {
+            // prompt + u64::MAX wrapped to a charge of a few tokens.
+            let body = format!(
+                "{{\"model\":\"m\",\"max_tokens\":{},\"sim_stop_after\":4,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}",
+                u64::MAX
+            );
+            let req = Request::post(format!("{url}/v1/chat/completions"))
+                .header("authorization", "Bearer sk-tok")
+                .header("x-request-id", id)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            client.request(req).await.unwrap()
+        }
+    };
+    // The first takes a whole minute's tokens; the next must wait for them.
+    let first = ask("h0").await;
+    assert_eq!(first.status(), 200);
+    body_bytes(first).await;
+    for id in ["h1", "h2", "h3"] {
+        let resp = ask(id).await;
+        assert_eq!(resp.status(), 429, "{id}");
+        let body = body_json(resp).await;
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    }
+}

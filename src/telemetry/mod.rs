@@ -565,7 +565,10 @@ impl Capture {
             // What the request really used: nothing if it never reached the
             // upstream, else its usage (the estimates where usage is silent).
             let used = match dispatched {
-                Some(_) => usage.prompt_tokens.unwrap_or(c.prompt) + completion_tokens.unwrap_or(0),
+                Some(_) => usage
+                    .prompt_tokens
+                    .unwrap_or(c.prompt)
+                    .saturating_add(completion_tokens.unwrap_or(0)),
                 None => 0,
             };
             c.budget.correct(c.charged, used);
