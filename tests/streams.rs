@@ -131,3 +131,51 @@ async fn a_healthy_stream_is_untouched_by_the_guard() {
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     assert!(!body.contains("\"error\""));
 }
+
+#[tokio::test]
+async fn a_stream_of_any_case_is_guarded() {
+    // `Text/Event-Stream` (media types are case-insensitive) that never
+    // sends a token: it used to skip the guard and hang; now it ends with
+    // the first-token timeout's event.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(anteroom::server::serve_fn(
+        listener,
+        |req: http::Request<hyper::body::Incoming>| async move {
+            let _ = req.into_body().collect().await;
+            let silent = Silent;
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .header("content-type", "Text/Event-Stream; charset=utf-8")
+                    .body(silent.boxed_unsync())
+                    .unwrap(),
+            )
+        },
+    ));
+    let proxy = proxy(&url, |c| {
+        c.first_token_timeout = "300ms".into();
+        no_probes(c);
+    })
+    .await;
+    let resp = chat(&client(), &proxy.url(), None, "cased", true, 10).await;
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), read_all(resp))
+        .await
+        .expect("the guard ends a silent stream");
+    assert_eq!(last_event(&body)["error"]["code"], "first_token_timeout");
+}
+
+/// A body that never sends a byte.
+struct Silent;
+
+impl http_body::Body for Silent {
+    type Data = bytes::Bytes;
+    type Error = anteroom::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}

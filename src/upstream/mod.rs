@@ -509,10 +509,13 @@ where
         Poll::Ready(match result {
             Ok(Ok(mut resp)) => {
                 rewrite::response(&mut resp);
-                let sse = resp
-                    .headers()
-                    .get(http::header::CONTENT_TYPE)
-                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                // Media types are case-insensitive (RFC 9110 §8.3.1):
+                // `Text/Event-Stream` is a stream, and is guarded as one.
+                let sse = crate::telemetry::Framing::of(
+                    resp.headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .map(|v| v.as_bytes()),
+                ) == crate::telemetry::Framing::Sse;
                 let stream = *this.stream;
                 let drain = this.drain.take();
                 // The first event of a stream an admitted request asked for
