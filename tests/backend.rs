@@ -48,18 +48,6 @@ async fn backend_until(
     }
 }
 
-async fn metrics_text(proxy: &Running) -> String {
-    let resp = client()
-        .get(
-            format!("http://{}/metrics", proxy.admin_addr)
-                .parse()
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    String::from_utf8(body_bytes(resp).await.to_vec()).unwrap()
-}
-
 #[tokio::test]
 async fn backends_are_identified_from_their_own_endpoints() {
     let vllm = SimConfig {

@@ -11,8 +11,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use anteroom::cli::serve::Running;
-use anteroom::config::FileConfig;
 use anteroom::sim::{Mode, SimConfig};
 use anteroom::telemetry::{Outcome, Record, TokenSource};
 use anteroom::BoxError;
@@ -391,7 +389,7 @@ async fn every_request_leaves_exactly_one_record_under_200_concurrent() {
     }
     assert!(rejected > 0, "the queue must have overflowed");
     // The metrics agree with the log.
-    let text = metrics(&proxy).await;
+    let text = metrics_text(&proxy).await;
     assert!(
         text.contains(&format!(
             "anteroom_request_rejections_total{{reason=\"queue_full\"}} {rejected}"
@@ -425,38 +423,10 @@ async fn a_client_that_leaves_is_recorded_as_cancelled() {
     assert!(recs["busy"].timings.ttft_ms.is_some());
 }
 
-async fn metrics(proxy: &Running) -> String {
-    let resp = client()
-        .request(
-            Request::get(format!("http://{}/metrics", proxy.admin_addr))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    String::from_utf8(body_bytes(resp).await.to_vec()).unwrap()
-}
-
 #[tokio::test]
 async fn metrics_parse_and_count_requests() {
-    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c: &mut FileConfig| {
-        c.max_concurrency = 3.into()
-    })
-    .await;
-    for (i, p) in [0, 5, -30, 100].into_iter().enumerate() {
-        let resp = chat(
-            &client,
-            &proxy.url(),
-            Some(p),
-            &format!("m{i}"),
-            i % 2 == 0,
-            4,
-        )
-        .await;
-        body_bytes(resp).await;
-    }
-    let text = metrics(&proxy).await;
+    let (_sim, proxy) = proxy_after_mixed_priorities().await;
+    let text = metrics_text(&proxy).await;
     for want in [
         "anteroom_requests_total{status=\"200\"} 4",
         "anteroom_request_outcomes_total{outcome=\"ok\"} 4",

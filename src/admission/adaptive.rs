@@ -418,7 +418,7 @@ impl Controller {
 
 /// Run the controller on the first upstream's scheduler until dropped (or
 /// the router closes).
-pub async fn run(router: Arc<Router>, signals: Arc<super::adaptive::Signals>, adaptive: Adaptive) {
+pub async fn run(router: Arc<Router>, signals: Arc<Signals>, adaptive: Adaptive) {
     let mut controller = Controller::new(adaptive);
     let slot = |router: &Router| {
         let table = router.table();

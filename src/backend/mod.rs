@@ -267,11 +267,6 @@ impl Backend {
         }
     }
 
-    /// The last good reading.
-    pub fn reading(&self) -> Reading {
-        self.state.lock().reading.clone()
-    }
-
     /// Say how the limit is decided now.
     pub fn set_limit(&self, how: &'static str) {
         self.state.lock().limit = how;

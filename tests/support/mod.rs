@@ -180,6 +180,43 @@ pub async fn proxy_status(proxy: &Running) -> serde_json::Value {
     status(&format!("http://{}", proxy.admin_addr)).await
 }
 
+/// `GET /metrics` of a proxy's admin listener, as text.
+pub async fn metrics_text(proxy: &Running) -> String {
+    let resp = client()
+        .get(
+            format!("http://{}/metrics", proxy.admin_addr)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    String::from_utf8(body_bytes(resp).await.to_vec()).unwrap()
+}
+
+/// A proxy (max_concurrency 3, batch simulator) that has served four chat
+/// requests at priorities 0, 5, -30 and 100, streamed and not: metrics in
+/// every priority class.
+pub async fn proxy_after_mixed_priorities() -> (SimHandle, Running) {
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.max_concurrency = 3.into();
+    })
+    .await;
+    for (i, p) in [0, 5, -30, 100].into_iter().enumerate() {
+        let resp = chat(
+            &client,
+            &proxy.url(),
+            Some(p),
+            &format!("m{i}"),
+            i % 2 == 0,
+            4,
+        )
+        .await;
+        body_bytes(resp).await;
+    }
+    (sim, proxy)
+}
+
 /// A header as a number.
 pub fn header_u64<B>(resp: &Response<B>, name: &str) -> Option<u64> {
     resp.headers().get(name)?.to_str().ok()?.parse().ok()

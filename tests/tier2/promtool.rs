@@ -4,9 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use anteroom::sim::Mode;
-use http::Request;
-use http_body_util::Full;
 
 use crate::dashboard::{as_promql, deploy, expressions};
 use crate::support::*;
@@ -61,31 +58,8 @@ fn promtool_accepts_the_queries_and_the_scrape_config() {
 
 #[tokio::test]
 async fn promtool_accepts_the_metrics() {
-    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
-        c.max_concurrency = 3.into();
-    })
-    .await;
-    for (i, p) in [0, 5, -30, 100].into_iter().enumerate() {
-        let resp = chat(
-            &client,
-            &proxy.url(),
-            Some(p),
-            &format!("m{i}"),
-            i % 2 == 0,
-            4,
-        )
-        .await;
-        body_bytes(resp).await;
-    }
-    let resp = client
-        .request(
-            Request::get(format!("http://{}/metrics", proxy.admin_addr))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    let (_sim, proxy) = proxy_after_mixed_priorities().await;
+    let text = metrics_text(&proxy).await;
     assert!(text.contains("anteroom_requests_total"), "{text}");
     promtool(&["check".into(), "metrics".into()], Some(&text));
 }
