@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-
 use crate::dashboard::{as_promql, deploy, expressions};
 use crate::support::*;
 
