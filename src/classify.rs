@@ -184,6 +184,20 @@ impl Routes {
     fn admits(&self, method: &Method, path: &str) -> bool {
         method == Method::POST && self.admit_paths.iter().any(|p| p == path)
     }
+
+    /// The endpoint `path` names without being spelled as it (see
+    /// [`crate::path`]): `/v1/chat/%63ompletions` for `/v1/chat/completions`.
+    fn disguised_endpoint(&self, path: &str) -> Option<&str> {
+        if crate::path::is_plain(path) || self.admit_paths.iter().any(|p| p == path) {
+            // Plain and not an endpoint, or the endpoint as written (a GET).
+            return None;
+        }
+        let form = crate::path::normal_form(path);
+        self.admit_paths
+            .iter()
+            .find(|p| p.as_bytes().eq_ignore_ascii_case(&form))
+            .map(String::as_str)
+    }
 }
 
 /// The routes, replaceable while serving (a config reload): each request
@@ -250,6 +264,19 @@ where
         let svc = self.inner.clone();
         let routes = self.routes.load();
         if !routes.admits(req.method(), req.uri().path()) {
+            if let Some(endpoint) = routes.disguised_endpoint(req.uri().path()) {
+                return ResponseFuture::failed(
+                    BadRequest::new(
+                        "invalid_path",
+                        format!(
+                            "this path names the endpoint {endpoint} without being spelled as it \
+                             (escapes, case, repeated or trailing slashes, dot segments); \
+                             send it as {endpoint}"
+                        ),
+                    )
+                    .into(),
+                );
+            }
             // An empty body (a GET) is passed as a buffered one, so the
             // upstream client can send it again if a pooled connection
             // closes under it; anything else streams through.

@@ -733,9 +733,14 @@ impl FileConfig {
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes: must be at least 1".into()));
         }
-        if let Some(bad) = self.admit_paths.iter().find(|p| !p.starts_with('/')) {
+        if let Some(bad) = self.admit_paths.iter().find(|p| {
+            // In normal form but for case, so a disguised spelling of it
+            // can be told from it (see crate::path).
+            crate::path::normal_form(p) != p.to_ascii_lowercase().as_bytes()
+        }) {
             return Err(ConfigError(format!(
-                "admit_paths: `{bad}` must be a path starting with /"
+                "admit_paths: `{bad}` must be a plain path: starting with /, \
+                 no escapes, dot segments, or repeated or trailing slashes"
             )));
         }
         Ok(Config {
@@ -949,6 +954,8 @@ mod tests {
             ("upstream = \"localhost:1234\"", "upstream"),
             ("listen = \"nowhere\"", "listen"),
             ("admit_paths = [\"v1/chat\"]", "admit_paths"),
+            ("admit_paths = [\"/v1/chat/\"]", "admit_paths"),
+            ("admit_paths = [\"/v1/%63hat\"]", "admit_paths"),
             ("max_body_bytes = 0", "max_body_bytes"),
         ];
         for (text, key) in cases {

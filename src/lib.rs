@@ -36,6 +36,7 @@ pub mod drain;
 pub mod edge;
 pub mod error;
 pub mod json_scan;
+pub mod path;
 pub mod reload;
 pub mod report;
 pub mod route;

@@ -233,3 +233,48 @@ async fn the_default_header_limit_is_one_hundred() {
         );
     }
 }
+
+/// An endpoint spelled so that the backend reads it as a generation call,
+/// but anteroom's exact match would not, is refused: nothing reaches the
+/// model past the queue.
+#[tokio::test]
+async fn a_disguised_endpoint_is_refused_not_passed_by_the_queue() {
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
+    let body = chat_body(false, 2);
+    for path in [
+        "/v1/chat/%63ompletions",
+        "/v1/chat/completions/",
+        "//v1/chat/completions",
+        "/v1/x/../chat/completions",
+        "/v1/./chat/completions",
+        "/v1/chat%2Fcompletions",
+        "/V1/chat/completions",
+        "/v1\\chat\\completions",
+        "/v1/completions/",
+    ] {
+        let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let answer = read_to_close(&mut sock).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(
+            answer.contains("\"code\":\"invalid_path\""),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(sim.stats().received, 0);
+    // The endpoint as written is admitted, and other paths pass as they are.
+    let resp = chat(&client, &proxy.url(), None, "plain", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+    sock.write_all(b"GET /v1/models/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut sock).await;
+    assert!(!answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
