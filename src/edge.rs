@@ -161,6 +161,13 @@ where
             Ok(resp) => resp.map(|b| b.map_err(Into::into).boxed_unsync()),
             Err(e) => {
                 let e: BoxError = e.into();
+                if let Some(p) = error::cause::<error::Panicked>(&*e) {
+                    tracing::error!(
+                        request_id = ?this.id.as_ref(),
+                        panic = p.message(),
+                        "a panic while serving a request (a bug): answered 500"
+                    );
+                }
                 error::rescue(&*e).map(|b| b.map_err(|never| match never {}).boxed_unsync())
             }
         };

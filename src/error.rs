@@ -177,6 +177,57 @@ impl fmt::Display for BodyTooLarge {
 
 impl StdError for BodyTooLarge {}
 
+/// A bug: code below the edge panicked while serving this request (500).
+/// The client is told nothing of it but that; the panic's message goes to
+/// the log, with the request's id (see [`crate::edge`]).
+#[derive(Debug)]
+pub struct Panicked {
+    message: String,
+}
+
+impl Panicked {
+    /// From a panic's payload, as `catch_unwind` gives it.
+    pub(crate) fn new(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = match (
+            payload.downcast_ref::<&str>(),
+            payload.downcast_ref::<String>(),
+        ) {
+            (Some(s), _) => (*s).to_owned(),
+            (None, Some(s)) => s.clone(),
+            (None, None) => "(a panic without a message)".to_owned(),
+        };
+        Self { message }
+    }
+
+    /// What the panic said (for the log only).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("anteroom failed while serving this request (an internal error, logged with its request id)")
+    }
+}
+
+impl StdError for Panicked {}
+
+/// The last event of a stream anteroom ends itself: an OpenAI-shaped error
+/// as one SSE `data:` event, after a blank line that ends any event left
+/// half-written.
+pub fn error_event(kind: &str, code: &str, message: &str) -> Bytes {
+    let event = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": null,
+            "code": code,
+        }
+    });
+    Bytes::from(format!("\n\ndata: {event}\n\n"))
+}
+
 /// The upstream could not be reached or broke the exchange (502).
 #[derive(Debug)]
 pub struct UpstreamUnavailable {

@@ -16,6 +16,7 @@ mod dashboard;
 mod demo;
 mod drain;
 mod openai_sdk;
+mod panics;
 mod passthrough;
 mod reload;
 mod routing;

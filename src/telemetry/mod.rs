@@ -36,6 +36,7 @@ pub mod record;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -324,10 +325,31 @@ where
             finished: false,
         };
         req.extensions_mut().insert(tap);
+        // A panic below (in a call or a poll) is a bug, but it must not cut
+        // the connection with no answer and no record: it becomes a 500
+        // here, recorded as one. Not tower-http's CatchPanic: that boxes
+        // every response body a second time, does not see panics while the
+        // body is read, and would sit outside the record (or need one more
+        // layer). catch_unwind costs nothing until something panics.
+        let inner = match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+            Ok(fut) => Called::Running { fut },
+            Err(payload) => Called::Panicked {
+                error: Some(error::Panicked::new(&*payload)),
+            },
+        };
         ResponseFuture {
-            inner: self.inner.call(req),
+            inner,
             capture: Some(capture),
         }
+    }
+}
+
+pin_project! {
+    #[project = CalledProj]
+    #[derive(Debug)]
+    enum Called<F> {
+        Running { #[pin] fut: F },
+        Panicked { error: Option<error::Panicked> },
     }
 }
 
@@ -336,7 +358,7 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: F,
+        inner: Called<F>,
         capture: Option<Capture>,
     }
 }
@@ -351,7 +373,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
+        let result: Result<Response<B>, BoxError> = match this.inner.project() {
+            CalledProj::Running { fut } => {
+                match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(r)) => r.map_err(Into::into),
+                    // Never polled again: the caller has its answer.
+                    Err(payload) => Err(error::Panicked::new(&*payload).into()),
+                }
+            }
+            CalledProj::Panicked { error } => {
+                Err(error.take().expect("polled after completion").into())
+            }
+        };
         let mut capture = this.capture.take().expect("polled after completion");
         match result {
             Ok(mut resp) => {
@@ -359,10 +393,13 @@ where
                 let ct = resp.headers().get(http::header::CONTENT_TYPE);
                 capture.observer = Observer::new(Framing::of(ct.map(HeaderValue::as_bytes)));
                 capture.timing_headers(resp.headers_mut());
-                Poll::Ready(Ok(resp.map(|inner| TimedBody { inner, capture })))
+                Poll::Ready(Ok(resp.map(|inner| TimedBody {
+                    inner,
+                    capture,
+                    panicked: false,
+                })))
             }
             Err(e) => {
-                let e: BoxError = e.into();
                 let d = error::describe(&*e);
                 capture.status = d.status.as_u16();
                 capture.error = Some(d.code);
@@ -689,6 +726,8 @@ pin_project! {
         #[pin]
         inner: B,
         capture: Capture,
+        // The inner body panicked: it is never touched again.
+        panicked: bool,
     }
 
     impl<B> PinnedDrop for TimedBody<B>
@@ -700,7 +739,7 @@ pin_project! {
             // A body that is known to be over (HEAD, an empty body) need not
             // be polled to its end; anything else dropped early is a client
             // that left.
-            let ended = if this.inner.is_end_stream() {
+            let ended = if *this.panicked || this.inner.is_end_stream() {
                 Outcome::Ok
             } else {
                 Outcome::Cancelled
@@ -713,16 +752,44 @@ pin_project! {
 impl<B> Body for TimedBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if *this.panicked {
+            return Poll::Ready(None);
+        }
+        let frame = match catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll_frame(cx))) {
+            Ok(frame) => ready!(frame).map(|f| f.map_err(Into::into)),
+            Err(payload) => {
+                // A bug below: the record says so, and the client gets an
+                // end it can read (an error event on a stream, else the
+                // body fails and the connection closes).
+                *this.panicked = true;
+                let e = error::Panicked::new(&*payload);
+                tracing::error!(
+                    panic = e.message(),
+                    "a panic while a response body was read (a bug)"
+                );
+                this.capture.error = Some("internal_error");
+                this.capture.finish(Outcome::Truncated);
+                return Poll::Ready(Some(if this.capture.observer.framing() == Framing::Sse {
+                    Ok(Frame::data(error::error_event(
+                        "server_error",
+                        "internal_error",
+                        &e.to_string(),
+                    )))
+                } else {
+                    Err(e.into())
+                }));
+            }
+        };
         match &frame {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
@@ -739,10 +806,13 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.panicked || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.panicked {
+            return SizeHint::with_exact(0);
+        }
         self.inner.size_hint()
     }
 }

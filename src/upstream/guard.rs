@@ -162,16 +162,7 @@ impl<B> StreamGuard<B> {
             tracing::warn!(code, message, "upstream stream ended early");
             "upstream_error"
         };
-        let event = serde_json::json!({
-            "error": {
-                "message": message,
-                "type": kind,
-                "param": null,
-                "code": code,
-            }
-        });
-        // A leading blank line ends any event the upstream left half-written.
-        Frame::data(Bytes::from(format!("\n\ndata: {event}\n\n")))
+        Frame::data(crate::error::error_event(kind, code, message))
     }
 }
 
