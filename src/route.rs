@@ -420,8 +420,12 @@ impl Router {
         let any = |r: &ReplicaConfig| matches!(r.models, Models::Any) || model.is_none();
         let table = self.table.load();
         let mut served = false;
+        // One turn of the round-robin per pick, whichever tier decides: a
+        // turn per tier moved it by two, so with two upstreams ties always
+        // went to the same one.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
         for tier in [&named as &dyn Fn(&ReplicaConfig) -> bool, &any] {
-            let (best, seen) = self.least_loaded(&table, tier, exclude);
+            let (best, seen) = self.least_loaded(&table, tier, exclude, start);
             served |= seen;
             if let Some(i) = best {
                 return Ok(i);
@@ -442,9 +446,9 @@ impl Router {
         table: &Table,
         serves: &dyn Fn(&ReplicaConfig) -> bool,
         exclude: Option<usize>,
+        start: usize,
     ) -> (Option<usize>, bool) {
         let n = table.order.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut best: Option<(u64, usize)> = None;
         let mut served = false;
         for k in 0..n {

@@ -206,6 +206,27 @@ fn upstream_tables_parse_and_validate() {
     assert!(dup.0.contains("upstream `x`"), "{}", dup.0);
 }
 
+/// Two upstreams that both take any model share sequential work evenly: a
+/// tie goes round the upstreams (it used to go to the same one each time).
+#[tokio::test]
+async fn ties_between_catch_all_upstreams_go_round() {
+    let a = sim(named("m")).await;
+    let b = sim(named("m")).await;
+    let (ua, ub) = (a.url(), b.url());
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::Any, 4),
+            entry("b", ub, Models::Any, 4),
+        ]);
+    })
+    .await;
+    let client = client();
+    for i in 0..10 {
+        body_bytes(ask(&client, &proxy.url(), "m", &format!("t{i}")).await).await;
+    }
+    assert_eq!((a.stats().received, b.stats().received), (5, 5));
+}
+
 fn fast_health(c: &mut anteroom::config::FileConfig) {
     c.health_interval = "100ms".into();
     c.eject_after = 2;
