@@ -79,6 +79,10 @@ pub struct SimulateArgs {
     /// vllm mode: a refused stream gets 200 with one SSE error event.
     #[arg(long)]
     pub sse_refusal: bool,
+    /// Answer every POST badly, in this way (a broken or hostile backend,
+    /// for testing what anteroom does with it); the other flags are unused.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub hostile: Option<sim::hostile::Hostile>,
 }
 
 impl SimulateArgs {
@@ -111,6 +115,12 @@ impl SimulateArgs {
 
 /// Run until SIGINT or SIGTERM.
 pub async fn run(args: SimulateArgs) -> Result<(), BoxError> {
+    if let Some(kind) = args.hostile {
+        let handle = sim::hostile::start(args.listen, kind).await?;
+        tracing::info!(listen = %handle.addr, ?kind, "hostile simulator serving");
+        super::shutdown_signal().await;
+        return Ok(());
+    }
     let handle = sim::start(args.listen, args.sim_config()).await?;
     tracing::info!(listen = %handle.addr, mode = ?args.mode, "simulator serving");
     super::shutdown_signal().await;

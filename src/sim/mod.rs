@@ -12,6 +12,7 @@
 //! the `x-request-id`s in the order they arrived.
 
 mod body;
+pub mod hostile;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
