@@ -29,6 +29,7 @@ use tower::{Layer, Service};
 
 use crate::admission::Share;
 use crate::auth::Tenant;
+use crate::deadline::{BodyTimeout, ReadTimeout};
 use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed, RateLimited};
 use crate::json_scan;
 use crate::telemetry::{Classified, Tap};
@@ -136,8 +137,12 @@ impl Model {
     }
 }
 
-/// The body handed on: buffered for admitted requests, streamed otherwise.
-pub type ClassifiedBody<B> = Either<Full<Bytes>, B>;
+/// The body handed on: buffered for admitted requests, streamed otherwise
+/// (under `body_read_timeout`). The streamed one is boxed: few requests
+/// stream a body (a GET's empty one is passed as buffered), and every
+/// request's type, moved from layer to layer, is as small as the buffered
+/// body's.
+pub type ClassifiedBody<B> = Either<Full<Bytes>, Pin<Box<ReadTimeout<B>>>>;
 
 /// A classified request lets go of its connection's read buffer: its header
 /// values, path, buffered body and model name are copied (see
@@ -178,6 +183,8 @@ pub struct Routes {
     /// Without API keys, take the tenant from `x-tenant` (else the client's
     /// address). Only for clients that cannot lie about it.
     pub trust_tenant_header: bool,
+    /// Most time between two pieces of a request body (then 408).
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Routes {
@@ -283,7 +290,8 @@ where
             let req = if req.body().is_end_stream() {
                 req.map(|_| Either::Left(Full::new(Bytes::new())))
             } else {
-                req.map(Either::Right)
+                let timeout = routes.body_read_timeout;
+                req.map(|b| Either::Right(Box::pin(ReadTimeout::new(b, timeout))))
             };
             return ResponseFuture::calling(svc, req);
         }
@@ -304,7 +312,8 @@ where
         let (parts, body) = req.into_parts();
         ResponseFuture {
             state: State::Collecting {
-                collect: Limited::new(body, limit).collect(),
+                collect: Limited::new(ReadTimeout::new(body, routes.body_read_timeout), limit)
+                    .collect(),
                 rest: Some(Pending {
                     parts,
                     svc,
@@ -356,7 +365,7 @@ pin_project! {
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ClassifiedBody<B>>>,
-        B: Body,
+        B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
         #[pin]
@@ -369,12 +378,12 @@ pin_project! {
     enum State<S, B>
     where
         S: Service<Request<ClassifiedBody<B>>>,
-        B: Body,
+        B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
         Collecting {
             #[pin]
-            collect: Collect<Limited<B>>,
+            collect: Collect<Limited<ReadTimeout<B>>>,
             rest: Option<Pending<S>>,
         },
         Calling {
@@ -390,7 +399,7 @@ pin_project! {
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<ClassifiedBody<B>>>,
-    B: Body,
+    B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     fn calling(svc: S, req: Request<ClassifiedBody<B>>) -> Self {
@@ -437,6 +446,7 @@ where
                         Err(e) if e.is::<LengthLimitError>() => {
                             return Poll::Ready(Err(BodyTooLarge::new(limit).into()))
                         }
+                        Err(e) if e.is::<BodyTimeout>() => return Poll::Ready(Err(e)),
                         Err(e) => {
                             return Poll::Ready(Err(BadRequest::new(
                                 "invalid_body",
@@ -523,7 +533,7 @@ where
 impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
 where
     S: Service<Request<ClassifiedBody<B>>>,
-    B: Body,
+    B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -549,7 +559,9 @@ mod tests {
                 "authorization",
                 HeaderValue::from_maybe_shared(buf.slice(25..35)).unwrap(),
             )
-            .body(Either::<_, ()>::Left(Full::new(buf.slice(36..))))
+            .body(Either::<_, Pin<Box<ReadTimeout<()>>>>::Left(Full::new(
+                buf.slice(36..),
+            )))
             .unwrap();
         if let Some(v) = req.headers_mut().get_mut("authorization") {
             v.set_sensitive(true);

@@ -95,6 +95,12 @@ pub struct FileConfig {
     pub key: Vec<KeyEntry>,
     /// Most time a client may take to send a request's headers.
     pub header_read_timeout: String,
+    /// Most time a write to a client may stay blocked (a client that stops
+    /// reading its response); then the connection is closed.
+    pub client_write_timeout: String,
+    /// Most time between two pieces of a request body (a client that
+    /// trickles or stops sending it); then 408.
+    pub body_read_timeout: String,
     /// Largest request head (request line and headers) in bytes.
     pub max_header_bytes: usize,
     /// Most request headers.
@@ -201,6 +207,8 @@ impl Default for FileConfig {
             reserve: Vec::new(),
             key: Vec::new(),
             header_read_timeout: "10s".into(),
+            client_write_timeout: "60s".into(),
+            body_read_timeout: "60s".into(),
             max_header_bytes: 65536,
             max_headers: 100,
             promote_after: String::new(),
@@ -766,6 +774,7 @@ impl FileConfig {
                 default_priority: self.default_priority,
                 keep_model,
                 trust_tenant_header: self.trust_tenant_header,
+                body_read_timeout: positive("body_read_timeout", &self.body_read_timeout)?,
             },
             client: ClientSettings {
                 connect_timeout,
@@ -782,6 +791,7 @@ impl FileConfig {
             keys,
             server: crate::server::ServerLimits {
                 header_read_timeout: positive("header_read_timeout", &self.header_read_timeout)?,
+                client_write_timeout: positive("client_write_timeout", &self.client_write_timeout)?,
                 max_header_bytes: self.max_header_bytes,
                 max_headers: self.max_headers,
                 max_connections: self.max_connections,

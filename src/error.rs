@@ -16,6 +16,7 @@
 //! | 401 | `invalid_request_error` | `invalid_api_key` | keys are configured and none (or a wrong one) was presented |
 //! | 405 | `invalid_request_error` | `method_not_allowed` | CONNECT (anteroom is not a forward proxy) |
 //! | 404 | `invalid_request_error` | `model_not_found` | no `[[upstream]]` serves the body's `model` |
+//! | 408 | `invalid_request_error` | `request_timeout` | no piece of the request body for `body_read_timeout` |
 //! | 413 | `invalid_request_error` | `request_too_large` | body over `max_body_bytes` |
 //! | 429 | `rate_limit_error` | `queue_full`, `queue_timeout` | queue full (or displaced by a more urgent request); waited too long |
 //! | 502 | `upstream_error` | `upstream_unavailable` | upstream refused, reset, or answered garbage |
@@ -232,23 +233,45 @@ pub fn error_event(kind: &str, code: &str, message: &str) -> Bytes {
 #[derive(Debug)]
 pub struct UpstreamUnavailable {
     source: BoxError,
+    /// Bytes of an answer came back (not valid HTTP): the upstream had the
+    /// request, so it is never sent again.
+    answered: bool,
 }
 
 impl UpstreamUnavailable {
+    /// Nothing came back: refused, reset or closed before any answer.
     pub(crate) fn new(source: impl Into<BoxError>) -> Self {
         Self {
             source: source.into(),
+            answered: false,
         }
+    }
+
+    /// The upstream answered, but not in HTTP (a malformed status line or
+    /// head): it had the whole request.
+    pub(crate) fn malformed(source: impl Into<BoxError>) -> Self {
+        Self {
+            source: source.into(),
+            answered: true,
+        }
+    }
+
+    /// Whether the request may be sent again: only if no byte of an
+    /// answer came back.
+    pub fn may_retry(&self) -> bool {
+        !self.answered
     }
 }
 
 impl fmt::Display for UpstreamUnavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the upstream server could not be reached: {}",
-            chain(&*self.source)
-        )
+        // The cause (addresses, the upstream's own words) is for the log:
+        // see `rescue`.
+        f.write_str(if self.answered {
+            "the upstream server's answer was not valid HTTP"
+        } else {
+            "the upstream server could not be reached"
+        })
     }
 }
 
@@ -395,6 +418,14 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
             None,
         );
     }
+    if cause::<crate::deadline::BodyTimeout>(err).is_some() {
+        return d(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            None,
+        );
+    }
     if cause::<BodyTooLarge>(err).is_some() {
         return d(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -432,9 +463,19 @@ pub fn rescue(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
     let d = describe(err);
     if d.status.is_server_error() {
         tracing::warn!(code = d.code, error = %chain(err), "request failed");
-    } else {
-        tracing::debug!(code = d.code, error = %chain(err), "request refused");
+        // What went wrong inside (an upstream's address, its own words, a
+        // panic) is for the log; the client is told what happened.
+        let top = match cause::<UpstreamUnavailable>(err) {
+            // A settings problem the operator must see named.
+            Some(u) if is_tls_failure(err) => {
+                format!("{u}: its TLS certificate was refused (the log says why)")
+            }
+            Some(u) => u.to_string(),
+            None => err.to_string(),
+        };
+        return error_response(&d, &top);
     }
+    tracing::debug!(code = d.code, error = %chain(err), "request refused");
     error_response(&d, &chain(err))
 }
 
@@ -521,6 +562,37 @@ mod tests {
         assert_eq!(d.status, StatusCode::BAD_GATEWAY);
         assert_eq!(d.code, "upstream_unavailable");
         assert!(chain(&*err).contains("refused"));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_failure_tells_the_client_what_happened_not_where() {
+        use http_body_util::BodyExt;
+        let inner = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "tcp connect to 10.1.2.3:8000: connection refused",
+        );
+        for err in [
+            UpstreamUnavailable::new(inner),
+            UpstreamUnavailable::malformed("invalid HTTP status-code parsed"),
+        ] {
+            let may_retry = err.may_retry();
+            let err: BoxError = err.into();
+            let resp = rescue(&*err);
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body = String::from_utf8_lossy(&body);
+            assert!(body.contains("upstream_unavailable"), "{body}");
+            assert!(
+                !body.contains("10.1.2.3") && !body.contains("status-code"),
+                "{body}"
+            );
+            let said = if may_retry {
+                "could not be reached"
+            } else {
+                "not valid HTTP"
+            };
+            assert!(body.contains(said), "{body}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod backoff;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod drain;
 pub mod edge;
 pub mod error;

@@ -91,6 +91,7 @@ const LIVE_KEYS: &[&str] = &[
     "default_priority",
     "admit_paths",
     "max_body_bytes",
+    "body_read_timeout",
     "trust_tenant_header",
     "key",
     "upstream",

@@ -74,6 +74,9 @@ where
 pub struct ServerLimits {
     /// Most time to receive a request's headers (slowloris).
     pub header_read_timeout: Duration,
+    /// Most time a write to the client may stay blocked: a client that
+    /// stops reading is disconnected, which frees what its response held.
+    pub client_write_timeout: Duration,
     /// Largest request head (request line and headers), in bytes; larger:
     /// 431.
     pub max_header_bytes: usize,
@@ -92,6 +95,7 @@ impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
+            client_write_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 0,
@@ -387,6 +391,7 @@ pub(crate) async fn accept_loop<S, M>(
                     }
                 }
             };
+            let stream = crate::deadline::WriteDeadline::new(stream, limits.client_write_timeout);
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let close = async {

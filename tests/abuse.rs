@@ -278,3 +278,75 @@ async fn a_disguised_endpoint_is_refused_not_passed_by_the_queue() {
     let answer = read_to_close(&mut sock).await;
     assert!(!answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
+
+/// A client that asks for a long stream and never reads it does not keep
+/// its slot: once writes to it have been blocked for `client_write_timeout`
+/// its connection is closed, and with one slot the next client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_loses_its_slot() {
+    let mut cfg = sim_config(Mode::Batch);
+    cfg.tokens_per_second = 1_000_000.0;
+    let (sim, proxy, client) = setup(cfg, |c| {
+        c.max_concurrency = anteroom::config::Concurrency::Fixed(1);
+        c.client_write_timeout = "300ms".into();
+    })
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut deaf = sock.connect(proxy.addr).await.unwrap();
+    let body = chat_body(true, 50_000_000);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    deaf.write_all(req.as_bytes()).await.unwrap();
+    wait_until("the deaf client's stream to run", || {
+        sim.stats().in_flight == 1
+    })
+    .await;
+    // Reads nothing; the next client waits for the one slot, and gets it.
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        chat(&client, &proxy.url(), None, "next", false, 2),
+    )
+    .await
+    .expect("the slot was never freed");
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    wait_until("the deaf stream's generation to stop", || {
+        sim.stats().cancelled >= 1
+    })
+    .await;
+    drop(deaf);
+}
+
+/// A client that stops sending its body gets a 408 once no piece of it has
+/// come for `body_read_timeout`, admitted (buffered) or passed through
+/// (streamed to the upstream), and the slot it would take goes to others.
+#[tokio::test]
+async fn a_body_that_stops_coming_is_a_408() {
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.max_concurrency = anteroom::config::Concurrency::Fixed(1);
+        c.admit_paths = vec!["/v1/chat/completions".into()];
+        c.body_read_timeout = "300ms".into();
+    })
+    .await;
+    for head in [
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":",
+        "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{\"model\":\r\n",
+    ] {
+        let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+        slow.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_to_close(&mut slow).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    }
+    let resp = chat(&client, &proxy.url(), None, "next", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    wait_until("the upstream to see nothing left open", || {
+        sim.stats().in_flight == 0
+    })
+    .await;
+}

@@ -15,6 +15,7 @@ mod container;
 mod dashboard;
 mod demo;
 mod drain;
+mod hostile;
 mod openai_sdk;
 mod panics;
 mod passthrough;

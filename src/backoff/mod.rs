@@ -275,8 +275,10 @@ where
                 (Reason::Advised, retry_after::parse(resp.headers()))
             }
             // A refused certificate is a settings problem: not retried.
+            // Only if no byte of an answer came back: a malformed answer
+            // means the upstream had the request (it may be generating).
             Err(e)
-                if error::cause::<UpstreamUnavailable>(&**e).is_some()
+                if error::cause::<UpstreamUnavailable>(&**e).is_some_and(|u| u.may_retry())
                     && !error::is_tls_failure(&**e) =>
             {
                 (Reason::Connection, None)
@@ -409,14 +411,29 @@ where
 
 /// The upstream's refusal as the client gets it: with a `Retry-After` even if
 /// the upstream sent none.
+/// The upstream's own advice is kept where it can be read; advice that
+/// cannot (`Retry-After: soon`, `retry-after-ms: NaN`) is replaced, so a
+/// client never gets a wait it cannot parse.
 fn with_retry_advice<B>(mut resp: Response<B>, delay: Duration) -> Response<B> {
     let h = resp.headers_mut();
-    if !h.contains_key(http::header::RETRY_AFTER) {
-        let (secs, ms) = error::retry_after_values(delay);
+    let (secs, ms) = error::retry_after_values(delay);
+    let readable = h
+        .get(http::header::RETRY_AFTER)
+        .and_then(retry_after::seconds_or_date)
+        .is_some();
+    if !readable {
         h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-        if !h.contains_key("retry-after-ms") {
+    }
+    match h.get("retry-after-ms").map(retry_after::millis) {
+        Some(Some(_)) => {}
+        // Unreadable, or absent beside a Retry-After of ours.
+        Some(None) => {
             h.insert("retry-after-ms", HeaderValue::from(ms));
         }
+        None if !readable => {
+            h.insert("retry-after-ms", HeaderValue::from(ms));
+        }
+        None => {}
     }
     resp
 }

@@ -3,25 +3,32 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// The delay the upstream advises, if it says one.
 pub fn parse(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-    {
-        // Any size the header can spell (`1e30`): past what a Duration
-        // holds it is "longer than anyone waits", not a panic.
-        return Some(Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX));
+    if let Some(d) = headers.get("retry-after-ms").and_then(millis) {
+        return Some(d);
     }
-    let v = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(seconds_or_date)
+}
+
+/// A `retry-after-ms` value: milliseconds, finite and not negative.
+pub fn millis(v: &HeaderValue) -> Option<Duration> {
+    let ms = v.to_str().ok()?.trim().parse::<f64>().ok()?;
+    if !ms.is_finite() || ms < 0.0 {
+        return None;
+    }
+    // Any size the header can spell (`1e30`): past what a Duration holds
+    // it is "longer than anyone waits", not a panic.
+    Some(Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX))
+}
+
+/// A `Retry-After` value: whole seconds, or an HTTP date.
+pub fn seconds_or_date(v: &HeaderValue) -> Option<Duration> {
+    let v = v.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }

@@ -115,6 +115,14 @@ pub struct ServeArgs {
     /// Most time to receive a request's headers (key: header_read_timeout).
     #[arg(long, value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
+    /// Most time a write to a client may stay blocked (key:
+    /// client_write_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub client_write_timeout: Option<String>,
+    /// Most time between two pieces of a request body (key:
+    /// body_read_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub body_read_timeout: Option<String>,
     /// Largest request head in bytes (key: max_header_bytes).
     #[arg(long, value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -217,6 +225,8 @@ impl ServeArgs {
             eject_after,
             workers,
             header_read_timeout,
+            client_write_timeout,
+            body_read_timeout,
             max_header_bytes,
             max_headers,
             promote_after,

@@ -473,6 +473,36 @@ where
     }
 }
 
+/// Why a request got no response from the upstream, as the client and the
+/// back-off see it:
+/// - the client's own request body failed (a malformed chunk, a client
+///   that left mid-body): 400 `invalid_body`, the upstream not blamed;
+/// - the upstream answered with something that is not HTTP: 502, never
+///   sent again (it had the request);
+/// - else (refused, reset, closed with no answer): 502, which back-off may
+///   send again.
+fn failure(e: BoxError) -> BoxError {
+    if let Some(h) = e.downcast_ref::<hyper::Error>() {
+        if h.is_user() {
+            if let Some(t) = crate::error::cause::<crate::deadline::BodyTimeout>(&*e) {
+                return crate::deadline::BodyTimeout(t.0).into();
+            }
+            return crate::error::BadRequest::new(
+                "invalid_body",
+                format!(
+                    "could not read the request body: {}",
+                    crate::error::chain(&*e)
+                ),
+            )
+            .into();
+        }
+        if h.is_parse() {
+            return UpstreamUnavailable::malformed(e).into();
+        }
+    }
+    UpstreamUnavailable::new(e).into()
+}
+
 impl<B> std::fmt::Debug for ResponseFuture<B>
 where
     B: Body + 'static,
@@ -502,9 +532,16 @@ where
         if let Some(tap) = &tap {
             tap.headers_arrived();
         }
+        let result = result.map(|sent| sent.map_err(failure));
         if let Some((router, i)) = this.report.take() {
-            // Any answer (even a 429) shows the upstream is up.
-            router.report(i, matches!(result, Ok(Ok(_))));
+            // Any answer (even a 429) shows the upstream is up; a request
+            // whose own body failed says nothing of it.
+            match &result {
+                Ok(Err(e))
+                    if crate::error::cause::<crate::error::BadRequest>(&**e).is_some()
+                        || crate::error::cause::<crate::deadline::BodyTimeout>(&**e).is_some() => {}
+                r => router.report(i, matches!(r, Ok(Ok(_)))),
+            }
         }
         Poll::Ready(match result {
             Ok(Ok(mut resp)) => {
@@ -544,7 +581,7 @@ where
                 }
                 Ok(resp)
             }
-            Ok(Err(e)) => Err(UpstreamUnavailable::new(e).into()),
+            Ok(Err(e)) => Err(e),
             Err(_elapsed) => Err(UpstreamTimeout::new(*this.after).into()),
         })
     }

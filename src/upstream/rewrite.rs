@@ -227,16 +227,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // Every `Connection` header counts, not just the first (a list may be
+    // split over several lines).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    // A message with both framings was framed by Transfer-Encoding (RFC
+    // 9112 §6.3): its Content-Length is wrong, and would re-frame the
+    // message on the next hop (truncating it, or smuggling the rest).
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
     }
     let hop: Vec<HeaderName> = headers
         .keys()
@@ -347,6 +353,37 @@ mod tests {
         assert_eq!(h["authorization"], "Bearer kept");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn every_connection_header_counts_and_chunked_framing_drops_a_length() {
+        let mut resp = Response::builder()
+            .header("connection", "keep-alive")
+            .header("connection", "x-second-hop")
+            .header("x-second-hop", "1")
+            .header("transfer-encoding", "chunked")
+            .header("content-length", "5")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        response(&mut resp);
+        let h = resp.headers();
+        for gone in [
+            "connection",
+            "x-second-hop",
+            "transfer-encoding",
+            "content-length",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} should be removed");
+        }
+        assert_eq!(h["content-type"], "application/json");
+        // Without Transfer-Encoding a length is the framing, and stays.
+        let mut resp = Response::builder()
+            .header("content-length", "5")
+            .body(())
+            .unwrap();
+        response(&mut resp);
+        assert_eq!(resp.headers()["content-length"], "5");
     }
 
     #[test]
