@@ -233,9 +233,18 @@ pub fn error_event(kind: &str, code: &str, message: &str) -> Bytes {
 #[derive(Debug)]
 pub struct UpstreamUnavailable {
     source: BoxError,
-    /// Bytes of an answer came back (not valid HTTP): the upstream had the
-    /// request, so it is never sent again.
-    answered: bool,
+    how: Broke,
+}
+
+/// How an exchange with the upstream broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Broke {
+    /// Nothing came back: refused, reset or closed before any answer.
+    Unanswered,
+    /// Bytes came back that are not HTTP (a broken status line or head).
+    NotHttp,
+    /// The answer's headers came, then its body broke off before a byte.
+    CutShort,
 }
 
 impl UpstreamUnavailable {
@@ -243,7 +252,7 @@ impl UpstreamUnavailable {
     pub(crate) fn new(source: impl Into<BoxError>) -> Self {
         Self {
             source: source.into(),
-            answered: false,
+            how: Broke::Unanswered,
         }
     }
 
@@ -252,14 +261,23 @@ impl UpstreamUnavailable {
     pub(crate) fn malformed(source: impl Into<BoxError>) -> Self {
         Self {
             source: source.into(),
-            answered: true,
+            how: Broke::NotHttp,
+        }
+    }
+
+    /// The upstream's answer broke off after its headers, before any of
+    /// its body: it had the whole request.
+    pub(crate) fn cut_short(source: impl Into<BoxError>) -> Self {
+        Self {
+            source: source.into(),
+            how: Broke::CutShort,
         }
     }
 
     /// Whether the request may be sent again: only if no byte of an
     /// answer came back.
     pub fn may_retry(&self) -> bool {
-        !self.answered
+        self.how == Broke::Unanswered
     }
 }
 
@@ -267,10 +285,10 @@ impl fmt::Display for UpstreamUnavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The cause (addresses, the upstream's own words) is for the log:
         // see `rescue`.
-        f.write_str(if self.answered {
-            "the upstream server's answer was not valid HTTP"
-        } else {
-            "the upstream server could not be reached"
+        f.write_str(match self.how {
+            Broke::Unanswered => "the upstream server could not be reached",
+            Broke::NotHttp => "the upstream server's answer was not valid HTTP",
+            Broke::CutShort => "the upstream server's answer broke off after its headers",
         })
     }
 }
@@ -285,11 +303,25 @@ impl StdError for UpstreamUnavailable {
 #[derive(Debug)]
 pub struct UpstreamTimeout {
     after: Duration,
+    setting: &'static str,
 }
 
 impl UpstreamTimeout {
+    /// No response headers within `upstream_timeout`.
     pub(crate) fn new(after: Duration) -> Self {
-        Self { after }
+        Self {
+            after,
+            setting: "upstream_timeout",
+        }
+    }
+
+    /// Headers, then no byte of a (non-streamed) body within
+    /// `first_token_timeout`.
+    pub(crate) fn first_byte(after: Duration) -> Self {
+        Self {
+            after,
+            setting: "first_token_timeout",
+        }
     }
 }
 
@@ -297,8 +329,8 @@ impl fmt::Display for UpstreamTimeout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the upstream server sent no response within {:?} (upstream_timeout)",
-            self.after
+            "the upstream server sent no response within {:?} ({})",
+            self.after, self.setting
         )
     }
 }

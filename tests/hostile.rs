@@ -197,3 +197,142 @@ async fn a_broken_request_body_is_the_clients_fault_not_the_upstreams() {
     );
     assert!(b.stats().received > 0);
 }
+
+fn quick_timeouts(c: &mut anteroom::config::FileConfig) {
+    c.max_concurrency = anteroom::config::Concurrency::Fixed(1);
+    c.first_token_timeout = "300ms".into();
+    c.stream_idle_timeout = "300ms".into();
+    c.upstream_timeout = "300ms".into();
+}
+
+/// A backend that stalls, before its headers or after them, whatever it
+/// answers with (JSON, NDJSON, SSE), holds the one slot only as long as the
+/// timeouts say, and each client gets an end it can tell from a success.
+#[tokio::test]
+async fn a_backend_that_stalls_holds_its_slot_only_until_a_timeout() {
+    for kind in [
+        Hostile::StallBeforeHeaders,
+        Hostile::StallJson,
+        Hostile::StallNdjson,
+        Hostile::StallSse,
+    ] {
+        let log = log_path(&format!("stall-{kind:?}"));
+        let log_s = log.display().to_string();
+        let (_h, proxy) = in_front(kind, |c| {
+            quick_timeouts(c);
+            c.request_log = log_s;
+        })
+        .await;
+        let stream = kind == Hostile::StallSse;
+        for _ in 0..2 {
+            // Two in a row: the first's slot is free again for the second.
+            let answer = raw(
+                proxy.addr,
+                &post("/v1/chat/completions", &chat_body(stream, 2)),
+                Duration::from_secs(10),
+            )
+            .await;
+            match kind {
+                // Nothing of an answer went out: a 504 in its place.
+                Hostile::StallBeforeHeaders | Hostile::StallJson => {
+                    assert!(answer.starts_with("HTTP/1.1 504"), "{kind:?}: {answer}");
+                    assert!(answer.contains("upstream_timeout"), "{kind:?}: {answer}");
+                }
+                Hostile::StallSse => {
+                    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                    assert!(answer.contains("first_token_timeout"), "{answer}");
+                }
+                // The headers went out: the body ends short (the
+                // connection closes), which no client takes for a whole
+                // answer.
+                _ => assert!(answer.starts_with("HTTP/1.1 200"), "{kind:?}: {answer}"),
+            }
+        }
+        let records = records(&proxy, &log).await;
+        assert_eq!(records.len(), 2, "{kind:?}");
+        for r in &records {
+            let want = match kind {
+                Hostile::StallBeforeHeaders | Hostile::StallJson => "upstream_timeout",
+                Hostile::StallNdjson => "stream_idle_timeout",
+                _ => "first_token_timeout",
+            };
+            assert_eq!(r.error.as_deref(), Some(want), "{kind:?}: {r:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_close_delimited_answer_is_passed_on_whole() {
+    let (_h, proxy) = in_front(Hostile::CloseDelimited, |_| {}).await;
+    let answer = raw(
+        proxy.addr,
+        &post("/v1/chat/completions", &chat_body(false, 2)),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(dechunk(&answer), hostile::ANSWER, "{answer}");
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn dechunk(answer: &str) -> String {
+    let (_, mut rest) = answer.split_once("\r\n\r\n").unwrap();
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+}
+
+/// An answer whose body breaks before its first byte is a 502 with a
+/// status line, not a connection closed on a client that has nothing.
+#[tokio::test]
+async fn a_json_answer_cut_after_its_headers_is_a_502() {
+    let (h, proxy) = in_front(Hostile::FailJson, |_| {}).await;
+    let answer = raw(
+        proxy.addr,
+        &post("/v1/chat/completions", &chat_body(false, 2)),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+    assert!(answer.contains("upstream_unavailable"), "{answer}");
+    assert!(answer.contains("broke off"), "{answer}");
+    assert_eq!(h.received(), 1);
+}
+
+/// An SSE line that never ends: passed on as it comes (the client decides
+/// what to make of it), held by anteroom only up to a bound.
+#[tokio::test]
+async fn an_endless_event_line_flows_through_and_is_recorded_once() {
+    let log = log_path("endless-line");
+    let log_s = log.display().to_string();
+    let (_h, proxy) = in_front(Hostile::EndlessLine, |c| c.request_log = log_s).await;
+    let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+    sock.write_all(&post("/v1/chat/completions", &chat_body(true, 2)))
+        .await
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    while got < 4 << 20 {
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed after {got} bytes");
+        got += n;
+    }
+    drop(sock);
+    wait_until("the stream's record", || {
+        std::fs::read_to_string(&log).is_ok_and(|s| !s.is_empty())
+    })
+    .await;
+    let records = records(&proxy, &log).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].outcome, anteroom::telemetry::Outcome::Cancelled);
+}

@@ -84,6 +84,18 @@ pub struct StreamGuard<B> {
     last_data: Option<Instant>,
     tap: Option<Tap>,
     drain: Option<Drain>,
+    /// Not a stream: the same timeouts end it, with an error (there is no
+    /// event to put in a JSON body); timed only while the upstream makes
+    /// it wait, so an answer that is all there costs no timer.
+    plain: bool,
+    /// A plain body's timer (in `timer`, made at its first wait) is
+    /// running: the upstream keeps it waiting.
+    armed: bool,
+    /// A plain body has given a piece (the idle timeout applies).
+    seen_data: bool,
+    /// A plain body's first frame, read ahead, when it was its trailers
+    /// (boxed: they almost never are).
+    trailers_ahead: Option<Box<http::HeaderMap>>,
 }
 
 impl<B> std::fmt::Debug for StreamGuard<B> {
@@ -107,14 +119,25 @@ impl<B> StreamGuard<B> {
             last_data: None,
             tap,
             drain,
+            plain: false,
+            armed: false,
+            seen_data: false,
+            trailers_ahead: None,
         }
     }
 
-    /// A body that is not an SSE stream: passed on as it is (an error
-    /// cannot be put into a JSON body; it stays an error).
-    pub fn passthrough(inner: B) -> Self {
+    /// A body that is not an SSE stream (JSON, Ollama's NDJSON, anything):
+    /// passed on as it is, an error staying an error (it cannot be put
+    /// into a JSON body). Under the same timeouts as a stream: nothing for
+    /// `first_token` after the headers, or for `idle` between pieces, ends
+    /// it with an error and drops the upstream connection, so a backend
+    /// that stalls mid-answer holds its slot only that long.
+    pub fn passthrough(inner: B, timeouts: StreamTimeouts, tap: Option<Tap>) -> Self {
         let mut guard = Self::passthrough_none();
         guard.inner = Some(inner);
+        guard.timeouts = timeouts;
+        guard.tap = tap;
+        guard.plain = true;
         guard
     }
 
@@ -139,6 +162,10 @@ impl<B> StreamGuard<B> {
             last_data: None,
             tap: None,
             drain: None,
+            plain: false,
+            armed: false,
+            seen_data: false,
+            trailers_ahead: None,
         }
     }
 
@@ -192,10 +219,55 @@ where
         if let Some(ahead) = this.ahead.take() {
             return Poll::Ready(Some(Ok(Frame::data(ahead))));
         }
+        if let Some(trailers) = this.trailers_ahead.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        if this.plain {
+            let polled = Pin::new(inner).poll_frame(cx);
+            let Poll::Pending = polled else {
+                this.armed = false;
+                this.seen_data = true;
+                return polled.map_err(Into::into);
+            };
+            let (after, code) = if this.seen_data {
+                (this.timeouts.idle, "stream_idle_timeout")
+            } else {
+                (this.timeouts.first_token, "first_token_timeout")
+            };
+            let timer = match &mut this.timer {
+                Some(t) => {
+                    if !this.armed {
+                        t.as_mut().reset(Instant::now() + after);
+                    }
+                    t
+                }
+                None => this.timer.insert(Box::pin(tokio::time::sleep(after))),
+            };
+            this.armed = true;
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.inner = None;
+            if !this.seen_data {
+                // Read ahead, before the answer goes on: a 504 in its place.
+                return Poll::Ready(Some(Err(
+                    crate::error::UpstreamTimeout::first_byte(after).into()
+                )));
+            }
+            if let Some(tap) = &this.tap {
+                tap.stream_failed(code);
+            }
+            tracing::warn!(code, ?after, "upstream answer stalled; cut");
+            return Poll::Ready(Some(Err(format!(
+                "the upstream sent nothing of its answer for {after:?} ({code})"
+            )
+            .into())));
+        }
         let Some(timer) = this.timer.as_mut() else {
+            // A refusal's body.
             return Pin::new(inner).poll_frame(cx).map_err(Into::into);
         };
         let drain_at = this.drain.as_ref().and_then(Drain::deadline);
@@ -267,7 +339,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ahead.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.ahead.is_none()
+            && self.trailers_ahead.is_none()
+            && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -280,6 +354,35 @@ where
                 let mut h = SizeHint::new();
                 h.set_lower(b.size_hint().lower() + ahead);
                 h
+            }
+        }
+    }
+}
+
+impl<B> StreamGuard<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Read a plain body's first piece, to hand on first: an answer whose
+    /// body breaks (or stalls) before its first byte can then still become
+    /// an error response with a status line, where hyper, with the headers
+    /// handed to it, could only close the connection on a client that has
+    /// nothing. Ready with the failure, if it failed.
+    pub fn poll_first_piece(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match Pin::new(&mut *self).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Ok(())),
+            Poll::Ready(Some(Ok(frame))) => {
+                match frame.into_data() {
+                    Ok(data) => self.read_ahead(data),
+                    Err(frame) => self.trailers_ahead = frame.into_trailers().ok().map(Box::new),
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.inner = None;
+                Poll::Ready(Err(e))
             }
         }
     }

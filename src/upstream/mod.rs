@@ -223,6 +223,7 @@ where
             report: None,
             reading: None,
             read_ahead: self.backend.as_ref().is_none_or(|b| b.may_dress_refusals()),
+            first_piece: None,
         }
     }
 }
@@ -438,6 +439,9 @@ pin_project! {
         reading: Option<Box<Reading<B>>>,
         // Whether the backend may dress a refusal as a stream.
         read_ahead: bool,
+        // A plain answer while its first piece is read (boxed: only an
+        // answer whose body lags its headers carries it).
+        first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
     }
 }
 
@@ -471,6 +475,16 @@ where
             resp
         }
     }
+}
+
+/// What a plain answer whose body failed before a byte becomes: a 504 for
+/// a body that never came, a 502 for one that broke off (never sent
+/// again: the upstream had the request).
+fn first_piece_failed(e: BoxError) -> BoxError {
+    if e.is::<UpstreamTimeout>() {
+        return e;
+    }
+    UpstreamUnavailable::cut_short(e).into()
 }
 
 /// Why a request got no response from the upstream, as the client and the
@@ -521,6 +535,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if let Some(resp) = this.first_piece.as_mut() {
+            let read = ready!(resp.body_mut().poll_first_piece(cx));
+            let resp = this.first_piece.take().expect("being read");
+            return Poll::Ready(read.map(|()| *resp).map_err(first_piece_failed));
+        }
         if let Some(reading) = this.reading.as_mut() {
             let (resp, read) = &mut **reading;
             ready!(resp.body_mut().poll_first_event(read, cx));
@@ -563,11 +582,11 @@ where
                         .as_ref()
                         .and_then(Tap::classified)
                         .is_some_and(|c| c.stream);
-                let resp = resp.map(|body| {
+                let mut resp = resp.map(|body| {
                     if sse {
                         StreamGuard::new(body, stream, tap, drain)
                     } else {
-                        StreamGuard::passthrough(body)
+                        StreamGuard::passthrough(body, stream, tap)
                     }
                 });
                 if read_first {
@@ -578,6 +597,16 @@ where
                         return Poll::Pending;
                     }
                     return Poll::Ready(Ok(after_first_event(*reading)));
+                }
+                if !sse && !resp.body().is_end_stream() {
+                    match resp.body_mut().poll_first_piece(cx) {
+                        Poll::Pending => {
+                            *this.first_piece = Some(Box::new(resp));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(first_piece_failed(e))),
+                        Poll::Ready(Ok(())) => {}
+                    }
                 }
                 Ok(resp)
             }
