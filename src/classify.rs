@@ -467,6 +467,23 @@ where
                         _ => asked,
                     };
                     let clamped_from = (priority != asked).then_some(asked);
+                    // A key with a most-urgent priority: the backend (vLLM
+                    // reads the body's `priority`) gets the priority the
+                    // request was queued at, whatever the body asked for or
+                    // however it spelled it ("-1000", -1e3, twice).
+                    let limited = tenant.is_some_and(|t| t.max_priority.is_some());
+                    let rewritten = (limited
+                        && fields.priority_keys > 0
+                        && (fields.priority != Some(priority) || fields.priority_keys > 1))
+                        .then(|| json_scan::with_priority(&bytes, priority))
+                        .flatten()
+                        .map(|body| {
+                            parts.headers.insert(
+                                http::header::CONTENT_LENGTH,
+                                HeaderValue::from(body.len()),
+                            );
+                            Bytes::from(body)
+                        });
                     // A key's tokens-per-minute: charge the prompt's estimate
                     // and the most it may generate; corrected at the end.
                     let charge = match tenant.and_then(|t| Some((t, t.tokens.as_ref()?))) {
@@ -516,7 +533,8 @@ where
                         }
                     }
                     parts.extensions.insert(Admit { priority, share });
-                    let req = Request::from_parts(parts, Either::Left(Full::new(bytes)));
+                    let body = rewritten.unwrap_or(bytes);
+                    let req = Request::from_parts(parts, Either::Left(Full::new(body)));
                     this.state.set(State::Calling {
                         fut: Oneshot::new(svc, req),
                     });

@@ -12,6 +12,9 @@
 pub struct Fields<'a> {
     /// `priority`, when it is an integer that fits an `i32`.
     pub priority: Option<i32>,
+    /// How many top-level `priority` keys there are (whatever their
+    /// values), up to 255.
+    pub priority_keys: u8,
     /// `model`, the raw bytes between the quotes (escapes left as they are).
     pub model: Option<&'a [u8]>,
     /// `stream`, when it is `true` or `false`.
@@ -26,6 +29,56 @@ pub fn scan(body: &[u8]) -> Fields<'_> {
     let mut out = Fields::default();
     let _ = scan_into(body, &mut out);
     out
+}
+
+/// `body` with the value of every top-level `priority` key replaced by
+/// `priority` (for a key whose priority was clamped: the backend must not
+/// see the urgency anteroom refused). `None` if it has no such key or is
+/// not a JSON object the scanner reads.
+pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
+    let mut spans = Vec::new();
+    let mut i = skip_ws(body, 0);
+    if *body.get(i)? != b'{' {
+        return None;
+    }
+    i = skip_ws(body, i + 1);
+    if *body.get(i)? != b'}' {
+        loop {
+            if *body.get(i)? != b'"' {
+                return None;
+            }
+            let key_end = string_end(body, i)?;
+            let key = &body[i + 1..key_end];
+            i = skip_ws(body, key_end + 1);
+            if *body.get(i)? != b':' {
+                return None;
+            }
+            let start = skip_ws(body, i + 1);
+            let end = value_end(body, start)?;
+            if key == b"priority" {
+                spans.push((start, end));
+            }
+            i = skip_ws(body, end);
+            match *body.get(i)? {
+                b',' => i = skip_ws(body, i + 1),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+    }
+    if spans.is_empty() {
+        return None;
+    }
+    let value = priority.to_string();
+    let mut out = Vec::with_capacity(body.len() + value.len());
+    let mut at = 0;
+    for (start, end) in spans {
+        out.extend_from_slice(&body[at..start]);
+        out.extend_from_slice(value.as_bytes());
+        at = end;
+    }
+    out.extend_from_slice(&body[at..]);
+    Some(out)
 }
 
 fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
@@ -51,7 +104,10 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
         let end = value_end(b, start)?;
         let value = &b[start..end];
         match key {
-            b"priority" => out.priority = parse_i32(value),
+            b"priority" => {
+                out.priority = parse_i32(value);
+                out.priority_keys = out.priority_keys.saturating_add(1);
+            }
             b"model" if value.first() == Some(&b'"') => {
                 out.model = Some(&value[1..value.len() - 1])
             }
@@ -138,6 +194,28 @@ fn parse_i32(v: &[u8]) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_priority_key_gets_the_clamped_value() {
+        let cases: [(&[u8], Option<&str>); 6] = [
+            (
+                br#"{"priority": -1000, "model": "m"}"#,
+                Some(r#"{"priority": 5, "model": "m"}"#),
+            ),
+            (br#"{"priority":"-1000"}"#, Some(r#"{"priority":5}"#)),
+            (
+                br#"{"priority":-1.0e3,"priority":[1]}"#,
+                Some(r#"{"priority":5,"priority":5}"#),
+            ),
+            (br#"{"model":"m","x":{"priority":-9}}"#, None),
+            (br#"not json"#, None),
+            (br#"{"priority": -1000"#, None),
+        ];
+        for (body, want) in cases {
+            let got = super::with_priority(body, 5).map(|v| String::from_utf8(v).unwrap());
+            assert_eq!(got.as_deref(), want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
     use super::*;
 
     #[test]

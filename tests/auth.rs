@@ -424,3 +424,107 @@ async fn a_huge_max_tokens_cannot_wrap_past_the_token_limit() {
         assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     }
 }
+
+/// An upstream that answers with the body it was sent, as JSON.
+async fn body_echo() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(anteroom::server::serve_fn(
+        listener,
+        |req: Request<Incoming>| async move {
+            let declared = req
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let echo = serde_json::json!({
+                "body": String::from_utf8_lossy(&body),
+                "length_ok": declared == Some(body.len()),
+            });
+            Ok::<_, Infallible>(Response::new(
+                Full::new(Bytes::from(echo.to_string()))
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            ))
+        },
+    ));
+    url
+}
+
+/// A key whose priority is clamped cannot reach past the clamp through the
+/// body either: vLLM reads the body's `priority`, so the backend is sent the
+/// priority the request was queued at, however the body spelled its own.
+#[tokio::test]
+async fn a_clamped_priority_is_what_the_backend_is_sent() {
+    let upstream = body_echo().await;
+    let proxy = proxy(&upstream, |c| {
+        c.key = vec![
+            KeyEntry {
+                name: "clamped".into(),
+                sha256: Some(hex(anteroom::auth::digest(b"sk-clamped"))),
+                max_priority: Some(5),
+                ..Default::default()
+            },
+            KeyEntry {
+                name: "free".into(),
+                sha256: Some(hex(anteroom::auth::digest(b"sk-free"))),
+                ..Default::default()
+            },
+        ];
+    })
+    .await;
+    let client = client();
+    let send = |key: &'static str, body: &'static str, header: Option<i32>| {
+        let mut b = Request::post(format!("{}/v1/chat/completions", proxy.url()))
+            .header("authorization", format!("Bearer {key}"));
+        if let Some(p) = header {
+            b = b.header("x-priority", p);
+        }
+        let req = b
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = client.request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            body_json(resp).await
+        }
+    };
+    for (body, header, want) in [
+        (
+            r#"{"model":"m","priority":-1000}"#,
+            None,
+            r#"{"model":"m","priority":5}"#,
+        ),
+        (
+            r#"{"model":"m","priority":"-1000"}"#,
+            None,
+            r#"{"model":"m","priority":5}"#,
+        ),
+        (
+            r#"{"priority":-1e3,"model":"m","priority":0}"#,
+            None,
+            r#"{"priority":5,"model":"m","priority":5}"#,
+        ),
+        // The header decided (7, within the clamp): the body says so too.
+        (
+            r#"{"model":"m","priority":-1000}"#,
+            Some(7),
+            r#"{"model":"m","priority":7}"#,
+        ),
+        // Within the clamp, and no body priority: untouched.
+        (
+            r#"{"model":"m","priority":9}"#,
+            None,
+            r#"{"model":"m","priority":9}"#,
+        ),
+        (r#"{"model":"m"}"#, Some(0), r#"{"model":"m"}"#),
+    ] {
+        let echo = send("sk-clamped", body, header).await;
+        assert_eq!(echo["body"], want, "{body} {header:?}");
+        assert_eq!(echo["length_ok"], true, "{body}");
+    }
+    // A key with no clamp: the body goes as it came.
+    let echo = send("sk-free", r#"{"model":"m","priority":-1000}"#, None).await;
+    assert_eq!(echo["body"], r#"{"model":"m","priority":-1000}"#);
+}
