@@ -1,7 +1,7 @@
 # anteroom: admission control in front of an OpenAI-compatible model server.
 #
 #   docker build -t anteroom .
-#   docker run --rm -p 8080:8080 -p 8081:8081 \
+#   docker run --rm -p 8080:8080 \
 #     -v "$PWD/deploy/anteroom.toml:/etc/anteroom/anteroom.toml:ro" anteroom
 #
 # Build stage: the same cargo command CI builds with (tests/container.rs
@@ -17,7 +17,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /anteroom /usr/local/bin/anteroom
 COPY deploy/anteroom.toml /etc/anteroom/anteroom.toml
 USER nonroot:nonroot
-# 8080: the proxy (clients' base URL); 8081: /healthz, /status, /metrics.
+# 8080: the proxy (clients' base URL); 8081: /healthz, /status, /metrics
+# (on loopback in the shipped config: bind it out with admin_key_env set).
 EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=4s --start-period=5s --retries=3 \
     CMD ["/usr/local/bin/anteroom", "healthcheck", "--url", "http://127.0.0.1:8081/healthz"]

@@ -24,6 +24,7 @@ pub async fn serve(
     recorder: Arc<Recorder>,
     keys: SharedKeys,
     reloader: Arc<Reloader>,
+    admin_key: Option<[u8; 32]>,
 ) {
     crate::server::serve_fn(listener, move |req| {
         let router = router.clone();
@@ -31,6 +32,9 @@ pub async fn serve(
         let keys = keys.clone();
         let reloader = reloader.clone();
         async move {
+            if let Some(refused) = check_admin_key(admin_key.as_ref(), &req) {
+                return Ok::<_, Infallible>(refused);
+            }
             if req.method() == Method::POST && req.uri().path() == "/reload" {
                 return Ok::<_, Infallible>(reload(&reloader));
             }
@@ -38,6 +42,47 @@ pub async fn serve(
         }
     })
     .await
+}
+
+/// With an admin key, every endpoint but `GET /healthz` (what liveness
+/// probes and the image's HEALTHCHECK ask, with no secret) needs
+/// `Authorization: Bearer <key>`: the answer for a request without it, a
+/// 401 in the OpenAI shape. Not tower-http's bearer check: that compares
+/// the header as it is, in time that tells where it differs, and answers
+/// an empty 401; this compares digests in constant time, as the API keys
+/// are, and takes the scheme in any case.
+fn check_admin_key(key: Option<&[u8; 32]>, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let key = key?;
+    if req.method() == Method::GET && req.uri().path() == "/healthz" {
+        return None;
+    }
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(crate::auth::bearer_token);
+    if presented.is_some_and(|t| crate::auth::same(&crate::auth::digest(t.as_bytes()), key)) {
+        return None;
+    }
+    tracing::info!(
+        path = req.uri().path(),
+        "admin request refused: 401 (no or wrong admin key)"
+    );
+    let d = crate::error::Described {
+        status: StatusCode::UNAUTHORIZED,
+        kind: "invalid_request_error",
+        code: "invalid_api_key",
+        retry_after: None,
+    };
+    let mut resp = crate::error::error_response(
+        &d,
+        "the admin endpoints need the admin key: Authorization: Bearer <key>",
+    )
+    .map(|b| b.map_err(|never| match never {}).boxed_unsync());
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    Some(resp)
 }
 
 /// One upstream's state, for `/status` and `/metrics`.

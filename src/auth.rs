@@ -27,6 +27,7 @@ use crate::admission::Share;
 use crate::classify::Priority;
 use crate::error::{RateLimited, Unauthorized};
 use crate::telemetry::Tap;
+use crate::upstream::rewrite::ClientAddr;
 use crate::BoxError;
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -221,7 +222,7 @@ pub fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
 }
 
 /// Equal, in time independent of where they differ.
-fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -323,6 +324,14 @@ where
             } else {
                 "an API key is required (Authorization: Bearer … or x-api-key)"
             };
+            // Seen by an operator (info): a wrong key is a client's
+            // mistake or a probe; never the key itself.
+            tracing::info!(
+                client = ?req.extensions().get::<ClientAddr>().map(|c| c.addr().ip()),
+                path = req.uri().path(),
+                why,
+                "request refused: 401"
+            );
             return futures_util_either::Either::Right(std::future::ready(Err(Unauthorized::new(
                 why,
             )
@@ -358,13 +367,20 @@ where
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme in any
+/// case (RFC 9110 §11.1: `BEARER` is `Bearer`).
+pub(crate) fn bearer_token(v: &http::HeaderValue) -> Option<&str> {
+    let v = v.to_str().ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 fn presented_key<B>(req: &Request<B>) -> Option<String> {
     if let Some(v) = req.headers().get(AUTHORIZATION) {
-        let v = v.to_str().ok()?.trim();
-        let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))?;
-        return Some(token.trim().to_owned());
+        return bearer_token(v).map(str::to_owned);
     }
     let v = req.headers().get(X_API_KEY)?.to_str().ok()?;
     Some(v.trim().to_owned())

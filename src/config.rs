@@ -27,6 +27,9 @@ pub struct FileConfig {
     pub listen: String,
     /// Address of the admin listener (/healthz, /status).
     pub admin_listen: String,
+    /// The environment variable holding the admin key: when set, every
+    /// admin endpoint but `GET /healthz` needs `Authorization: Bearer <key>`.
+    pub admin_key_env: String,
     /// The model server: `http://host:port`, optionally with a path prefix;
     /// or several, as `[[upstream]]` tables.
     pub upstream: Upstreams,
@@ -174,6 +177,7 @@ impl Default for FileConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:8081".into(),
+            admin_key_env: String::new(),
             upstream: Upstreams::One("http://127.0.0.1:1234".into()),
             max_concurrency: Concurrency::Fixed(4),
             auto_min_concurrency: 1,
@@ -540,6 +544,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
+    /// SHA-256 of the admin key, if the admin endpoints need one.
+    pub admin_key: Option<[u8; 32]>,
     /// The (first) upstream origin.
     pub upstream: Origin,
     /// Every upstream, with what it serves (one for a plain `upstream = URL`).
@@ -755,6 +761,12 @@ impl FileConfig {
             file: self.clone(),
             listen,
             admin_listen,
+            admin_key: upstream_key(
+                "admin_key_env",
+                None,
+                Some(self.admin_key_env.trim()).filter(|v| !v.is_empty()),
+            )?
+            .map(|k| crate::auth::digest(k.trim().as_bytes())),
             upstream,
             replicas,
             limits: Limits {

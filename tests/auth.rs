@@ -528,3 +528,64 @@ async fn a_clamped_priority_is_what_the_backend_is_sent() {
     let echo = send("sk-free", r#"{"model":"m","priority":-1000}"#, None).await;
     assert_eq!(echo["body"], r#"{"model":"m","priority":-1000}"#);
 }
+
+/// With an admin key, the admin port answers only requests that carry it,
+/// but for the liveness check; the scheme is read in any case, on the admin
+/// port and the proxy's.
+#[tokio::test]
+async fn the_admin_port_needs_its_key_and_healthz_does_not() {
+    std::env::set_var("ANTEROOM_TEST_ADMIN_KEY", "adm-secret");
+    let (_sim, proxy, client) = setup(sim_config(anteroom::sim::Mode::Batch), |c| {
+        c.admin_key_env = "ANTEROOM_TEST_ADMIN_KEY".into();
+        c.key = vec![KeyEntry {
+            name: "k".into(),
+            sha256: Some(hex(anteroom::auth::digest(b"sk-k"))),
+            ..Default::default()
+        }];
+    })
+    .await;
+    let admin = format!("http://{}", proxy.admin_addr);
+    let ask = |method: &'static str, path: &'static str, auth: Option<&'static str>| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("{admin}{path}"));
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        let req = b.body(Full::new(Bytes::new())).unwrap();
+        let client = client.clone();
+        async move { client.request(req).await.unwrap() }
+    };
+    assert_eq!(ask("GET", "/healthz", None).await.status(), 200);
+    for (method, path) in [("GET", "/status"), ("GET", "/metrics"), ("POST", "/reload")] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic adm-secret"),
+            Some("adm-secret"),
+        ] {
+            let resp = ask(method, path, auth).await;
+            assert_eq!(resp.status(), 401, "{method} {path} {auth:?}");
+            assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+            let err = body_json(resp).await;
+            assert_eq!(err["error"]["code"], "invalid_api_key");
+            assert!(!err.to_string().contains("adm-secret"));
+        }
+    }
+    for auth in [
+        "Bearer adm-secret",
+        "BEARER adm-secret",
+        "bearer  adm-secret ",
+    ] {
+        let resp = ask("GET", "/status", Some(auth)).await;
+        assert_eq!(resp.status(), 200, "{auth}");
+    }
+    // The proxy's own keys: any case of the scheme.
+    let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("authorization", "BEARER sk-k")
+        .body(Full::new(Bytes::from(chat_body(false, 2))))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+}

@@ -112,6 +112,9 @@ pub struct ServeArgs {
     /// (key: reserve).
     #[arg(long = "reserve", value_name = "MAX_PRIORITY:SLOTS", value_parser = parse_reservation, allow_hyphen_values = true)]
     pub reserve: Vec<crate::admission::Reservation>,
+    /// The environment variable holding the admin key (key: admin_key_env).
+    #[arg(long, value_name = "VAR")]
+    pub admin_key_env: Option<String>,
     /// Most time to receive a request's headers (key: header_read_timeout).
     #[arg(long, value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
@@ -225,6 +228,7 @@ impl ServeArgs {
             eject_after,
             workers,
             header_read_timeout,
+            admin_key_env,
             client_write_timeout,
             body_read_timeout,
             max_header_bytes,
@@ -393,12 +397,19 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
         live.clone(),
         router.clone(),
     ));
+    if config.admin_key.is_none() && !admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            admin = %admin_addr,
+            "the admin listener is beyond loopback with no admin key: anyone who can reach it can read /status and /metrics and POST /reload (set admin_key_env)"
+        );
+    }
     let mut tasks = vec![tokio::spawn(crate::admin::serve(
         admin,
         router.clone(),
         recorder.clone(),
         live.keys.clone(),
         reloader.clone(),
+        config.admin_key,
     ))];
     let (stop, stopped) = tokio::sync::watch::channel(None::<Instant>);
     let drain = Drain::new();
