@@ -48,7 +48,8 @@ pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
                 return None;
             }
             let key_end = string_end(body, i)?;
-            let key = &body[i + 1..key_end];
+            let unescaped = unescape_key(body, i, key_end);
+            let key = unescaped.as_deref().unwrap_or(&body[i + 1..key_end]);
             i = skip_ws(body, key_end + 1);
             if *body.get(i)? != b':' {
                 return None;
@@ -95,7 +96,14 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
             return None;
         }
         let key_end = string_end(b, i)?;
-        let key = &b[i + 1..key_end];
+        let unescaped;
+        let key = match unescape_key(b, i, key_end) {
+            Some(k) => {
+                unescaped = k;
+                &unescaped[..]
+            }
+            None => &b[i + 1..key_end],
+        };
         i = skip_ws(b, key_end + 1);
         if *b.get(i)? != b':' {
             return None;
@@ -132,6 +140,18 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
             _ => return None,
         }
     }
+}
+
+/// A key spelled with escapes (`"pri\u006frity"`), decoded as the
+/// backend's JSON parser decodes it: a client must not hide a field from
+/// anteroom that the backend reads. `None` for a key without a backslash
+/// (nearly all: they are compared as they are) or one that does not decode.
+fn unescape_key(b: &[u8], open: usize, close: usize) -> Option<Vec<u8>> {
+    let raw = &b[open..=close];
+    memchr::memchr(b'\\', raw)?;
+    serde_json::from_slice::<String>(raw)
+        .ok()
+        .map(String::into_bytes)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -195,6 +215,15 @@ fn parse_i32(v: &[u8]) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn keys_spelled_with_escapes_are_the_keys_they_spell() {
+        let f = super::scan(br#"{"pri\u006frity": -3, "str\u0065am": true, "max_tok\u0065ns": 7}"#);
+        assert_eq!(f.priority, Some(-3));
+        assert_eq!(f.priority_keys, 1);
+        assert_eq!(f.stream, Some(true));
+        assert_eq!(f.max_tokens, Some(7));
+    }
+
+    #[test]
     fn every_priority_key_gets_the_clamped_value() {
         let cases: [(&[u8], Option<&str>); 6] = [
             (
@@ -210,6 +239,11 @@ mod tests {
             (br#"not json"#, None),
             (br#"{"priority": -1000"#, None),
         ];
+        // A key spelled with escapes is the same key.
+        assert_eq!(
+            super::with_priority(br#"{"pri\u006frity":-9}"#, 5).as_deref(),
+            Some(&br#"{"pri\u006frity":5}"#[..])
+        );
         for (body, want) in cases {
             let got = super::with_priority(body, 5).map(|v| String::from_utf8(v).unwrap());
             assert_eq!(got.as_deref(), want, "{}", String::from_utf8_lossy(body));
