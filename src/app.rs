@@ -65,7 +65,7 @@ where
         .layer(AuthLayer::shared(live.keys.clone()))
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
-        .layer(ClassifyLayer::shared(live.routes.clone()))
+        .layer(ClassifyLayer::shared(live.routes.clone()).counting(live.buffered.clone()))
         // With several upstreams, pick one by the body's model (least
         // outstanding work); needs the model, so after classify, and
         // before admission, which queues on that upstream's scheduler.

@@ -185,6 +185,76 @@ pub struct Routes {
     pub trust_tenant_header: bool,
     /// Most time between two pieces of a request body (then 408).
     pub body_read_timeout: std::time::Duration,
+    /// Most bytes of admitted bodies held at once, all requests together
+    /// (0: no bound); past it, 503 `buffers_full`.
+    pub max_buffered_bytes: usize,
+}
+
+/// The bytes of admitted request bodies held now, by every worker: what
+/// `max_buffered_bytes` bounds. Shared by the stacks of one proxy.
+#[derive(Debug, Default)]
+pub struct Buffered {
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl Buffered {
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Take `n` more bytes, if that stays within `max` (0: no bound).
+    fn take(self: &Arc<Self>, n: usize, max: usize) -> Option<Held> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = self.held.fetch_add(n, Relaxed);
+        if max > 0 && before.saturating_add(n) > max {
+            self.held.fetch_sub(n, Relaxed);
+            return None;
+        }
+        Some(Held {
+            buffered: self.clone(),
+            bytes: n,
+        })
+    }
+}
+
+/// Bytes of one request's body counted in [`Buffered`], given back when
+/// the request is done with them (its response has come, or it failed).
+#[derive(Debug)]
+struct Held {
+    buffered: Arc<Buffered>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Keep only `n` of the bytes taken (the body came shorter).
+    fn keep(&mut self, n: usize) {
+        if n < self.bytes {
+            let extra = self.bytes - n;
+            self.buffered
+                .held
+                .fetch_sub(extra, std::sync::atomic::Ordering::Relaxed);
+            self.bytes = n;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.buffered
+            .held
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What a request gets when the bodies held are at their bound: a 503 with
+/// a short wait (bodies are let go of as requests are answered).
+fn buffers_full() -> BoxError {
+    crate::admission::Overloaded::new(
+        crate::admission::Reason::BuffersFull,
+        std::time::Duration::from_secs(1),
+    )
+    .into()
 }
 
 impl Routes {
@@ -215,6 +285,7 @@ pub type SharedRoutes = Arc<arc_swap::ArcSwap<Routes>>;
 #[derive(Clone, Debug)]
 pub struct ClassifyLayer {
     routes: SharedRoutes,
+    buffered: Arc<Buffered>,
 }
 
 impl ClassifyLayer {
@@ -225,7 +296,16 @@ impl ClassifyLayer {
 
     /// Classify by whatever routes `routes` holds at each request.
     pub fn shared(routes: SharedRoutes) -> Self {
-        Self { routes }
+        Self {
+            routes,
+            buffered: Arc::default(),
+        }
+    }
+
+    /// Count admitted bodies in `buffered`, shared with other stacks.
+    pub fn counting(mut self, buffered: Arc<Buffered>) -> Self {
+        self.buffered = buffered;
+        self
     }
 }
 
@@ -236,6 +316,7 @@ impl<S> Layer<S> for ClassifyLayer {
         Classify {
             inner,
             routes: self.routes.clone(),
+            buffered: self.buffered.clone(),
         }
     }
 }
@@ -245,6 +326,7 @@ impl<S> Layer<S> for ClassifyLayer {
 pub struct Classify<S> {
     inner: S,
     routes: SharedRoutes,
+    buffered: Arc<Buffered>,
 }
 
 impl<S, B> Service<Request<B>> for Classify<S>
@@ -308,6 +390,16 @@ where
         if declared.is_some_and(|n| n > limit as u64) {
             return ResponseFuture::failed(BodyTooLarge::new(limit).into());
         }
+        // A declared length is counted before a byte is read, so bodies
+        // past the bound are refused unread; one without is counted once
+        // it is in.
+        let held = match declared {
+            Some(n) => match self.buffered.take(n as usize, routes.max_buffered_bytes) {
+                Some(h) => Some(h),
+                None => return ResponseFuture::failed(buffers_full()),
+            },
+            None => None,
+        };
         let share = share_of(&req, routes.trust_tenant_header);
         let (parts, body) = req.into_parts();
         ResponseFuture {
@@ -322,6 +414,9 @@ where
                     default_priority: routes.default_priority,
                     limit,
                     keep_model: routes.keep_model,
+                    held,
+                    buffered: self.buffered.clone(),
+                    max_buffered: routes.max_buffered_bytes,
                 }),
             },
         }
@@ -358,6 +453,9 @@ struct Pending<S> {
     default_priority: Priority,
     limit: usize,
     keep_model: bool,
+    held: Option<Held>,
+    buffered: Arc<Buffered>,
+    max_buffered: usize,
 }
 
 pin_project! {
@@ -389,6 +487,8 @@ pin_project! {
         Calling {
             #[pin]
             fut: Oneshot<S, Request<ClassifiedBody<B>>>,
+            // The body's bytes, counted until the request is done.
+            held: Option<Held>,
         },
         Failed {
             err: Option<BoxError>,
@@ -406,6 +506,7 @@ where
         Self {
             state: State::Calling {
                 fut: Oneshot::new(svc, req),
+                held: None,
             },
         }
     }
@@ -440,6 +541,9 @@ where
                         default_priority,
                         limit,
                         keep_model,
+                        held,
+                        buffered,
+                        max_buffered,
                     } = rest.take().expect("polled after completion");
                     let bytes = match collected {
                         Ok(c) => c.to_bytes(),
@@ -454,6 +558,16 @@ where
                             )
                             .into()))
                         }
+                    };
+                    let held = match held {
+                        Some(mut h) => {
+                            h.keep(bytes.len());
+                            h
+                        }
+                        None => match buffered.take(bytes.len(), max_buffered) {
+                            Some(h) => h,
+                            None => return Poll::Ready(Err(buffers_full())),
+                        },
                     };
                     let fields = json_scan::scan(&bytes);
                     let tenant = parts.extensions.get::<Tenant>();
@@ -537,9 +651,10 @@ where
                     let req = Request::from_parts(parts, Either::Left(Full::new(body)));
                     this.state.set(State::Calling {
                         fut: Oneshot::new(svc, req),
+                        held: Some(held),
                     });
                 }
-                StateProj::Calling { fut } => return fut.poll(cx).map_err(Into::into),
+                StateProj::Calling { fut, .. } => return fut.poll(cx).map_err(Into::into),
                 StateProj::Failed { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")))
                 }

@@ -53,6 +53,9 @@ pub struct FileConfig {
     pub retry_after_cap: String,
     /// Largest request body of an admitted request, in bytes.
     pub max_body_bytes: usize,
+    /// Most bytes of admitted request bodies held at once, all together
+    /// (0: no bound).
+    pub max_buffered_bytes: usize,
     /// Most time from dispatching a request to the upstream's response headers.
     pub upstream_timeout: String,
     /// Most time to open a connection to the upstream.
@@ -187,6 +190,7 @@ impl Default for FileConfig {
             queue_timeout: "180s".into(),
             retry_after_cap: "60s".into(),
             max_body_bytes: 32 * 1024 * 1024,
+            max_buffered_bytes: 1024 * 1024 * 1024,
             upstream_timeout: "600s".into(),
             connect_timeout: "5s".into(),
             pool_idle_timeout: "90s".into(),
@@ -783,6 +787,7 @@ impl FileConfig {
             routes: Routes {
                 admit_paths: self.admit_paths.clone(),
                 max_body_bytes: self.max_body_bytes,
+                max_buffered_bytes: self.max_buffered_bytes,
                 default_priority: self.default_priority,
                 keep_model,
                 trust_tenant_header: self.trust_tenant_header,

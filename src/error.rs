@@ -20,7 +20,7 @@
 //! | 413 | `invalid_request_error` | `request_too_large` | body over `max_body_bytes` |
 //! | 429 | `rate_limit_error` | `queue_full`, `queue_timeout` | queue full (or displaced by a more urgent request); waited too long |
 //! | 502 | `upstream_error` | `upstream_unavailable` | upstream refused, reset, or answered garbage |
-//! | 503 | `server_error` | `shutting_down` | the proxy is closing |
+//! | 503 | `server_error` | `shutting_down`, `buffers_full` | the proxy is closing; the bodies it holds reach `max_buffered_bytes` |
 //! | 504 | `upstream_error` | `upstream_timeout` | no response headers within `upstream_timeout` |
 //! | 500 | `server_error` | `internal_error` | anything else (a bug) |
 //!
@@ -396,7 +396,7 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
     };
     if let Some(e) = cause::<Overloaded>(err) {
         return match e.reason() {
-            Reason::Closed | Reason::Rerouted => d(
+            Reason::Closed | Reason::Rerouted | Reason::BuffersFull => d(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 e.reason().code(),

@@ -49,6 +49,8 @@ pub struct Live {
     pub keys: SharedKeys,
     /// Which requests are admitted, their default priority, body bound.
     pub routes: SharedRoutes,
+    /// The admitted bodies held now (kept across reloads).
+    pub buffered: Arc<crate::classify::Buffered>,
 }
 
 impl Live {
@@ -57,6 +59,7 @@ impl Live {
         Self {
             keys: Arc::new(arc_swap::ArcSwap::from_pointee(config.keys.clone())),
             routes: Arc::new(arc_swap::ArcSwap::from_pointee(config.routes.clone())),
+            buffered: Arc::default(),
         }
     }
 }
@@ -91,6 +94,7 @@ const LIVE_KEYS: &[&str] = &[
     "default_priority",
     "admit_paths",
     "max_body_bytes",
+    "max_buffered_bytes",
     "body_read_timeout",
     "trust_tenant_header",
     "key",

@@ -350,3 +350,55 @@ async fn a_body_that_stops_coming_is_a_408() {
     })
     .await;
 }
+
+/// The bodies anteroom holds are bounded all together: past
+/// `max_buffered_bytes` a request is refused with 503 `buffers_full` (unread
+/// when it declares its length), and the bytes are given back as requests
+/// finish.
+#[tokio::test]
+async fn buffered_bodies_are_bounded_all_together() {
+    let (_sim, proxy, client, busy) = one_slot_busy(|c| c.max_buffered_bytes = 3_000).await;
+    // The busy stream holds the slot; these wait, each body held.
+    let pad = "x".repeat(700);
+    let body = |i: usize| {
+        serde_json::json!({"model": "anteroom-sim", "max_tokens": 1, "pad": pad, "i": i})
+            .to_string()
+    };
+    let mut waiting = Vec::new();
+    for i in 0..3 {
+        let (client, url, b) = (client.clone(), proxy.url(), body(i));
+        waiting.push(tokio::spawn(async move {
+            let req = http::Request::post(format!("{url}/v1/chat/completions"))
+                .body(http_body_util::Full::new(bytes::Bytes::from(b)))
+                .unwrap();
+            client.request(req).await.unwrap().status()
+        }));
+    }
+    wait_until("three to wait", || proxy.scheduler.snapshot().waiting == 3).await;
+    // A fourth would pass the bound: refused before its body is read.
+    let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+    sock.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_to_close(&mut sock).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"code\":\"buffers_full\""), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    // The slot frees: the three are served and their bytes given back.
+    drop(busy);
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), 200);
+    }
+    // Had their bytes been kept, this one would pass the bound.
+    let req = http::Request::post(format!("{}/v1/chat/completions", proxy.url()))
+        .body(http_body_util::Full::new(bytes::Bytes::from(body(9))))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+}

@@ -17,6 +17,9 @@ pub enum Reason {
     /// Its upstream was taken out of service while it waited: it is to be
     /// queued at another (see [`route`](crate::route)).
     Rerouted,
+    /// The request bodies anteroom holds already add up to
+    /// `max_buffered_bytes`.
+    BuffersFull,
 }
 
 impl Reason {
@@ -27,6 +30,7 @@ impl Reason {
             Reason::QueueTimeout => "queue_timeout",
             Reason::Closed => "shutting_down",
             Reason::Rerouted => "no_healthy_upstream",
+            Reason::BuffersFull => "buffers_full",
         }
     }
 }
@@ -73,6 +77,9 @@ impl fmt::Display for Overloaded {
             ),
             Reason::Rerouted => f.write_str(
                 "no healthy upstream serves this model; retry after the advised delay",
+            ),
+            Reason::BuffersFull => f.write_str(
+                "anteroom holds as many request bodies as max_buffered_bytes allows; retry after the advised delay",
             ),
         }
     }

@@ -112,6 +112,9 @@ pub struct ServeArgs {
     /// (key: reserve).
     #[arg(long = "reserve", value_name = "MAX_PRIORITY:SLOTS", value_parser = parse_reservation, allow_hyphen_values = true)]
     pub reserve: Vec<crate::admission::Reservation>,
+    /// Most bytes of admitted bodies held at once (key: max_buffered_bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub max_buffered_bytes: Option<usize>,
     /// The environment variable holding the admin key (key: admin_key_env).
     #[arg(long, value_name = "VAR")]
     pub admin_key_env: Option<String>,
@@ -228,6 +231,7 @@ impl ServeArgs {
             eject_after,
             workers,
             header_read_timeout,
+            max_buffered_bytes,
             admin_key_env,
             client_write_timeout,
             body_read_timeout,
