@@ -685,11 +685,10 @@ where
             if resp.status() != StatusCode::OK {
                 return Err(format!("status {}", resp.status()).into());
             }
-            let bytes = resp
-                .into_body()
+            // Bounded: an upstream's list is not a way to fill our memory.
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_MODEL_LIST)
                 .collect()
-                .await
-                .map_err(Into::into)?
+                .await?
                 .to_bytes();
             Ok::<_, BoxError>(serde_json::from_slice::<serde_json::Value>(&bytes)?)
         }
@@ -757,6 +756,9 @@ where
         }
     }
 }
+
+/// The largest model list read from one upstream for `GET /v1/models`.
+const MAX_MODEL_LIST: usize = 8 << 20;
 
 /// One probe: GET `path` on a fresh connection, true on 200.
 async fn probe(origin: &crate::upstream::Origin, path: &str, timeout: Duration) -> bool {

@@ -381,3 +381,44 @@ async fn no_healthy_upstream_is_a_503_with_retry_after() {
     let err = body_json(resp).await;
     assert_eq!(err["error"]["code"], "no_healthy_upstream");
 }
+
+/// An upstream whose model list is endless (or just huge) is left out of
+/// the merged list, read only up to a bound; the others' models are listed.
+#[tokio::test]
+async fn a_huge_model_list_is_read_only_up_to_a_bound() {
+    use http_body_util::BodyExt;
+    let a = sim(named("alpha")).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let huge = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(anteroom::server::serve_fn(listener, |_req| async move {
+        let mut list = String::from(r#"{"object":"list","data":["#);
+        list.push_str(&r#"{"id":"x","object":"model"},"#.repeat(400_000));
+        list.push_str(r#"{"id":"huge","object":"model"}]}"#);
+        Ok::<_, std::convert::Infallible>(http::Response::new(
+            Full::new(Bytes::from(list))
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        ))
+    }));
+    let ua = a.url();
+    let proxy = proxy("http://unused:1", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::Any, 4),
+            entry("huge", huge, Models::Any, 4),
+        ]);
+    })
+    .await;
+    let req = Request::get(format!("{}/v1/models", proxy.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let list = body_json(resp).await;
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["alpha"]);
+}
