@@ -13,11 +13,13 @@
 //!   with a final `data: {"error":{… "code":"shutting_down"}}` event (the
 //!   [`StreamGuard`](crate::upstream::guard::StreamGuard) watches this
 //!   [`Drain`]), so its client sees a clear error, not a cut connection;
+//!   a request still waiting for its answer's headers then (a non-streamed
+//!   generation) is answered 503 `shutting_down` by the upstream client;
 //! - a moment after the deadline whatever is left is dropped (its record
 //!   says `cancelled`), the request log is flushed, and the process exits 0.
 //!
-//! The state is one `OnceLock` read per stream frame: no lock, no
-//! registration per request.
+//! The state is one `OnceLock` read per stream frame, or per second of a
+//! wait: no lock, no registration per request.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

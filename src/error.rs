@@ -396,7 +396,7 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
     };
     if let Some(e) = cause::<Overloaded>(err) {
         return match e.reason() {
-            Reason::Closed | Reason::Rerouted | Reason::BuffersFull => d(
+            Reason::Closed | Reason::Rerouted | Reason::BuffersFull | Reason::PastDrain => d(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 e.reason().code(),

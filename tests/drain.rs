@@ -160,3 +160,70 @@ async fn sigterm_mid_50_streams_loses_nothing() {
     let rejected = records.iter().filter(|r| r.status == 503).count();
     assert_eq!(rejected, refused);
 }
+
+/// A non-streamed request still waiting for its answer at the drain
+/// deadline gets a 503 `shutting_down` with `Retry-After` (and its record
+/// says so), where it used to be cut with its connection and logged 499.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_running_non_streamed_requests() {
+    let sim = sim(SimConfig {
+        tokens_per_second: 100.0,
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    let log = log_path("drain-json");
+    let log_s = log.display().to_string();
+    let mut proc = anteroom_process(
+        &sim.url(),
+        &[
+            "--request-log",
+            &log_s,
+            "--max-concurrency",
+            "10",
+            "--drain-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let client = client();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let (client, url) = (client.clone(), proc.url.clone());
+            tokio::spawn(async move {
+                // 10 s of generation, not streamed.
+                let resp = chat(&client, &url, None, &format!("j{i}"), false, 1000).await;
+                let status = resp.status().as_u16();
+                let retry_after = header_u64(&resp, "retry-after");
+                let body = body_json(resp).await;
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    wait_until("all six to run", || sim.stats().in_flight == 6).await;
+    let signalled = Instant::now();
+    proc.terminate();
+    for t in tasks {
+        let (status, retry_after, body) = t.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+        assert!(retry_after.is_some_and(|s| s >= 1));
+    }
+    let status = tokio::task::spawn_blocking(move || proc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    let records: Vec<Record> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 6);
+    for r in &records {
+        assert_eq!(
+            (r.status, r.error.as_deref()),
+            (503, Some("shutting_down")),
+            "{r:?}"
+        );
+    }
+}

@@ -20,6 +20,8 @@ pub enum Reason {
     /// The request bodies anteroom holds already add up to
     /// `max_buffered_bytes`.
     BuffersFull,
+    /// It was still waiting for its answer at the drain deadline.
+    PastDrain,
 }
 
 impl Reason {
@@ -28,7 +30,7 @@ impl Reason {
         match self {
             Reason::QueueFull | Reason::Evicted => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
-            Reason::Closed => "shutting_down",
+            Reason::Closed | Reason::PastDrain => "shutting_down",
             Reason::Rerouted => "no_healthy_upstream",
             Reason::BuffersFull => "buffers_full",
         }
@@ -77,6 +79,9 @@ impl fmt::Display for Overloaded {
             ),
             Reason::Rerouted => f.write_str(
                 "no healthy upstream serves this model; retry after the advised delay",
+            ),
+            Reason::PastDrain => f.write_str(
+                "the proxy is shutting down and this request was still waiting for its answer at the drain deadline; retry the request",
             ),
             Reason::BuffersFull => f.write_str(
                 "anteroom holds as many request bodies as max_buffered_bytes allows; retry after the advised delay",

@@ -196,7 +196,7 @@ impl<B> StreamGuard<B> {
 /// When a guarded stream's timer should next fire for a timeout `due`: no
 /// later than the drain deadline once there is one, and before that no
 /// later than a [`DRAIN_CHECK`] from `now`.
-fn wake_at(due: Instant, drain: Option<&Drain>, now: Instant) -> Instant {
+pub(crate) fn wake_at(due: Instant, drain: Option<&Drain>, now: Instant) -> Instant {
     match drain {
         None => due,
         Some(d) => due.min(d.deadline().unwrap_or(now + DRAIN_CHECK)),

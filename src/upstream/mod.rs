@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::time::Timeout;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 pub use guard::{StreamGuard, StreamTimeouts};
@@ -214,8 +214,12 @@ where
         }
         // One allocation per request: hyper's send future cannot be named.
         let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
+        let now = Instant::now();
+        let due = now + self.response_timeout;
         ResponseFuture {
-            inner: tokio::time::timeout(self.response_timeout, send),
+            send,
+            sleep: tokio::time::sleep_until(guard::wake_at(due, self.drain.as_ref(), now)),
+            due,
             after: self.response_timeout,
             stream: self.stream,
             drain: self.drain.clone(),
@@ -426,8 +430,16 @@ pin_project! {
         B: Body,
         B: 'static,
     {
+        send: SendFuture<B>,
+        // Until the response headers: `upstream_timeout`, and while the
+        // server runs, a look each `DRAIN_CHECK` at whether it drains (a
+        // request still waiting at the drain deadline is answered 503
+        // `shutting_down`, not cut with its connection); the look costs
+        // nothing for a request answered within the second.
         #[pin]
-        inner: Timeout<SendFuture<B>>,
+        sleep: Sleep,
+        // When `upstream_timeout` runs out.
+        due: Instant,
         after: Duration,
         stream: StreamTimeouts,
         drain: Option<Drain>,
@@ -443,6 +455,14 @@ pin_project! {
         // answer whose body lags its headers carries it).
         first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
     }
+}
+
+/// Why a request stopped waiting for its answer's headers.
+enum Cut {
+    /// `upstream_timeout` passed.
+    Elapsed,
+    /// The drain deadline passed.
+    Drained,
 }
 
 /// A streamed answer, and what has been read of its first event.
@@ -534,7 +554,7 @@ where
     type Output = Result<Response<StreamGuard<PooledBody<B>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if let Some(resp) = this.first_piece.as_mut() {
             let read = ready!(resp.body_mut().poll_first_piece(cx));
             let resp = this.first_piece.take().expect("being read");
@@ -546,7 +566,24 @@ where
             let reading = this.reading.take().expect("being read");
             return Poll::Ready(Ok(after_first_event(*reading)));
         }
-        let result = ready!(this.inner.poll(cx));
+        let result = match this.send.as_mut().poll(cx) {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => loop {
+                if this.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                let drain_at = this.drain.as_ref().and_then(Drain::deadline);
+                if drain_at.is_some_and(|at| now >= at) {
+                    break Err(Cut::Drained);
+                }
+                if now >= *this.due {
+                    break Err(Cut::Elapsed);
+                }
+                let next = guard::wake_at(*this.due, this.drain.as_ref(), now);
+                this.sleep.as_mut().reset(next);
+            },
+        };
         let tap = this.tap.take();
         if let Some(tap) = &tap {
             tap.headers_arrived();
@@ -611,7 +648,15 @@ where
                 Ok(resp)
             }
             Ok(Err(e)) => Err(e),
-            Err(_elapsed) => Err(UpstreamTimeout::new(*this.after).into()),
+            Err(Cut::Elapsed) => Err(UpstreamTimeout::new(*this.after).into()),
+            Err(Cut::Drained) => {
+                tracing::info!("request still waiting for its answer at the drain deadline: 503");
+                Err(crate::admission::Overloaded::new(
+                    crate::admission::Reason::PastDrain,
+                    Duration::from_secs(1),
+                )
+                .into())
+            }
         })
     }
 }
