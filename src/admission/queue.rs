@@ -406,16 +406,19 @@ impl<T> PriorityQueue<T> {
     }
 
     /// How many entries would be served before an entry of `tenant` at
-    /// `priority` arriving now. `O(n)` in the worst case: used when
-    /// answering a rejection, never on the admission path.
-    pub fn ahead_of_new(&self, priority: Priority, tenant: TenantId) -> usize {
+    /// `priority` arriving now, counted up to `most` (past it the answer
+    /// changes nothing: the advised wait is at its cap). `O(most)`: a
+    /// rejection, under the scheduler's lock, costs no more with 10,000
+    /// queued than with a hundred.
+    pub fn ahead_of_new(&self, priority: Priority, tenant: TenantId, most: usize) -> usize {
         let bound = self.key_for(priority, tenant);
-        self.entries.range(..bound).count()
+        self.entries.range(..bound).take(most).count()
     }
 
-    /// How many entries stand before `key`. `O(n)`, as [`ahead_of_new`](Self::ahead_of_new).
-    pub fn ahead_of(&self, key: &Key) -> usize {
-        self.entries.range(..*key).count()
+    /// How many entries stand before `key`, up to `most`, as
+    /// [`ahead_of_new`](Self::ahead_of_new).
+    pub fn ahead_of(&self, key: &Key, most: usize) -> usize {
+        self.entries.range(..*key).take(most).count()
     }
 
     /// Entries in serving order, parked ones left out (for tests).
@@ -512,10 +515,13 @@ mod tests {
         };
         push(&mut q, 1, "c");
         push(&mut q, 3, "d");
-        assert_eq!(q.ahead_of(&k), 2);
-        assert_eq!(q.ahead_of_new(3, 0), 4);
-        assert_eq!(q.ahead_of_new(1, 0), 2);
-        assert_eq!(q.ahead_of_new(-1, 0), 0);
+        assert_eq!(q.ahead_of(&k, usize::MAX), 2);
+        assert_eq!(q.ahead_of_new(3, 0, usize::MAX), 4);
+        assert_eq!(q.ahead_of_new(1, 0, usize::MAX), 2);
+        assert_eq!(q.ahead_of_new(-1, 0, usize::MAX), 0);
+        // Counted only as far as it matters.
+        assert_eq!(q.ahead_of(&k, 1), 1);
+        assert_eq!(q.ahead_of_new(3, 0, 3), 3);
     }
 
     #[test]

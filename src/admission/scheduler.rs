@@ -311,7 +311,8 @@ impl Scheduler {
                     }
                     Push::Full(_) => {
                         st.forget_if_idle(share.id);
-                        let place = st.queue.ahead_of_new(priority, share.id) + 1;
+                        let most = st.places_that_matter(cap);
+                        let place = st.queue.ahead_of_new(priority, share.id, most) + 1;
                         let retry = st.retry_after(place, cap);
                         Acquire::Rejected(Overloaded::new(Reason::QueueFull, retry))
                     }
@@ -508,7 +509,8 @@ impl Scheduler {
     pub(crate) fn time_out(&self, key: &Key) -> Option<Overloaded> {
         let mut st = self.state.lock();
         let cap = st.retry_after_cap;
-        let place = st.queue.ahead_of(key) + 1;
+        let most = st.places_that_matter(cap);
+        let place = st.queue.ahead_of(key, most) + 1;
         st.queue.remove(key)?;
         st.waiting_one_less(key.tenant());
         let retry = st.retry_after(place, cap);
@@ -727,6 +729,24 @@ impl State {
             return Some((self.secs(now) - mean_start).max(COLD_SERVICE_SECS));
         }
         None
+    }
+
+    /// How far back in line a place still changes the advice: past it, the
+    /// wait is at `cap`.
+    fn places_that_matter(&self, cap: Duration) -> usize {
+        let slots = self.max_concurrency.max(1) as f64;
+        match self.service_estimate(Instant::now()) {
+            Some(s) if s > 0.0 => {
+                let n = (cap.as_secs_f64() * slots / s).ceil();
+                if n.is_finite() && n < usize::MAX as f64 {
+                    (n as usize).saturating_add(1)
+                } else {
+                    usize::MAX
+                }
+            }
+            // Nothing measured: every place advises the same.
+            _ => 1,
+        }
     }
 
     /// The wait of a request standing `place`-th in line (1 = next): the line
