@@ -326,6 +326,7 @@ pub(crate) async fn accept_loop<S, M>(
     tokio::pin!(shutdown);
     let mut connections = tokio::task::JoinSet::new();
     let draining = Arc::new(DrainFlag::default());
+    let (mut accept_errors, mut last_said) = (0u64, None);
     let deadline = loop {
         let (stream, addr) = tokio::select! {
             deadline = &mut shutdown => break deadline,
@@ -335,8 +336,14 @@ pub(crate) async fn accept_loop<S, M>(
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors or a connection reset before
-                    // accept: keep serving the others.
-                    tracing::warn!(error = %e, "accept failed");
+                    // accept: keep serving the others. Said once per 10 s
+                    // with how many there were, not 20 lines a second.
+                    accept_errors += 1;
+                    if last_said.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, failures = accept_errors, "accept failed (counted since the last report)");
+                        accept_errors = 0;
+                        last_said = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -402,3 +402,41 @@ async fn buffered_bodies_are_bounded_all_together() {
     assert_eq!(resp.status(), 200);
     body_bytes(resp).await;
 }
+
+/// Started with a low soft limit on open files (1024 is common), anteroom
+/// raises it to the hard limit: each waiting client holds a descriptor.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let (port, admin) = (free_port(), free_port());
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["serve", "--upstream", &sim.url()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let proc = Proc {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        admin: format!("http://127.0.0.1:{admin}"),
+    };
+    let pid = proc.child.id();
+    let limits = || std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let open_files = |text: &str| -> Option<(String, String)> {
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut f = line["Max open files".len()..].split_whitespace();
+        Some((f.next()?.to_owned(), f.next()?.to_owned()))
+    };
+    wait_until("the proxy to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let (soft, hard) = open_files(&limits()).expect("the process's limits");
+    assert_eq!(soft, hard, "soft limit left at {soft}");
+    assert_ne!(soft, "256");
+    proc.terminate();
+}

@@ -608,6 +608,14 @@ async fn bind_proxy(
 /// `anteroom serve`: run until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
     let config = args.config()?;
+    // Each waiting client holds a descriptor, and so does its upstream
+    // connection once it runs: the soft limit (often 1024) binds long before
+    // max_connections. Raised to the hard limit, as nginx's
+    // worker_rlimit_nofile would be set.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let running = start_with(&config, config.workers).await.map_err(|e| {
         format!(
             "cannot start (listen on {} and {}, open the request log): {e}",
