@@ -85,10 +85,29 @@ where
             }
         };
         req.extensions_mut().insert(RequestId(id.clone()));
+        let http1 = req.version() <= http::Version::HTTP_11;
         ResponseFuture {
             inner: self.inner.call(req),
             id: Some(id),
+            http1,
         }
+    }
+}
+
+/// A refusal that advises a wait longer than an idle keep-alive connection
+/// lives (`header_read_timeout`, 10 s by default, closes it) also closes
+/// its HTTP/1.1 connection: the client's retry then opens a fresh one
+/// instead of writing into one anteroom is closing. Past 2 s, so a quick
+/// retry keeps its connection.
+fn close_before_a_long_wait(resp: &mut Response<Body>) {
+    let waits = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .is_some_and(|secs| secs > 2);
+    if waits {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 
@@ -142,6 +161,7 @@ pin_project! {
         #[pin]
         inner: F,
         id: Option<HeaderValue>,
+        http1: bool,
     }
 }
 
@@ -173,6 +193,9 @@ where
         };
         if let Some(id) = this.id.take() {
             resp.headers_mut().insert(REQUEST_ID, id);
+        }
+        if *this.http1 && matches!(resp.status().as_u16(), 429 | 503) {
+            close_before_a_long_wait(&mut resp);
         }
         Poll::Ready(Ok(resp))
     }

@@ -440,3 +440,41 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit() {
     assert_ne!(soft, "256");
     proc.terminate();
 }
+
+/// A 429 that advises a longer wait than an idle connection lives closes
+/// its HTTP/1.1 connection, so the client's retry opens a fresh one; a
+/// short wait keeps it.
+#[tokio::test]
+async fn a_long_advised_wait_closes_the_connection_a_short_one_keeps_it() {
+    for (advice, closes) in [("30s", true), ("1s", false)] {
+        let mut cfg = sim_config(Mode::Batch);
+        cfg.reject_share = 1.0;
+        cfg.reject_retry_after = Some(anteroom::config::parse_duration(advice).unwrap());
+        let (_sim, proxy, _) = setup(cfg, |c| c.max_retries = 0).await;
+        let body = chat_body(false, 2);
+        let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_millis(500), sock.read(&mut buf)).await {
+                Ok(Ok(0)) => break true,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(_)) => break true,
+                Err(_) => break false,
+            }
+        };
+        let answer = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 429"), "{answer}");
+        assert_eq!(
+            answer.contains("\r\nconnection: close\r\n"),
+            closes,
+            "{advice}: {answer}"
+        );
+        assert_eq!(ended, closes, "{advice}: closed?");
+    }
+}
