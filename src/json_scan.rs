@@ -47,8 +47,8 @@ pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
             if *body.get(i)? != b'"' {
                 return None;
             }
-            let key_end = string_end(body, i)?;
-            let unescaped = unescape_key(body, i, key_end);
+            let (key_end, escaped) = key_end(body, i)?;
+            let unescaped = escaped.then(|| unescape_key(body, i, key_end)).flatten();
             let key = unescaped.as_deref().unwrap_or(&body[i + 1..key_end]);
             i = skip_ws(body, key_end + 1);
             if *body.get(i)? != b':' {
@@ -95,9 +95,9 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
         if *b.get(i)? != b'"' {
             return None;
         }
-        let key_end = string_end(b, i)?;
+        let (key_end, escaped) = key_end(b, i)?;
         let unescaped;
-        let key = match unescape_key(b, i, key_end) {
+        let key = match escaped.then(|| unescape_key(b, i, key_end)).flatten() {
             Some(k) => {
                 unescaped = k;
                 &unescaped[..]
@@ -144,11 +144,10 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
 
 /// A key spelled with escapes (`"pri\u006frity"`), decoded as the
 /// backend's JSON parser decodes it: a client must not hide a field from
-/// anteroom that the backend reads. `None` for a key without a backslash
-/// (nearly all: they are compared as they are) or one that does not decode.
+/// anteroom that the backend reads. Only for a key with a backslash (nearly
+/// none: the others are compared as they are); `None` if it does not decode.
 fn unescape_key(b: &[u8], open: usize, close: usize) -> Option<Vec<u8>> {
     let raw = &b[open..=close];
-    memchr::memchr(b'\\', raw)?;
     serde_json::from_slice::<String>(raw)
         .ok()
         .map(String::into_bytes)
@@ -159,6 +158,24 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
         i += 1;
     }
     i
+}
+
+/// Index of the closing quote of the key that opens at `i`, and whether it
+/// holds an escape: found on the same walk, so a plain key costs nothing
+/// more than finding its end.
+fn key_end(b: &[u8], i: usize) -> Option<(usize, bool)> {
+    let mut j = i + 1;
+    let mut escaped = false;
+    loop {
+        match *b.get(j)? {
+            b'"' => return Some((j, escaped)),
+            b'\\' => {
+                escaped = true;
+                j += 2;
+            }
+            _ => j += 1,
+        }
+    }
 }
 
 /// Index of the closing quote of the string that opens at `i`.
