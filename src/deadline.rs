@@ -38,18 +38,31 @@ impl Stall {
     /// The peer made us wait: whether it has for `timeout` now (else the
     /// task is woken when it will have).
     fn expired(&mut self, timeout: Duration, cx: &mut Context<'_>) -> bool {
-        let timer = match &mut self.timer {
-            Some(t) => {
-                if !self.armed {
-                    t.as_mut().reset(Instant::now() + timeout);
-                }
-                t
-            }
-            None => self.timer.insert(Box::pin(tokio::time::sleep(timeout))),
-        };
-        self.armed = true;
-        timer.as_mut().poll(cx).is_ready()
+        waited(&mut self.timer, &mut self.armed, timeout, cx)
     }
+}
+
+/// A [`Stall`] in parts, for a type that keeps its timer for other uses too
+/// (the stream guard): the peer made us wait; arm `timer` from now unless
+/// `armed` (making it at the first wait), and say whether the wait has
+/// lasted `timeout` (else the task is woken when it will have).
+pub(crate) fn waited(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    armed: &mut bool,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    let timer = match timer {
+        Some(t) => {
+            if !*armed {
+                t.as_mut().reset(Instant::now() + timeout);
+            }
+            t
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep(timeout))),
+    };
+    *armed = true;
+    timer.as_mut().poll(cx).is_ready()
 }
 
 pin_project! {

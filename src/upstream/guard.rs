@@ -237,17 +237,7 @@ where
             } else {
                 (this.timeouts.first_token, "first_token_timeout")
             };
-            let timer = match &mut this.timer {
-                Some(t) => {
-                    if !this.armed {
-                        t.as_mut().reset(Instant::now() + after);
-                    }
-                    t
-                }
-                None => this.timer.insert(Box::pin(tokio::time::sleep(after))),
-            };
-            this.armed = true;
-            if timer.as_mut().poll(cx).is_pending() {
+            if !crate::deadline::waited(&mut this.timer, &mut this.armed, after, cx) {
                 return Poll::Pending;
             }
             this.inner = None;
