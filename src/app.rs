@@ -71,7 +71,7 @@ where
         // before admission, which queues on that upstream's scheduler.
         .layer(RouteLayer::new(router.clone()))
         // Queue by priority, hold a slot until the response body ends.
-        .layer(AdmissionLayer::routed(router.clone()))
+        .layer(AdmissionLayer::routed(router.clone()).passing(live.passing.clone()))
         // Inside the slot: a request the upstream refuses waits and goes
         // again without losing its place; below the response's way out, so
         // a refusal the client never sees can be retried.

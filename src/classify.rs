@@ -188,6 +188,10 @@ pub struct Routes {
     /// Most bytes of admitted bodies held at once, all requests together
     /// (0: no bound); past it, 503 `buffers_full`.
     pub max_buffered_bytes: usize,
+    /// Most requests passing without admission at once (0: no bound);
+    /// past it, 503 `passthrough_full` (see
+    /// [`passing`](crate::admission::passing)).
+    pub max_passthrough: usize,
 }
 
 /// The bytes of admitted request bodies held now, by every worker: what

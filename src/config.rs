@@ -56,6 +56,9 @@ pub struct FileConfig {
     /// Most bytes of admitted request bodies held at once, all together
     /// (0: no bound).
     pub max_buffered_bytes: usize,
+    /// Most requests passing through without admission at once (0: no
+    /// bound).
+    pub max_passthrough: usize,
     /// Most time from dispatching a request to the upstream's response headers.
     pub upstream_timeout: String,
     /// Most time to open a connection to the upstream.
@@ -104,6 +107,9 @@ pub struct FileConfig {
     /// Most time a write to a client may stay blocked (a client that stops
     /// reading its response); then the connection is closed.
     pub client_write_timeout: String,
+    /// Most time an HTTP/2 client connection may have no request open;
+    /// then it is closed.
+    pub client_idle_timeout: String,
     /// Most time between two pieces of a request body (a client that
     /// trickles or stops sending it); then 408.
     pub body_read_timeout: String,
@@ -191,6 +197,7 @@ impl Default for FileConfig {
             retry_after_cap: "60s".into(),
             max_body_bytes: 32 * 1024 * 1024,
             max_buffered_bytes: 1024 * 1024 * 1024,
+            max_passthrough: 32,
             upstream_timeout: "600s".into(),
             connect_timeout: "5s".into(),
             pool_idle_timeout: "90s".into(),
@@ -216,6 +223,7 @@ impl Default for FileConfig {
             key: Vec::new(),
             header_read_timeout: "10s".into(),
             client_write_timeout: "60s".into(),
+            client_idle_timeout: "60s".into(),
             body_read_timeout: "60s".into(),
             max_header_bytes: 65536,
             max_headers: 100,
@@ -788,6 +796,7 @@ impl FileConfig {
                 admit_paths: self.admit_paths.clone(),
                 max_body_bytes: self.max_body_bytes,
                 max_buffered_bytes: self.max_buffered_bytes,
+                max_passthrough: self.max_passthrough,
                 default_priority: self.default_priority,
                 keep_model,
                 trust_tenant_header: self.trust_tenant_header,
@@ -809,6 +818,7 @@ impl FileConfig {
             server: crate::server::ServerLimits {
                 header_read_timeout: positive("header_read_timeout", &self.header_read_timeout)?,
                 client_write_timeout: positive("client_write_timeout", &self.client_write_timeout)?,
+                client_idle_timeout: positive("client_idle_timeout", &self.client_idle_timeout)?,
                 max_header_bytes: self.max_header_bytes,
                 max_headers: self.max_headers,
                 max_connections: self.max_connections,

@@ -396,7 +396,11 @@ pub fn describe(err: &(dyn StdError + 'static)) -> Described {
     };
     if let Some(e) = cause::<Overloaded>(err) {
         return match e.reason() {
-            Reason::Closed | Reason::Rerouted | Reason::BuffersFull | Reason::PastDrain => d(
+            Reason::Closed
+            | Reason::Rerouted
+            | Reason::BuffersFull
+            | Reason::PastDrain
+            | Reason::PassthroughFull => d(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 e.reason().code(),

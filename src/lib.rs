@@ -36,6 +36,7 @@ pub mod deadline;
 pub mod drain;
 pub mod edge;
 pub mod error;
+pub(crate) mod h2;
 pub mod json_scan;
 pub mod path;
 pub mod reload;

@@ -51,6 +51,8 @@ pub struct Live {
     pub routes: SharedRoutes,
     /// The admitted bodies held now (kept across reloads).
     pub buffered: Arc<crate::classify::Buffered>,
+    /// The requests passing without admission now, and their bound.
+    pub passing: Arc<crate::admission::passing::Passing>,
 }
 
 impl Live {
@@ -60,6 +62,7 @@ impl Live {
             keys: Arc::new(arc_swap::ArcSwap::from_pointee(config.keys.clone())),
             routes: Arc::new(arc_swap::ArcSwap::from_pointee(config.routes.clone())),
             buffered: Arc::default(),
+            passing: crate::admission::passing::Passing::new(config.routes.max_passthrough),
         }
     }
 }
@@ -95,6 +98,7 @@ const LIVE_KEYS: &[&str] = &[
     "admit_paths",
     "max_body_bytes",
     "max_buffered_bytes",
+    "max_passthrough",
     "body_read_timeout",
     "trust_tenant_header",
     "key",
@@ -166,6 +170,7 @@ impl Reloader {
             .keys
             .store(Arc::new(carry_over(&old_keys, validated.keys.clone())));
         self.live.routes.store(Arc::new(validated.routes.clone()));
+        self.live.passing.set_max(validated.routes.max_passthrough);
         *current = next;
         Ok(if changed.is_empty() {
             "reloaded: nothing changed".to_string()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -77,6 +77,9 @@ pub struct ServerLimits {
     /// Most time a write to the client may stay blocked: a client that
     /// stops reading is disconnected, which frees what its response held.
     pub client_write_timeout: Duration,
+    /// Most time an HTTP/2 connection may have no request open; then it is
+    /// closed (GOAWAY). See [`crate::h2`].
+    pub client_idle_timeout: Duration,
     /// Largest request head (request line and headers), in bytes; larger:
     /// 431.
     pub max_header_bytes: usize,
@@ -96,6 +99,7 @@ impl Default for ServerLimits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             client_write_timeout: Duration::from_secs(60),
+            client_idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 0,
@@ -293,7 +297,9 @@ pub(crate) async fn accept_loop<S, M>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(crate::h2::Exec {
+        timeout: limits.client_write_timeout,
+    });
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -365,28 +371,37 @@ pub(crate) async fn accept_loop<S, M>(
         let tls = tls.clone();
         connections.spawn(async move {
             let _ticket = ticket;
-            let mut builder = &builders.either;
-            let stream = match tls {
+            // Which builder serves the connection, and whether it is
+            // watched for idleness: every connection that may be HTTP/2.
+            let (builder, idle, stream) = match tls {
                 None => {
                     // Bounded like the request head: a client that sends
-                    // nothing holds only its own socket.
+                    // nothing, or a part of the preface, holds only its
+                    // own socket, and that not for long.
                     match tokio::time::timeout(limits.header_read_timeout, sniff(&stream)).await {
-                        Ok(Some(Version::Http1)) => builder = &builders.http1,
-                        Ok(Some(Version::Http2)) => builder = &builders.http2,
-                        Ok(None) => {}
+                        Ok(Some(Version::Http1)) => (&builders.http1, None, Stream::Plain(stream)),
+                        Ok(Some(Version::Http2)) => {
+                            (&builders.http2, crate::h2::watch(), Stream::Plain(stream))
+                        }
+                        // Closed before saying anything.
+                        Ok(None) => return,
                         Err(_) => {
                             tracing::debug!(%addr, "no request before the header read timeout");
                             return;
                         }
                     }
-                    Stream::Plain(stream)
                 }
                 // The handshake is bounded like the request head: a client
                 // that stalls it holds only its own socket.
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(limits.header_read_timeout, handshake).await {
-                        Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
+                        Ok(Ok(s)) => {
+                            // Without ALPN it may still be HTTP/2.
+                            let http1 = s.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+                            let idle = if http1 { None } else { crate::h2::watch() };
+                            (&builders.either, idle, Stream::ServerTls(Box::new(s)))
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %addr, "TLS handshake failed");
                             return;
@@ -399,6 +414,8 @@ pub(crate) async fn accept_loop<S, M>(
                 }
             };
             let stream = crate::deadline::WriteDeadline::new(stream, limits.client_write_timeout);
+            let idle_for = crate::h2::IdleFor::new(idle.clone(), limits.client_idle_timeout);
+            let svc = crate::h2::Counting::new(svc, idle);
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let close = async {
@@ -419,6 +436,16 @@ pub(crate) async fn accept_loop<S, M>(
                 _ = drain_now => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
+                }
+                () = idle_for => {
+                    tracing::debug!(%addr, "idle for client_idle_timeout: closed");
+                    // GOAWAY; h2 then waits for the client's answer to a
+                    // PING, which a client that went quiet may never send.
+                    // Nothing is open, so nothing is lost by not waiting.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(limits.header_read_timeout, conn.as_mut())
+                        .await
+                        .unwrap_or(Ok(()))
                 }
             };
             if let Err(e) = ended {
@@ -445,9 +472,9 @@ pub(crate) async fn accept_loop<S, M>(
 /// The server's connection builders: for HTTP/1.1 only, h2c only, and
 /// either (telling them apart by the first bytes, as hyper-util does).
 struct Builders {
-    http1: auto::Builder<TokioExecutor>,
-    http2: auto::Builder<TokioExecutor>,
-    either: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<crate::h2::Exec>,
+    http2: auto::Builder<crate::h2::Exec>,
+    either: auto::Builder<crate::h2::Exec>,
 }
 
 /// The protocol a plaintext client speaks.
@@ -462,13 +489,23 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Which protocol a plaintext client speaks, from its first bytes, read
 /// with `MSG_PEEK` so hyper still reads them itself: HTTP/2 if they are the
-/// preface, HTTP/1.1 as soon as they differ from it. `None` when the bytes
-/// so far are a prefix of the preface (a client sending it a byte at a
-/// time) or the client closed: hyper-util's sniffing decides then.
+/// preface, HTTP/1.1 as soon as they differ from it. `None` if the client
+/// closed first. A client that sends a part of the preface and stops is
+/// peeked at again every few milliseconds until it says more (the caller
+/// bounds the wait); hyper-util's own sniffing would wait for the rest
+/// with no bound.
 async fn sniff(tcp: &tokio::net::TcpStream) -> Option<Version> {
     let mut buf = [0u8; 24];
-    let n = tcp.peek(&mut buf).await.ok()?;
-    version_of(&buf[..n])
+    loop {
+        let n = tcp.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(v) = version_of(&buf[..n]) {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// [`sniff`]'s decision on the bytes read so far.

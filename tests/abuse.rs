@@ -306,19 +306,30 @@ async fn a_client_that_never_reads_loses_its_slot() {
     })
     .await;
     // Reads nothing; the next client waits for the one slot, and gets it.
+    the_next_client_gets_the_slot(&sim, &proxy, &client).await;
+    drop(deaf);
+}
+
+/// With one slot held by a client that reads nothing: the next client is
+/// served once anteroom takes the slot back, and the backend stops the
+/// unread generation.
+async fn the_next_client_gets_the_slot(
+    sim: &anteroom::sim::SimHandle,
+    proxy: &anteroom::cli::serve::Running,
+    client: &HttpClient,
+) {
     let resp = tokio::time::timeout(
         Duration::from_secs(20),
-        chat(&client, &proxy.url(), None, "next", false, 2),
+        chat(client, &proxy.url(), None, "next", false, 2),
     )
     .await
     .expect("the slot was never freed");
     assert_eq!(resp.status(), 200);
     body_bytes(resp).await;
-    wait_until("the deaf stream's generation to stop", || {
+    wait_until("the unread generation to stop", || {
         sim.stats().cancelled >= 1
     })
     .await;
-    drop(deaf);
 }
 
 /// A client that stops sending its body gets a 408 once no piece of it has
@@ -477,4 +488,172 @@ async fn a_long_advised_wait_closes_the_connection_a_short_one_keeps_it() {
         );
         assert_eq!(ended, closes, "{advice}: closed?");
     }
+}
+
+/// The HTTP/2 connection preface and an empty SETTINGS frame.
+const H2_HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// An HTTP/2 connection that opens no stream is closed once it has been
+/// idle for `client_idle_timeout` (hyper's HTTP/2 server keeps it forever),
+/// and a client that sends a part of the preface and stops is closed like
+/// one that never finishes its headers.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.client_idle_timeout = "300ms".into();
+        c.header_read_timeout = "300ms".into();
+    })
+    .await;
+    let mut quiet = TcpStream::connect(proxy.addr).await.unwrap();
+    quiet.write_all(H2_HELLO).await.unwrap();
+    let mut halfway = TcpStream::connect(proxy.addr).await.unwrap();
+    halfway.write_all(&H2_HELLO[..16]).await.unwrap();
+    // Others are served meanwhile.
+    let resp = chat(&client, &proxy.url(), None, "other", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    // The server's SETTINGS, then (a GOAWAY and) the close.
+    read_to_close(&mut quiet).await;
+    assert_eq!(read_to_close(&mut halfway).await, "");
+}
+
+/// An HTTP/2 connection is idle only with no stream open: a stream that
+/// runs longer than `client_idle_timeout` is not cut, and the connection
+/// closes that long after its last stream ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_with_a_stream_open_is_not_idle() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let mut cfg = sim_config(Mode::Batch);
+    cfg.tokens_per_second = 20.0;
+    let (_sim, proxy, _client) = setup(cfg, |c| c.client_idle_timeout = "300ms".into()).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    // 20 tokens at 20 a second: a stream open for about a second.
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat_body(true, 20))))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let ended = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap()
+        .unwrap();
+    assert!(ended.elapsed() >= Duration::from_millis(250));
+}
+
+/// An HTTP/2 client that stops reading one response, withholding its
+/// flow-control window while it keeps reading its connection, does not
+/// keep the slot: hyper stops asking the body for more, and once it has
+/// held a piece unread for `client_write_timeout` the stream is cut. With
+/// one slot, the next client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_withholds_its_window_loses_its_slot() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let mut cfg = sim_config(Mode::Batch);
+    cfg.tokens_per_second = 1_000_000.0;
+    let (sim, proxy, client) = setup(cfg, |c| {
+        c.max_concurrency = anteroom::config::Concurrency::Fixed(1);
+        c.client_write_timeout = "300ms".into();
+    })
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat_body(true, 50_000_000))))
+        .unwrap();
+    // The response's head, and then its body is never read.
+    let unread = send.send_request(req).await.unwrap();
+    assert_eq!(unread.status(), 200);
+    the_next_client_gets_the_slot(&sim, &proxy, &client).await;
+    drop(unread);
+}
+
+/// Requests that pass without admission are bounded too
+/// (`max_passthrough`): clients that trickle them pin that many backend
+/// connections and no more; past it a request gets 503 `passthrough_full`
+/// with a `Retry-After`, admitted requests are still served, and the place
+/// comes back when one ends.
+#[tokio::test]
+async fn requests_that_pass_through_are_bounded() {
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
+        c.admit_paths = vec!["/v1/chat/completions".into()];
+        c.max_passthrough = 2;
+    })
+    .await;
+    let mut tricklers = Vec::new();
+    for _ in 0..2 {
+        let mut t = TcpStream::connect(proxy.addr).await.unwrap();
+        t.write_all(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{\"model\":\r\n",
+        )
+        .await
+        .unwrap();
+        tricklers.push(t);
+    }
+    wait_until("both to reach the upstream", || sim.stats().in_flight == 2).await;
+    let get = |client: HttpClient| {
+        let url = format!("{}/v1/models", proxy.url());
+        async move {
+            client
+                .request(
+                    http::Request::get(url)
+                        .body(http_body_util::Full::default())
+                        .unwrap(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let refused = get(client.clone()).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body = String::from_utf8(body_bytes(refused).await.to_vec()).unwrap();
+    assert!(body.contains("\"code\":\"passthrough_full\""), "{body}");
+    assert_eq!(
+        sim.stats().in_flight,
+        2,
+        "the refused one reached the upstream"
+    );
+    // Admitted work does not count against it.
+    let resp = chat(&client, &proxy.url(), None, "admitted", false, 2).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    // One trickler gone: its place is free again.
+    drop(tricklers.pop());
+    wait_until("the upstream to see one left", || {
+        sim.stats().in_flight == 1
+    })
+    .await;
+    let mut passed = None;
+    for _ in 0..100 {
+        let resp = get(client.clone()).await;
+        if resp.status() == 200 {
+            passed = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let passed = passed.expect("the freed place was never given back");
+    body_bytes(passed).await;
 }

@@ -22,6 +22,9 @@ pub enum Reason {
     BuffersFull,
     /// It was still waiting for its answer at the drain deadline.
     PastDrain,
+    /// It was not to be admitted, and `max_passthrough` such requests were
+    /// already passing through.
+    PassthroughFull,
 }
 
 impl Reason {
@@ -33,6 +36,7 @@ impl Reason {
             Reason::Closed | Reason::PastDrain => "shutting_down",
             Reason::Rerouted => "no_healthy_upstream",
             Reason::BuffersFull => "buffers_full",
+            Reason::PassthroughFull => "passthrough_full",
         }
     }
 }
@@ -85,6 +89,9 @@ impl fmt::Display for Overloaded {
             ),
             Reason::BuffersFull => f.write_str(
                 "anteroom holds as many request bodies as max_buffered_bytes allows; retry after the advised delay",
+            ),
+            Reason::PassthroughFull => f.write_str(
+                "as many requests as max_passthrough allows are passing through to the upstream; retry after the advised delay",
             ),
         }
     }

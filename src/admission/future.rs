@@ -12,6 +12,7 @@ use tower::Service;
 
 use std::sync::Arc;
 
+use super::passing::PassSlot;
 use super::scheduler::{Acquire, Ticket};
 use super::Reason;
 use super::{Overloaded, Permit, PermitBody};
@@ -52,6 +53,11 @@ pin_project! {
             fut: Oneshot<S, R>,
             permit: Option<Permit>,
         },
+        Passing {
+            #[pin]
+            fut: Oneshot<S, R>,
+            passing: Option<PassSlot>,
+        },
         Rejected {
             err: Option<Overloaded>,
         },
@@ -62,19 +68,20 @@ impl<S, R> ResponseFuture<S, R>
 where
     S: Service<R>,
 {
-    pub(crate) fn pass(svc: S, req: R) -> Self {
-        Self::running(svc, req, None)
+    pub(crate) fn pass(svc: S, req: R, passing: Option<PassSlot>) -> Self {
+        Self {
+            state: State::Passing {
+                fut: Oneshot::new(svc, req),
+                passing,
+            },
+        }
     }
 
     pub(crate) fn admitted(svc: S, req: R, permit: Permit) -> Self {
-        Self::running(svc, req, Some(permit))
-    }
-
-    fn running(svc: S, req: R, permit: Option<Permit>) -> Self {
         Self {
             state: State::Running {
                 fut: Oneshot::new(svc, req),
-                permit,
+                permit: Some(permit),
             },
         }
     }
@@ -169,6 +176,11 @@ where
                     let resp = ready!(fut.poll(cx)).map_err(Into::into)?;
                     let permit = permit.take();
                     return Poll::Ready(Ok(resp.map(|body| PermitBody::new(body, permit))));
+                }
+                StateProj::Passing { fut, passing } => {
+                    let resp = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    let passing = passing.take();
+                    return Poll::Ready(Ok(resp.map(|body| PermitBody::passing(body, passing))));
                 }
                 StateProj::Rejected { err } => {
                     let err = err.take().expect("polled after completion");

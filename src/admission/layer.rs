@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use tower::Layer;
 
+use super::passing::Passing;
 use super::service::Schedulers;
 use super::{Admission, Scheduler};
 use crate::route::Router;
@@ -13,6 +14,7 @@ use crate::route::Router;
 #[derive(Clone, Debug)]
 pub struct AdmissionLayer {
     schedulers: Schedulers,
+    passing: Option<Arc<Passing>>,
 }
 
 impl AdmissionLayer {
@@ -21,6 +23,7 @@ impl AdmissionLayer {
     pub fn new(scheduler: Arc<Scheduler>) -> Self {
         Self {
             schedulers: Schedulers::One(scheduler),
+            passing: None,
         }
     }
 
@@ -30,7 +33,15 @@ impl AdmissionLayer {
     pub fn routed(router: Arc<Router>) -> Self {
         Self {
             schedulers: Schedulers::Routed(router),
+            passing: None,
         }
+    }
+
+    /// Bound the requests that pass without admission by `passing` (see
+    /// [`passing`](super::passing)); without it they are not bounded.
+    pub fn passing(mut self, passing: Arc<Passing>) -> Self {
+        self.passing = Some(passing);
+        self
     }
 }
 
@@ -38,6 +49,6 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission::with(inner, self.schedulers.clone())
+        Admission::with(inner, self.schedulers.clone(), self.passing.clone())
     }
 }

@@ -58,6 +58,7 @@ pub mod adaptive;
 pub mod error;
 pub mod future;
 mod layer;
+pub mod passing;
 mod permit;
 pub mod queue;
 mod scheduler;

@@ -77,6 +77,7 @@ pin_project! {
         #[pin]
         inner: B,
         permit: Option<Permit>,
+        passing: Option<super::passing::PassSlot>,
     }
 }
 
@@ -84,7 +85,21 @@ impl<B> PermitBody<B> {
     /// Wrap `inner`, holding `permit` (none for requests that pass without
     /// admission).
     pub fn new(inner: B, permit: Option<Permit>) -> Self {
-        Self { inner, permit }
+        Self {
+            inner,
+            permit,
+            passing: None,
+        }
+    }
+
+    /// Wrap `inner` of a request that passes without admission, holding
+    /// its place among those passing (see [`passing`](super::passing)).
+    pub(crate) fn passing(inner: B, passing: Option<super::passing::PassSlot>) -> Self {
+        Self {
+            inner,
+            permit: None,
+            passing,
+        }
     }
 }
 
@@ -103,7 +118,10 @@ where
         let polled = this.inner.poll_frame(cx);
         match &polled {
             // The end, or a failure: the upstream is done with this request.
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => drop(this.permit.take()),
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                drop(this.permit.take());
+                drop(this.passing.take());
+            }
             _ => {}
         }
         polled

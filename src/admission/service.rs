@@ -5,6 +5,7 @@ use http::{Request, Response};
 use tower::Service;
 
 use super::future::ResponseFuture;
+use super::passing::Passing;
 use super::scheduler::{Acquire, Scheduler};
 use super::PermitBody;
 use crate::classify::Admit;
@@ -26,22 +27,27 @@ pub(crate) enum Schedulers {
 pub struct Admission<S> {
     inner: S,
     schedulers: Schedulers,
+    passing: Option<Arc<Passing>>,
 }
 
 impl<S> Admission<S> {
     /// Admit through `scheduler` in front of `inner`.
     pub fn new(inner: S, scheduler: Arc<Scheduler>) -> Self {
-        Self::with(inner, Schedulers::One(scheduler))
+        Self::with(inner, Schedulers::One(scheduler), None)
     }
 
     /// Admit through the scheduler of the upstream each request is routed
     /// to.
     pub fn routed(inner: S, router: Arc<Router>) -> Self {
-        Self::with(inner, Schedulers::Routed(router))
+        Self::with(inner, Schedulers::Routed(router), None)
     }
 
-    pub(crate) fn with(inner: S, schedulers: Schedulers) -> Self {
-        Self { inner, schedulers }
+    pub(crate) fn with(inner: S, schedulers: Schedulers, passing: Option<Arc<Passing>>) -> Self {
+        Self {
+            inner,
+            schedulers,
+            passing,
+        }
     }
 
     /// The inner service.
@@ -108,7 +114,11 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let inner = self.inner.clone();
         let Some(admit) = req.extensions().get::<Admit>() else {
-            return ResponseFuture::pass(inner, req);
+            // Not admitted: bounded only by `max_passthrough`.
+            return match self.passing.as_ref().map(Passing::enter).transpose() {
+                Ok(slot) => ResponseFuture::pass(inner, req, slot),
+                Err(refused) => ResponseFuture::rejected(refused),
+            };
         };
         let (acquired, router) = match &self.schedulers {
             Schedulers::One(one) => (one.acquire(admit.priority, &admit.share), None),

@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Most bytes of admitted bodies held at once (key: max_buffered_bytes).
     #[arg(long, value_name = "BYTES")]
     pub max_buffered_bytes: Option<usize>,
+    /// Most requests passing through without admission at once (key:
+    /// max_passthrough).
+    #[arg(long, value_name = "N")]
+    pub max_passthrough: Option<usize>,
     /// The environment variable holding the admin key (key: admin_key_env).
     #[arg(long, value_name = "VAR")]
     pub admin_key_env: Option<String>,
@@ -125,6 +129,10 @@ pub struct ServeArgs {
     /// client_write_timeout).
     #[arg(long, value_name = "DURATION")]
     pub client_write_timeout: Option<String>,
+    /// Most time an HTTP/2 client connection may have no request open (key:
+    /// client_idle_timeout).
+    #[arg(long, value_name = "DURATION")]
+    pub client_idle_timeout: Option<String>,
     /// Most time between two pieces of a request body (key:
     /// body_read_timeout).
     #[arg(long, value_name = "DURATION")]
@@ -232,8 +240,10 @@ impl ServeArgs {
             workers,
             header_read_timeout,
             max_buffered_bytes,
+            max_passthrough,
             admin_key_env,
             client_write_timeout,
+            client_idle_timeout,
             body_read_timeout,
             max_header_bytes,
             max_headers,
