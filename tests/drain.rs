@@ -225,5 +225,12 @@ async fn sigterm_answers_running_non_streamed_requests() {
             (503, Some("shutting_down")),
             "{r:?}"
         );
+        // It ran, and was cut: an error, not a refusal at the door, and
+        // its time in the queue is the queue's, not its whole life.
+        assert_eq!(r.outcome, anteroom::telemetry::Outcome::Error, "{r:?}");
+        let (queue, e2e) = (r.timings.queue_ms.unwrap(), r.timings.e2e_ms.unwrap());
+        assert!(queue * 2.0 < e2e, "{r:?}");
+        // The backend never answered: no time to its headers.
+        assert_eq!(r.timings.upstream_headers_ms, None, "{r:?}");
     }
 }

@@ -403,7 +403,11 @@ where
                 let d = error::describe(&*e);
                 capture.status = d.status.as_u16();
                 capture.error = Some(d.code);
-                capture.rejected = error::cause::<Overloaded>(&*e).is_some()
+                // Turned away at the door; not a request that ran and was
+                // cut at the drain deadline (an error, its queue time its
+                // own).
+                capture.rejected = error::cause::<Overloaded>(&*e)
+                    .is_some_and(|o| o.reason() != crate::admission::Reason::PastDrain)
                     || error::cause::<error::RateLimited>(&*e).is_some();
                 capture.finish(Outcome::Ok);
                 Poll::Ready(Err(e))

@@ -585,7 +585,9 @@ where
             },
         };
         let tap = this.tap.take();
-        if let Some(tap) = &tap {
+        // Only an answer has headers: a timeout, a drain cut or a broken
+        // connection leaves the record's `upstream_headers_ms` null.
+        if let (Some(tap), Ok(Ok(_))) = (&tap, &result) {
             tap.headers_arrived();
         }
         let result = result.map(|sent| sent.map_err(failure));
