@@ -200,3 +200,57 @@ fn reservations_must_leave_room_for_other_work() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("MAX_PRIORITY:SLOTS"));
 }
+
+/// The server log written to a pipe or a file (a container runtime, `2>
+/// log`) is plain text: no colour escape codes, which made it unreadable
+/// in `less` and broke `grep`.
+#[test]
+fn the_log_is_plain_when_not_on_a_terminal() {
+    use std::io::BufRead;
+    let port = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (listen, admin) = (port(0), port(1));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["serve", "--upstream", "http://127.0.0.1:9"])
+        .args(["--listen", &listen, "--admin-listen", &admin])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let serving = line.contains("anteroom serving");
+            let _ = tx.send(line);
+            if serving {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        let serving = line.contains("anteroom serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines.last().is_some_and(|l| l.contains("anteroom serving")),
+        "{lines:?}"
+    );
+    for line in &lines {
+        assert!(!line.contains('\u{1b}'), "an escape code: {line:?}");
+        assert!(line.contains("INFO") || line.contains("WARN"), "{line:?}");
+    }
+}

@@ -34,11 +34,17 @@ pub enum LogFormat {
 }
 
 /// Set up the server log (stderr) in `format`, at RUST_LOG's level.
+/// Human lines are coloured only on a terminal (and not with `NO_COLOR`
+/// set): a log redirected to a file or collected by a container runtime
+/// holds no escape codes.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
