@@ -136,6 +136,9 @@ pub struct Group {
     pub backend_wait_ms: Summary,
     /// Time per output token.
     pub tpot_ms: Summary,
+    /// Dispatch → last byte (end-to-end minus queue wait): the model's
+    /// time, for every request, streamed or not.
+    pub model_ms: Summary,
     /// Arrival → last byte.
     pub e2e_ms: Summary,
 }
@@ -171,6 +174,7 @@ struct Acc {
     backend_prompt: Vec<f32>,
     backend_wait: Vec<f32>,
     tpot: Vec<f32>,
+    model: Vec<f32>,
     e2e: Vec<f32>,
 }
 
@@ -194,6 +198,10 @@ impl Acc {
             (&mut self.backend_prompt, l.backend_prompt_ms),
             (&mut self.backend_wait, l.backend_wait_ms),
             (&mut self.tpot, l.tpot_ms),
+            (
+                &mut self.model,
+                l.e2e_ms.zip(l.queue_ms).map(|(e, q)| e - q),
+            ),
             (&mut self.e2e, l.e2e_ms),
         ] {
             if let Some(x) = x {
@@ -224,6 +232,7 @@ impl Acc {
             backend_prompt_ms: Summary::of(self.backend_prompt),
             backend_wait_ms: Summary::of(self.backend_wait),
             tpot_ms: Summary::of(self.tpot),
+            model_ms: Summary::of(self.model),
             e2e_ms: Summary::of(self.e2e),
         }
     }
@@ -381,6 +390,7 @@ pub fn render(report: &Report, source: &str) -> String {
             ("backend prefill", &g.backend_prompt_ms),
             ("backend wait", &g.backend_wait_ms),
             ("TPOT", &g.tpot_ms),
+            ("model time", &g.model_ms),
             ("end-to-end", &g.e2e_ms),
         ] {
             if s.n == 0 && metric.starts_with("backend ") && metric != "backend TTFT" {
@@ -450,6 +460,10 @@ mod tests {
         assert_eq!(r.all.queue_ms.p90, Some(89.0));
         assert_eq!(r.all.queue_ms.p99, Some(98.0));
         assert_eq!(r.all.queue_ms.mean, Some(49.5));
+        // The model's time: end-to-end (1000) minus each one's queue wait.
+        assert_eq!(r.all.model_ms.n, 100);
+        assert_eq!(r.all.model_ms.p50, Some(950.0));
+        assert_eq!(r.all.model_ms.mean, Some(950.5));
         assert_eq!(r.all.output_tokens, 500);
         let by = r.by.as_ref().unwrap();
         assert_eq!(by["0"].requests, 51);

@@ -162,7 +162,13 @@ async fn usage_is_read_from_streams_and_json_bodies() {
     assert_eq!(j.model.as_deref(), Some("m2"));
     assert_eq!(j.timings.completion_tokens, Some(5));
     assert_eq!(j.timings.tokens_from, Some(TokenSource::Usage));
-    assert!(j.timings.ttft_ms.is_some() && j.timings.tpot_ms.is_none());
+    // Its first byte came with the whole answer: no time to first token,
+    // in the record or the metrics, rather than a made-up one.
+    assert_eq!(j.timings.ttft_ms, None);
+    assert_eq!(j.timings.backend_ttft_ms, None);
+    assert!(j.timings.tpot_ms.is_none());
+    assert!(j.timings.e2e_ms.unwrap() >= j.timings.queue_ms.unwrap());
+    assert!(s.timings.ttft_ms.is_some() && s.timings.backend_ttft_ms.is_some());
 }
 
 /// A body of canned frames, optionally failing at the end. The failure
@@ -375,6 +381,17 @@ async fn every_request_leaves_exactly_one_record_under_200_concurrent() {
                 assert_eq!(r.outcome, Outcome::Ok, "{id}");
                 // One `--upstream`: its name is "upstream".
                 assert_eq!(r.upstream.as_deref(), Some("upstream"), "{id}");
+                let t = &r.timings;
+                if r.priority.is_none() {
+                    // Passed through: no queue, no tokens to time; the
+                    // upstream's answer is timed.
+                    assert_eq!((t.queue_ms, t.ttft_ms), (None, None), "{id}");
+                    assert!(t.upstream_headers_ms.is_some(), "{id}");
+                } else {
+                    assert!(t.queue_ms.is_some(), "{id}");
+                    // A time to first token for streams only.
+                    assert_eq!(t.ttft_ms.is_some(), r.stream, "{id}: {t:?}");
+                }
             }
             429 => {
                 rejected += 1;
@@ -383,7 +400,14 @@ async fn every_request_leaves_exactly_one_record_under_200_concurrent() {
                 assert!(r.priority.is_some());
                 assert_eq!(r.upstream, None, "{id} was sent nowhere");
             }
-            400 => assert_eq!(r.error.as_deref(), Some("invalid_priority")),
+            400 => {
+                assert_eq!(r.error.as_deref(), Some("invalid_priority"));
+                let t = &r.timings;
+                assert_eq!(
+                    (t.queue_ms, t.ttft_ms, t.upstream_headers_ms),
+                    (None, None, None)
+                );
+            }
             other => panic!("{id}: unexpected status {other}"),
         }
     }
@@ -418,6 +442,10 @@ async fn a_client_that_leaves_is_recorded_as_cancelled() {
     let recs = by_id(&records(&proxy, &log).await);
     assert_eq!(recs["gone"].status, 499);
     assert_eq!(recs["gone"].outcome, Outcome::Cancelled);
+    // It waited its whole life in the queue, and the record says so.
+    let gone = recs["gone"].timings;
+    assert_eq!(gone.queue_ms, gone.e2e_ms);
+    assert!(gone.queue_ms.is_some());
     assert_eq!(recs["busy"].status, 200);
     assert_eq!(recs["busy"].outcome, Outcome::Cancelled);
     assert!(recs["busy"].timings.ttft_ms.is_some());
@@ -432,7 +460,10 @@ async fn metrics_parse_and_count_requests() {
         "anteroom_request_outcomes_total{outcome=\"ok\"} 4",
         "anteroom_generation_tokens_total{priority=\"5\"} 4",
         "anteroom_e2e_request_latency_seconds_count{priority=\"<-20\"} 1",
-        "anteroom_time_to_first_token_seconds_count{priority=\">20\"} 1",
+        // Streamed at -30, not streamed at 100: a time to first token
+        // for the stream only.
+        "anteroom_time_to_first_token_seconds_count{priority=\"<-20\"} 1",
+        "anteroom_time_to_first_token_seconds_count{priority=\">20\"} 0",
         "anteroom_max_concurrency 3",
         "anteroom_num_requests_waiting{priority=\"0\"} 0",
     ] {
@@ -537,7 +568,9 @@ async fn the_report_command_summarises_a_request_log() {
     assert_eq!(r["all"]["output_tokens"], 15);
     assert_eq!(r["by"]["0"]["requests"], 3);
     assert_eq!(r["by"]["7"]["requests"], 2);
-    assert_eq!(r["all"]["ttft_ms"]["n"], 5);
+    // Three of the five were streamed: the others have no time to first
+    // token.
+    assert_eq!(r["all"]["ttft_ms"]["n"], 3);
     assert!(r["all"]["e2e_ms"]["p50"].as_f64().unwrap() > 0.0);
 
     let text = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
@@ -550,7 +583,7 @@ async fn the_report_command_summarises_a_request_log() {
         text.contains("| all | 5 | 5 | 0 | 0 | 0 | 100.0% |"),
         "{text}"
     );
-    assert!(text.contains("| all | backend TTFT | 5 |"), "{text}");
+    assert!(text.contains("| all | backend TTFT | 3 |"), "{text}");
 }
 
 #[tokio::test]

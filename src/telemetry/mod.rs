@@ -592,7 +592,14 @@ impl Capture {
         } else {
             self.first_byte
         };
-        let ttft = first.map(|t| t.duration_since(arrival));
+        // A time to first token only where there are tokens to time: a
+        // stream's first token event. A plain body's first byte comes when
+        // the whole answer is done (a non-streamed generation, an error),
+        // so it is no one's time to first token: null, never made up.
+        let ttft = match sse {
+            true => self.first_token.map(|t| t.duration_since(arrival)),
+            false => None,
+        };
         let usage = self.observer.usage;
         let (completion_tokens, tokens_from) = match usage.completion_tokens {
             Some(n) => (Some(n), Some(TokenSource::Usage)),
@@ -628,10 +635,15 @@ impl Capture {
                 f64::from(self.gaps_us[i]) / 1000.0
             })
         };
-        let queue_ms = match dispatched {
-            Some(d) => Some(ms(d)),
-            None if self.rejected => Some(ms(e2e)),
-            None => None,
+        // Only an admitted request queues: arrival → dispatch; refused or
+        // left while waiting, its whole life was the wait. A request that
+        // passes through has no queue.
+        let queue_ms = match (dispatched, classified) {
+            (Some(d), Some(_)) => Some(ms(d)),
+            (Some(_), None) => None,
+            (None, _) if self.rejected => Some(ms(e2e)),
+            (None, Some(_)) if outcome == Outcome::Cancelled => Some(ms(e2e)),
+            (None, _) => None,
         };
         // The backend's own account, where it gives one: its prefill time,
         // and so how long the request waited inside it first.
