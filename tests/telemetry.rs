@@ -171,6 +171,33 @@ async fn usage_is_read_from_streams_and_json_bodies() {
     assert!(s.timings.ttft_ms.is_some() && s.timings.backend_ttft_ms.is_some());
 }
 
+/// A stream that did not ask for `usage` is counted from the backend's own
+/// account where it gives one: llama.cpp's `timings` (`predicted_n`,
+/// `prompt_n`), which stays right when llama-server sends two tokens in one
+/// chunk. Without it, counting events is the last resort, and short.
+#[tokio::test]
+async fn token_counts_come_from_the_backend_before_counting_events() {
+    for (mode, from, completion) in [
+        (Mode::Llama, TokenSource::Timings, 10),
+        // Events 0, 1+2, 3, 4+5, 6, 7+8, 9: seven for ten tokens.
+        (Mode::Batch, TokenSource::Counted, 7),
+    ] {
+        let log = log_path("timings-counts");
+        let log_s = log.display().to_string();
+        let mut cfg = sim_config(mode);
+        cfg.pair_tokens = true;
+        let (_sim, proxy, client) = setup(cfg, |c| c.request_log = log_s).await;
+        let resp = chat(&client, &proxy.url(), None, "pairs", true, 10).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+        let recs = by_id(&records(&proxy, &log).await);
+        let t = recs["pairs"].timings;
+        assert_eq!(t.tokens_from, Some(from), "{mode:?}");
+        assert_eq!(t.completion_tokens, Some(completion), "{mode:?}");
+        assert_eq!(t.prompt_tokens.is_some(), mode == Mode::Llama, "{mode:?}");
+    }
+}
+
 /// A body of canned frames, optionally failing at the end. The failure
 /// comes a little after the frames, as when a backend crashes mid-stream
 /// (failing at once would abort the connection before the headers left).

@@ -79,6 +79,10 @@ pub struct SimulateArgs {
     /// vllm mode: a refused stream gets 200 with one SSE error event.
     #[arg(long)]
     pub sse_refusal: bool,
+    /// Streams: every third token event carries two tokens (as
+    /// llama-server sometimes writes them).
+    #[arg(long)]
+    pub pair_tokens: bool,
     /// Answer every POST badly, in this way (a broken or hostile backend,
     /// for testing what anteroom does with it); the other flags are unused.
     #[arg(long, value_enum, value_name = "KIND")]
@@ -109,6 +113,7 @@ impl SimulateArgs {
             metrics: !self.no_metrics,
             max_queued: self.max_queued,
             sse_refusal: self.sse_refusal,
+            pair_tokens: self.pair_tokens,
         }
     }
 }

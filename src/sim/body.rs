@@ -266,14 +266,22 @@ impl Body for SseBody {
                 let now = tokio::time::Instant::now();
                 this.first.get_or_insert(now);
                 this.last = Some(now);
+                // Two tokens in this event (every third, when pairing).
+                let pair =
+                    this.state.cfg.pair_tokens && i % 3 == 1 && i + 1 < this.completion.tokens;
                 let text = if this.completion.chat && i == 0 {
                     // The first chat chunk carries the role too, as OpenAI's do.
                     let v = serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": token_text(i)}, "logprobs": null, "finish_reason": null}]);
                     this.completion.chunk(v, None)
                 } else {
-                    let c = this.completion.choice(&token_text(i), None);
+                    let mut t = token_text(i);
+                    if pair {
+                        t.push_str(&token_text(i + 1));
+                    }
+                    let c = this.completion.choice(&t, None);
                     this.completion.chunk(serde_json::json!([c]), None)
                 };
+                let i = if pair { i + 1 } else { i };
                 this.phase = if i + 1 < this.completion.tokens {
                     let interval = this
                         .completion

@@ -110,6 +110,10 @@ pub struct SimConfig {
     /// `vllm` mode: a refused streamed request gets 200 with one SSE error
     /// event (`"code": 503`) and `[DONE]`, as vLLM does for some.
     pub sse_refusal: bool,
+    /// Streams: every third token event carries two tokens, as llama-server
+    /// sometimes writes them (and vLLM's content events fall short of its
+    /// tokens): counting events is then short.
+    pub pair_tokens: bool,
 }
 
 impl Default for SimConfig {
@@ -135,6 +139,7 @@ impl Default for SimConfig {
             metrics: true,
             max_queued: None,
             sse_refusal: false,
+            pair_tokens: false,
         }
     }
 }

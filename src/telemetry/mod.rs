@@ -600,15 +600,21 @@ impl Capture {
             true => self.first_token.map(|t| t.duration_since(arrival)),
             false => None,
         };
-        let usage = self.observer.usage;
-        let (completion_tokens, tokens_from) = match usage.completion_tokens {
-            Some(n) => (Some(n), Some(TokenSource::Usage)),
-            None if sse => (
+        // The backend's own counts first: its `usage`, else llama.cpp's
+        // `timings`; counting a stream's token events is the last resort
+        // (short when one event carries two tokens).
+        let mut usage = self.observer.usage;
+        let bt = self.observer.timings;
+        let (completion_tokens, tokens_from) = match (usage.completion_tokens, bt.predicted_n) {
+            (Some(n), _) => (Some(n), Some(TokenSource::Usage)),
+            (None, Some(n)) => (Some(n), Some(TokenSource::Timings)),
+            (None, None) if sse => (
                 Some(u64::from(self.observer.token_events)),
                 Some(TokenSource::Counted),
             ),
-            None => (None, None),
+            (None, None) => (None, None),
         };
+        usage.prompt_tokens = usage.prompt_tokens.or(bt.prompt_n);
         if let Some(c) = self.tap.0.tokens.get() {
             // What the request really used: nothing if it never reached the
             // upstream, else its usage (the estimates where usage is silent).
@@ -647,7 +653,6 @@ impl Capture {
         };
         // The backend's own account, where it gives one: its prefill time,
         // and so how long the request waited inside it first.
-        let bt = self.observer.timings;
         let backend_prompt = bt.prompt_ms;
         let backend_wait = match (dispatched, first, bt.prompt_ms) {
             (Some(d), Some(f), Some(prompt)) => {

@@ -81,6 +81,12 @@ pub struct BackendTimings {
     pub prompt_ms: Option<f64>,
     /// Generation after the first token.
     pub predicted_ms: Option<f64>,
+    /// Prompt tokens: those processed (`prompt_n`) and those taken from
+    /// the cache (`cache_n`).
+    pub prompt_n: Option<u64>,
+    /// Generated tokens (`predicted_n`): the count a stream's events can
+    /// fall short of, when llama-server sends two tokens in one chunk.
+    pub predicted_n: Option<u64>,
 }
 
 /// What one SSE `data:` payload was.
@@ -384,9 +390,17 @@ fn timings_object(obj: &[u8]) -> Option<BackendTimings> {
         let x: f64 = std::str::from_utf8(&v[..n]).ok()?.parse().ok()?;
         (x.is_finite() && x >= 0.0).then_some(x)
     };
+    // A count: a whole number that fits (llama.cpp writes integers).
+    let count = |key: &[u8]| -> Option<u64> {
+        let x = number(key)?;
+        (x.fract() == 0.0 && x < 2f64.powi(53)).then_some(x as u64)
+    };
+    let prompt_n = count(b"\"prompt_n\":");
     let t = BackendTimings {
         prompt_ms: number(b"\"prompt_ms\":"),
         predicted_ms: number(b"\"predicted_ms\":"),
+        prompt_n: prompt_n.map(|n| n.saturating_add(count(b"\"cache_n\":").unwrap_or(0))),
+        predicted_n: count(b"\"predicted_n\":"),
     };
     t.prompt_ms.is_some().then_some(t)
 }
@@ -713,6 +727,8 @@ mod tests {
         let want = BackendTimings {
             prompt_ms: Some(41.5),
             predicted_ms: Some(88.25),
+            prompt_n: Some(12),
+            predicted_n: Some(8),
         };
         let mut o = Observer::new(Framing::Sse);
         let tok =
@@ -735,7 +751,10 @@ mod tests {
                     prompt_tokens: Some(29),
                     completion_tokens: Some(8)
                 },
-                want
+                BackendTimings {
+                    prompt_n: Some(29),
+                    ..want
+                }
             )
         );
         // Split across frames, as a body arrives.

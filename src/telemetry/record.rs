@@ -48,7 +48,11 @@ impl Outcome {
 pub enum TokenSource {
     /// The backend's `usage` object.
     Usage,
-    /// Counted by anteroom: one per token event of the stream.
+    /// llama.cpp's `timings` (`predicted_n`, `prompt_n` + `cache_n`), where
+    /// there was no `usage`.
+    Timings,
+    /// Counted by anteroom: one per token event of the stream (short when
+    /// an event carries more than one token).
     Counted,
 }
 
