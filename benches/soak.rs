@@ -371,12 +371,15 @@ async fn run() -> bool {
     println!("         (ids up to {})", IDS.load(Ordering::Relaxed));
     phases.push(("crowd", tally));
 
-    // 1b. The same crowd again: RSS that keeps growing would be a leak;
-    // the first crowd's high-water mark is kept by the allocator.
-    let t = Instant::now();
-    let tally = crowd(&url, CROWD, 8, |_| None).await;
-    tally.print("crowd 2", t.elapsed(), rss_kib(pid));
-    phases.push(("crowd 2", tally));
+    // 1b. The same crowd three times more: the first crowd's high-water
+    // mark is kept by the allocator, and RSS that keeps growing crowd
+    // after crowd would be a leak.
+    for name in ["crowd 2", "crowd 3", "crowd 4"] {
+        let t = Instant::now();
+        let tally = crowd(&url, CROWD, 8, |_| None).await;
+        tally.print(name, t.elapsed(), rss_kib(pid));
+        phases.push((name, tally));
+    }
 
     // 2. Streams while the backend is killed and started again.
     let t = Instant::now();
