@@ -640,6 +640,9 @@ where
                             priority,
                             stream: fields.stream.unwrap_or(false),
                             clamped_from,
+                            may_ask_usage: fields.stream == Some(true)
+                                && !fields.stream_options
+                                && parts.uri.path().ends_with("/completions"),
                         });
                         if let Some(charge) = charge {
                             tap.set_token_charge(charge);

@@ -123,6 +123,9 @@ pub struct FileConfig {
     /// Without keys, take the tenant from the `x-tenant` header (else the
     /// client's address). Only where clients cannot lie about it.
     pub trust_tenant_header: bool,
+    /// Ask a vLLM upstream for the usage of streams that did not ask for
+    /// it, and take that event out of the answer.
+    pub stream_usage: bool,
     /// The key sent to the upstream(s) as `Authorization: Bearer …`, in
     /// place of the client's (vLLM's `--api-key`). Prefer `upstream_api_key_env`.
     pub upstream_api_key: Secret,
@@ -229,6 +232,7 @@ impl Default for FileConfig {
             max_headers: 100,
             promote_after: String::new(),
             trust_tenant_header: false,
+            stream_usage: true,
             upstream_api_key: Secret::default(),
             upstream_api_key_env: String::new(),
             drain_timeout: "25s".into(),
@@ -810,6 +814,7 @@ impl FileConfig {
                     first_token: positive("first_token_timeout", &self.first_token_timeout)?,
                     idle: positive("stream_idle_timeout", &self.stream_idle_timeout)?,
                 },
+                stream_usage: self.stream_usage,
             },
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),

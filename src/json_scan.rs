@@ -22,6 +22,8 @@ pub struct Fields<'a> {
     /// The most tokens to generate: `max_tokens`, `max_completion_tokens`
     /// (chat) or `max_output_tokens` (Responses API), when a whole number.
     pub max_tokens: Option<u64>,
+    /// A top-level `stream_options` key is there (whatever its value).
+    pub stream_options: bool,
 }
 
 /// Scan `body` for the [`Fields`].
@@ -124,6 +126,7 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
                     out.max_tokens = Some(n);
                 }
             }
+            b"stream_options" => out.stream_options = true,
             b"stream" => {
                 out.stream = match value {
                     b"true" => Some(true),

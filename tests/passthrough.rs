@@ -478,3 +478,70 @@ async fn a_simulator_closing_idle_connections_at_random_gives_no_errors() {
         stats.connections
     );
 }
+
+/// A vLLM stream that did not ask for its usage: anteroom asks for it and
+/// takes the usage event out again, so the client's bytes are exactly a
+/// direct answer's, and the record has vLLM's counts, not the events
+/// (fewer than its tokens). A client that wrote `stream_options` itself,
+/// or `stream_usage = false`, is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_streams_usage_is_asked_for_and_taken_out_again() {
+    use anteroom::telemetry::{Record, TokenSource};
+    for stream_usage in [true, false] {
+        let mut cfg = sim_config(Mode::Vllm);
+        cfg.pair_tokens = true;
+        let log = log_path("stream-usage");
+        let log_s = log.display().to_string();
+        let (sim, proxy, client) = setup(cfg, |c| {
+            c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::Vllm);
+            c.request_log = log_s;
+            c.stream_usage = stream_usage;
+        })
+        .await;
+        let send = |base: String, id: &'static str, body: &'static str| {
+            let client = client.clone();
+            async move {
+                let req = Request::post(format!("{base}/v1/chat/completions"))
+                    .header("x-request-id", id)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                body_bytes(resp).await
+            }
+        };
+        let plain = r#"{"model":"m","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+        let own = r#"{"model":"m","stream":true,"stream_options":{"include_usage":false},"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+        for (id, body) in [("plain", plain), ("own", own)] {
+            let direct = send(sim.url(), id, body).await;
+            let proxied = send(proxy.url(), id, body).await;
+            assert_eq!(
+                String::from_utf8_lossy(&proxied),
+                String::from_utf8_lossy(&direct),
+                "{id}, stream_usage = {stream_usage}"
+            );
+            assert!(!String::from_utf8_lossy(&proxied).contains("\"usage\""));
+        }
+        proxy.recorder.flush().await;
+        let records: Vec<Record> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let by: std::collections::HashMap<_, _> =
+            records.iter().map(|r| (r.request_id.as_str(), r)).collect();
+        let asked = stream_usage;
+        let plain = by["plain"].timings;
+        // Ten tokens in seven events (every third carries two).
+        let (tokens, from) = if asked {
+            (10, TokenSource::Usage)
+        } else {
+            (7, TokenSource::Counted)
+        };
+        assert_eq!(plain.completion_tokens, Some(tokens), "{plain:?}");
+        assert_eq!(plain.tokens_from, Some(from));
+        assert_eq!(plain.prompt_tokens.is_some(), asked);
+        let own = by["own"].timings;
+        assert_eq!(own.tokens_from, Some(TokenSource::Counted), "{own:?}");
+    }
+}

@@ -244,11 +244,18 @@ impl Backend {
     /// or one not identified yet. llama.cpp, Ollama and LM Studio refuse
     /// with a status, so their streams are not read ahead.
     pub fn may_dress_refusals(&self) -> bool {
-        let kind = match self.kind.load(Ordering::Relaxed) {
+        !matches!(
+            self.kind(),
+            Some(Kind::LlamaCpp | Kind::Ollama | Kind::LmStudio)
+        )
+    }
+
+    /// What it is, as far as known (configured, or identified).
+    pub fn kind(&self) -> Option<Kind> {
+        match self.kind.load(Ordering::Relaxed) {
             0 => None,
             n => Kind::ALL.get(usize::from(n) - 1).copied(),
-        };
-        !matches!(kind, Some(Kind::LlamaCpp | Kind::Ollama | Kind::LmStudio))
+        }
     }
 
     /// `backend` as configured.

@@ -150,6 +150,10 @@ pub struct ServeArgs {
     /// Without keys, take the tenant from x-tenant (key: trust_tenant_header).
     #[arg(long, value_name = "BOOL")]
     pub trust_tenant_header: Option<bool>,
+    /// Ask a vLLM upstream for streams' usage and take it out of the
+    /// answer (key: stream_usage).
+    #[arg(long, value_name = "BOOL")]
+    pub stream_usage: Option<bool>,
     /// The environment variable holding the key to send the upstream
     /// (key: upstream_api_key_env). The key itself can only be given in
     /// the file (upstream_api_key): a flag would show in `ps`.
@@ -249,6 +253,7 @@ impl ServeArgs {
             max_headers,
             promote_after,
             trust_tenant_header,
+            stream_usage,
             upstream_api_key_env,
             drain_timeout,
             tls_cert,

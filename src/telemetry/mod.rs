@@ -127,6 +127,9 @@ pub struct Classified {
     pub stream: bool,
     /// The priority asked for, when the key's `max_priority` clamped it.
     pub clamped_from: Option<Priority>,
+    /// A streamed chat or text completion with no `stream_options`: the
+    /// backend's usage may be asked for (see [`crate::upstream::usage`]).
+    pub may_ask_usage: bool,
 }
 
 /// A request's notes, filled in by the steps it passes. Cloning shares them.
@@ -146,6 +149,9 @@ struct TapInner {
     upstream: parking_lot::Mutex<Option<Arc<str>>>,
     classified: OnceLock<Classified>,
     tokens: OnceLock<crate::auth::TokenCharge>,
+    /// The backend's usage, from the event anteroom asked for and took out
+    /// of the stream (see [`crate::upstream::usage`]).
+    usage: OnceLock<observe::Usage>,
 }
 
 impl Tap {
@@ -160,6 +166,7 @@ impl Tap {
             upstream: parking_lot::Mutex::new(None),
             classified: OnceLock::new(),
             tokens: OnceLock::new(),
+            usage: OnceLock::new(),
         }))
     }
 
@@ -209,6 +216,11 @@ impl Tap {
     /// (the client got an error event instead of the rest).
     pub fn stream_failed(&self, code: &'static str) {
         let _ = self.0.stream_error.set(code);
+    }
+
+    /// The backend's usage, from an event the client does not see.
+    pub fn stream_usage(&self, usage: observe::Usage) {
+        let _ = self.0.usage.set(usage);
     }
 
     /// Note that the request is being sent again.
@@ -604,6 +616,11 @@ impl Capture {
         // `timings`; counting a stream's token events is the last resort
         // (short when one event carries two tokens).
         let mut usage = self.observer.usage;
+        if usage.completion_tokens.is_none() {
+            if let Some(asked) = self.tap.0.usage.get() {
+                usage = *asked;
+            }
+        }
         let bt = self.observer.timings;
         let (completion_tokens, tokens_from) = match (usage.completion_tokens, bt.predicted_n) {
             (Some(n), _) => (Some(n), Some(TokenSource::Usage)),

@@ -96,6 +96,9 @@ pub struct StreamGuard<B> {
     /// A plain body's first frame, read ahead, when it was its trailers
     /// (boxed: they almost never are).
     trailers_ahead: Option<Box<http::HeaderMap>>,
+    /// The usage event anteroom asked for, to be taken out (boxed: only
+    /// such streams carry it).
+    strip: Option<Box<super::usage::Strip>>,
 }
 
 impl<B> std::fmt::Debug for StreamGuard<B> {
@@ -123,7 +126,28 @@ impl<B> StreamGuard<B> {
             armed: false,
             seen_data: false,
             trailers_ahead: None,
+            strip: None,
         }
+    }
+
+    /// Take the usage event anteroom asked for out of this stream, noting
+    /// its usage in the request's tap (see [`usage`](super::usage)).
+    pub fn stripping_usage(mut self) -> Self {
+        self.strip = Some(Box::default());
+        self
+    }
+
+    /// What of `data` the client gets: all of it, unless usage is taken
+    /// out (`None`: nothing of it yet).
+    fn pass(&mut self, data: Bytes) -> Option<Bytes> {
+        let Some(strip) = self.strip.as_mut() else {
+            return Some(data);
+        };
+        let out = strip.pass(data);
+        if let (Some(usage), Some(tap)) = (strip.usage(), &self.tap) {
+            tap.stream_usage(usage);
+        }
+        (!out.is_empty()).then_some(out)
     }
 
     /// A body that is not an SSE stream (JSON, Ollama's NDJSON, anything):
@@ -166,6 +190,7 @@ impl<B> StreamGuard<B> {
             armed: false,
             seen_data: false,
             trailers_ahead: None,
+            strip: None,
         }
     }
 
@@ -189,7 +214,13 @@ impl<B> StreamGuard<B> {
             tracing::warn!(code, message, "upstream stream ended early");
             "upstream_error"
         };
-        Frame::data(crate::error::error_event(kind, code, message))
+        let event = crate::error::error_event(kind, code, message);
+        // What came of an event the usage strip held goes first, as it
+        // would have without it.
+        match self.strip.as_mut().and_then(|s| s.flush()) {
+            Some(held) => Frame::data([held, event].concat().into()),
+            None => Frame::data(event),
+        }
     }
 }
 
@@ -217,7 +248,9 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(ahead) = this.ahead.take() {
-            return Poll::Ready(Some(Ok(Frame::data(ahead))));
+            if let Some(ahead) = this.pass(ahead) {
+                return Poll::Ready(Some(Ok(Frame::data(ahead))));
+            }
         }
         if let Some(trailers) = this.trailers_ahead.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
@@ -279,6 +312,17 @@ where
                         timer.as_mut().reset(wake_at(due, this.drain.as_ref(), now));
                     }
                     this.last_data = Some(now);
+                    if this.strip.is_some() {
+                        let data = frame.into_data().unwrap_or_default();
+                        return match this.pass(data) {
+                            Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                            None => {
+                                // All of it held or taken out: poll again.
+                                cx.waker().wake_by_ref();
+                                Poll::Pending
+                            }
+                        };
+                    }
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
@@ -289,6 +333,10 @@ where
             }
             Poll::Ready(None) => {
                 this.inner = None;
+                // An event held to its end, that never ended: as it came.
+                if let Some(held) = this.strip.as_mut().and_then(|s| s.flush()) {
+                    return Poll::Ready(Some(Ok(Frame::data(held))));
+                }
                 return Poll::Ready(None);
             }
             Poll::Pending => {}

@@ -10,6 +10,7 @@
 pub mod guard;
 mod pool;
 pub mod rewrite;
+pub mod usage;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -105,6 +106,9 @@ pub struct ClientSettings {
     pub pool_idle_timeout: Duration,
     /// Time-outs of a streamed (SSE) answer after its headers.
     pub stream: StreamTimeouts,
+    /// Ask a vLLM upstream for the usage of streams that did not ask for
+    /// it, and take that event out of the answer (see [`usage`]).
+    pub stream_usage: bool,
 }
 
 /// The upstream origin behind a pool of keep-alive HTTP/1.1 connections.
@@ -122,9 +126,11 @@ where
     name: Arc<str>,
     response_timeout: Duration,
     stream: StreamTimeouts,
+    stream_usage: bool,
     drain: Option<Drain>,
     /// What its backend is: whether a stream's first event is read ahead
-    /// (see [`guard`]). Without one, it is.
+    /// (see [`guard`]), whether its streams' usage is asked for (see
+    /// [`usage`]). Without one, read ahead, not asked.
     backend: Option<Arc<crate::backend::Backend>>,
 }
 
@@ -140,6 +146,7 @@ where
             name: self.name.clone(),
             response_timeout: self.response_timeout,
             stream: self.stream,
+            stream_usage: self.stream_usage,
             drain: self.drain.clone(),
             backend: self.backend.clone(),
         }
@@ -163,6 +170,7 @@ where
             name: Arc::from("upstream"),
             response_timeout: settings.response_timeout,
             stream: settings.stream,
+            stream_usage: settings.stream_usage,
             drain: None,
             backend: None,
         }
@@ -212,6 +220,25 @@ where
         if let Some(tap) = &tap {
             tap.dispatched_to(&self.name);
         }
+        // A vLLM stream that did not ask for its usage: ask, and take the
+        // answer's usage event out again.
+        let strip_usage = self.stream_usage
+            && tap
+                .as_ref()
+                .and_then(Tap::classified)
+                .is_some_and(|c| c.may_ask_usage)
+            && self
+                .backend
+                .as_ref()
+                .is_some_and(|b| b.kind() == Some(crate::backend::Kind::Vllm))
+            && match req.body_mut().rewrite(usage::ask) {
+                Some(len) => {
+                    req.headers_mut()
+                        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+                    true
+                }
+                None => false,
+            };
         // One allocation per request: hyper's send future cannot be named.
         let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
         let now = Instant::now();
@@ -227,6 +254,7 @@ where
             report: None,
             reading: None,
             read_ahead: self.backend.as_ref().is_none_or(|b| b.may_dress_refusals()),
+            strip_usage,
             first_piece: None,
         }
     }
@@ -451,6 +479,8 @@ pin_project! {
         reading: Option<Box<Reading<B>>>,
         // Whether the backend may dress a refusal as a stream.
         read_ahead: bool,
+        // Whether usage was asked for, its event to be taken out.
+        strip_usage: bool,
         // A plain answer while its first piece is read (boxed: only an
         // answer whose body lags its headers carries it).
         first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
@@ -621,9 +651,15 @@ where
                         .as_ref()
                         .and_then(Tap::classified)
                         .is_some_and(|c| c.stream);
+                let strip_usage = *this.strip_usage;
                 let mut resp = resp.map(|body| {
                     if sse {
-                        StreamGuard::new(body, stream, tap, drain)
+                        let guard = StreamGuard::new(body, stream, tap, drain);
+                        if strip_usage {
+                            guard.stripping_usage()
+                        } else {
+                            guard
+                        }
                     } else {
                         StreamGuard::passthrough(body, stream, tap)
                     }

@@ -314,6 +314,13 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
 pub trait Replay: Sized {
     /// A copy to send again, if this body can be.
     fn replay(&self) -> Option<Self>;
+
+    /// Replace a buffered body with `f` of it, if `f` gives one: its new
+    /// length. A streamed body is left as it is (`None`).
+    fn rewrite(&mut self, f: fn(&[u8]) -> Option<Vec<u8>>) -> Option<usize> {
+        let _ = f;
+        None
+    }
 }
 
 impl<B> Replay for http_body_util::Either<http_body_util::Full<Bytes>, B> {
@@ -322,6 +329,22 @@ impl<B> Replay for http_body_util::Either<http_body_util::Full<Bytes>, B> {
             http_body_util::Either::Left(full) => Some(http_body_util::Either::Left(full.clone())),
             http_body_util::Either::Right(_) => None,
         }
+    }
+
+    fn rewrite(&mut self, f: fn(&[u8]) -> Option<Vec<u8>>) -> Option<usize> {
+        let http_body_util::Either::Left(full) = self else {
+            return None;
+        };
+        let data = std::mem::take(full).into_inner().unwrap_or_default();
+        let (body, len) = match f(&data) {
+            Some(new) => {
+                let len = new.len();
+                (Bytes::from(new), Some(len))
+            }
+            None => (data, None),
+        };
+        *full = http_body_util::Full::new(body);
+        len
     }
 }
 
