@@ -120,8 +120,15 @@ pub struct Group {
     pub success_rate: f64,
     /// Requests per minute over the log's span.
     pub requests_per_minute: f64,
-    /// Output tokens of successful requests per second over the log's span.
+    /// Output tokens of successful requests per second over the log's
+    /// span (wall time: idle gaps between runs count).
     pub output_tokens_per_second: f64,
+    /// Seconds during which at least one of these requests was at the
+    /// upstream (the union of their dispatch → last byte intervals).
+    pub busy_seconds: f64,
+    /// Output tokens of successful requests per second of busy time: the
+    /// rate while work was running, idle gaps left out.
+    pub output_tokens_per_busy_second: f64,
     /// Output tokens of successful requests.
     pub output_tokens: u64,
     /// Arrival → dispatch.
@@ -176,11 +183,19 @@ struct Acc {
     tpot: Vec<f32>,
     model: Vec<f32>,
     e2e: Vec<f32>,
+    /// Dispatch → last byte of each request that ran, in ms since the
+    /// epoch.
+    ran: Vec<(f64, f64)>,
 }
 
 impl Acc {
-    fn add(&mut self, l: &Line<'_>) {
+    fn add(&mut self, l: &Line<'_>, at: f64) {
         self.requests += 1;
+        if let (Some(q), Some(e)) = (l.queue_ms, l.e2e_ms) {
+            if l.outcome != Outcome::Rejected && e > q {
+                self.ran.push((at + q, at + e));
+            }
+        }
         match l.outcome {
             Outcome::Ok => self.succeeded += 1,
             Outcome::Rejected => self.rejected += 1,
@@ -212,6 +227,7 @@ impl Acc {
 
     fn finish(self, span: f64) -> Group {
         let per_sec = |n: u64| if span > 0.0 { n as f64 / span } else { 0.0 };
+        let busy = union_ms(self.ran) / 1000.0;
         Group {
             requests: self.requests,
             succeeded: self.succeeded,
@@ -225,6 +241,12 @@ impl Acc {
             },
             requests_per_minute: per_sec(self.requests) * 60.0,
             output_tokens_per_second: per_sec(self.output_tokens),
+            busy_seconds: busy,
+            output_tokens_per_busy_second: if busy > 0.0 {
+                self.output_tokens as f64 / busy
+            } else {
+                0.0
+            },
             output_tokens: self.output_tokens,
             queue_ms: Summary::of(self.queue),
             ttft_ms: Summary::of(self.ttft),
@@ -236,6 +258,24 @@ impl Acc {
             e2e_ms: Summary::of(self.e2e),
         }
     }
+}
+
+/// The length of the union of `intervals` (start, end).
+fn union_ms(mut intervals: Vec<(f64, f64)>) -> f64 {
+    intervals.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let mut total = 0.0;
+    let mut run: Option<(f64, f64)> = None;
+    for (start, end) in intervals {
+        run = match run {
+            Some((s, e)) if start <= e => Some((s, e.max(end))),
+            Some((s, e)) => {
+                total += e - s;
+                Some((start, end))
+            }
+            None => Some((start, end)),
+        };
+    }
+    total + run.map_or(0.0, |(s, e)| e - s)
 }
 
 /// Read a request log and summarise it.
@@ -270,7 +310,7 @@ pub fn read(input: impl BufRead, by: Option<GroupBy>) -> io::Result<Report> {
             report.passed_through += 1;
             continue;
         };
-        all.add(&l);
+        all.add(&l, at);
         if let Some(by) = by {
             let key = match by {
                 GroupBy::Priority => priority.to_string(),
@@ -284,8 +324,8 @@ pub fn read(input: impl BufRead, by: Option<GroupBy>) -> io::Result<Report> {
                 GroupBy::Upstream => l.upstream.as_deref().unwrap_or("-").to_owned(),
             };
             match groups.get_mut(&key) {
-                Some(acc) => acc.add(&l),
-                None => groups.entry(key).or_default().add(&l),
+                Some(acc) => acc.add(&l, at),
+                None => groups.entry(key).or_default().add(&l, at),
             }
         }
     }
@@ -361,13 +401,13 @@ pub fn render(report: &Report, source: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "| group | requests | succeeded | failed | rejected | cancelled | success | req/min | out tok/s |"
+        "| group | requests | succeeded | failed | rejected | cancelled | success | req/min | out tok/s (wall) | busy s | out tok/s (busy) |"
     );
-    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for (name, g) in &rows {
         let _ = writeln!(
             out,
-            "| {name} | {} | {} | {} | {} | {} | {:.1}% | {:.1} | {:.1} |",
+            "| {name} | {} | {} | {} | {} | {} | {:.1}% | {:.1} | {:.1} | {:.1} | {:.1} |",
             g.requests,
             g.succeeded,
             g.failed,
@@ -375,9 +415,16 @@ pub fn render(report: &Report, source: &str) -> String {
             g.cancelled,
             g.success_rate * 100.0,
             g.requests_per_minute,
-            g.output_tokens_per_second
+            g.output_tokens_per_second,
+            g.busy_seconds,
+            g.output_tokens_per_busy_second
         );
     }
+    let _ = writeln!(
+        out,
+        "\nout tok/s (wall): over the log's span; busy s: the time at least one \
+         request was at the upstream; out tok/s (busy): over that time."
+    );
     let _ = writeln!(out, "\nLatency of succeeded requests, milliseconds:\n");
     let _ = writeln!(out, "| group | metric | n | mean | p50 | p90 | p99 |");
     let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|");
@@ -411,6 +458,64 @@ pub fn render(report: &Report, source: &str) -> String {
     out
 }
 
+/// Runs side by side (`anteroom report A.jsonl B.jsonl …`): the figures
+/// that compare models or settings under the same load, each run's, and
+/// each later run's difference from the first.
+pub fn compare(runs: &[(String, Report)]) -> String {
+    use std::fmt::Write as _;
+    let mut out =
+        String::from("Runs side by side (all admitted requests; Δ: against the first):\n\n");
+    let _ = write!(out, "| figure |");
+    for (i, (name, _)) in runs.iter().enumerate() {
+        let _ = write!(out, " {name} |");
+        if i > 0 {
+            let _ = write!(out, " Δ |");
+        }
+    }
+    let _ = write!(out, "\n|---|");
+    for i in 0..runs.len() {
+        let _ = write!(out, "--:|{}", if i > 0 { "--:|" } else { "" });
+    }
+    out.push('\n');
+    type Figure = fn(&Group) -> Option<f64>;
+    let figures: [(&str, Figure); 14] = [
+        ("requests", |g| Some(g.requests as f64)),
+        ("success %", |g| Some(g.success_rate * 100.0)),
+        ("req/min", |g| Some(g.requests_per_minute)),
+        ("out tok/s (wall)", |g| Some(g.output_tokens_per_second)),
+        ("out tok/s (busy)", |g| {
+            Some(g.output_tokens_per_busy_second)
+        }),
+        ("TTFT mean ms", |g| g.ttft_ms.mean),
+        ("TTFT p50 ms", |g| g.ttft_ms.p50),
+        ("TTFT p90 ms", |g| g.ttft_ms.p90),
+        ("TTFT p99 ms", |g| g.ttft_ms.p99),
+        ("queue wait p50 ms", |g| g.queue_ms.p50),
+        ("model time p50 ms", |g| g.model_ms.p50),
+        ("model time p90 ms", |g| g.model_ms.p90),
+        ("TPOT p50 ms", |g| g.tpot_ms.p50),
+        ("end-to-end p50 ms", |g| g.e2e_ms.p50),
+    ];
+    let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+    for (figure, of) in figures {
+        let first = of(&runs[0].1.all);
+        let _ = write!(out, "| {figure} |");
+        for (i, (_, r)) in runs.iter().enumerate() {
+            let v = of(&r.all);
+            let _ = write!(out, " {} |", f(v));
+            if i > 0 {
+                let delta = match (first, v) {
+                    (Some(a), Some(b)) if a != 0.0 => format!("{:+.1}%", (b - a) / a * 100.0),
+                    _ => "-".to_owned(),
+                };
+                let _ = write!(out, " {delta} |");
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +529,21 @@ mod tests {
             "completion_tokens": 5, "tokens_from": "counted", "malformed": false
         })
         .to_string()
+    }
+
+    #[test]
+    fn busy_time_is_the_union_of_what_ran() {
+        assert_eq!(union_ms(vec![]), 0.0);
+        // Overlapping, touching, nested, apart, in any order.
+        let v = vec![
+            (10.0, 20.0),
+            (0.0, 5.0),
+            (15.0, 30.0),
+            (30.0, 31.0),
+            (40.0, 50.0),
+            (41.0, 42.0),
+        ];
+        assert_eq!(union_ms(v), 5.0 + 21.0 + 10.0);
     }
 
     #[test]

@@ -638,3 +638,199 @@ async fn after_sigterm_the_log_holds_every_finished_request() {
     assert_eq!(lines.lines().count(), N);
     assert_eq!(ids.len(), N);
 }
+
+/// Every figure of `anteroom report` equals one computed here from the raw
+/// log by other means (a sweep over interval ends for the busy time,
+/// nearest-rank percentiles over a sorted copy), on a log with refusals,
+/// streamed and non-streamed answers, two priorities and an idle gap
+/// between two bursts (so busy time and wall span differ). Two logs side
+/// by side give their differences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_agrees_with_an_independent_recomputation() {
+    let log = log_path("report-recomputed");
+    let log_s = log.display().to_string();
+    let mut cfg = sim_config(Mode::Batch);
+    cfg.tokens_per_second = 200.0;
+    let (_sim, proxy, _client) = setup(cfg, |c| {
+        c.request_log = log_s;
+        c.max_concurrency = 2.into();
+        c.max_queue = 3;
+    })
+    .await;
+    for round in 0..2 {
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let url = proxy.url();
+                tokio::spawn(async move {
+                    let p = if i % 3 == 0 { 0 } else { 5 };
+                    let id = format!("b{round}-{i}");
+                    let resp = chat(&client(), &url, Some(p), &id, i % 2 == 0, 4 + i).await;
+                    body_bytes(resp).await;
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    proxy.recorder.flush().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let report = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
+            .arg("report")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let r = report(&["--json", "--by", "priority", &log.display().to_string()]);
+
+    // Milliseconds of a `received` stamp (the test runs within a month).
+    let ms = |s: &str| -> f64 {
+        let n = |a: usize, b: usize| s[a..b].parse::<f64>().unwrap();
+        (((n(8, 10) * 24.0 + n(11, 13)) * 60.0 + n(14, 16)) * 60.0 + n(17, 19)) * 1000.0 + n(20, 23)
+    };
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64();
+    let close = |what: &str, got: &serde_json::Value, want: f64| {
+        let got = got.as_f64().unwrap_or_else(|| panic!("{what}: {got}"));
+        assert!(
+            (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+            "{what}: report {got}, recomputed {want}"
+        );
+    };
+    let start = lines.iter().map(|l| ms(l["received"].as_str().unwrap()));
+    let end = lines
+        .iter()
+        .map(|l| ms(l["received"].as_str().unwrap()) + num(l, "e2e_ms").unwrap_or(0.0));
+    let span = (end.fold(f64::MIN, f64::max) - start.fold(f64::MAX, f64::min)) / 1000.0;
+    close("span", &r["span_seconds"], span);
+
+    let check = |what: &str, group: &serde_json::Value, mine: Vec<&serde_json::Value>| {
+        let count = |o: &str| mine.iter().filter(|l| l["outcome"] == o).count() as f64;
+        close(
+            &format!("{what} requests"),
+            &group["requests"],
+            mine.len() as f64,
+        );
+        close(
+            &format!("{what} succeeded"),
+            &group["succeeded"],
+            count("ok"),
+        );
+        close(
+            &format!("{what} rejected"),
+            &group["rejected"],
+            count("rejected"),
+        );
+        let ok: Vec<_> = mine.iter().filter(|l| l["outcome"] == "ok").collect();
+        let tokens: f64 = ok.iter().filter_map(|l| num(l, "completion_tokens")).sum();
+        close(&format!("{what} tokens"), &group["output_tokens"], tokens);
+        close(
+            &format!("{what} tok/s wall"),
+            &group["output_tokens_per_second"],
+            tokens / span,
+        );
+        // Busy time by a sweep: +1 at each start, -1 at each end.
+        let mut ends: Vec<(f64, i32)> = Vec::new();
+        for l in &mine {
+            let (Some(q), Some(e)) = (num(l, "queue_ms"), num(l, "e2e_ms")) else {
+                continue;
+            };
+            if l["outcome"] != "rejected" && e > q {
+                let at = ms(l["received"].as_str().unwrap());
+                ends.push((at + q, 1));
+                ends.push((at + e, -1));
+            }
+        }
+        ends.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+        let (mut open, mut since, mut busy) = (0, 0.0, 0.0);
+        for (t, d) in ends {
+            if open == 0 && d == 1 {
+                since = t;
+            }
+            open += d;
+            if open == 0 {
+                busy += t - since;
+            }
+        }
+        close(
+            &format!("{what} busy"),
+            &group["busy_seconds"],
+            busy / 1000.0,
+        );
+        close(
+            &format!("{what} tok/s busy"),
+            &group["output_tokens_per_busy_second"],
+            tokens * 1000.0 / busy,
+        );
+        // Nearest-rank percentiles and the mean of the succeeded ones.
+        for (field, of) in [
+            ("ttft_ms", "ttft_ms"),
+            ("queue_ms", "queue_ms"),
+            ("e2e_ms", "e2e_ms"),
+            ("model_ms", "model"),
+        ] {
+            let mut v: Vec<f64> = ok
+                .iter()
+                .filter_map(|l| match of {
+                    "model" => Some(num(l, "e2e_ms")? - num(l, "queue_ms")?),
+                    f => num(l, f),
+                })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            let s = &group[field];
+            close(&format!("{what} {field} n"), &s["n"], v.len() as f64);
+            if v.is_empty() {
+                continue;
+            }
+            let rank = |q: f64| v[((q * v.len() as f64).ceil() as usize).max(1) - 1];
+            close(
+                &format!("{what} {field} mean"),
+                &s["mean"],
+                v.iter().sum::<f64>() / v.len() as f64,
+            );
+            for (k, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
+                close(&format!("{what} {field} {k}"), &s[k], rank(q));
+            }
+        }
+    };
+    let admitted: Vec<_> = lines.iter().filter(|l| !l["priority"].is_null()).collect();
+    assert!(
+        admitted.iter().any(|l| l["outcome"] == "rejected"),
+        "some refused"
+    );
+    check("all", &r["all"], admitted.clone());
+    for p in [0, 5] {
+        let mine = admitted
+            .iter()
+            .copied()
+            .filter(|l| l["priority"] == p)
+            .collect();
+        check(&p.to_string(), &r["by"][p.to_string()], mine);
+    }
+    // The idle gaps are out of the busy time.
+    assert!(r["all"]["busy_seconds"].as_f64().unwrap() < span - 0.3);
+
+    // Side by side: each run, and the second's differences from the first.
+    let path = log.display().to_string();
+    let both = report(&["--json", &path, &path]);
+    assert_eq!(both["runs"][0]["file"], path.as_str());
+    assert_eq!(both["runs"][1]["report"]["all"], r["all"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["report", &path, &path])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("Runs side by side"), "{text}");
+    assert!(text.contains(" +0.0% |"), "{text}");
+}

@@ -1,4 +1,5 @@
-//! `anteroom report FILE`: summarise a request log.
+//! `anteroom report FILE…`: summarise a request log, or put runs side by
+//! side.
 
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -6,15 +7,19 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::report::{self, GroupBy};
+use crate::report::{self, GroupBy, Report};
 use crate::BoxError;
 
 /// Flags of `anteroom report`.
 #[derive(Clone, Debug, Args)]
 pub struct ReportArgs {
-    /// The request log (JSONL, as written by `--request-log`); `-` for stdin.
-    pub file: PathBuf,
-    /// Print JSON instead of tables.
+    /// The request log (JSONL, as written by `--request-log`); `-` for
+    /// stdin. Several: each is summarised, then all are compared, the
+    /// first as the baseline.
+    #[arg(required = true, value_name = "FILE")]
+    pub file: Vec<PathBuf>,
+    /// Print JSON instead of tables (several files: `{"runs": [{"file",
+    /// "report"}, …]}`).
     #[arg(long)]
     pub json: bool,
     /// Add one line per group.
@@ -22,19 +27,39 @@ pub struct ReportArgs {
     pub by: Option<GroupBy>,
 }
 
-/// Read the log and print the report.
+fn read(path: &PathBuf, by: Option<GroupBy>) -> Result<Report, BoxError> {
+    Ok(if path.as_os_str() == "-" {
+        report::read(std::io::stdin().lock(), by)?
+    } else {
+        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        report::read(BufReader::with_capacity(1 << 20, file), by)?
+    })
+}
+
+/// Read the log(s) and print the report.
 pub fn run(args: &ReportArgs) -> Result<(), BoxError> {
-    let report = if args.file.as_os_str() == "-" {
-        report::read(std::io::stdin().lock(), args.by)?
-    } else {
-        let file = File::open(&args.file)
-            .map_err(|e| format!("cannot open {}: {e}", args.file.display()))?;
-        report::read(BufReader::with_capacity(1 << 20, file), args.by)?
-    };
-    let text = if args.json {
-        serde_json::to_string_pretty(&report)? + "\n"
-    } else {
-        report::render(&report, &args.file.display().to_string())
+    let mut runs = Vec::with_capacity(args.file.len());
+    for path in &args.file {
+        runs.push((path.display().to_string(), read(path, args.by)?));
+    }
+    let text = match (args.json, runs.as_slice()) {
+        (true, [(_, one)]) => serde_json::to_string_pretty(one)? + "\n",
+        (true, _) => {
+            let runs: Vec<_> = runs
+                .iter()
+                .map(|(file, report)| serde_json::json!({"file": file, "report": report}))
+                .collect();
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))? + "\n"
+        }
+        (false, [(name, one)]) => report::render(one, name),
+        (false, _) => {
+            let mut text = String::new();
+            for (name, r) in &runs {
+                text += &report::render(r, name);
+                text.push('\n');
+            }
+            text + &report::compare(&runs)
+        }
     };
     std::io::stdout().lock().write_all(text.as_bytes())?;
     Ok(())
