@@ -126,6 +126,10 @@ pub struct FileConfig {
     /// Ask a vLLM upstream for the usage of streams that did not ask for
     /// it, and take that event out of the answer.
     pub stream_usage: bool,
+    /// Send a llama.cpp upstream non-streamed chat and text completions as
+    /// streams, for their true time to first token, and answer with the
+    /// JSON put back together.
+    pub stream_upgrade: bool,
     /// The key sent to the upstream(s) as `Authorization: Bearer …`, in
     /// place of the client's (vLLM's `--api-key`). Prefer `upstream_api_key_env`.
     pub upstream_api_key: Secret,
@@ -233,6 +237,7 @@ impl Default for FileConfig {
             promote_after: String::new(),
             trust_tenant_header: false,
             stream_usage: true,
+            stream_upgrade: false,
             upstream_api_key: Secret::default(),
             upstream_api_key_env: String::new(),
             drain_timeout: "25s".into(),
@@ -815,6 +820,7 @@ impl FileConfig {
                     idle: positive("stream_idle_timeout", &self.stream_idle_timeout)?,
                 },
                 stream_usage: self.stream_usage,
+                stream_upgrade: self.stream_upgrade,
             },
             request_log: (!self.request_log.trim().is_empty())
                 .then(|| PathBuf::from(self.request_log.trim())),

@@ -38,6 +38,13 @@ pub fn scan(body: &[u8]) -> Fields<'_> {
 /// see the urgency anteroom refused). `None` if it has no such key or is
 /// not a JSON object the scanner reads.
 pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
+    with_value(body, b"priority", priority.to_string().as_bytes())
+}
+
+/// `body` with the value of every top-level `key` replaced by `value` (JSON
+/// text). `None` if it has no such key or is not a JSON object the scanner
+/// reads.
+pub fn with_value(body: &[u8], name: &[u8], value: &[u8]) -> Option<Vec<u8>> {
     let mut spans = Vec::new();
     let mut i = skip_ws(body, 0);
     if *body.get(i)? != b'{' {
@@ -58,7 +65,7 @@ pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
             }
             let start = skip_ws(body, i + 1);
             let end = value_end(body, start)?;
-            if key == b"priority" {
+            if key == name {
                 spans.push((start, end));
             }
             i = skip_ws(body, end);
@@ -72,12 +79,11 @@ pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
     if spans.is_empty() {
         return None;
     }
-    let value = priority.to_string();
     let mut out = Vec::with_capacity(body.len() + value.len());
     let mut at = 0;
     for (start, end) in spans {
         out.extend_from_slice(&body[at..start]);
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         at = end;
     }
     out.extend_from_slice(&body[at..]);

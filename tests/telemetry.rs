@@ -834,3 +834,101 @@ async fn the_report_agrees_with_an_independent_recomputation() {
     assert!(text.contains("Runs side by side"), "{text}");
     assert!(text.contains(" +0.0% |"), "{text}");
 }
+
+/// `stream_upgrade`: a non-streamed request to a llama.cpp upstream goes as
+/// a stream and comes back as the JSON the upstream would have sent (field
+/// by field, but for the timings), with a true time to first token, time
+/// per output token and the backend's counts in its record. The header
+/// turns it off (or on) per request; a stream that breaks is a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_streamed_request_can_be_timed_as_a_stream() {
+    use anteroom::telemetry::TokenSource;
+    let log = log_path("upgrade");
+    let log_s = log.display().to_string();
+    let mut cfg = sim_config(Mode::Llama);
+    cfg.tokens_per_second = 100.0;
+    cfg.ttft = Duration::from_millis(80);
+    let (sim, proxy, client) = setup(cfg, |c| {
+        c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::LlamaCpp);
+        c.request_log = log_s;
+        c.stream_upgrade = true;
+    })
+    .await;
+    let send = |base: String,
+                path: &'static str,
+                id: &'static str,
+                body: &'static str,
+                header: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut req = Request::post(format!("{base}{path}")).header("x-request-id", id);
+            if let Some(h) = header {
+                req = req.header("x-anteroom-stream-upgrade", h);
+            }
+            let resp = client
+                .request(req.body(Full::new(Bytes::from(body))).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+            let mut v: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await).unwrap();
+            // The timings are the two runs' own.
+            v.as_object_mut().unwrap().remove("timings");
+            (status, ct, v)
+        }
+    };
+    let chat = r#"{"model":"m","max_tokens":12,"messages":[{"role":"user","content":"hi"}]}"#;
+    let text = r#"{"model":"m","max_tokens":12,"stream":false,"prompt":"once upon a time"}"#;
+    for (path, id, body) in [
+        ("/v1/chat/completions", "up-chat", chat),
+        ("/v1/completions", "up-text", text),
+    ] {
+        let (_, _, direct) = send(sim.url(), path, id, body, None).await;
+        let (status, ct, upgraded) = send(proxy.url(), path, id, body, None).await;
+        assert_eq!(status, 200);
+        assert!(ct.starts_with("application/json"), "{ct}");
+        assert_eq!(upgraded, direct, "{path}");
+    }
+    let (_, _, _) = send(
+        proxy.url(),
+        "/v1/chat/completions",
+        "not-up",
+        chat,
+        Some("0"),
+    )
+    .await;
+    proxy.recorder.flush().await;
+    let recs = by_id(&records(&proxy, &log).await);
+    for id in ["up-chat", "up-text"] {
+        let r = &recs[id];
+        let t = r.timings;
+        assert!(r.upgraded && !r.stream, "{r:?}");
+        assert_eq!(t.completion_tokens, Some(12), "{id}");
+        assert_eq!(t.tokens_from, Some(TokenSource::Usage));
+        // The first token came about 80 ms in, long before the answer.
+        let (ttft, e2e) = (t.ttft_ms.unwrap(), t.e2e_ms.unwrap());
+        assert!(ttft >= 80.0 && ttft < e2e - 50.0, "{t:?}");
+        assert!(t.backend_ttft_ms.unwrap() <= ttft);
+        assert!(t.tpot_ms.unwrap() >= 5.0, "{t:?}");
+    }
+    let not = &recs["not-up"];
+    assert!(!not.upgraded);
+    assert_eq!(not.timings.ttft_ms, None);
+
+    // A stream that breaks off cannot be put together: a 502, never a
+    // half answer.
+    let mut cfg = sim_config(Mode::Llama);
+    cfg.die_after_tokens = Some(3);
+    let (_sim, proxy, client) = setup(cfg, |c| {
+        c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::LlamaCpp);
+        c.stream_upgrade = true;
+    })
+    .await;
+    let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
+        .body(Full::new(Bytes::from(chat)))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let v: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await).unwrap();
+    assert!(v["error"]["message"].as_str().is_some(), "{v}");
+}

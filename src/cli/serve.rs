@@ -154,6 +154,10 @@ pub struct ServeArgs {
     /// answer (key: stream_usage).
     #[arg(long, value_name = "BOOL")]
     pub stream_usage: Option<bool>,
+    /// Send a llama.cpp upstream non-streamed requests as streams, for a
+    /// true time to first token (key: stream_upgrade).
+    #[arg(long, value_name = "BOOL")]
+    pub stream_upgrade: Option<bool>,
     /// The environment variable holding the key to send the upstream
     /// (key: upstream_api_key_env). The key itself can only be given in
     /// the file (upstream_api_key): a flag would show in `ps`.
@@ -254,6 +258,7 @@ impl ServeArgs {
             promote_after,
             trust_tenant_header,
             stream_usage,
+            stream_upgrade,
             upstream_api_key_env,
             drain_timeout,
             tls_cert,

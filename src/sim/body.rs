@@ -65,10 +65,28 @@ impl Completion {
             } else {
                 serde_json::json!({"content": text})
             };
-            serde_json::json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            let mut c = serde_json::json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+            self.as_llama_chat(&mut c);
+            c
         } else {
             serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
         }
+    }
+
+    /// llama-server's chat choices carry no `logprobs` unless asked.
+    fn as_llama_chat(&self, choice: &mut serde_json::Value) {
+        if self.timings {
+            if let Some(c) = choice.as_object_mut() {
+                c.remove("logprobs");
+            }
+        }
+    }
+
+    /// The first chat chunk: the role with the first token, as OpenAI's.
+    pub(crate) fn first_chat_choice(&self, text: &str) -> serde_json::Value {
+        let mut c = serde_json::json!({"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": null});
+        self.as_llama_chat(&mut c);
+        c
     }
 
     fn chunk(&self, choices: serde_json::Value, usage: Option<serde_json::Value>) -> Bytes {
@@ -121,7 +139,9 @@ impl Completion {
     pub(crate) fn full_response(&self, at: Phases) -> String {
         let text: String = (0..self.tokens).map(token_text).collect();
         let choice = if self.chat {
-            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"})
+            let mut c = serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"});
+            self.as_llama_chat(&mut c);
+            c
         } else {
             serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"})
         };
@@ -271,7 +291,7 @@ impl Body for SseBody {
                     this.state.cfg.pair_tokens && i % 3 == 1 && i + 1 < this.completion.tokens;
                 let text = if this.completion.chat && i == 0 {
                     // The first chat chunk carries the role too, as OpenAI's do.
-                    let v = serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": token_text(i)}, "logprobs": null, "finish_reason": null}]);
+                    let v = serde_json::json!([this.completion.first_chat_choice(&token_text(i))]);
                     this.completion.chunk(v, None)
                 } else {
                     let mut t = token_text(i);

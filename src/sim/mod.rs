@@ -583,7 +583,13 @@ async fn admit(state: &Arc<SimState>, req: Request<Incoming>) -> Result<Admitted
             ));
         }
     };
-    let prompt_tokens = (bytes.len() / 4).max(1);
+    // From the prompt, not the whole body: a request's other fields (its
+    // `stream`, say) do not change how long its prompt is.
+    let prompt_len = value
+        .get("messages")
+        .or_else(|| value.get("prompt"))
+        .map_or(bytes.len(), |p| p.to_string().len());
+    let prompt_tokens = (prompt_len / 4).max(1);
     let permit = match state.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {

@@ -130,6 +130,11 @@ pub struct Classified {
     /// A streamed chat or text completion with no `stream_options`: the
     /// backend's usage may be asked for (see [`crate::upstream::usage`]).
     pub may_ask_usage: bool,
+    /// A chat or text completion that may be sent as a stream and answered
+    /// as JSON, of this shape (see [`crate::upstream::upgrade`]).
+    pub upgrade: Option<crate::upstream::upgrade::Shape>,
+    /// What the request's `x-anteroom-stream-upgrade` header asks for.
+    pub upgrade_asked: Option<bool>,
 }
 
 /// A request's notes, filled in by the steps it passes. Cloning shares them.
@@ -152,6 +157,12 @@ struct TapInner {
     /// The backend's usage, from the event anteroom asked for and took out
     /// of the stream (see [`crate::upstream::usage`]).
     usage: OnceLock<observe::Usage>,
+    /// Sent upstream as a stream and answered as JSON (see
+    /// [`crate::upstream::upgrade`]): its first and last token, timed
+    /// there.
+    upgraded: std::sync::atomic::AtomicBool,
+    first_token: AtomicU64,
+    last_token: AtomicU64,
 }
 
 impl Tap {
@@ -167,6 +178,9 @@ impl Tap {
             classified: OnceLock::new(),
             tokens: OnceLock::new(),
             usage: OnceLock::new(),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
+            first_token: AtomicU64::new(0),
+            last_token: AtomicU64::new(0),
         }))
     }
 
@@ -216,6 +230,25 @@ impl Tap {
     /// (the client got an error event instead of the rest).
     pub fn stream_failed(&self, code: &'static str) {
         let _ = self.0.stream_error.set(code);
+    }
+
+    /// Note that the request went upstream as a stream, to be answered as
+    /// JSON.
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it went upstream as a stream, answered as JSON.
+    pub fn was_upgraded(&self) -> bool {
+        self.0.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// A token came out of an upgraded request's stream, now.
+    pub fn token_out(&self) {
+        if self.0.first_token.load(Ordering::Relaxed) == 0 {
+            self.stamp(&self.0.first_token);
+        }
+        self.stamp(&self.0.last_token);
     }
 
     /// The backend's usage, from an event the client does not see.
@@ -608,9 +641,19 @@ impl Capture {
         // stream's first token event. A plain body's first byte comes when
         // the whole answer is done (a non-streamed generation, an error),
         // so it is no one's time to first token: null, never made up.
+        // An upgraded request's tokens were timed as they came from the
+        // backend's stream (see `upstream::upgrade`).
+        let upgraded = self.tap.0.upgraded.load(Ordering::Relaxed);
+        let (up_first, up_last) = match upgraded {
+            true => (
+                self.tap.read(&self.tap.0.first_token),
+                self.tap.read(&self.tap.0.last_token),
+            ),
+            false => (None, None),
+        };
         let ttft = match sse {
             true => self.first_token.map(|t| t.duration_since(arrival)),
-            false => None,
+            false => up_first,
         };
         // The backend's own counts first: its `usage`, else llama.cpp's
         // `timings`; counting a stream's token events is the last resort
@@ -648,7 +691,12 @@ impl Capture {
             (Some(a), Some(b), Some(n)) if sse && n > 1 => {
                 Some(ms(b.duration_since(a)) / (n - 1) as f64)
             }
-            _ => None,
+            _ => match (up_first, up_last, completion_tokens) {
+                (Some(a), Some(b), Some(n)) if n > 1 => {
+                    Some(ms(b.saturating_sub(a)) / (n - 1) as f64)
+                }
+                _ => None,
+            },
         };
         self.gaps_us.sort_unstable();
         let pct = |q: f64| -> Option<f64> {
@@ -691,7 +739,7 @@ impl Capture {
             // token of a stream), and the wait inside the backend.
             let signals = &self.recorder.signals;
             signals.completed(completion_tokens.unwrap_or(0));
-            let ttft_ms = backend_prompt.or(match (sse, ttft, dispatched) {
+            let ttft_ms = backend_prompt.or(match (sse || upgraded, ttft, dispatched) {
                 (true, Some(t), Some(d)) => Some(ms(t.saturating_sub(d))),
                 _ => None,
             });

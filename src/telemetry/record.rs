@@ -86,6 +86,11 @@ pub struct Record {
     pub upstream: Option<String>,
     /// Whether the response was a stream (`stream: true` or an SSE response).
     pub stream: bool,
+    /// Sent to the backend as a stream and answered as the JSON the client
+    /// asked for (`stream_upgrade`): its time to first token is the first
+    /// token's arrival from the backend.
+    #[serde(default)]
+    pub upgraded: bool,
     /// Status sent to the client; 499 when the client left before any.
     pub status: u16,
     /// anteroom's error code (`queue_full`, `upstream_timeout`, …).
@@ -202,6 +207,7 @@ impl Finished {
             tenant: self.tap.tenant().map(|t| t.to_string()),
             upstream: self.tap.upstream().map(|u| u.to_string()),
             stream: self.stream,
+            upgraded: self.tap.was_upgraded(),
             status: self.status,
             error: self.error.map(str::to_owned),
             outcome: self.outcome,

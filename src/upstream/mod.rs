@@ -10,6 +10,7 @@
 pub mod guard;
 mod pool;
 pub mod rewrite;
+pub mod upgrade;
 pub mod usage;
 
 use std::future::Future;
@@ -109,6 +110,10 @@ pub struct ClientSettings {
     /// Ask a vLLM upstream for the usage of streams that did not ask for
     /// it, and take that event out of the answer (see [`usage`]).
     pub stream_usage: bool,
+    /// Send a llama.cpp upstream non-streamed requests as streams, for
+    /// their true time to first token (see [`upgrade`]); a request's
+    /// header may say otherwise.
+    pub stream_upgrade: bool,
 }
 
 /// The upstream origin behind a pool of keep-alive HTTP/1.1 connections.
@@ -127,6 +132,7 @@ where
     response_timeout: Duration,
     stream: StreamTimeouts,
     stream_usage: bool,
+    stream_upgrade: bool,
     drain: Option<Drain>,
     /// What its backend is: whether a stream's first event is read ahead
     /// (see [`guard`]), whether its streams' usage is asked for (see
@@ -147,6 +153,7 @@ where
             response_timeout: self.response_timeout,
             stream: self.stream,
             stream_usage: self.stream_usage,
+            stream_upgrade: self.stream_upgrade,
             drain: self.drain.clone(),
             backend: self.backend.clone(),
         }
@@ -171,6 +178,7 @@ where
             response_timeout: settings.response_timeout,
             stream: settings.stream,
             stream_usage: settings.stream_usage,
+            stream_upgrade: settings.stream_upgrade,
             drain: None,
             backend: None,
         }
@@ -239,6 +247,26 @@ where
                 }
                 None => false,
             };
+        // A llama.cpp answer that is not streamed: ask for a stream, time
+        // it, answer with the JSON put back together.
+        let upgrade = tap
+            .as_ref()
+            .and_then(Tap::classified)
+            .filter(|c| c.upgrade_asked.unwrap_or(self.stream_upgrade))
+            .and_then(|c| c.upgrade)
+            .filter(|_| {
+                self.backend
+                    .as_ref()
+                    .is_some_and(|b| b.kind() == Some(crate::backend::Kind::LlamaCpp))
+            })
+            .filter(|_| match req.body_mut().rewrite(upgrade::ask_stream) {
+                Some(len) => {
+                    req.headers_mut()
+                        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+                    true
+                }
+                None => false,
+            });
         // One allocation per request: hyper's send future cannot be named.
         let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
         let now = Instant::now();
@@ -255,6 +283,8 @@ where
             reading: None,
             read_ahead: self.backend.as_ref().is_none_or(|b| b.may_dress_refusals()),
             strip_usage,
+            upgrade,
+            assembling: None,
             first_piece: None,
         }
     }
@@ -481,6 +511,11 @@ pin_project! {
         read_ahead: bool,
         // Whether usage was asked for, its event to be taken out.
         strip_usage: bool,
+        // Sent as a stream for an answer of this shape.
+        upgrade: Option<upgrade::Shape>,
+        // An upgraded answer's stream, being read (boxed: only upgraded
+        // requests carry it).
+        assembling: Option<Box<upgrade::Assembling<StreamGuard<PooledBody<B>>>>>,
         // A plain answer while its first piece is read (boxed: only an
         // answer whose body lags its headers carries it).
         first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
@@ -590,6 +625,13 @@ where
             let resp = this.first_piece.take().expect("being read");
             return Poll::Ready(read.map(|()| *resp).map_err(first_piece_failed));
         }
+        if let Some(asm) = this.assembling.as_mut() {
+            let put = ready!(asm.poll(cx));
+            this.assembling.take();
+            return Poll::Ready(
+                put.map(|(parts, json)| Response::from_parts(parts, StreamGuard::refused(json))),
+            );
+        }
         if let Some(reading) = this.reading.as_mut() {
             let (resp, read) = &mut **reading;
             ready!(resp.body_mut().poll_first_event(read, cx));
@@ -652,6 +694,8 @@ where
                         .and_then(Tap::classified)
                         .is_some_and(|c| c.stream);
                 let strip_usage = *this.strip_usage;
+                // An upgraded answer's tokens are timed into its tap.
+                let upgrade_tap = this.upgrade.and(tap.clone());
                 let mut resp = resp.map(|body| {
                     if sse {
                         let guard = StreamGuard::new(body, stream, tap, drain);
@@ -664,6 +708,24 @@ where
                         StreamGuard::passthrough(body, stream, tap)
                     }
                 });
+                if let (true, Some(shape)) =
+                    (sse && resp.status() == http::StatusCode::OK, *this.upgrade)
+                {
+                    if let Some(tap) = &upgrade_tap {
+                        tap.upgraded();
+                    }
+                    let mut asm = Box::new(upgrade::Assembling::new(resp, shape, upgrade_tap));
+                    let put = match asm.poll(cx) {
+                        Poll::Pending => {
+                            *this.assembling = Some(asm);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(put) => put,
+                    };
+                    return Poll::Ready(put.map(|(parts, json)| {
+                        Response::from_parts(parts, StreamGuard::refused(json))
+                    }));
+                }
                 if read_first {
                     let mut reading = Box::new((resp, bytes::BytesMut::new()));
                     let (resp, read) = &mut *reading;

@@ -2,7 +2,8 @@
 //! `tests/tier2/llama-server.sh` from the llama.cpp tree that the
 //! llama-cpp-python source package vendors), with a tiny random-weight
 //! model: detection, `"backend"` reading 1 and 4 slots, `"auto"` in front
-//! of 1 and 4 slots, and the backend's timings in the records.
+//! of 1 and 4 slots, the backend's timings in the records, and
+//! `stream_upgrade`'s answers against llama-server's own.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -308,4 +309,74 @@ async fn the_backends_timings_are_recorded() {
         waits[3] > 0.5 * e2e_min,
         "waits {waits:?}, shortest e2e {e2e_min}"
     );
+}
+
+/// `stream_upgrade` in front of the real llama-server: a non-streamed chat
+/// or text completion through anteroom (sent upstream as a stream, timed,
+/// put back together) equals llama-server's own non-streamed answer field
+/// by field but for `id`, `created` and `timings`, at temperature 0 with a
+/// fixed seed; and its record has a time to first token before the end and
+/// llama-server's token counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_answer_equals_llama_servers_own() {
+    let server = llama_server(1).await;
+    let log = log_path("tier2-upgrade");
+    let log_s = log.display().to_string();
+    let proxy = proxy(&server.url, |c| {
+        c.max_concurrency = 1.into();
+        c.request_log = log_s;
+        c.stream_upgrade = true;
+    })
+    .await;
+    until_identified(&proxy).await;
+    // No prompt cache: the second of two runs would otherwise report its
+    // prompt as cached (`usage.prompt_tokens_details`).
+    let chat = serde_json::json!({
+        "model": "tiny", "max_tokens": 24, "ignore_eos": true, "temperature": 0, "seed": 42,
+        "cache_prompt": false,
+        "messages": [{"role": "user", "content": "Tell me a story about a proxy."}],
+    });
+    let text = serde_json::json!({
+        "model": "tiny", "max_tokens": 24, "ignore_eos": true, "temperature": 0, "seed": 42,
+        "cache_prompt": false,
+        "stream": false, "prompt": "Once upon a time",
+    });
+    for (path, id, body) in [
+        ("/v1/chat/completions", "u-chat", chat),
+        ("/v1/completions", "u-text", text),
+    ] {
+        let req = |id: &str| {
+            Request::post(path)
+                .header("content-type", "application/json")
+                .header("x-request-id", id)
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap()
+        };
+        let answer = |bytes: &Bytes| {
+            let mut v: serde_json::Value = serde_json::from_slice(bytes)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)));
+            for k in ["id", "created", "timings"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        };
+        let (status, direct) = send(&server.url, req("direct")).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&direct));
+        let (status, upgraded) = send(&proxy.url(), req(id)).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&upgraded));
+        assert_eq!(answer(&upgraded), answer(&direct), "{path}");
+    }
+    let recs = records(&proxy, &log).await;
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        let t = &r.timings;
+        assert!(r.upgraded && !r.stream, "{r:?}");
+        assert_eq!(t.completion_tokens, Some(24), "{r:?}");
+        let (ttft, e2e) = (t.ttft_ms.unwrap(), t.e2e_ms.unwrap());
+        assert!(ttft < e2e, "{r:?}");
+        assert!(
+            t.tpot_ms.is_some() && t.backend_prompt_ms.is_some(),
+            "{r:?}"
+        );
+    }
 }

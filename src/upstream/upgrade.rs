@@ -1,0 +1,560 @@
+//! A true time to first token for clients that do not stream
+//! (`stream_upgrade`, off by default).
+//!
+//! A non-streamed answer's first byte comes with the whole generation, so
+//! its time to first token is unknown (the record says `null`). With
+//! `stream_upgrade`, anteroom sends such a request to the backend as a
+//! stream (`"stream": true`, `"stream_options": {"include_usage": true}`),
+//! times the first token and the rest from the events, and answers the
+//! client with the JSON the backend would have sent for the request as it
+//! was ([`Assembler`]): the same fields, with their values put back
+//! together from the deltas (content, reasoning, tool calls merged by
+//! index, log-probabilities, each choice by its index, the finish reason,
+//! the usage and llama.cpp's `timings`).
+//!
+//! Only where that answer can be put back together faithfully: a chat or
+//! text completion that names no `stream_options` of its own, at a
+//! llama.cpp upstream (whose two answers are known field by field: its
+//! server builds both from one result). Anything else goes as it came. A
+//! stream that cannot be put back together (an error event, an event that
+//! is not JSON, no end) is a 502: the client asked for one JSON answer and
+//! there is none to give.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+/// `body` asking for a stream with its usage: the top-level `stream` set to
+/// `true` (replaced where it is, else added) and
+/// `"stream_options":{"include_usage":true}` added. `None` if it is not a
+/// JSON object the scanner reads, or already names `stream_options`.
+pub fn ask_stream(body: &[u8]) -> Option<Vec<u8>> {
+    let fields = crate::json_scan::scan(body);
+    if fields.stream_options || fields.stream == Some(true) {
+        return None;
+    }
+    let set = crate::json_scan::with_value(body, b"stream", b"true");
+    let body = match set {
+        Some(b) => b,
+        None => {
+            let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+            if body[open] != b'{' {
+                return None;
+            }
+            let rest = &body[open + 1..];
+            let empty = rest.trim_ascii_start().first() == Some(&b'}');
+            let mut out = Vec::with_capacity(body.len() + 16);
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(b"\"stream\":true");
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(rest);
+            out
+        }
+    };
+    super::usage::ask(&body)
+}
+
+/// What kind of answer is being put back together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// `/chat/completions`: `message`s from `delta`s.
+    Chat,
+    /// `/completions`: `text`s.
+    Text,
+}
+
+#[derive(Debug, Default)]
+struct Choice {
+    role: Option<Value>,
+    content: String,
+    reasoning: String,
+    refusal: Option<String>,
+    text: String,
+    /// Tool calls by their index: id, type, name, arguments.
+    tools: std::collections::BTreeMap<u64, Map<String, Value>>,
+    logprobs: Vec<Value>,
+    saw_logprobs_key: bool,
+    finish_reason: Value,
+}
+
+/// Puts a non-streamed answer back together from a stream's events (see
+/// the module docs).
+#[derive(Debug)]
+pub struct Assembler {
+    shape: Shape,
+    top: Map<String, Value>,
+    choices: std::collections::BTreeMap<u64, Choice>,
+    done: bool,
+    error: Option<String>,
+}
+
+impl Assembler {
+    /// For an answer of this shape.
+    pub fn new(shape: Shape) -> Self {
+        Self {
+            shape,
+            top: Map::new(),
+            choices: Default::default(),
+            done: false,
+            error: None,
+        }
+    }
+
+    /// Take one event's `data:` payload; whether it carried output (a
+    /// token: content, reasoning, text, a tool call's part).
+    pub fn event(&mut self, payload: &[u8]) -> bool {
+        let payload = payload.trim_ascii();
+        if payload == b"[DONE]" {
+            self.done = true;
+            return false;
+        }
+        if self.error.is_some() {
+            return false;
+        }
+        let Ok(Value::Object(mut ev)) = serde_json::from_slice::<Value>(payload) else {
+            self.error =
+                Some("the upstream's stream held an event that is not a JSON object".into());
+            return false;
+        };
+        if ev.contains_key("error") {
+            self.error = Some(format!(
+                "the upstream's stream ended with an error: {}",
+                Value::Object(ev)
+            ));
+            return false;
+        }
+        let mut output = false;
+        if let Some(Value::Array(choices)) = ev.remove("choices") {
+            for c in choices {
+                output |= self.choice(c);
+            }
+        }
+        for (k, v) in ev {
+            // The last word on every other field (id, model, usage,
+            // timings, system_fingerprint…); `object` is the answer's own.
+            if k != "object" {
+                self.top.insert(k, v);
+            }
+        }
+        output
+    }
+
+    fn choice(&mut self, c: Value) -> bool {
+        let Value::Object(mut c) = c else {
+            return false;
+        };
+        let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let ch = self.choices.entry(index).or_default();
+        let mut output = false;
+        if let Some(f) = c.remove("finish_reason") {
+            if !f.is_null() {
+                ch.finish_reason = f;
+            }
+        }
+        if let Some(lp) = c.remove("logprobs") {
+            ch.saw_logprobs_key = true;
+            if let Some(Value::Array(items)) = lp.get("content") {
+                ch.logprobs.extend(items.iter().cloned());
+            }
+        }
+        if let Some(Value::String(t)) = c.get("text") {
+            output |= !t.is_empty();
+            ch.text.push_str(t);
+        }
+        if let Some(Value::Object(delta)) = c.get("delta") {
+            for (k, v) in delta {
+                match (k.as_str(), v) {
+                    ("role", r) if !r.is_null() => ch.role = Some(r.clone()),
+                    ("content", Value::String(s)) => {
+                        output |= !s.is_empty();
+                        ch.content.push_str(s);
+                    }
+                    ("reasoning_content", Value::String(s)) => {
+                        output |= !s.is_empty();
+                        ch.reasoning.push_str(s);
+                    }
+                    ("refusal", Value::String(s)) => {
+                        ch.refusal.get_or_insert_default().push_str(s);
+                    }
+                    ("tool_calls", Value::Array(calls)) => {
+                        for call in calls {
+                            output |= merge_tool_call(&mut ch.tools, call);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        output
+    }
+
+    /// The whole answer, as JSON text; an error if the stream did not end
+    /// (`[DONE]`), failed, or gave nothing to put together.
+    pub fn finish(mut self) -> Result<Bytes, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if !self.done {
+            return Err("the upstream's stream ended before its [DONE]".into());
+        }
+        if self.choices.is_empty() {
+            return Err("the upstream's stream held no choice".into());
+        }
+        let chat = self.shape == Shape::Chat;
+        let choices: Vec<Value> = std::mem::take(&mut self.choices)
+            .into_iter()
+            .map(|(index, ch)| {
+                let mut out = Map::new();
+                out.insert("index".into(), index.into());
+                out.insert("finish_reason".into(), ch.finish_reason);
+                let logprobs = (!ch.logprobs.is_empty())
+                    .then(|| serde_json::json!({ "content": ch.logprobs }));
+                if chat {
+                    let mut msg = Map::new();
+                    msg.insert("role".into(), ch.role.unwrap_or_else(|| "assistant".into()));
+                    msg.insert("content".into(), ch.content.into());
+                    if !ch.reasoning.is_empty() {
+                        msg.insert("reasoning_content".into(), ch.reasoning.into());
+                    }
+                    if let Some(r) = ch.refusal {
+                        msg.insert("refusal".into(), r.into());
+                    }
+                    if !ch.tools.is_empty() {
+                        let calls = ch.tools.into_values().map(Value::Object).collect();
+                        msg.insert("tool_calls".into(), Value::Array(calls));
+                    }
+                    out.insert("message".into(), Value::Object(msg));
+                    // A chat choice has log-probabilities only when asked.
+                    if let Some(lp) = logprobs {
+                        out.insert("logprobs".into(), lp);
+                    }
+                } else {
+                    out.insert("text".into(), ch.text.into());
+                    out.insert("logprobs".into(), logprobs.unwrap_or(Value::Null));
+                }
+                Value::Object(out)
+            })
+            .collect();
+        let mut top = self.top;
+        top.insert("choices".into(), Value::Array(choices));
+        let object = if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
+        top.insert("object".into(), object.into());
+        serde_json::to_vec(&Value::Object(top))
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Most bytes of a stream read to put one answer together (the non-streamed
+/// answer's own bound in [`crate::telemetry::observe`]: 8 MiB).
+const MAX_STREAM: usize = 8 << 20;
+
+/// A stream being read to its end and put back together, under the
+/// guard's timeouts; the first and last token timed into the tap.
+pub struct Assembling<S> {
+    resp: Option<http::Response<S>>,
+    carry: Vec<u8>,
+    read: usize,
+    asm: Assembler,
+    tap: Option<crate::telemetry::Tap>,
+}
+
+impl<S> std::fmt::Debug for Assembling<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembling")
+            .field("read", &self.read)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The header a client sets to have its request upgraded (`1`, `true`) or
+/// not (`0`, `false`), whatever `stream_upgrade` says.
+pub const HEADER: &str = "x-anteroom-stream-upgrade";
+
+/// What a request's [`HEADER`] asks for: `None` if it is absent or says
+/// neither.
+pub fn asked(headers: &http::HeaderMap) -> Option<bool> {
+    match headers.get(HEADER)?.as_bytes() {
+        b"1" | b"true" => Some(true),
+        b"0" | b"false" => Some(false),
+        _ => None,
+    }
+}
+
+/// The shape of a request's answer if it may be upgraded: a chat or text
+/// completion, not streamed, with no `stream_options` of its own.
+pub fn shape(path: &str, fields: &crate::json_scan::Fields<'_>) -> Option<Shape> {
+    if fields.stream == Some(true) || fields.stream_options {
+        return None;
+    }
+    if path.ends_with("/chat/completions") {
+        Some(Shape::Chat)
+    } else if path.ends_with("/completions") {
+        Some(Shape::Text)
+    } else {
+        None
+    }
+}
+
+impl<S> Assembling<S>
+where
+    S: http_body::Body<Data = Bytes, Error = crate::BoxError> + Unpin,
+{
+    /// Read `resp`, a stream, into an answer of `shape`.
+    pub fn new(resp: http::Response<S>, shape: Shape, tap: Option<crate::telemetry::Tap>) -> Self {
+        Self {
+            resp: Some(resp),
+            carry: Vec::new(),
+            read: 0,
+            asm: Assembler::new(shape),
+            tap,
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(payload) = line.strip_prefix(b"data:") {
+            if self.asm.event(payload) {
+                if let Some(tap) = &self.tap {
+                    tap.token_out();
+                }
+            }
+        }
+    }
+
+    /// Read on; once the stream has ended, the head of the answer (its
+    /// headers those of the stream, but for its type and length) and its
+    /// JSON, or why there is none.
+    pub fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(http::response::Parts, Bytes), crate::BoxError>> {
+        use crate::error::UpstreamUnavailable;
+        use std::task::Poll;
+        loop {
+            let Some(resp) = self.resp.as_mut() else {
+                return Poll::Ready(Err("polled after completion".into()));
+            };
+            let frame = match std::pin::Pin::new(resp.body_mut()).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => break,
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(UpstreamUnavailable::cut_short(e).into()))
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            self.read += data.len();
+            if self.read > MAX_STREAM {
+                return Poll::Ready(Err(UpstreamUnavailable::cut_short(format!(
+                    "the upstream's stream passed {MAX_STREAM} bytes, more than one answer anteroom puts together"
+                ))
+                .into()));
+            }
+            let mut rest = &data[..];
+            while let Some(n) = memchr::memchr(b'\n', rest) {
+                if self.carry.is_empty() {
+                    self.line(&rest[..n]);
+                } else {
+                    let mut line = std::mem::take(&mut self.carry);
+                    line.extend_from_slice(&rest[..n]);
+                    self.line(&line);
+                }
+                rest = &rest[n + 1..];
+            }
+            self.carry.extend_from_slice(rest);
+        }
+        if !self.carry.is_empty() {
+            let line = std::mem::take(&mut self.carry);
+            self.line(&line);
+        }
+        let asm = std::mem::replace(&mut self.asm, Assembler::new(Shape::Chat));
+        let json = match asm.finish() {
+            Ok(json) => json,
+            Err(e) => return Poll::Ready(Err(UpstreamUnavailable::cut_short(e).into())),
+        };
+        let Some(resp) = self.resp.take() else {
+            return Poll::Ready(Err("polled after completion".into()));
+        };
+        // The stream's body (its connection) goes: it has ended.
+        let (mut parts, _) = resp.into_parts();
+        let h = &mut parts.headers;
+        h.remove(http::header::TRANSFER_ENCODING);
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        h.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(json.len()),
+        );
+        Poll::Ready(Ok((parts, json)))
+    }
+}
+
+/// Merge one streamed tool-call part into the calls so far; whether it
+/// carried output (a name or arguments).
+fn merge_tool_call(
+    tools: &mut std::collections::BTreeMap<u64, Map<String, Value>>,
+    call: &Value,
+) -> bool {
+    let Some(part) = call.as_object() else {
+        return false;
+    };
+    let index = part.get("index").and_then(Value::as_u64).unwrap_or(0);
+    let tc = tools.entry(index).or_default();
+    let mut output = false;
+    for key in ["id", "type"] {
+        if let Some(v) = part.get(key).filter(|v| !v.is_null()) {
+            tc.insert(key.into(), v.clone());
+        }
+    }
+    if let Some(Value::Object(f)) = part.get("function") {
+        let func = tc
+            .entry("function")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(func) = func {
+            for key in ["name", "arguments"] {
+                if let Some(Value::String(s)) = f.get(key) {
+                    output |= !s.is_empty();
+                    match func.get_mut(key) {
+                        Some(Value::String(have)) => have.push_str(s),
+                        _ => {
+                            func.insert(key.into(), s.clone().into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tc.entry("type").or_insert_with(|| "function".into());
+    output
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assemble(shape: Shape, events: &[Value]) -> Value {
+        let mut a = Assembler::new(shape);
+        for e in events {
+            a.event(e.to_string().as_bytes());
+        }
+        a.event(b"[DONE]");
+        serde_json::from_slice(&a.finish().unwrap()).unwrap()
+    }
+
+    /// llama-server's chat stream, as its server writes it: a role chunk,
+    /// reasoning and content deltas, a tool call in parts, the finish
+    /// chunk, the usage chunk with the timings.
+    #[test]
+    fn a_llama_cpp_chat_stream_is_put_back_together() {
+        let chunk = |delta: Value, finish: Value| {
+            serde_json::json!({"choices":[{"finish_reason":finish,"index":0,"delta":delta}],
+                "created":1,"id":"chatcmpl-x","model":"m","system_fingerprint":"b1","object":"chat.completion.chunk"})
+        };
+        let events = [
+            chunk(
+                serde_json::json!({"role":"assistant","content":null}),
+                Value::Null,
+            ),
+            chunk(
+                serde_json::json!({"reasoning_content":"think "}),
+                Value::Null,
+            ),
+            chunk(serde_json::json!({"reasoning_content":"more"}), Value::Null),
+            chunk(serde_json::json!({"content":"Hel"}), Value::Null),
+            chunk(serde_json::json!({"content":"lo"}), Value::Null),
+            chunk(
+                serde_json::json!({"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather"}}]}),
+                Value::Null,
+            ),
+            chunk(
+                serde_json::json!({"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}),
+                Value::Null,
+            ),
+            chunk(
+                serde_json::json!({"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]}),
+                Value::Null,
+            ),
+            chunk(serde_json::json!({}), "tool_calls".into()),
+            serde_json::json!({"choices":[],"created":1,"id":"chatcmpl-x","model":"m","system_fingerprint":"b1",
+                "object":"chat.completion.chunk","usage":{"completion_tokens":9,"prompt_tokens":5,"total_tokens":14,
+                "prompt_tokens_details":{"cached_tokens":0}},"timings":{"prompt_n":5,"predicted_n":9}}),
+        ];
+        let got = assemble(Shape::Chat, &events);
+        let want = serde_json::json!({
+            "choices":[{"finish_reason":"tool_calls","index":0,"message":{"role":"assistant","content":"Hello",
+                "reasoning_content":"think more","tool_calls":[{"type":"function","function":{"name":"get_weather",
+                "arguments":"{\"city\":\"Paris\"}"},"id":"call_1"}]}}],
+            "created":1,"model":"m","system_fingerprint":"b1","object":"chat.completion",
+            "usage":{"completion_tokens":9,"prompt_tokens":5,"total_tokens":14,"prompt_tokens_details":{"cached_tokens":0}},
+            "id":"chatcmpl-x","timings":{"prompt_n":5,"predicted_n":9}
+        });
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn choices_are_put_together_by_index_and_text_completions_too() {
+        let ev = |i: u64, text: &str, finish: Value| {
+            serde_json::json!({"choices":[{"text":text,"index":i,"logprobs":null,"finish_reason":finish}],
+                "created":1,"id":"cmpl-1","model":"m","object":"text_completion"})
+        };
+        let events = [
+            ev(0, "a", Value::Null),
+            ev(1, "x", Value::Null),
+            ev(0, "b", Value::Null),
+            ev(1, "y", "length".into()),
+            ev(0, "", "stop".into()),
+        ];
+        let got = assemble(Shape::Text, &events);
+        assert_eq!(got["object"], "text_completion");
+        assert_eq!(got["choices"][0]["text"], "ab");
+        assert_eq!(got["choices"][0]["finish_reason"], "stop");
+        assert_eq!(got["choices"][1]["text"], "xy");
+        assert_eq!(got["choices"][1]["finish_reason"], "length");
+        assert_eq!(got["choices"][1]["logprobs"], Value::Null);
+    }
+
+    #[test]
+    fn a_stream_that_cannot_be_put_together_is_an_error() {
+        let mut a = Assembler::new(Shape::Chat);
+        a.event(br#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#);
+        assert!(a.finish().is_err(), "no [DONE]");
+        let mut a = Assembler::new(Shape::Chat);
+        a.event(br#"{"error":{"message":"boom","code":500}}"#);
+        a.event(b"[DONE]");
+        assert!(a.finish().unwrap_err().contains("boom"));
+        let mut a = Assembler::new(Shape::Chat);
+        a.event(b"not json");
+        a.event(b"[DONE]");
+        assert!(a.finish().is_err());
+        let mut a = Assembler::new(Shape::Chat);
+        a.event(b"[DONE]");
+        assert!(a.finish().is_err(), "no choice");
+    }
+
+    #[test]
+    fn asking_for_a_stream_sets_stream_and_usage() {
+        let v = |b: Vec<u8>| serde_json::from_slice::<Value>(&b).unwrap();
+        let got = v(ask_stream(br#"{"model":"m","stream":false,"messages":[]}"#).unwrap());
+        assert_eq!(got["stream"], true);
+        assert_eq!(got["stream_options"]["include_usage"], true);
+        let got = v(ask_stream(br#"{"model":"m"}"#).unwrap());
+        assert_eq!(
+            (got["stream"].clone(), got["model"].clone()),
+            (true.into(), "m".into())
+        );
+        // Its own stream options, or a stream already: left alone.
+        assert_eq!(ask_stream(br#"{"stream_options":{},"model":"m"}"#), None);
+        assert_eq!(ask_stream(br#"{"stream":true}"#), None);
+        assert_eq!(ask_stream(b"[]"), None);
+    }
+}
