@@ -336,3 +336,77 @@ async fn an_endless_event_line_flows_through_and_is_recorded_once() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].outcome, anteroom::telemetry::Outcome::Cancelled);
 }
+
+/// A stream through the proxy (no `stream_options` of its own) against a
+/// hostile `kind` of backend taken as `backend`: its bytes, and its record.
+async fn counted(
+    kind: Hostile,
+    backend: anteroom::backend::Kind,
+    stream: bool,
+) -> (String, anteroom::telemetry::Record) {
+    let log = log_path("hostile-counts");
+    let log_s = log.display().to_string();
+    let (_h, proxy) = in_front(kind, |c| {
+        c.backend = anteroom::backend::Setting::Is(backend);
+        c.request_log = log_s;
+        c.stream_upgrade = true;
+    })
+    .await;
+    let answer = raw(
+        proxy.addr,
+        &post("/v1/chat/completions", &chat_body(stream, 2)),
+        Duration::from_secs(10),
+    )
+    .await;
+    let recs = records(&proxy, &log).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    (answer, recs.into_iter().next().unwrap())
+}
+
+/// Bad token counts from a backend: a usage event twice, counts that are
+/// no numbers, a stream with no `[DONE]`, `timings` of the wrong type, a
+/// JSON answer where a stream was asked for. The client gets the answer
+/// the backend sent (less only the usage event anteroom asked for), the
+/// record says where its counts came from, and nothing is made up.
+#[tokio::test]
+async fn bad_token_counts_never_break_an_answer_or_make_up_a_count() {
+    use anteroom::backend::Kind;
+    use anteroom::telemetry::TokenSource;
+    let (body, r) = counted(Hostile::UsageTwice, Kind::Vllm, true).await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    // The one asked for is taken out; the backend's own second one stays.
+    assert_eq!(body.matches(r#""usage":{"#).count(), 1, "{body}");
+    assert!(body.contains("data: [DONE]"), "{body}");
+    assert_eq!(
+        (r.timings.completion_tokens, r.timings.tokens_from),
+        (Some(1), Some(TokenSource::Usage))
+    );
+
+    let (body, r) = counted(Hostile::BadUsage, Kind::Vllm, true).await;
+    // No count in any of them: none is taken out, and events are counted.
+    assert_eq!(body.matches(r#""usage":{"#).count(), 3, "{body}");
+    assert_eq!(
+        (r.timings.completion_tokens, r.timings.tokens_from),
+        (Some(1), Some(TokenSource::Counted)),
+        "{r:?}"
+    );
+
+    let (body, r) = counted(Hostile::NoDone, Kind::Vllm, true).await;
+    assert!(body.contains(r#""finish_reason":"stop""#), "{body}");
+    assert_eq!(r.timings.tokens_from, Some(TokenSource::Counted));
+
+    let (body, r) = counted(Hostile::BadTimings, Kind::LlamaCpp, true).await;
+    assert!(body.contains("data: [DONE]"), "{body}");
+    assert_eq!(r.timings.tokens_from, Some(TokenSource::Counted), "{r:?}");
+    assert_eq!(r.timings.backend_prompt_ms, None);
+
+    // Asked to stream (upgraded), answered with JSON: passed on as it is.
+    let (body, r) = counted(Hostile::JsonForStream, Kind::LlamaCpp, false).await;
+    assert!(body.ends_with(hostile::ANSWER), "{body}");
+    assert!(!r.upgraded && r.timings.ttft_ms.is_none(), "{r:?}");
+    // And a non-streamed answer that cannot be put together (no [DONE]).
+    let (body, r) = counted(Hostile::NoDone, Kind::LlamaCpp, false).await;
+    assert!(body.starts_with("HTTP/1.1 502"), "{body}");
+    assert!(body.contains(r#""code":"#), "{body}");
+    assert_eq!(r.status, 502);
+}

@@ -43,6 +43,43 @@ pub enum Hostile {
     FailJson,
     /// A JSON 200 with no length, its end marked by closing the connection.
     CloseDelimited,
+    /// A stream whose usage event comes twice.
+    UsageTwice,
+    /// A stream whose usage holds no counts (`-3`, `"ten"`, `1e99`).
+    BadUsage,
+    /// A stream that ends (cleanly, at the HTTP level) without `[DONE]`.
+    NoDone,
+    /// A llama.cpp-style stream whose `timings` hold strings.
+    BadTimings,
+    /// A JSON answer to every request, streamed or not (a server that
+    /// ignores `stream`).
+    JsonForStream,
+}
+
+/// One token event of the hostile streams.
+pub const TOKEN_EVENT: &str = r#"{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[{"index":0,"delta":{"role":"assistant","content":"hostile"},"finish_reason":null}]}"#;
+
+/// The finish event of the hostile streams.
+pub const FINISH_EVENT: &str = r#"{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+
+/// A usage event with `completion_tokens` of `n`.
+pub fn usage_event(n: &str) -> String {
+    format!(
+        r#"{{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[],"usage":{{"prompt_tokens":1,"completion_tokens":{n},"total_tokens":2}}}}"#
+    )
+}
+
+/// A 200 SSE answer of these events (`data:` lines), chunked.
+fn sse(events: &[&str]) -> Vec<u8> {
+    let mut out = String::from(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    for e in events {
+        let ev = format!("data: {e}\n\n");
+        out += &format!("{:x}\r\n{ev}\r\n", ev.len());
+    }
+    out += "0\r\n\r\n";
+    out.into_bytes()
 }
 
 /// The generation answer every hostile kind's tests can recognise.
@@ -159,6 +196,27 @@ async fn answer(sock: &mut TcpStream, kind: Hostile) -> bool {
             )
             .into()
         }
+        Hostile::UsageTwice => {
+            let usage = usage_event("1");
+            sse(&[TOKEN_EVENT, FINISH_EVENT, &usage, &usage, "[DONE]"])
+        }
+        Hostile::BadUsage => {
+            let (a, b, c) = (
+                usage_event("-3"),
+                usage_event("\"ten\""),
+                usage_event("1e99"),
+            );
+            sse(&[TOKEN_EVENT, FINISH_EVENT, &a, &b, &c, "[DONE]"])
+        }
+        Hostile::NoDone => sse(&[TOKEN_EVENT, TOKEN_EVENT, FINISH_EVENT]),
+        Hostile::BadTimings => {
+            let last = FINISH_EVENT.replace(
+                r#""finish_reason":"stop"}]}"#,
+                r#""finish_reason":"stop"}],"timings":{"prompt_n":"1","predicted_n":"8","prompt_ms":"x"}}"#,
+            );
+            sse(&[TOKEN_EVENT, &last, "[DONE]"])
+        }
+        Hostile::JsonForStream => json("200 OK", "", ANSWER).into(),
         Hostile::HugeHeader => json(
             "200 OK",
             &format!("x-huge: {}\r\n", "h".repeat(1 << 20)),

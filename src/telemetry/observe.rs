@@ -533,8 +533,13 @@ fn nonempty_array(v: &[u8]) -> bool {
     v.first() == Some(&b'[') && trim(&v[1..]).first().is_some_and(|&c| c != b']')
 }
 
+/// A count at the start of `v`: a whole number that fits; `1e99`, `2.5`
+/// or `-3` are no count.
 fn leading_u64(v: &[u8]) -> Option<u64> {
     let digits = v.iter().take_while(|c| c.is_ascii_digit()).count();
+    if matches!(v.get(digits), Some(b'.' | b'e' | b'E')) {
+        return None;
+    }
     std::str::from_utf8(&v[..digits]).ok()?.parse().ok()
 }
 
