@@ -473,12 +473,12 @@ impl SimState {
     /// After a response: close its connection when a closing mode says so.
     fn maybe_close(&self, close: Arc<tokio::sync::Notify>) {
         if self.cfg.close_after_response {
-            // After the response's head is out (so it still announces
-            // keep-alive, as llama.cpp's does), then close.
-            tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                close.notify_one();
-            });
+            // Taken up by the connection task once it next waits, which is
+            // after this response's head is written (so it still announces
+            // keep-alive, as llama.cpp's does) and before it reads another
+            // request. (A task spawned to notify ran late under load, and
+            // the connection served the next request meanwhile.)
+            close.notify_one();
             return;
         }
         let share = self.cfg.close_idle_share.clamp(0.0, 1.0);
