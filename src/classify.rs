@@ -644,7 +644,6 @@ where
                                 && !fields.stream_options
                                 && parts.uri.path().ends_with("/completions"),
                             upgrade: crate::upstream::upgrade::shape(parts.uri.path(), &fields),
-                            upgrade_asked: crate::upstream::upgrade::asked(&parts.headers),
                         });
                         if let Some(charge) = charge {
                             tap.set_token_charge(charge);

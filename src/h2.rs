@@ -22,8 +22,8 @@
 //! hyper has held a piece of its body for `client_write_timeout` without
 //! asking for the next.
 //!
-//! A connection that is not watched (HTTP/1.1) pays a branch per request
-//! and per body frame.
+//! A connection that is not watched (HTTP/1.1) is served without either:
+//! it pays nothing for them.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -120,17 +120,16 @@ impl Future for IdleFor {
     }
 }
 
-/// A connection's service, counting what is open when the connection is
-/// watched.
+/// A watched connection's service, counting what is open.
 #[derive(Clone, Debug)]
 pub(crate) struct Counting<S> {
     svc: S,
-    idle: Option<Arc<Idle>>,
+    idle: Arc<Idle>,
 }
 
 impl<S> Counting<S> {
-    /// `svc`, counted against `idle` when it is `Some`.
-    pub(crate) fn new(svc: S, idle: Option<Arc<Idle>>) -> Self {
+    /// `svc`, counted against `idle`.
+    pub(crate) fn new(svc: S, idle: Arc<Idle>) -> Self {
         Self { svc, idle }
     }
 }
@@ -145,7 +144,7 @@ where
 
     fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
         CountingFuture {
-            open: self.idle.as_ref().map(Idle::enter),
+            open: Some(self.idle.enter()),
             fut: self.svc.call(req),
         }
     }
@@ -172,10 +171,7 @@ where
         let open = this.open.take();
         // Polled in the stream's own task: an HTTP/2 stream's, if `Exec`
         // spawned it.
-        let unread = match open {
-            Some(_) => STREAM.try_with(Arc::clone).ok(),
-            None => None,
-        };
+        let unread = STREAM.try_with(Arc::clone).ok();
         Poll::Ready(Ok(resp.map(|inner| Counted {
             inner,
             _open: open,

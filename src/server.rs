@@ -414,42 +414,28 @@ pub(crate) async fn accept_loop<S, M>(
                 }
             };
             let stream = crate::deadline::WriteDeadline::new(stream, limits.client_write_timeout);
-            let idle_for = crate::h2::IdleFor::new(idle.clone(), limits.client_idle_timeout);
-            let svc = crate::h2::Counting::new(svc, idle);
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let close = async {
-                match close {
-                    Some(close) => close.notified().await,
-                    None => std::future::pending().await,
+            // Served with the service as it is, or, where the connection is
+            // watched for idleness, counting what it has open: a
+            // connection that is not watched (HTTP/1.1) pays nothing for
+            // the watch.
+            match idle {
+                None => drive(builder, stream, svc, close, drain_now, None, limits, addr).await,
+                Some(idle) => {
+                    let idle_for =
+                        crate::h2::IdleFor::new(Some(idle.clone()), limits.client_idle_timeout);
+                    let svc = crate::h2::Counting::new(svc, idle);
+                    drive(
+                        builder,
+                        stream,
+                        svc,
+                        close,
+                        drain_now,
+                        Some(idle_for),
+                        limits,
+                        addr,
+                    )
+                    .await
                 }
-            };
-            // Biased: the connection first, and no random draw per poll.
-            let ended = tokio::select! {
-                biased;
-                ended = conn.as_mut() => ended,
-                _ = close => {
-                    // Finish what is in flight, then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                _ = drain_now => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                () = idle_for => {
-                    tracing::debug!(%addr, "idle for client_idle_timeout: closed");
-                    // GOAWAY; h2 then waits for the client's answer to a
-                    // PING, which a client that went quiet may never send.
-                    // Nothing is open, so nothing is lost by not waiting.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(limits.header_read_timeout, conn.as_mut())
-                        .await
-                        .unwrap_or(Ok(()))
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, %addr, "connection ended with an error");
             }
         });
     };
@@ -466,6 +452,73 @@ pub(crate) async fn accept_loop<S, M>(
         );
         connections.abort_all();
         while connections.join_next().await.is_some() {}
+    }
+}
+
+/// Serve one connection with `svc` until it ends; or until `close` (the
+/// simulator's closing modes) or the drain tells it to close once what is
+/// in flight is answered; or, when it is watched, until it has been idle
+/// for `client_idle_timeout`.
+#[allow(clippy::too_many_arguments)]
+async fn drive<S, B>(
+    builder: &auto::Builder<crate::h2::Exec>,
+    stream: crate::deadline::WriteDeadline<Stream>,
+    svc: S,
+    close: Option<Arc<tokio::sync::Notify>>,
+    drain_now: DrainWait,
+    idle: Option<crate::h2::IdleFor>,
+    limits: ServerLimits,
+    addr: SocketAddr,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError>,
+{
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let close = async {
+        match close {
+            Some(close) => close.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    let watched = idle.is_some();
+    let idle_for = async {
+        match idle {
+            Some(idle) => idle.await,
+            None => std::future::pending().await,
+        }
+    };
+    // Biased: the connection first, and no random draw per poll.
+    let ended = tokio::select! {
+        biased;
+        ended = conn.as_mut() => ended,
+        _ = close => {
+            // Finish what is in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = drain_now => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        // Not polled at all for a connection that is not watched.
+        () = idle_for, if watched => {
+            tracing::debug!(%addr, "idle for client_idle_timeout: closed");
+            // GOAWAY; h2 then waits for the client's answer to a PING,
+            // which a client that went quiet may never send. Nothing is
+            // open, so nothing is lost by not waiting.
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(limits.header_read_timeout, conn.as_mut())
+                .await
+                .unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, %addr, "connection ended with an error");
     }
 }
 

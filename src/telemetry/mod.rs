@@ -133,8 +133,6 @@ pub struct Classified {
     /// A chat or text completion that may be sent as a stream and answered
     /// as JSON, of this shape (see [`crate::upstream::upgrade`]).
     pub upgrade: Option<crate::upstream::upgrade::Shape>,
-    /// What the request's `x-anteroom-stream-upgrade` header asks for.
-    pub upgrade_asked: Option<bool>,
 }
 
 /// A request's notes, filled in by the steps it passes. Cloning shares them.

@@ -249,16 +249,18 @@ where
             };
         // A llama.cpp answer that is not streamed: ask for a stream, time
         // it, answer with the JSON put back together.
+        // Cheapest test first: a request of another backend, or a stream,
+        // never looks for the header.
         let upgrade = tap
             .as_ref()
             .and_then(Tap::classified)
-            .filter(|c| c.upgrade_asked.unwrap_or(self.stream_upgrade))
             .and_then(|c| c.upgrade)
             .filter(|_| {
                 self.backend
                     .as_ref()
                     .is_some_and(|b| b.kind() == Some(crate::backend::Kind::LlamaCpp))
             })
+            .filter(|_| upgrade::asked(req.headers()).unwrap_or(self.stream_upgrade))
             .filter(|_| match req.body_mut().rewrite(upgrade::ask_stream) {
                 Some(len) => {
                     req.headers_mut()
