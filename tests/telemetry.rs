@@ -92,6 +92,27 @@ async fn queue_wait_and_model_time_are_split_exactly() {
     near("backend ttft", b.timings.backend_ttft_ms, 150.0, 25.0);
     near("tpot", b.timings.tpot_ms, 20.0, 4.0);
     near("itl p50", b.timings.itl_p50_ms, 20.0, 5.0);
+    // Every field as the README's record table has it.
+    let t = &b.timings;
+    let ordered = [t.itl_p50_ms, t.itl_p90_ms, t.itl_p99_ms, t.itl_max_ms].map(Option::unwrap);
+    assert!(ordered.windows(2).all(|w| w[0] <= w[1]), "{t:?}");
+    assert!(
+        t.upstream_headers_ms.unwrap() <= t.backend_ttft_ms.unwrap(),
+        "{t:?}"
+    );
+    // Ten token events, the finish chunk and [DONE]; counted, not told.
+    assert_eq!(t.events, Some(12));
+    assert_eq!(t.completion_tokens, Some(10));
+    assert_eq!(t.tokens_from, Some(TokenSource::Counted));
+    assert_eq!(
+        (t.prompt_tokens, t.backend_prompt_ms, t.backend_wait_ms),
+        (None, None, None)
+    );
+    assert!(!t.malformed && t.upstream_retries == 0 && !b.upgraded);
+    assert_eq!(
+        (b.upstream.as_deref(), b.tenant.as_deref()),
+        (Some("upstream"), None)
+    );
     // What the client saw is the sum, and the client's own stopwatch agrees.
     near(
         "ttft = queue + backend ttft",
