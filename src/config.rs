@@ -300,6 +300,9 @@ pub struct UpstreamEntry {
     /// Or: the environment variable that holds it.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// Its own `stream_upgrade` (default: the top-level one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_upgrade: Option<bool>,
 }
 
 /// A secret from the config: kept out of `Debug` output.
@@ -408,6 +411,8 @@ pub struct ReplicaConfig {
     pub weight: u32,
     /// What it is, as configured.
     pub backend: crate::backend::Setting,
+    /// Its own `stream_upgrade`, if its table sets one.
+    pub stream_upgrade: Option<bool>,
 }
 
 impl Upstreams {
@@ -435,6 +440,7 @@ impl Upstreams {
                 max_concurrency: default_limit,
                 weight: 1,
                 backend: default_backend,
+                stream_upgrade: None,
             }]),
             Upstreams::Many(entries) if entries.is_empty() => {
                 Err(ConfigError("upstream: at least one is needed".into()))
@@ -469,6 +475,7 @@ impl Upstreams {
                         max_concurrency: e.max_concurrency.unwrap_or(default_limit),
                         weight: e.weight,
                         backend: e.backend.unwrap_or(default_backend),
+                        stream_upgrade: e.stream_upgrade,
                     });
                 }
                 Ok(out)

@@ -12,7 +12,7 @@
 //!   queued at the others (with their priority and deadline; a 404
 //!   `model_not_found` if no other serves their model) and its running
 //!   requests finish on their connections. Each one's `max_concurrency`,
-//!   `weight` and `models` change in place;
+//!   `weight`, `models` and `stream_upgrade` change in place;
 //! - limits: `max_concurrency` (fixed; also each `[[upstream]]`'s own),
 //!   `max_queue`, `queue_timeout`, `retry_after_cap`, `reserve`,
 //!   `promote_after`: each scheduler takes them in place

@@ -281,6 +281,8 @@ impl Router {
             } else {
                 was.backend.clone()
             };
+            // Read by each request: it changes in place.
+            backend.set_stream_upgrade(config.stream_upgrade);
             if moved {
                 change.readdressed.push(config.name.clone());
             }
@@ -537,9 +539,11 @@ impl Router {
 
 impl Slot {
     fn new(id: u64, config: ReplicaConfig, scheduler: Arc<Scheduler>) -> Self {
+        let backend = crate::backend::Backend::new(config.backend);
+        backend.set_stream_upgrade(config.stream_upgrade);
         Self {
             id,
-            backend: Arc::new(crate::backend::Backend::new(config.backend)),
+            backend: Arc::new(backend),
             config,
             scheduler,
             cooldown: Arc::default(),

@@ -936,6 +936,24 @@ async fn a_non_streamed_request_can_be_timed_as_a_stream() {
     assert!(!not.upgraded);
     assert_eq!(not.timings.ttft_ms, None);
 
+    // An [[upstream]] table's own stream_upgrade, the top level's off.
+    let log = log_path("upgrade-per-upstream");
+    let log_s = log.display().to_string();
+    let (_sim2, proxy2, _) = setup(sim_config(Mode::Llama), |c| {
+        let mut e = entry("own", sim.url(), anteroom::config::Models::Any, 4);
+        e.backend = Some(anteroom::backend::Setting::Is(
+            anteroom::backend::Kind::LlamaCpp,
+        ));
+        e.stream_upgrade = Some(true);
+        c.upstream = anteroom::config::Upstreams::Many(vec![e]);
+        c.request_log = log_s;
+    })
+    .await;
+    let (status, _, _) = send(proxy2.url(), "/v1/chat/completions", "own-up", chat, None).await;
+    assert_eq!(status, 200);
+    let recs = by_id(&records(&proxy2, &log).await);
+    assert!(recs["own-up"].upgraded, "{:?}", recs["own-up"]);
+
     // A stream that breaks off cannot be put together: a 502, never a
     // half answer.
     let mut cfg = sim_config(Mode::Llama);

@@ -162,6 +162,9 @@ pub struct Backend {
     /// What it was identified as, for the request path to read without a
     /// lock: 0 while unknown, else 1 + [`Kind::ALL`]'s index.
     kind: AtomicU8,
+    /// Its own `stream_upgrade`: 0 unset (the top-level one holds), 1 off,
+    /// 2 on. Set at start and by a reload.
+    stream_upgrade: AtomicU8,
 }
 
 #[derive(Debug, Default)]
@@ -230,7 +233,26 @@ impl Backend {
                 Setting::Is(k) => Self::index(Some(k)),
                 Setting::Auto => 0,
             }),
+            stream_upgrade: AtomicU8::new(0),
         }
+    }
+
+    /// Its own `stream_upgrade` (its `[[upstream]]` table's), if set.
+    pub fn stream_upgrade(&self) -> Option<bool> {
+        match self.stream_upgrade.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n == 2),
+        }
+    }
+
+    /// Set (or unset) its own `stream_upgrade`.
+    pub fn set_stream_upgrade(&self, on: Option<bool>) {
+        let n = match on {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        self.stream_upgrade.store(n, Ordering::Relaxed);
     }
 
     fn index(kind: Option<Kind>) -> u8 {

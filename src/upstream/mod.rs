@@ -260,7 +260,13 @@ where
                     .as_ref()
                     .is_some_and(|b| b.kind() == Some(crate::backend::Kind::LlamaCpp))
             })
-            .filter(|_| upgrade::asked(req.headers()).unwrap_or(self.stream_upgrade))
+            .filter(|_| {
+                // The request's word, else its upstream's, else the top
+                // level's.
+                upgrade::asked(req.headers())
+                    .or_else(|| self.backend.as_ref().and_then(|b| b.stream_upgrade()))
+                    .unwrap_or(self.stream_upgrade)
+            })
             .filter(|_| match req.body_mut().rewrite(upgrade::ask_stream) {
                 Some(len) => {
                     req.headers_mut()

@@ -321,6 +321,7 @@ pub fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEnt
         api_key: None,
         api_key_env: None,
         backend: None,
+        stream_upgrade: None,
     }
 }
 
