@@ -144,7 +144,7 @@ impl<B> StreamGuard<B> {
             return Some(data);
         };
         let out = strip.pass(data);
-        if let (Some(usage), Some(tap)) = (strip.usage(), &self.tap) {
+        if let (Some(usage), Some(tap)) = (strip.take_usage(), &self.tap) {
             tap.stream_usage(usage);
         }
         (!out.is_empty()).then_some(out)

@@ -16,13 +16,21 @@
 //! tokens anyway). A request whose `stream_options` the client wrote is
 //! left as it is.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
 
 use crate::telemetry::observe::{scan_event, Usage};
 
 /// Most bytes of one event held back while it is incomplete; past it the
 /// event goes on as it is (no usage chunk is that long).
 const MAX_HELD: usize = 64 * 1024;
+
+/// The end of an event, and the mark of a usage-only one: searchers built
+/// once (building one costs more than a search of a whole event).
+static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static NO_CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\":[]"));
 
 /// Takes the usage-only event out of an SSE stream (see the module docs),
 /// handing the stream on otherwise unchanged. Events end with a blank line
@@ -41,7 +49,11 @@ impl Strip {
     /// What of `data` goes on now (possibly empty: all of it is held, or
     /// it was the usage event).
     pub fn pass(&mut self, data: Bytes) -> Bytes {
-        if self.done && self.held.is_empty() {
+        if self.held.is_empty()
+            && (self.done || (data.ends_with(b"\n\n") && NO_CHOICES.find(&data).is_none()))
+        {
+            // Whole events, none of them the usage one (every frame of a
+            // vLLM stream but one): one search, no split.
             return data;
         }
         let buf = if self.held.is_empty() {
@@ -51,7 +63,7 @@ impl Strip {
             self.held.split().freeze()
         };
         let mut at = 0;
-        while let Some(n) = memchr::memmem::find(&buf[at..], b"\n\n") {
+        while let Some(n) = EVENT_END.find(&buf[at..]) {
             let end = at + n + 2;
             if !self.done {
                 if let Some(usage) = usage_only(&buf[at..end]) {
@@ -66,7 +78,9 @@ impl Strip {
             }
             at = end;
         }
-        if self.done || buf.len() - at > MAX_HELD {
+        // A frame of whole events (as vLLM writes them, one a frame) goes
+        // on as it came: no copy, no slice.
+        if self.done || at == buf.len() || buf.len() - at > MAX_HELD {
             return buf;
         }
         // An event begun: hold it until its end.
@@ -83,6 +97,12 @@ impl Strip {
     pub fn usage(&self) -> Option<Usage> {
         self.usage
     }
+
+    /// That usage, the first time it is asked for after the event was
+    /// taken out; `None` after.
+    pub fn take_usage(&mut self) -> Option<Usage> {
+        self.usage.take()
+    }
 }
 
 /// The usage of one event if it is the chunk asking for usage added: a
@@ -90,9 +110,7 @@ impl Strip {
 fn usage_only(event: &[u8]) -> Option<Usage> {
     let line = event.trim_ascii_end();
     let payload = line.strip_prefix(b"data:")?.trim_ascii();
-    if memchr::memchr(b'\n', payload).is_some()
-        || memchr::memmem::find(payload, b"\"choices\":[]").is_none()
-    {
+    if memchr::memchr(b'\n', payload).is_some() || NO_CHOICES.find(payload).is_none() {
         return None;
     }
     let mut usage = Usage::default();
