@@ -78,7 +78,7 @@ pub struct ServerLimits {
     /// stops reading is disconnected, which frees what its response held.
     pub client_write_timeout: Duration,
     /// Most time an HTTP/2 connection may have no request open; then it is
-    /// closed (GOAWAY). See [`crate::h2`].
+    /// closed (GOAWAY).
     pub client_idle_timeout: Duration,
     /// Largest request head (request line and headers), in bytes; larger:
     /// 431.
