@@ -239,18 +239,11 @@ where
                 .backend
                 .as_ref()
                 .is_some_and(|b| b.kind() == Some(crate::backend::Kind::Vllm))
-            && match req.body_mut().rewrite(usage::ask) {
-                Some(len) => {
-                    req.headers_mut()
-                        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-                    true
-                }
-                None => false,
-            };
+            && rewrite_body(&mut req, usage::ask);
         // A llama.cpp answer that is not streamed: ask for a stream, time
-        // it, answer with the JSON put back together.
-        // Cheapest test first: a request of another backend, or a stream,
-        // never looks for the header.
+        // it, answer with the JSON put back together. Cheapest test first:
+        // a request to another backend, or a stream, never looks for the
+        // header.
         let upgrade = tap
             .as_ref()
             .and_then(Tap::classified)
@@ -267,14 +260,7 @@ where
                     .or_else(|| self.backend.as_ref().and_then(|b| b.stream_upgrade()))
                     .unwrap_or(self.stream_upgrade)
             })
-            .filter(|_| match req.body_mut().rewrite(upgrade::ask_stream) {
-                Some(len) => {
-                    req.headers_mut()
-                        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-                    true
-                }
-                None => false,
-            });
+            .filter(|_| rewrite_body(&mut req, upgrade::ask_stream));
         // One allocation per request: hyper's send future cannot be named.
         let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
         let now = Instant::now();
@@ -570,6 +556,29 @@ where
     }
 }
 
+/// Replace a buffered request body with `f` of it, its length with the new
+/// one's; whether it was (`f` gave one).
+fn rewrite_body<B: Replay>(req: &mut Request<B>, f: fn(&[u8]) -> Option<Vec<u8>>) -> bool {
+    match req.body_mut().rewrite(f) {
+        Some(len) => {
+            req.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+            true
+        }
+        None => false,
+    }
+}
+
+/// An upgraded answer, put back together: its head and JSON as a response.
+fn put_together<B>(
+    put: Result<(http::response::Parts, Bytes), BoxError>,
+) -> Result<Response<StreamGuard<PooledBody<B>>>, BoxError>
+where
+    B: Body + 'static,
+{
+    put.map(|(parts, json)| Response::from_parts(parts, StreamGuard::refused(json)))
+}
+
 /// What a plain answer whose body failed before a byte becomes: a 504 for
 /// a body that never came, a 502 for one that broke off (never sent
 /// again: the upstream had the request).
@@ -636,9 +645,7 @@ where
         if let Some(asm) = this.assembling.as_mut() {
             let put = ready!(asm.poll(cx));
             this.assembling.take();
-            return Poll::Ready(
-                put.map(|(parts, json)| Response::from_parts(parts, StreamGuard::refused(json))),
-            );
+            return Poll::Ready(put_together(put));
         }
         if let Some(reading) = this.reading.as_mut() {
             let (resp, read) = &mut **reading;
@@ -730,9 +737,7 @@ where
                         }
                         Poll::Ready(put) => put,
                     };
-                    return Poll::Ready(put.map(|(parts, json)| {
-                        Response::from_parts(parts, StreamGuard::refused(json))
-                    }));
+                    return Poll::Ready(put_together(put));
                 }
                 if read_first {
                     let mut reading = Box::new((resp, bytes::BytesMut::new()));

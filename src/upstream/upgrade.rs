@@ -191,8 +191,8 @@ impl Assembler {
 
     /// The whole answer, as JSON text; an error if the stream did not end
     /// (`[DONE]`), failed, or gave nothing to put together.
-    pub fn finish(mut self) -> Result<Bytes, String> {
-        if let Some(e) = self.error {
+    pub fn finish(&mut self) -> Result<Bytes, String> {
+        if let Some(e) = self.error.take() {
             return Err(e);
         }
         if !self.done {
@@ -236,7 +236,7 @@ impl Assembler {
                 Value::Object(out)
             })
             .collect();
-        let mut top = self.top;
+        let mut top = std::mem::take(&mut self.top);
         top.insert("choices".into(), Value::Array(choices));
         let object = if chat {
             "chat.completion"
@@ -375,8 +375,7 @@ where
             let line = std::mem::take(&mut self.carry);
             self.line(&line);
         }
-        let asm = std::mem::replace(&mut self.asm, Assembler::new(Shape::Chat));
-        let json = match asm.finish() {
+        let json = match self.asm.finish() {
             Ok(json) => json,
             Err(e) => return Poll::Ready(Err(UpstreamUnavailable::cut_short(e).into())),
         };
