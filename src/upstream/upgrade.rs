@@ -20,6 +20,8 @@
 //! is not JSON, no end) is a 502: the client asked for one JSON answer and
 //! there is none to give.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
@@ -66,7 +68,7 @@ pub enum Shape {
 
 #[derive(Debug, Default)]
 struct Choice {
-    role: Option<Value>,
+    role: Option<String>,
     content: String,
     reasoning: String,
     refusal: Option<String>,
@@ -74,8 +76,96 @@ struct Choice {
     /// Tool calls by their index: id, type, name, arguments.
     tools: std::collections::BTreeMap<u64, Map<String, Value>>,
     logprobs: Vec<Value>,
-    saw_logprobs_key: bool,
     finish_reason: Value,
+}
+
+/// The answer's own fields, from the events: the first word on those every
+/// event repeats, the last on `usage` and `timings`.
+#[derive(Debug, Default)]
+struct Top {
+    id: Option<String>,
+    created: Option<Value>,
+    model: Option<String>,
+    system_fingerprint: Option<String>,
+    usage: Option<Value>,
+    timings: Option<Value>,
+}
+
+/// One event as llama-server writes it, parsed for what is put together
+/// (strings borrowed from the event where they hold no escape); anything
+/// else in it is left out, as llama-server's own answer leaves it.
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<EventChoice<'a>>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    created: Option<Value>,
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    system_fingerprint: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    timings: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct EventChoice<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(default)]
+    finish_reason: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<LogProbs>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LogProbs {
+    #[serde(default)]
+    content: Vec<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    role: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Vec<ToolPart<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolPart<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    function: Option<FunctionPart<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FunctionPart<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<Cow<'a, str>>,
 }
 
 /// Puts a non-streamed answer back together from a stream's events (see
@@ -83,7 +173,7 @@ struct Choice {
 #[derive(Debug)]
 pub struct Assembler {
     shape: Shape,
-    top: Map<String, Value>,
+    top: Top,
     choices: std::collections::BTreeMap<u64, Choice>,
     done: bool,
     error: Option<String>,
@@ -94,7 +184,7 @@ impl Assembler {
     pub fn new(shape: Shape) -> Self {
         Self {
             shape,
-            top: Map::new(),
+            top: Top::default(),
             choices: Default::default(),
             done: false,
             error: None,
@@ -112,78 +202,74 @@ impl Assembler {
         if self.error.is_some() {
             return false;
         }
-        let Ok(Value::Object(mut ev)) = serde_json::from_slice::<Value>(payload) else {
+        let Ok(ev) = serde_json::from_slice::<Event<'_>>(payload) else {
             self.error =
                 Some("the upstream's stream held an event that is not a JSON object".into());
             return false;
         };
-        if ev.contains_key("error") {
+        if ev.error.is_some() {
             self.error = Some(format!(
                 "the upstream's stream ended with an error: {}",
-                Value::Object(ev)
+                String::from_utf8_lossy(payload)
             ));
             return false;
         }
-        let mut output = false;
-        if let Some(Value::Array(choices)) = ev.remove("choices") {
-            for c in choices {
-                output |= self.choice(c);
+        let top = &mut self.top;
+        let first = |have: &mut Option<String>, new: Option<Cow<'_, str>>| {
+            if have.is_none() {
+                *have = new.map(Cow::into_owned);
             }
+        };
+        first(&mut top.id, ev.id);
+        first(&mut top.model, ev.model);
+        first(&mut top.system_fingerprint, ev.system_fingerprint);
+        if top.created.is_none() {
+            top.created = ev.created;
         }
-        for (k, v) in ev {
-            // The last word on every other field (id, model, usage,
-            // timings, system_fingerprint…); `object` is the answer's own.
-            if k != "object" {
-                self.top.insert(k, v);
-            }
+        if ev.usage.is_some() {
+            top.usage = ev.usage;
+        }
+        if ev.timings.is_some() {
+            top.timings = ev.timings;
+        }
+        let mut output = false;
+        for c in ev.choices {
+            output |= self.choice(c);
         }
         output
     }
 
-    fn choice(&mut self, c: Value) -> bool {
-        let Value::Object(mut c) = c else {
-            return false;
-        };
-        let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
-        let ch = self.choices.entry(index).or_default();
+    fn choice(&mut self, c: EventChoice<'_>) -> bool {
+        let ch = self.choices.entry(c.index).or_default();
         let mut output = false;
-        if let Some(f) = c.remove("finish_reason") {
-            if !f.is_null() {
-                ch.finish_reason = f;
-            }
+        if let Some(f) = c.finish_reason.filter(|f| !f.is_null()) {
+            ch.finish_reason = f;
         }
-        if let Some(lp) = c.remove("logprobs") {
-            ch.saw_logprobs_key = true;
-            if let Some(Value::Array(items)) = lp.get("content") {
-                ch.logprobs.extend(items.iter().cloned());
-            }
+        if let Some(lp) = c.logprobs {
+            ch.logprobs.extend(lp.content);
         }
-        if let Some(Value::String(t)) = c.get("text") {
+        if let Some(t) = c.text {
             output |= !t.is_empty();
-            ch.text.push_str(t);
+            ch.text.push_str(&t);
         }
-        if let Some(Value::Object(delta)) = c.get("delta") {
-            for (k, v) in delta {
-                match (k.as_str(), v) {
-                    ("role", r) if !r.is_null() => ch.role = Some(r.clone()),
-                    ("content", Value::String(s)) => {
-                        output |= !s.is_empty();
-                        ch.content.push_str(s);
-                    }
-                    ("reasoning_content", Value::String(s)) => {
-                        output |= !s.is_empty();
-                        ch.reasoning.push_str(s);
-                    }
-                    ("refusal", Value::String(s)) => {
-                        ch.refusal.get_or_insert_default().push_str(s);
-                    }
-                    ("tool_calls", Value::Array(calls)) => {
-                        for call in calls {
-                            output |= merge_tool_call(&mut ch.tools, call);
-                        }
-                    }
-                    _ => {}
+        if let Some(d) = c.delta {
+            if let Some(r) = d.role {
+                ch.role = Some(r.into_owned());
+            }
+            for (to, part) in [
+                (&mut ch.content, d.content),
+                (&mut ch.reasoning, d.reasoning_content),
+            ] {
+                if let Some(s) = part {
+                    output |= !s.is_empty();
+                    to.push_str(&s);
                 }
+            }
+            if let Some(r) = d.refusal {
+                ch.refusal.get_or_insert_default().push_str(&r);
+            }
+            for part in d.tool_calls {
+                output |= merge_tool_call(&mut ch.tools, part);
             }
         }
         output
@@ -212,7 +298,8 @@ impl Assembler {
                     .then(|| serde_json::json!({ "content": ch.logprobs }));
                 if chat {
                     let mut msg = Map::new();
-                    msg.insert("role".into(), ch.role.unwrap_or_else(|| "assistant".into()));
+                    let role = ch.role.unwrap_or_else(|| "assistant".into());
+                    msg.insert("role".into(), role.into());
                     msg.insert("content".into(), ch.content.into());
                     if !ch.reasoning.is_empty() {
                         msg.insert("reasoning_content".into(), ch.reasoning.into());
@@ -236,7 +323,21 @@ impl Assembler {
                 Value::Object(out)
             })
             .collect();
-        let mut top = std::mem::take(&mut self.top);
+        let t = std::mem::take(&mut self.top);
+        let mut top = Map::new();
+        let fields = [
+            ("id", t.id.map(Value::from)),
+            ("created", t.created),
+            ("model", t.model.map(Value::from)),
+            ("system_fingerprint", t.system_fingerprint.map(Value::from)),
+            ("usage", t.usage),
+            ("timings", t.timings),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                top.insert(k.into(), v);
+            }
+        }
         top.insert("choices".into(), Value::Array(choices));
         let object = if chat {
             "chat.completion"
@@ -402,32 +503,27 @@ where
 /// carried output (a name or arguments).
 fn merge_tool_call(
     tools: &mut std::collections::BTreeMap<u64, Map<String, Value>>,
-    call: &Value,
+    part: ToolPart<'_>,
 ) -> bool {
-    let Some(part) = call.as_object() else {
-        return false;
-    };
-    let index = part.get("index").and_then(Value::as_u64).unwrap_or(0);
-    let tc = tools.entry(index).or_default();
+    let tc = tools.entry(part.index).or_default();
     let mut output = false;
-    for key in ["id", "type"] {
-        if let Some(v) = part.get(key).filter(|v| !v.is_null()) {
-            tc.insert(key.into(), v.clone());
+    for (key, v) in [("id", part.id), ("type", part.kind)] {
+        if let Some(v) = v {
+            tc.insert(key.into(), v.into_owned().into());
         }
     }
-    if let Some(Value::Object(f)) = part.get("function") {
+    if let Some(f) = part.function {
         let func = tc
             .entry("function")
             .or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(func) = func {
-            for key in ["name", "arguments"] {
-                if let Some(Value::String(s)) = f.get(key) {
-                    output |= !s.is_empty();
-                    match func.get_mut(key) {
-                        Some(Value::String(have)) => have.push_str(s),
-                        _ => {
-                            func.insert(key.into(), s.clone().into());
-                        }
+            for (key, s) in [("name", f.name), ("arguments", f.arguments)] {
+                let Some(s) = s else { continue };
+                output |= !s.is_empty();
+                match func.get_mut(key) {
+                    Some(Value::String(have)) => have.push_str(&s),
+                    _ => {
+                        func.insert(key.into(), s.into_owned().into());
                     }
                 }
             }
