@@ -70,18 +70,18 @@ impl Drop for Open {
     }
 }
 
-/// The connection task's wait: resolves once nothing has been open on the
-/// connection for `timeout`; never for a connection that is not watched.
+/// A watched connection task's wait: resolves once nothing has been open
+/// on the connection for `timeout`.
 pub(crate) struct IdleFor {
-    idle: Option<Arc<Idle>>,
+    idle: Arc<Idle>,
     timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
 
 impl IdleFor {
-    /// Watch a connection (`Some`), or not.
-    pub(crate) fn new(idle: Option<Arc<Idle>>, timeout: Duration) -> Self {
+    /// Wait on what `idle` counts.
+    pub(crate) fn new(idle: Arc<Idle>, timeout: Duration) -> Self {
         Self {
             idle,
             timeout,
@@ -96,9 +96,7 @@ impl Future for IdleFor {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        let Some(idle) = &this.idle else {
-            return Poll::Pending;
-        };
+        let idle = &this.idle;
         // Not waiting to hear: the first poll, or the last open request
         // has ended since (its drop took the waker), so the idle time
         // starts again. The task's waker is the same on every poll (one
@@ -305,8 +303,8 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
 }
 
 /// A watch for a new connection.
-pub(crate) fn watch() -> Option<Arc<Idle>> {
-    Some(Arc::default())
+pub(crate) fn watch() -> Arc<Idle> {
+    Arc::default()
 }
 
 #[cfg(test)]
@@ -314,8 +312,8 @@ mod tests {
     use super::*;
     use hyper::rt::Executor;
 
-    fn open(idle: &Option<Arc<Idle>>) -> Open {
-        idle.as_ref().map(Idle::enter).expect("watched")
+    fn open(idle: &Arc<Idle>) -> Open {
+        idle.enter()
     }
 
     #[tokio::test(start_paused = true)]
@@ -376,13 +374,5 @@ mod tests {
         // piece was handed over.
         let _ = rx.await;
         assert_eq!(t0.elapsed(), Duration::from_secs(560));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_unwatched_connection_is_never_idle() {
-        let wait = IdleFor::new(None, Duration::from_secs(1));
-        assert!(tokio::time::timeout(Duration::from_secs(3600), wait)
-            .await
-            .is_err());
     }
 }

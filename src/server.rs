@@ -380,9 +380,11 @@ pub(crate) async fn accept_loop<S, M>(
                     // own socket, and that not for long.
                     match tokio::time::timeout(limits.header_read_timeout, sniff(&stream)).await {
                         Ok(Some(Version::Http1)) => (&builders.http1, None, Stream::Plain(stream)),
-                        Ok(Some(Version::Http2)) => {
-                            (&builders.http2, crate::h2::watch(), Stream::Plain(stream))
-                        }
+                        Ok(Some(Version::Http2)) => (
+                            &builders.http2,
+                            Some(crate::h2::watch()),
+                            Stream::Plain(stream),
+                        ),
                         // Closed before saying anything.
                         Ok(None) => return,
                         Err(_) => {
@@ -399,7 +401,7 @@ pub(crate) async fn accept_loop<S, M>(
                         Ok(Ok(s)) => {
                             // Without ALPN it may still be HTTP/2.
                             let http1 = s.get_ref().1.alpn_protocol() == Some(b"http/1.1");
-                            let idle = if http1 { None } else { crate::h2::watch() };
+                            let idle = (!http1).then(crate::h2::watch);
                             (&builders.either, idle, Stream::ServerTls(Box::new(s)))
                         }
                         Ok(Err(e)) => {
@@ -422,7 +424,7 @@ pub(crate) async fn accept_loop<S, M>(
                 None => drive(builder, stream, svc, close, drain_now, None, limits, addr).await,
                 Some(idle) => {
                     let idle_for =
-                        crate::h2::IdleFor::new(Some(idle.clone()), limits.client_idle_timeout);
+                        crate::h2::IdleFor::new(idle.clone(), limits.client_idle_timeout);
                     let svc = crate::h2::Counting::new(svc, idle);
                     drive(
                         builder,
