@@ -113,6 +113,7 @@ fn bench_scheduler(c: &mut Criterion) {
         retry_after_cap: Duration::from_secs(60),
         reserved: vec![],
         promote_after: None,
+        preempt: None,
     });
     let shares: Vec<Share> = (0..TENANTS)
         .map(|t| Share {

@@ -53,14 +53,18 @@ pub struct Admit {
     pub priority: Priority,
     /// Whose share of the slots it uses.
     pub share: Share,
+    /// The client asked for a stream (its answer reaches it token by
+    /// token, so it cannot be preempted once it answered).
+    pub stream: bool,
 }
 
 impl Admit {
-    /// At `priority`, for the default tenant.
+    /// At `priority`, for the default tenant, not streamed.
     pub fn new(priority: Priority) -> Self {
         Self {
             priority,
             share: Share::default(),
+            stream: false,
         }
     }
 }
@@ -654,7 +658,11 @@ where
                             parts.extensions.insert(Model(bytes.slice_ref(m)));
                         }
                     }
-                    parts.extensions.insert(Admit { priority, share });
+                    parts.extensions.insert(Admit {
+                        priority,
+                        share,
+                        stream: fields.stream == Some(true),
+                    });
                     let body = rewritten.unwrap_or(bytes);
                     let req = Request::from_parts(parts, Either::Left(Full::new(body)));
                     this.state.set(State::Calling {

@@ -100,6 +100,14 @@ pub struct FileConfig {
     /// Slots kept for urgent work: `[[reserve]]` tables of `max_priority`
     /// and `slots`.
     pub reserve: Vec<Reservation>,
+    /// An urgent request that finds no slot takes one from a less urgent
+    /// request nobody has seen an answer of yet, which waits again and is
+    /// sent again; reserved slots are lent out meanwhile.
+    pub preempt: bool,
+    /// The least urgent priority that may preempt.
+    pub preempt_max_priority: Priority,
+    /// Most times one request is preempted.
+    pub max_preemptions: u32,
     /// API keys: `[[key]]` tables. None: anteroom is open.
     pub key: Vec<KeyEntry>,
     /// Most time a client may take to send a request's headers.
@@ -227,6 +235,9 @@ impl Default for FileConfig {
             eject_after: 3,
             workers: 0,
             reserve: Vec::new(),
+            preempt: false,
+            preempt_max_priority: 0,
+            max_preemptions: 2,
             key: Vec::new(),
             header_read_timeout: "10s".into(),
             client_write_timeout: "60s".into(),
@@ -753,6 +764,12 @@ impl FileConfig {
                 "reserve: two reservations for the same max_priority; merge them".into(),
             ));
         }
+        if self.preempt && self.max_preemptions == 0 {
+            return Err(ConfigError(
+                "max_preemptions: at least 1 with preempt on (0 would let nothing be preempted)"
+                    .into(),
+            ));
+        }
         let keys = self.keys()?;
         if self.max_header_bytes < 8192 {
             return Err(ConfigError(
@@ -807,6 +824,10 @@ impl FileConfig {
                     "" => None,
                     v => Some(positive("promote_after", v)?),
                 },
+                preempt: self.preempt.then_some(crate::admission::Preemption {
+                    max_priority: self.preempt_max_priority,
+                    max_preemptions: self.max_preemptions,
+                }),
             },
             routes: Routes {
                 admit_paths: self.admit_paths.clone(),

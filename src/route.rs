@@ -222,9 +222,20 @@ impl Router {
         out
     }
 
-    /// Ask upstream `i`'s scheduler for a slot.
-    pub fn acquire(&self, i: usize, priority: i32, share: &crate::admission::Share) -> Acquire {
-        self.table.load().slot(i).scheduler.acquire(priority, share)
+    /// Ask upstream `i`'s scheduler for a slot (`replay`: see
+    /// [`Scheduler::acquire_as`]).
+    pub fn acquire(
+        &self,
+        i: usize,
+        priority: i32,
+        share: &crate::admission::Share,
+        replay: Option<crate::admission::Replayable>,
+    ) -> Acquire {
+        self.table
+            .load()
+            .slot(i)
+            .scheduler
+            .acquire_as(priority, share, replay)
     }
 
     /// Upstream `i`'s pause.

@@ -19,6 +19,7 @@ mod hostile;
 mod openai_sdk;
 mod panics;
 mod passthrough;
+mod preemption;
 mod reload;
 mod routing;
 mod streams;

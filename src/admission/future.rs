@@ -13,7 +13,8 @@ use tower::Service;
 use std::sync::Arc;
 
 use super::passing::PassSlot;
-use super::scheduler::{Acquire, Ticket};
+use super::preempt::Replay;
+use super::scheduler::{Acquire, Replayable, Ticket};
 use super::Reason;
 use super::{Overloaded, Permit, PermitBody};
 use crate::classify::{Admit, Model};
@@ -47,11 +48,15 @@ pin_project! {
             timed: bool,
             // Where to queue again if its upstream goes out of service.
             router: Option<Arc<Router>>,
+            // Times it was preempted so far.
+            preemptions: u32,
         },
         Running {
             #[pin]
             fut: Oneshot<S, R>,
             permit: Option<Permit>,
+            // While it may be preempted: what it takes to go again.
+            again: Option<Box<Again<S, R>>>,
         },
         Passing {
             #[pin]
@@ -64,9 +69,19 @@ pin_project! {
     }
 }
 
+/// What a preemptible request keeps while it runs, to queue and go again.
+struct Again<S, R> {
+    svc: S,
+    req: R,
+    /// Queue time it has left; `None`: all of it (it never waited).
+    left: Option<std::time::Duration>,
+    router: Option<Arc<Router>>,
+}
+
 impl<S, R> ResponseFuture<S, R>
 where
-    S: Service<R>,
+    S: Service<R> + Clone,
+    R: Reroute,
 {
     pub(crate) fn pass(svc: S, req: R, passing: Option<PassSlot>) -> Self {
         Self {
@@ -77,35 +92,16 @@ where
         }
     }
 
-    pub(crate) fn admitted(svc: S, req: R, permit: Permit) -> Self {
+    pub(crate) fn admitted(svc: S, req: R, permit: Permit, router: Option<Arc<Router>>) -> Self {
         Self {
-            state: State::Running {
-                fut: Oneshot::new(svc, req),
-                permit: Some(permit),
-            },
+            state: State::running(svc, req, permit, None, router),
         }
     }
 
     pub(crate) fn queued(svc: S, req: R, ticket: Ticket, router: Option<Arc<Router>>) -> Self {
         let deadline = Instant::now() + ticket.timeout();
-        Self::waiting(svc, req, ticket, deadline, router)
-    }
-
-    fn waiting(
-        svc: S,
-        req: R,
-        ticket: Ticket,
-        deadline: Instant,
-        router: Option<Arc<Router>>,
-    ) -> Self {
         Self {
-            state: State::Waiting {
-                ticket,
-                deadline: tokio::time::sleep_until(deadline),
-                pending: Some((svc, req)),
-                timed: true,
-                router,
-            },
+            state: State::waiting(svc, req, ticket, deadline, router, 0),
         }
     }
 
@@ -116,9 +112,82 @@ where
     }
 }
 
+impl<S, R> State<S, R>
+where
+    S: Service<R>,
+    R: Reroute,
+{
+    /// Run `req` in `permit`'s slot; a preemptible one keeps a copy to go
+    /// again (the only cost preemption adds, and only when it is on).
+    fn running(
+        svc: S,
+        req: R,
+        permit: Permit,
+        left: Option<std::time::Duration>,
+        router: Option<Arc<Router>>,
+    ) -> Self
+    where
+        S: Clone,
+    {
+        let copy = match permit.is_preemptible() {
+            true => req.replay(),
+            false => None,
+        };
+        match copy {
+            Some(copy) => State::Running {
+                fut: Oneshot::new(svc.clone(), copy),
+                permit: Some(permit),
+                again: Some(Box::new(Again {
+                    svc,
+                    req,
+                    left,
+                    router,
+                })),
+            },
+            None => State::Running {
+                fut: Oneshot::new(svc, req),
+                permit: Some(permit),
+                again: None,
+            },
+        }
+    }
+
+    /// Preempted: stop the attempt (dropping it closes the upstream
+    /// call) and wait at the new place, with the queue time that was left.
+    fn preempted(again: Again<S, R>, ticket: Ticket, started: Instant, preemptions: u32) -> Self {
+        let Again {
+            svc,
+            req,
+            left,
+            router,
+        } = again;
+        req.preempted(started.elapsed());
+        let deadline = Instant::now() + left.unwrap_or_else(|| ticket.timeout());
+        State::waiting(svc, req, ticket, deadline, router, preemptions)
+    }
+
+    fn waiting(
+        svc: S,
+        req: R,
+        ticket: Ticket,
+        deadline: Instant,
+        router: Option<Arc<Router>>,
+        preemptions: u32,
+    ) -> Self {
+        State::Waiting {
+            ticket,
+            deadline: tokio::time::sleep_until(deadline),
+            pending: Some((svc, req)),
+            timed: true,
+            router,
+            preemptions,
+        }
+    }
+}
+
 impl<S, R, B> Future for ResponseFuture<S, R>
 where
-    S: Service<R, Response = Response<B>>,
+    S: Service<R, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
     R: Reroute,
 {
@@ -134,6 +203,7 @@ where
                     pending,
                     timed,
                     router,
+                    preemptions,
                 } => {
                     let grant = match ticket.poll_grant(cx) {
                         Poll::Ready(grant) => grant,
@@ -153,7 +223,7 @@ where
                             // Its upstream went out of service: queue at
                             // another, with the same priority and deadline.
                             let (svc, req) = pending.take().expect("polled after completion");
-                            let next = requeue(svc, req, router, deadline.deadline());
+                            let next = requeue(svc, req, router, deadline.deadline(), *preemptions);
                             match next {
                                 Ok(next) => {
                                     this.state.set(next.state);
@@ -165,15 +235,49 @@ where
                         (Err(e), _) => return Poll::Ready(Err(e.into())),
                     };
                     let (svc, req) = pending.take().expect("polled after completion");
-                    this.state.set(State::Running {
-                        fut: Oneshot::new(svc, req),
-                        permit: Some(permit),
-                    });
+                    let left = deadline
+                        .deadline()
+                        .saturating_duration_since(Instant::now());
+                    let router = router.take();
+                    this.state
+                        .set(State::running(svc, req, permit, Some(left), router));
                 }
-                StateProj::Running { fut, permit } => {
+                StateProj::Running { fut, permit, again } => {
+                    if let Some(p) = permit.as_mut() {
+                        // A slot taken from a preempted request: only once
+                        // that one has dropped its upstream call.
+                        ready!(p.poll_handover(cx));
+                        if again.is_some() {
+                            if let Poll::Ready(stop) = p.poll_preempted(cx) {
+                                let (started, n) = (p.started(), p.preemptions() + 1);
+                                let again = again.take().expect("checked above");
+                                this.state
+                                    .set(State::preempted(*again, stop.ticket, started, n));
+                                // Its upstream call is gone with the old state.
+                                drop(stop.handed);
+                                continue;
+                            }
+                        }
+                    }
                     // An error drops the permit with this future: the slot
                     // comes back at once.
-                    let resp = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    if let Some(again) = again.take() {
+                        // Answered: from here its bytes may reach the
+                        // client, so it may no longer be preempted, unless
+                        // it was a moment ago (then this answer goes).
+                        if let Some(p) = permit.as_mut() {
+                            let (started, n) = (p.started(), p.preemptions() + 1);
+                            if let Some(stop) = p.answered() {
+                                drop(result);
+                                this.state
+                                    .set(State::preempted(*again, stop.ticket, started, n));
+                                drop(stop.handed);
+                                continue;
+                            }
+                        }
+                    }
+                    let resp = result?;
                     let permit = permit.take();
                     return Poll::Ready(Ok(resp.map(|body| PermitBody::new(body, permit))));
                 }
@@ -191,8 +295,9 @@ where
     }
 }
 
-/// What admission needs of a request to queue it at another upstream.
-pub trait Reroute {
+/// What admission needs of a request to queue it at another upstream, or
+/// to send it again after it was preempted.
+pub trait Reroute: Sized {
     /// Its priority and tenant, if it is admitted.
     fn admit(&self) -> Option<&Admit>;
     /// The upstream it is routed to.
@@ -201,9 +306,15 @@ pub trait Reroute {
     fn model(&self) -> Option<&str>;
     /// Route it to upstream `i`.
     fn set_route(&mut self, i: usize);
+    /// What preemption needs to know of it, if its body can be sent again.
+    fn replayable(&self) -> Option<Replayable>;
+    /// A copy to send (its body is held whole), if it can be.
+    fn replay(&self) -> Option<Self>;
+    /// It was preempted after running `wasted` at the backend.
+    fn preempted(&self, wasted: std::time::Duration);
 }
 
-impl<B> Reroute for http::Request<B> {
+impl<B: Replay> Reroute for http::Request<B> {
     fn admit(&self) -> Option<&Admit> {
         self.extensions().get::<Admit>()
     }
@@ -219,6 +330,24 @@ impl<B> Reroute for http::Request<B> {
     fn set_route(&mut self, i: usize) {
         self.extensions_mut().insert(Route(i));
     }
+
+    fn replayable(&self) -> Option<Replayable> {
+        let admit = self.admit()?;
+        self.body().can_replay().then_some(Replayable {
+            preemptions: 0,
+            stream: admit.stream,
+        })
+    }
+
+    fn replay(&self) -> Option<Self> {
+        super::preempt::copy(self)
+    }
+
+    fn preempted(&self, wasted: std::time::Duration) {
+        if let Some(tap) = self.extensions().get::<crate::telemetry::Tap>() {
+            tap.preempted(wasted);
+        }
+    }
 }
 
 /// Queue `req` at another upstream than the one that went out of service.
@@ -227,21 +356,30 @@ fn requeue<S, R>(
     mut req: R,
     router: Arc<Router>,
     deadline: Instant,
+    preemptions: u32,
 ) -> Result<ResponseFuture<S, R>, BoxError>
 where
-    S: Service<R>,
+    S: Service<R> + Clone,
     R: Reroute,
 {
     let admit = req.admit().cloned().unwrap_or_else(|| Admit::new(0));
     let i = router.pick(req.model(), Some(req.route()))?;
     req.set_route(i);
-    Ok(match router.acquire(i, admit.priority, &admit.share) {
-        Acquire::Admitted(permit) => ResponseFuture::admitted(svc, req, permit),
-        Acquire::Queued(ticket) => {
-            ResponseFuture::waiting(svc, req, ticket, deadline, Some(router))
-        }
-        Acquire::Rejected(err) => ResponseFuture::rejected(err),
-    })
+    let replay = req.replayable().map(|r| Replayable { preemptions, ..r });
+    Ok(
+        match router.acquire(i, admit.priority, &admit.share, replay) {
+            Acquire::Admitted(permit) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                ResponseFuture {
+                    state: State::running(svc, req, permit, Some(left), Some(router)),
+                }
+            }
+            Acquire::Queued(ticket) => ResponseFuture {
+                state: State::waiting(svc, req, ticket, deadline, Some(router), preemptions),
+            },
+            Acquire::Rejected(err) => ResponseFuture::rejected(err),
+        },
+    )
 }
 
 impl<S, R> std::fmt::Debug for ResponseFuture<S, R>

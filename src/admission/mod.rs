@@ -39,6 +39,7 @@
 //!     retry_after_cap: Duration::from_secs(60),
 //!     reserved: vec![],
 //!     promote_after: None,
+//!     preempt: None,
 //! });
 //! let svc = ServiceBuilder::new()
 //!     .layer(AdmissionLayer::new(scheduler.clone()))
@@ -60,6 +61,7 @@ pub mod future;
 mod layer;
 pub mod passing;
 mod permit;
+pub mod preempt;
 pub mod queue;
 mod scheduler;
 mod service;
@@ -69,10 +71,12 @@ pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};
 pub use queue::PriorityQueue;
 pub use scheduler::{
-    Acquire, Grant, Limits, Reservation, ReservationState, Scheduler, Share, Snapshot,
-    TenantSnapshot, Ticket,
+    Acquire, Grant, Limits, PreemptedCounts, Preemption, Replayable, Reservation, ReservationState,
+    Scheduler, Share, Snapshot, TenantSnapshot, Ticket,
 };
 pub use service::{Admission, Detach};
 
+#[cfg(test)]
+mod preempt_tests;
 #[cfg(test)]
 mod tests;

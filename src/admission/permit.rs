@@ -15,8 +15,10 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use tokio::sync::oneshot;
+
 use super::queue::TenantId;
-use super::scheduler::Scheduler;
+use super::scheduler::{Scheduler, Ticket};
 use crate::classify::Priority;
 
 /// One slot at the upstream. Dropping it frees the slot and hands it to the
@@ -27,6 +29,33 @@ pub struct Permit {
     priority: Priority,
     tenant: TenantId,
     started: Instant,
+    /// Set while it may be preempted (see [`preempt`](super::preempt)).
+    victim: Option<Victim>,
+    /// Times its request was preempted before this run.
+    preemptions: u32,
+    /// Its slot was taken from a preempted request: resolves once that
+    /// request dropped its upstream call, so the backend is asked to stop
+    /// that one before it is sent this one.
+    handover: Option<oneshot::Receiver<()>>,
+}
+
+/// What a preempted request is sent: its new place in the queue, and the
+/// signal (dropped once its upstream call was) the request that took its
+/// slot waits for.
+#[derive(Debug)]
+pub(crate) struct Preempted {
+    pub(crate) ticket: Ticket,
+    pub(crate) handed: oneshot::Sender<()>,
+}
+
+/// A preemptible permit's side of its candidacy.
+#[derive(Debug)]
+struct Victim {
+    /// Its entry among the scheduler's candidates.
+    run: u64,
+    /// Its new place in the queue arrives here if it is preempted; closed
+    /// once it answered.
+    rx: Option<oneshot::Receiver<Preempted>>,
 }
 
 impl Permit {
@@ -41,6 +70,9 @@ impl Permit {
             priority,
             tenant,
             started,
+            victim: None,
+            preemptions: 0,
+            handover: None,
         }
     }
 
@@ -54,6 +86,91 @@ impl Permit {
         self.priority
     }
 
+    /// Make it a preemption candidate (the scheduler did, as `run`).
+    pub(crate) fn preemptible(&mut self, run: u64, rx: oneshot::Receiver<Preempted>) {
+        self.victim = Some(Victim { run, rx: Some(rx) });
+    }
+
+    /// Note how often its request was preempted before.
+    pub(crate) fn set_preemptions(&mut self, n: u32) {
+        self.preemptions = n;
+    }
+
+    /// Wait for the request it took the slot from to have dropped its
+    /// upstream call.
+    pub(crate) fn handed_over(&mut self, rx: oneshot::Receiver<()>) {
+        self.handover = Some(rx);
+    }
+
+    /// Ready once its slot is its own to use (at once, unless it was taken
+    /// from a preempted request that has not stopped yet).
+    pub(crate) fn poll_handover(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        use std::future::Future;
+        if let Some(rx) = &mut self.handover {
+            // Sent or dropped: either way the other request is done.
+            std::task::ready!(Pin::new(rx).poll(cx)).ok();
+            self.handover = None;
+        }
+        Poll::Ready(())
+    }
+
+    /// Whether it may still be preempted: its request must be kept to be
+    /// sent again.
+    pub fn is_preemptible(&self) -> bool {
+        self.victim.as_ref().is_some_and(|v| v.rx.is_some())
+    }
+
+    /// Times its request was preempted before this run.
+    pub fn preemptions(&self) -> u32 {
+        self.preemptions
+    }
+
+    /// Its entry among the scheduler's candidates, if it was one.
+    pub(crate) fn run(&self) -> Option<u64> {
+        self.victim.as_ref().map(|v| v.run)
+    }
+
+    /// Ready with its request's new place once it was preempted: its slot
+    /// went to a more urgent request, and dropping the permit then frees
+    /// nothing.
+    pub(crate) fn poll_preempted(&mut self, cx: &mut Context<'_>) -> Poll<Preempted> {
+        use std::future::Future;
+        let Some(rx) = self.victim.as_mut().and_then(|v| v.rx.as_mut()) else {
+            return Poll::Pending;
+        };
+        match Pin::new(rx).poll(cx) {
+            Poll::Ready(Ok(p)) => Poll::Ready(self.revoked(p)),
+            Poll::Ready(Err(_)) => {
+                // No longer a candidate (preemption was turned off).
+                if let Some(v) = &mut self.victim {
+                    v.rx = None;
+                }
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Its request answered: from now on it cannot be preempted. `Some`
+    /// with the new place if it was preempted first (the answer must then
+    /// be thrown away).
+    pub(crate) fn answered(&mut self) -> Option<Preempted> {
+        let mut rx = self.victim.as_mut()?.rx.take()?;
+        // After `close`, a place sent before it is still there to take.
+        rx.close();
+        let p = rx.try_recv().ok()?;
+        Some(self.revoked(p))
+    }
+
+    fn revoked(&mut self, p: Preempted) -> Preempted {
+        // The scheduler already counted the slot as freed.
+        self.scheduler = None;
+        if let Some(v) = &mut self.victim {
+            v.rx = None;
+        }
+        p
+    }
+
     /// Forget the slot without releasing it: the scheduler accounts for it
     /// itself (a permit that could not be delivered).
     pub(crate) fn disarm(mut self) {
@@ -63,8 +180,15 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        // Preempted before its request noticed (its client left meanwhile):
+        // the slot is given away already, and the new place is given up
+        // with the ticket.
+        if self.answered().is_some() {
+            return;
+        }
         if let Some(scheduler) = self.scheduler.take() {
-            scheduler.release(self.priority, self.tenant, self.started);
+            let run = self.run();
+            scheduler.release(self.priority, self.tenant, self.started, run);
         }
     }
 }

@@ -97,6 +97,11 @@ impl Key {
     pub fn tenant(&self) -> TenantId {
         self.tenant
     }
+
+    /// Its place in the arrival order.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 }
 
 /// What happened to an entry offered to a full or non-full queue.
@@ -278,6 +283,56 @@ impl<T> PriorityQueue<T> {
             arrivals.insert(key.seq, key);
         }
         key
+    }
+
+    /// A place in the arrival order for a request that started without
+    /// waiting, should it ever be put back (see [`restore`](Self::restore)).
+    pub fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Put back a request that was taken out to run and stopped (a
+    /// preempted one), ahead of everything of its priority that arrived
+    /// after it: with its arrival `seq` and `arrived` (for aging), and a tag
+    /// no later than the one served last, so it is first of its priority
+    /// among those queued since. Above the bound if need be: it had a place
+    /// already. Returns its key.
+    pub fn restore(
+        &mut self,
+        priority: Priority,
+        tenant: TenantId,
+        weight: u32,
+        seq: u64,
+        arrived: Instant,
+        item: T,
+    ) -> Key {
+        let level = self.levels.entry(priority).or_default();
+        level.waiting += 1;
+        let key = Key {
+            priority,
+            tag: level.vtime,
+            seq,
+            tenant,
+        };
+        let flow = self.flows.entry((tenant, priority)).or_insert(Flow {
+            waiting: 0,
+            finish: 0,
+        });
+        flow.waiting += 1;
+        flow.finish = flow
+            .finish
+            .max(key.tag + VIRTUAL_UNIT / u64::from(weight.max(1)));
+        self.entries.insert(key, Slot { item, arrived });
+        if let Some(arrivals) = &mut self.arrivals {
+            arrivals.insert(key.seq, key);
+        }
+        key
+    }
+
+    /// The item of a queued (not parked) entry.
+    pub fn get(&self, key: &Key) -> Option<&T> {
+        self.entries.get(key).map(|s| &s.item)
     }
 
     /// The entry to serve next: the oldest one if it has waited past the

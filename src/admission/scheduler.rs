@@ -3,7 +3,11 @@
 //!
 //! One `parking_lot::Mutex` guards it. Every critical section is a handful of
 //! integer updates and one `BTreeMap` operation, with no await and no I/O
-//! inside; wake-ups (oneshot sends) happen after the lock is released.
+//! inside; wake-ups (oneshot sends) happen after the lock is released, but
+//! for one: a preempted request is sent its new place under the lock, so
+//! that the send's success decides, atomically with the slot's transfer,
+//! whether it was preempted or had answered first (a send only schedules
+//! the waiter's task; it never runs code of ours).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::error::{Overloaded, Reason};
-use super::permit::Permit;
+use super::permit::{Permit, Preempted};
 use super::queue::{Key, PriorityQueue, Push, TenantId, TenantMap};
 use crate::classify::Priority;
 
@@ -34,6 +38,30 @@ pub struct Limits {
     pub reserved: Vec<Reservation>,
     /// Serve a request that waited this long before any other (anti-starvation).
     pub promote_after: Option<Duration>,
+    /// Urgent requests may stop less urgent ones nobody has seen an answer
+    /// of yet (see [`preempt`](super::preempt)); none: never.
+    pub preempt: Option<Preemption>,
+}
+
+/// Who may preempt, and how often one request may be preempted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preemption {
+    /// The least urgent priority that may preempt.
+    pub max_priority: Priority,
+    /// Most times one request is preempted; after that it runs to its end.
+    pub max_preemptions: u32,
+}
+
+/// What admission may do with a request whose body is held whole, so that
+/// it can be stopped and sent again: how often that happened already, and
+/// whether its client asked for a stream (a stream's head goes out with
+/// its first byte, so it may not borrow a reserved slot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replayable {
+    /// Times it was preempted already.
+    pub preemptions: u32,
+    /// The client asked for a stream.
+    pub stream: bool,
 }
 
 /// Whose request it is, for fair queuing: the tenant's id, its weight
@@ -122,6 +150,39 @@ pub struct ReservationState {
 /// What a queued request receives: a permit, or the news that it was evicted.
 pub type Grant = Result<Permit, Overloaded>;
 
+/// A queued request as the queue holds it.
+#[derive(Debug)]
+struct Waiter {
+    tx: oneshot::Sender<Grant>,
+    /// Set when it could be preempted once running.
+    replay: Option<Replayable>,
+    /// When it first arrived (a preempted request keeps its arrival).
+    arrived: Instant,
+}
+
+/// A running request that may be preempted, until it answers.
+#[derive(Debug)]
+struct Candidate {
+    /// Its new place in the queue goes here; closed once it answered.
+    tx: oneshot::Sender<Preempted>,
+    tenant: TenantId,
+    weight: u32,
+    /// Its arrival order, kept when it is put back.
+    seq: u64,
+    arrived: Instant,
+    started: Instant,
+    replay: Replayable,
+}
+
+/// Preemptions so far, for /status.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, PartialEq)]
+pub struct PreemptedCounts {
+    /// Requests preempted (each time counts).
+    pub preemptions: u64,
+    /// Backend time they had run, thrown away, in seconds.
+    pub wasted_seconds: f64,
+}
+
 /// The outcome of asking for a slot.
 #[derive(Debug)]
 pub enum Acquire {
@@ -158,7 +219,7 @@ struct State {
     max_concurrency: usize,
     /// Sorted most urgent first.
     reserved: Vec<Reservation>,
-    queue: PriorityQueue<oneshot::Sender<Grant>>,
+    queue: PriorityQueue<Waiter>,
     /// Tenants with requests waiting or running.
     tenants: TenantMap<TenantState>,
     /// Running requests per priority.
@@ -174,6 +235,13 @@ struct State {
     /// Shutting down: nothing may start that cannot finish by then.
     draining: Option<Instant>,
     queue_timeout: Duration,
+    preempt: Option<Preemption>,
+    /// Running requests that may be preempted, by (priority, start order):
+    /// the last is the least urgent that started most recently.
+    victims: BTreeMap<(Priority, u64), Candidate>,
+    next_run: u64,
+    /// Preemptions so far, by the victim's priority.
+    preempted: BTreeMap<Priority, PreemptedCounts>,
 }
 
 /// A snapshot for /status.
@@ -201,6 +269,9 @@ pub struct Snapshot {
     /// Tenants with requests waiting or running, most waiting first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<TenantSnapshot>,
+    /// With preemption on: requests preempted so far, by their priority.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preempted: Option<BTreeMap<Priority, PreemptedCounts>>,
 }
 
 impl Snapshot {
@@ -233,6 +304,14 @@ impl Snapshot {
         }
         self.tenants
             .sort_by(|a, b| b.waiting.cmp(&a.waiting).then(a.name.cmp(&b.name)));
+        if let Some(other) = &other.preempted {
+            let mine = self.preempted.get_or_insert_with(BTreeMap::new);
+            for (p, c) in other {
+                let m = mine.entry(*p).or_default();
+                m.preemptions += c.preemptions;
+                m.wasted_seconds += c.wasted_seconds;
+            }
+        }
     }
 }
 
@@ -262,12 +341,30 @@ impl Scheduler {
                 retry_after_cap: limits.retry_after_cap,
                 draining: None,
                 queue_timeout: limits.queue_timeout,
+                preempt: limits.preempt,
+                victims: BTreeMap::new(),
+                next_run: 0,
+                preempted: BTreeMap::new(),
             }),
         })
     }
 
-    /// Ask for a slot at `priority`, for `share`'s tenant.
+    /// Ask for a slot at `priority`, for `share`'s tenant, for a request
+    /// that cannot be sent again (its body is streamed): never preempted.
     pub fn acquire(self: &Arc<Self>, priority: Priority, share: &Share) -> Acquire {
+        self.acquire_as(priority, share, None)
+    }
+
+    /// Ask for a slot at `priority`, for `share`'s tenant; `replay` is set
+    /// when the request could be stopped and sent again. With preemption
+    /// on, an urgent request that finds no slot takes one from a less
+    /// urgent running request that has not answered yet.
+    pub fn acquire_as(
+        self: &Arc<Self>,
+        priority: Priority,
+        share: &Share,
+        replay: Option<Replayable>,
+    ) -> Acquire {
         let now = Instant::now();
         let mut evicted = None;
         let outcome = {
@@ -285,12 +382,32 @@ impl Scheduler {
             // could start: one whose tenant is at its cap is set aside).
             st.park_capped_heads();
             let ahead = st.queue.first().is_some_and(|k| k.priority() <= priority);
-            if !ahead && !at_cap && st.headroom(priority) > 0 {
+            let replay = st.may_preempt(replay);
+            let lend = replay.is_some_and(|r| !r.stream);
+            let room = !ahead && !at_cap && st.headroom_for(priority, lend, None) > 0;
+            let handover = match room || ahead || at_cap {
+                true => None,
+                false => st.preempt_for(self, priority),
+            };
+            if room || handover.is_some() {
                 st.start(priority, share.id, now);
-                Acquire::Admitted(Permit::new(self.clone(), priority, share.id, now))
+                let mut permit = Permit::new(self.clone(), priority, share.id, now);
+                if let Some(rx) = handover {
+                    permit.handed_over(rx);
+                }
+                if let Some(replay) = replay {
+                    let seq = st.queue.next_seq();
+                    st.candidate(&mut permit, share, seq, now, replay);
+                }
+                Acquire::Admitted(permit)
             } else {
                 let (tx, rx) = oneshot::channel();
-                match st.queue.push(priority, share.id, share.weight, now, tx) {
+                let waiter = Waiter {
+                    tx,
+                    replay,
+                    arrived: now,
+                };
+                match st.queue.push(priority, share.id, share.weight, now, waiter) {
                     Push::Queued(key) => {
                         st.waiting_one_more(share.id);
                         Acquire::Queued(Ticket::new(self.clone(), key, rx, st.queue_timeout))
@@ -321,7 +438,7 @@ impl Scheduler {
         };
         if let Some((victim, retry)) = evicted {
             // A closed receiver means that client already left: nothing to tell.
-            let _ = victim.send(Err(Overloaded::new(Reason::Evicted, retry)));
+            let _ = victim.tx.send(Err(Overloaded::new(Reason::Evicted, retry)));
         }
         outcome
     }
@@ -351,6 +468,12 @@ impl Scheduler {
             let mut reserved = limits.reserved.clone();
             reserved.sort_by_key(|r| r.max_priority);
             st.reserved = reserved;
+            st.preempt = limits.preempt;
+            if st.preempt.is_none() {
+                // Dropping their senders tells the running candidates they
+                // are no longer preemptible.
+                st.victims.clear();
+            }
         }
         // A raised limit or a smaller reservation frees slots now.
         self.dispatch();
@@ -375,6 +498,7 @@ impl Scheduler {
             waiting_by_priority: st.queue.waiting_by_priority().collect(),
             running_by_priority: st.running_by_priority.clone(),
             reservations: st.reservations(),
+            preempted: st.preempt.map(|_| st.preempted.clone()),
             tenants: {
                 let mut t: Vec<_> = st
                     .tenants
@@ -406,9 +530,13 @@ impl Scheduler {
         priority: Priority,
         tenant: TenantId,
         started: Instant,
+        run: Option<u64>,
     ) {
         {
             let mut st = self.state.lock();
+            if let Some(run) = run {
+                st.victims.remove(&(priority, run));
+            }
             st.finish(priority, tenant, started, Instant::now());
         }
         self.dispatch();
@@ -424,23 +552,34 @@ impl Scheduler {
                 let Some(key) = st.next_to_start(now) else {
                     return;
                 };
-                let Some(tx) = st.queue.take(&key) else {
+                let Some(waiter) = st.queue.take(&key) else {
                     return;
                 };
                 // Start before the waiting count drops, so the tenant's
                 // state is not forgotten in between.
                 st.start(key.priority(), key.tenant(), now);
+                let mut permit = Permit::new(self.clone(), key.priority(), key.tenant(), now);
+                if let Some(r) = waiter.replay {
+                    permit.set_preemptions(r.preemptions);
+                }
+                if let Some(replay) = waiter.replay.and_then(|r| st.may_preempt(Some(r))) {
+                    let share = st.tenant_share(key.tenant());
+                    st.candidate(&mut permit, &share, key.seq(), waiter.arrived, replay);
+                }
                 st.waiting_one_less(key.tenant());
-                (key, tx)
+                (key, waiter.tx, permit)
             };
-            let (key, tx) = next;
-            let permit = Permit::new(self.clone(), key.priority(), key.tenant(), now);
+            let (key, tx, permit) = next;
             if let Err(Ok(permit)) = tx.send(Ok(permit)) {
                 // The waiter went away between our take and the send: undo
                 // the start without recording a service time, and try the
                 // next one.
+                let run = permit.run();
                 permit.disarm();
                 let mut st = self.state.lock();
+                if let Some(run) = run {
+                    st.victims.remove(&(key.priority(), run));
+                }
                 st.abandon(key.priority(), key.tenant(), now);
             }
         }
@@ -475,8 +614,8 @@ impl Scheduler {
             (waiters, drain_retry(deadline, now, st.retry_after_cap))
         };
         let n = waiters.len();
-        for tx in waiters {
-            let _ = tx.send(Err(Overloaded::new(Reason::Closed, retry)));
+        for w in waiters {
+            let _ = w.tx.send(Err(Overloaded::new(Reason::Closed, retry)));
         }
         n
     }
@@ -486,8 +625,9 @@ impl Scheduler {
     pub fn reroute_waiting(&self) -> usize {
         let waiters = self.state.lock().take_all_waiting();
         let n = waiters.len();
-        for tx in waiters {
-            let _ = tx.send(Err(Overloaded::new(Reason::Rerouted, Duration::ZERO)));
+        for w in waiters {
+            let _ =
+                w.tx.send(Err(Overloaded::new(Reason::Rerouted, Duration::ZERO)));
         }
         n
     }
@@ -576,7 +716,7 @@ impl State {
 
     /// Every waiter, parked ones included, out of the queue (to be answered
     /// outside the lock); tenants keep only their running counts.
-    fn take_all_waiting(&mut self) -> Vec<oneshot::Sender<Grant>> {
+    fn take_all_waiting(&mut self) -> Vec<Waiter> {
         let waiters = self.queue.drain();
         self.tenants.retain(|_, t| {
             t.waiting = 0;
@@ -624,33 +764,172 @@ impl State {
                 self.queue.park(&key);
                 continue;
             }
-            if self.headroom(key.priority()) > 0 {
+            if self.headroom_for(key.priority(), self.lends(&key), None) > 0 {
                 return Some(key);
             }
             // A promoted entry may be held back by a reservation that the
             // most urgent waiter can use. Anyone behind the first entry is no
             // more urgent, so is held back too.
             let first = self.queue.first()?;
-            return (first != key && self.headroom(first.priority()) > 0).then_some(first);
+            return (first != key
+                && self.headroom_for(first.priority(), self.lends(&first), None) > 0)
+                .then_some(first);
         }
     }
 
     /// How many requests at `priority` could start now: free slots, less
-    /// those reserved for more urgent work than it.
-    fn headroom(&self, priority: Priority) -> usize {
-        let mut room = self.max_concurrency.saturating_sub(self.running);
+    /// those reserved for more urgent work than it. A request that `lend`s
+    /// (preemptible to its end) may borrow the reservations of priorities
+    /// that may preempt it; with `freed`, as if a running request of that
+    /// priority had stopped.
+    fn headroom_for(&self, priority: Priority, lend: bool, freed: Option<Priority>) -> usize {
+        let running = self.running - usize::from(freed.is_some());
+        let mut room = self.max_concurrency.saturating_sub(running);
+        // Levels are most urgent first, so those whose every priority may
+        // preempt are a prefix.
+        let lent = match (lend, self.preempt) {
+            (true, Some(p)) => Some(p.max_priority),
+            _ => None,
+        };
         let mut reserved_so_far = 0;
         for r in &self.reserved {
+            if lent.is_some_and(|m| r.max_priority <= m) {
+                continue;
+            }
             reserved_so_far += r.slots;
             if priority > r.max_priority {
                 // Requests less urgent than this level share what is left
                 // of the limit after it and the more urgent levels.
                 let pool = self.max_concurrency.saturating_sub(reserved_so_far);
-                let using = self.running_less_urgent_than(r.max_priority);
+                let using = self.running_less_urgent_than(r.max_priority)
+                    - usize::from(freed.is_some_and(|f| f > r.max_priority));
                 room = room.min(pool.saturating_sub(using));
             }
         }
         room
+    }
+
+    /// Whether a queued entry would borrow a reserved slot.
+    fn lends(&self, key: &Key) -> bool {
+        self.preempt.is_some()
+            && self
+                .queue
+                .get(key)
+                .and_then(|w| w.replay)
+                .is_some_and(|r| !r.stream)
+    }
+
+    /// `replay`, if preemption is on and it may be preempted once more.
+    fn may_preempt(&self, replay: Option<Replayable>) -> Option<Replayable> {
+        let p = self.preempt?;
+        replay.filter(|r| r.preemptions < p.max_preemptions)
+    }
+
+    /// The share a queued entry's tenant was queued with.
+    fn tenant_share(&self, tenant: TenantId) -> Share {
+        match self.tenants.get(&tenant) {
+            Some(t) => Share {
+                id: tenant,
+                weight: t.weight,
+                max_in_flight: t.max_in_flight,
+                name: t.name.clone(),
+            },
+            None => Share {
+                id: tenant,
+                ..Share::default()
+            },
+        }
+    }
+
+    /// Make a just-started request a preemption candidate: it gets the
+    /// receiving end of its new place, should it be preempted.
+    fn candidate(
+        &mut self,
+        permit: &mut Permit,
+        share: &Share,
+        seq: u64,
+        arrived: Instant,
+        replay: Replayable,
+    ) {
+        let run = self.next_run;
+        self.next_run += 1;
+        let (tx, rx) = oneshot::channel();
+        self.victims.insert(
+            (permit.priority(), run),
+            Candidate {
+                tx,
+                tenant: share.id,
+                weight: share.weight,
+                seq,
+                arrived,
+                started: permit.started(),
+                replay,
+            },
+        );
+        permit.preemptible(run, rx);
+        permit.set_preemptions(replay.preemptions);
+    }
+
+    /// With preemption on and `priority` urgent enough: stop the least
+    /// urgent running request of a strictly less urgent priority that has
+    /// not answered (the most recently started of them: the least work
+    /// lost), put it back in the queue at its place, and free its slot for
+    /// the caller to take, with the signal that the victim has stopped.
+    /// None when there is no victim, or freeing one would not give
+    /// `priority` a slot.
+    fn preempt_for(
+        &mut self,
+        scheduler: &Arc<Scheduler>,
+        priority: Priority,
+    ) -> Option<oneshot::Receiver<()>> {
+        let p = self.preempt?;
+        if priority > p.max_priority {
+            return None;
+        }
+        loop {
+            let (&(vp, run), _) = self.victims.iter().next_back()?;
+            if vp <= priority || self.headroom_for(priority, false, Some(vp)) == 0 {
+                return None;
+            }
+            let c = self.victims.remove(&(vp, run))?;
+            if c.tx.is_closed() {
+                // It answered (or left) since: no longer a candidate.
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let replay = Replayable {
+                preemptions: c.replay.preemptions + 1,
+                ..c.replay
+            };
+            let waiter = Waiter {
+                tx,
+                replay: Some(replay),
+                arrived: c.arrived,
+            };
+            let key = self
+                .queue
+                .restore(vp, c.tenant, c.weight, c.seq, c.arrived, waiter);
+            let ticket = Ticket::new(scheduler.clone(), key, rx, self.queue_timeout);
+            let (handed, handover) = oneshot::channel();
+            match c.tx.send(Preempted { ticket, handed }) {
+                Ok(()) => {
+                    // Waiting again before it stops running, so its
+                    // tenant is not forgotten in between.
+                    self.waiting_one_more(c.tenant);
+                    self.abandon(vp, c.tenant, c.started);
+                    let now = Instant::now();
+                    let counts = self.preempted.entry(vp).or_default();
+                    counts.preemptions += 1;
+                    counts.wasted_seconds += now.duration_since(c.started).as_secs_f64();
+                    return Some(handover);
+                }
+                Err(Preempted { mut ticket, .. }) => {
+                    // It answered between the check and the send.
+                    self.queue.remove(&key);
+                    ticket.done = true;
+                }
+            }
+        }
     }
 
     fn running_less_urgent_than(&self, p: Priority) -> usize {
@@ -667,7 +946,7 @@ impl State {
                 max_priority: r.max_priority,
                 slots: r.slots,
                 used: self.running - self.running_less_urgent_than(r.max_priority),
-                free: self.headroom(r.max_priority),
+                free: self.headroom_for(r.max_priority, false, None),
             })
             .collect()
     }

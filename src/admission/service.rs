@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Reroute, ResponseFuture};
 use super::passing::Passing;
 use super::scheduler::{Acquire, Scheduler};
 use super::PermitBody;
@@ -97,6 +97,7 @@ nothing_to_detach!((), String, http_body_util::Empty<bytes::Bytes>);
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Admission<S>
 where
     Request<ReqBody>: Detach,
+    ReqBody: super::preempt::Replay,
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
 {
@@ -120,18 +121,21 @@ where
                 Err(refused) => ResponseFuture::rejected(refused),
             };
         };
+        let replay = req.replayable();
         let (acquired, router) = match &self.schedulers {
-            Schedulers::One(one) => (one.acquire(admit.priority, &admit.share), None),
+            Schedulers::One(one) => (one.acquire_as(admit.priority, &admit.share, replay), None),
             Schedulers::Routed(router) => {
                 let i = crate::route::route_of(&req);
                 (
-                    router.acquire(i, admit.priority, &admit.share),
+                    router.acquire(i, admit.priority, &admit.share, replay),
                     Some(router),
                 )
             }
         };
         match acquired {
-            Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit),
+            Acquire::Admitted(permit) => {
+                ResponseFuture::admitted(inner, req, permit, router.cloned())
+            }
             Acquire::Queued(ticket) => {
                 let mut req = req;
                 req.detach();

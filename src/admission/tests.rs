@@ -23,6 +23,7 @@ fn limits(max_concurrency: usize, max_queue: usize) -> Limits {
         retry_after_cap: Duration::from_secs(60),
         reserved: vec![],
         promote_after: None,
+        preempt: None,
     }
 }
 

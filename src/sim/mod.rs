@@ -175,6 +175,10 @@ pub struct Stats {
     pub refused_connections: u64,
     /// `x-request-id` of each generation request, in arrival order (first 100,000).
     pub order: Vec<String>,
+    /// What happened to generations, in order: `start <id>` when one took
+    /// a slot, then `done <id>` or `cancel <id>` (first 100,000).
+    #[serde(default)]
+    pub events: Vec<String>,
 }
 
 const ORDER_LOG_MAX: usize = 100_000;
@@ -203,6 +207,7 @@ pub struct SimState {
     generation_requests: AtomicU64,
     responses: AtomicU64,
     order: Mutex<Vec<String>>,
+    events: Mutex<Vec<String>>,
     next_id: AtomicU64,
 }
 
@@ -233,6 +238,7 @@ impl SimState {
             generation_requests: AtomicU64::new(0),
             responses: AtomicU64::new(0),
             order: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
         })
     }
@@ -252,6 +258,7 @@ impl SimState {
             rejected: self.rejected.load(Ordering::SeqCst),
             refused_connections: self.refused_connections.load(Ordering::SeqCst),
             order: self.order.lock().clone(),
+            events: self.events.lock().clone(),
         }
     }
 
@@ -305,6 +312,8 @@ impl SimState {
 pub(crate) struct InFlight {
     state: Arc<SimState>,
     finished: bool,
+    /// Set once it holds a slot: its end goes into the event log.
+    logged: Option<String>,
 }
 
 impl InFlight {
@@ -315,13 +324,23 @@ impl InFlight {
         Self {
             state: state.clone(),
             finished: false,
+            logged: None,
         }
+    }
+
+    /// It took a slot: log its start, and later its end.
+    fn started(&mut self, id: &str) {
+        self.state.event("start", id);
+        self.logged = Some(id.to_owned());
     }
 
     pub(crate) fn finish(&mut self) {
         if !self.finished {
             self.finished = true;
             self.state.completed.fetch_add(1, Ordering::SeqCst);
+            if let Some(id) = &self.logged {
+                self.state.event("done", id);
+            }
         }
     }
 }
@@ -330,8 +349,20 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.finished {
             self.state.cancelled.fetch_add(1, Ordering::SeqCst);
+            if let Some(id) = &self.logged {
+                self.state.event("cancel", id);
+            }
         }
         self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl SimState {
+    fn event(&self, what: &str, id: &str) {
+        let mut events = self.events.lock();
+        if events.len() < ORDER_LOG_MAX {
+            events.push(format!("{what} {id}"));
+        }
     }
 }
 
@@ -608,6 +639,7 @@ async fn admit(state: &Arc<SimState>, req: Request<Incoming>) -> Result<Admitted
     };
     let running = state.running.fetch_add(1, Ordering::SeqCst) + 1;
     state.peak_running.fetch_max(running, Ordering::SeqCst);
+    guard.started(&id);
     let slot = Slot {
         state: state.clone(),
         _permit: permit,
@@ -682,6 +714,11 @@ async fn generate(state: Arc<SimState>, req: Request<Incoming>, chat: bool) -> R
         timings: state.cfg.mode == Mode::Llama,
     };
     if stream {
+        // `sim_hold_head_ms`: the head waits that long (as a server that
+        // answers a stream only once its first token is ready).
+        if let Some(ms) = value.get("sim_hold_head_ms").and_then(|v| v.as_u64()) {
+            pause(Duration::from_millis(ms)).await;
+        }
         let body = SseBody::new(state.clone(), completion, guard, slot);
         return Response::builder()
             .header("content-type", "text/event-stream")

@@ -76,6 +76,8 @@ pub struct Metrics {
     e2e: HistogramVec,
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
+    preemptions: IntCounterVec,
+    preempted_seconds: prometheus::CounterVec,
     requests: IntCounterVec,
     rejections: IntCounterVec,
     waiting: IntGaugeVec,
@@ -185,6 +187,19 @@ impl Metrics {
             "Generated tokens of finished requests (usage, else counted token events).",
             p,
         );
+        let preemptions = counter(
+            "anteroom_preemptions_total",
+            "Times a running request was stopped before it answered so that a more urgent one could take its slot (preempt), by the stopped request's priority; counted when its record is written.",
+            p,
+        );
+        let preempted_seconds = prometheus::CounterVec::new(
+            Opts::new(
+                "anteroom_preempted_backend_seconds_total",
+                "Backend time of preempted attempts, thrown away, by the stopped request's priority.",
+            ),
+            p,
+        )
+        .expect("valid metric");
         let requests = counter(
             "anteroom_requests_total",
             "Requests answered, by the status sent (499: the client left first).",
@@ -304,6 +319,8 @@ impl Metrics {
             Box::new(e2e.clone()),
             Box::new(prompt_tokens.clone()),
             Box::new(generation_tokens.clone()),
+            Box::new(preemptions.clone()),
+            Box::new(preempted_seconds.clone()),
             Box::new(requests.clone()),
             Box::new(outcomes.clone()),
             Box::new(rejections.clone()),
@@ -348,6 +365,8 @@ impl Metrics {
             e2e,
             prompt_tokens,
             generation_tokens,
+            preemptions,
+            preempted_seconds,
             requests,
             rejections,
             waiting,
@@ -435,6 +454,16 @@ impl Metrics {
         let Some(p) = r.priority else { return };
         let m = self.priority(p);
         let t = &r.timings;
+        if t.preemptions > 0 {
+            let l = [priority_label(p)];
+            let l = [l[0].as_str()];
+            self.preemptions
+                .with_label_values(&l)
+                .inc_by(u64::from(t.preemptions));
+            self.preempted_seconds
+                .with_label_values(&l)
+                .inc_by(t.preempted_ms / 1000.0);
+        }
         let secs = |ms: Option<f64>| ms.map(|v| v / 1000.0);
         if let Some(v) = secs(t.queue_ms) {
             m.queue.observe(v);

@@ -161,6 +161,10 @@ struct TapInner {
     upgraded: std::sync::atomic::AtomicBool,
     first_token: AtomicU64,
     last_token: AtomicU64,
+    /// Times it was preempted, and the backend time those attempts had
+    /// run (nanoseconds).
+    preemptions: AtomicU32,
+    preempted_ns: AtomicU64,
 }
 
 impl Tap {
@@ -179,6 +183,8 @@ impl Tap {
             upgraded: std::sync::atomic::AtomicBool::new(false),
             first_token: AtomicU64::new(0),
             last_token: AtomicU64::new(0),
+            preemptions: AtomicU32::new(0),
+            preempted_ns: AtomicU64::new(0),
         }))
     }
 
@@ -257,6 +263,28 @@ impl Tap {
     /// Note that the request is being sent again.
     pub fn retried(&self) {
         self.0.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Note that the request was preempted after running `wasted` at the
+    /// backend: what that attempt stamped is forgotten (the next attempt
+    /// is timed afresh; its client saw nothing of this one).
+    pub fn preempted(&self, wasted: Duration) {
+        let t = &self.0;
+        t.preemptions.fetch_add(1, Ordering::Relaxed);
+        let ns = wasted.as_nanos().min(u128::from(u64::MAX)) as u64;
+        t.preempted_ns.fetch_add(ns, Ordering::Relaxed);
+        for at in [&t.dispatched, &t.headers, &t.first_token, &t.last_token] {
+            at.store(0, Ordering::Relaxed);
+        }
+        t.upgraded.store(false, Ordering::Relaxed);
+    }
+
+    /// Times it was preempted, and the backend time thrown away.
+    pub fn preemptions(&self) -> (u32, Duration) {
+        (
+            self.0.preemptions.load(Ordering::Relaxed),
+            Duration::from_nanos(self.0.preempted_ns.load(Ordering::Relaxed)),
+        )
     }
 
     /// Note that the upstream's response headers arrived now.
@@ -542,8 +570,15 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl Capture {
+    /// Arrival → the (last) dispatch.
     fn queued(&self) -> Option<Duration> {
         self.tap.read(&self.tap.0.dispatched)
+    }
+
+    /// Backend time of attempts that were preempted: part of the time to
+    /// the last dispatch that was not spent waiting.
+    fn wasted(&self) -> Duration {
+        Duration::from_nanos(self.tap.0.preempted_ns.load(Ordering::Relaxed))
     }
 
     /// `server-timing` and `x-anteroom-queue-ms` on an admitted response.
@@ -551,11 +586,13 @@ impl Capture {
         if self.tap.0.classified.get().is_none() {
             return;
         }
-        let (Some(queue), Some(upstream)) = (self.queued(), self.tap.read(&self.tap.0.headers))
+        let (Some(dispatched), Some(upstream)) =
+            (self.queued(), self.tap.read(&self.tap.0.headers))
         else {
             return;
         };
-        let upstream = upstream.saturating_sub(queue);
+        let upstream = upstream.saturating_sub(dispatched);
+        let queue = dispatched.saturating_sub(self.wasted());
         // By hand: float formatting cost more than the rest of this layer.
         let mut out = Buf::new();
         out.push(b"queue;dur=");
@@ -706,12 +743,16 @@ impl Capture {
         };
         // Only an admitted request queues: arrival → dispatch; refused or
         // left while waiting, its whole life was the wait. A request that
-        // passes through has no queue.
+        // passes through has no queue. A preempted one's attempts that
+        // were stopped ran, not waited: their time is taken out.
+        let wasted = self.wasted();
         let queue_ms = match (dispatched, classified) {
-            (Some(d), Some(_)) => Some(ms(d)),
+            (Some(d), Some(_)) => Some(ms(d.saturating_sub(wasted))),
             (Some(_), None) => None,
-            (None, _) if self.rejected => Some(ms(e2e)),
-            (None, Some(_)) if outcome == Outcome::Cancelled => Some(ms(e2e)),
+            (None, _) if self.rejected => Some(ms(e2e.saturating_sub(wasted))),
+            (None, Some(_)) if outcome == Outcome::Cancelled => {
+                Some(ms(e2e.saturating_sub(wasted)))
+            }
             (None, _) => None,
         };
         // The backend's own account, where it gives one: its prefill time,
@@ -773,6 +814,8 @@ impl Capture {
             events: sse.then_some(self.observer.events),
             malformed: self.observer.malformed > 0 || partial,
             upstream_retries: self.tap.0.retries.load(Ordering::Relaxed),
+            preemptions: self.tap.0.preemptions.load(Ordering::Relaxed),
+            preempted_ms: ms(wasted),
         };
         let finished = Finished {
             request_id: self.request_id.take(),

@@ -107,7 +107,8 @@ pub struct Record {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
     /// Arrival → dispatch to the upstream (for a rejected request: arrival →
-    /// rejection, the time it waited in vain).
+    /// rejection, the time it waited in vain); for a preempted one, the sum
+    /// of its waits.
     pub queue_ms: Option<f64>,
     /// Dispatch → the upstream's response headers.
     pub upstream_headers_ms: Option<f64>,
@@ -154,6 +155,15 @@ pub struct Timings {
     /// a refused connection).
     #[serde(default)]
     pub upstream_retries: u32,
+    /// Times an urgent request took its slot before it had answered
+    /// (`preempt`); it then waited again and was sent again.
+    #[serde(default)]
+    pub preemptions: u32,
+    /// Backend time of those stopped attempts, thrown away. Neither queue
+    /// time (`queue_ms` covers only its waits) nor model time of the
+    /// answer the client got.
+    #[serde(default)]
+    pub preempted_ms: f64,
 }
 
 /// A finished request as the request path hands it on: numbers and cheap
