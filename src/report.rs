@@ -64,6 +64,10 @@ struct Line<'a> {
     e2e_ms: Option<f64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    #[serde(default)]
+    preemptions: u32,
+    #[serde(default)]
+    preempted_ms: f64,
 }
 
 /// Mean and percentiles of one latency, in milliseconds.
@@ -131,6 +135,10 @@ pub struct Group {
     pub output_tokens_per_busy_second: f64,
     /// Output tokens of successful requests.
     pub output_tokens: u64,
+    /// Times these requests were preempted (`preempt`).
+    pub preemptions: u64,
+    /// Backend time of their preempted attempts, thrown away, in seconds.
+    pub wasted_backend_seconds: f64,
     /// Arrival → dispatch.
     pub queue_ms: Summary,
     /// Arrival → first token at the client.
@@ -143,8 +151,9 @@ pub struct Group {
     pub backend_wait_ms: Summary,
     /// Time per output token.
     pub tpot_ms: Summary,
-    /// Dispatch → last byte (end-to-end minus queue wait): the model's
-    /// time, for every request, streamed or not.
+    /// Dispatch → last byte (end-to-end minus queue wait and any
+    /// preempted attempts): the model's time for the answer the client
+    /// got, for every request, streamed or not.
     pub model_ms: Summary,
     /// Arrival → last byte.
     pub e2e_ms: Summary,
@@ -175,6 +184,8 @@ struct Acc {
     rejected: u64,
     cancelled: u64,
     output_tokens: u64,
+    preemptions: u64,
+    wasted_ms: f64,
     queue: Vec<f32>,
     ttft: Vec<f32>,
     backend_ttft: Vec<f32>,
@@ -183,17 +194,22 @@ struct Acc {
     tpot: Vec<f32>,
     model: Vec<f32>,
     e2e: Vec<f32>,
-    /// Dispatch → last byte of each request that ran, in ms since the
-    /// epoch.
+    /// Dispatch → last byte of each request that ran (its last attempt,
+    /// if it was preempted: where the others ran is not logged), in ms
+    /// since the epoch.
     ran: Vec<(f64, f64)>,
 }
 
 impl Acc {
     fn add(&mut self, l: &Line<'_>, at: f64) {
         self.requests += 1;
-        if let (Some(q), Some(e)) = (l.queue_ms, l.e2e_ms) {
-            if l.outcome != Outcome::Rejected && e > q {
-                self.ran.push((at + q, at + e));
+        self.preemptions += u64::from(l.preemptions);
+        self.wasted_ms += l.preempted_ms;
+        // The last dispatch: after the waits and the preempted attempts.
+        let dispatched = l.queue_ms.map(|q| q + l.preempted_ms);
+        if let (Some(d), Some(e)) = (dispatched, l.e2e_ms) {
+            if l.outcome != Outcome::Rejected && e > d {
+                self.ran.push((at + d, at + e));
             }
         }
         match l.outcome {
@@ -215,7 +231,7 @@ impl Acc {
             (&mut self.tpot, l.tpot_ms),
             (
                 &mut self.model,
-                l.e2e_ms.zip(l.queue_ms).map(|(e, q)| e - q),
+                l.e2e_ms.zip(dispatched).map(|(e, d)| e - d),
             ),
             (&mut self.e2e, l.e2e_ms),
         ] {
@@ -248,6 +264,8 @@ impl Acc {
                 0.0
             },
             output_tokens: self.output_tokens,
+            preemptions: self.preemptions,
+            wasted_backend_seconds: self.wasted_ms / 1000.0,
             queue_ms: Summary::of(self.queue),
             ttft_ms: Summary::of(self.ttft),
             backend_ttft_ms: Summary::of(self.backend_ttft),
@@ -425,6 +443,21 @@ pub fn render(report: &Report, source: &str) -> String {
         "\nout tok/s (wall): over the log's span; busy s: the time at least one \
          request was at the upstream; out tok/s (busy): over that time."
     );
+    if report.all.preemptions > 0 {
+        let _ = writeln!(
+            out,
+            "\nPreempted (their attempts' backend time thrown away; busy s counts only the attempts that answered):\n"
+        );
+        let _ = writeln!(out, "| group | preemptions | wasted backend s |");
+        let _ = writeln!(out, "|---|--:|--:|");
+        for (name, g) in &rows {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {:.1} |",
+                g.preemptions, g.wasted_backend_seconds
+            );
+        }
+    }
     let _ = writeln!(out, "\nLatency of succeeded requests, milliseconds:\n");
     let _ = writeln!(out, "| group | metric | n | mean | p50 | p90 | p99 |");
     let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|");
@@ -478,7 +511,7 @@ pub fn compare(runs: &[(String, Report)]) -> String {
     }
     out.push('\n');
     type Figure = fn(&Group) -> Option<f64>;
-    let figures: [(&str, Figure); 14] = [
+    let figures: [(&str, Figure); 15] = [
         ("requests", |g| Some(g.requests as f64)),
         ("success %", |g| Some(g.success_rate * 100.0)),
         ("req/min", |g| Some(g.requests_per_minute)),
@@ -495,6 +528,7 @@ pub fn compare(runs: &[(String, Report)]) -> String {
         ("model time p90 ms", |g| g.model_ms.p90),
         ("TPOT p50 ms", |g| g.tpot_ms.p50),
         ("end-to-end p50 ms", |g| g.e2e_ms.p50),
+        ("wasted backend s", |g| Some(g.wasted_backend_seconds)),
     ];
     let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
     for (figure, of) in figures {
@@ -593,6 +627,48 @@ mod tests {
             text.contains("| all | 101 | 100 | 0 | 1 | 0 | 99.0% |"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn preempted_attempts_are_wasted_time_not_model_time() {
+        let mut log = String::new();
+        for (priority, preempted) in [(10, 700.0), (10, 0.0), (0, 0.0)] {
+            let mut v: serde_json::Value = serde_json::from_str(&line(
+                Some(priority),
+                "ok",
+                "2026-11-27T10:00:00.000Z",
+                100.0,
+                1000.0,
+            ))
+            .unwrap();
+            if preempted > 0.0 {
+                v["preemptions"] = 2.into();
+                v["preempted_ms"] = preempted.into();
+            }
+            log += &v.to_string();
+            log.push('\n');
+        }
+        let r = read(log.as_bytes(), Some(GroupBy::Priority)).unwrap();
+        let by = r.by.as_ref().unwrap();
+        assert_eq!(by["10"].preemptions, 2);
+        assert!((by["10"].wasted_backend_seconds - 0.7).abs() < 1e-9);
+        assert_eq!(by["0"].preemptions, 0);
+        // Its answer took 1000 − 100 − 700 ms at the backend.
+        assert_eq!(by["10"].model_ms.p50, Some(200.0));
+        assert_eq!(by["0"].model_ms.p50, Some(900.0));
+        // Busy: the answered attempts, 900 ms at most (they overlap).
+        assert!((r.all.busy_seconds - 0.9).abs() < 1e-9);
+        let text = render(&r, "t.jsonl");
+        assert!(text.contains("| 10 | 2 | 0.7 |"), "{text}");
+        assert!(!render(
+            &read(
+                line(Some(0), "ok", "2026-11-27T10:00:00.000Z", 1.0, 2.0).as_bytes(),
+                None
+            )
+            .unwrap(),
+            "t"
+        )
+        .contains("Preempted"));
     }
 
     #[test]

@@ -229,7 +229,7 @@ impl Router {
         i: usize,
         priority: i32,
         share: &crate::admission::Share,
-        replay: Option<crate::admission::Replayable>,
+        replay: impl FnOnce() -> Option<crate::admission::Replayable>,
     ) -> Acquire {
         self.table
             .load()

@@ -365,7 +365,7 @@ where
     let admit = req.admit().cloned().unwrap_or_else(|| Admit::new(0));
     let i = router.pick(req.model(), Some(req.route()))?;
     req.set_route(i);
-    let replay = req.replayable().map(|r| Replayable { preemptions, ..r });
+    let replay = || req.replayable().map(|r| Replayable { preemptions, ..r });
     Ok(
         match router.acquire(i, admit.priority, &admit.share, replay) {
             Acquire::Admitted(permit) => {

@@ -29,7 +29,16 @@ pub struct Permit {
     priority: Priority,
     tenant: TenantId,
     started: Instant,
-    /// Set while it may be preempted (see [`preempt`](super::preempt)).
+    /// Only with preemption on (boxed: a permit travels inside the
+    /// response body, which is moved layer by layer; without preemption it
+    /// stays as small as it was).
+    preempt: Option<Box<Preemption>>,
+}
+
+/// A permit's part in preemption (see [`preempt`](super::preempt)).
+#[derive(Debug, Default)]
+struct Preemption {
+    /// Set while it may be preempted.
     victim: Option<Victim>,
     /// Times its request was preempted before this run.
     preemptions: u32,
@@ -70,9 +79,7 @@ impl Permit {
             priority,
             tenant,
             started,
-            victim: None,
-            preemptions: 0,
-            handover: None,
+            preempt: None,
         }
     }
 
@@ -88,28 +95,30 @@ impl Permit {
 
     /// Make it a preemption candidate (the scheduler did, as `run`).
     pub(crate) fn preemptible(&mut self, run: u64, rx: oneshot::Receiver<Preempted>) {
-        self.victim = Some(Victim { run, rx: Some(rx) });
+        self.preemption().victim = Some(Victim { run, rx: Some(rx) });
     }
 
     /// Note how often its request was preempted before.
     pub(crate) fn set_preemptions(&mut self, n: u32) {
-        self.preemptions = n;
+        self.preemption().preemptions = n;
     }
 
     /// Wait for the request it took the slot from to have dropped its
     /// upstream call.
     pub(crate) fn handed_over(&mut self, rx: oneshot::Receiver<()>) {
-        self.handover = Some(rx);
+        self.preemption().handover = Some(rx);
     }
 
     /// Ready once its slot is its own to use (at once, unless it was taken
     /// from a preempted request that has not stopped yet).
     pub(crate) fn poll_handover(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         use std::future::Future;
-        if let Some(rx) = &mut self.handover {
-            // Sent or dropped: either way the other request is done.
-            std::task::ready!(Pin::new(rx).poll(cx)).ok();
-            self.handover = None;
+        if let Some(p) = &mut self.preempt {
+            if let Some(rx) = &mut p.handover {
+                // Sent or dropped: either way the other request is done.
+                std::task::ready!(Pin::new(rx).poll(cx)).ok();
+                p.handover = None;
+            }
         }
         Poll::Ready(())
     }
@@ -117,17 +126,17 @@ impl Permit {
     /// Whether it may still be preempted: its request must be kept to be
     /// sent again.
     pub fn is_preemptible(&self) -> bool {
-        self.victim.as_ref().is_some_and(|v| v.rx.is_some())
+        self.victim().is_some_and(|v| v.rx.is_some())
     }
 
     /// Times its request was preempted before this run.
     pub fn preemptions(&self) -> u32 {
-        self.preemptions
+        self.preempt.as_ref().map_or(0, |p| p.preemptions)
     }
 
     /// Its entry among the scheduler's candidates, if it was one.
     pub(crate) fn run(&self) -> Option<u64> {
-        self.victim.as_ref().map(|v| v.run)
+        self.victim().map(|v| v.run)
     }
 
     /// Ready with its request's new place once it was preempted: its slot
@@ -135,14 +144,14 @@ impl Permit {
     /// nothing.
     pub(crate) fn poll_preempted(&mut self, cx: &mut Context<'_>) -> Poll<Preempted> {
         use std::future::Future;
-        let Some(rx) = self.victim.as_mut().and_then(|v| v.rx.as_mut()) else {
+        let Some(rx) = self.victim_mut().and_then(|v| v.rx.as_mut()) else {
             return Poll::Pending;
         };
         match Pin::new(rx).poll(cx) {
             Poll::Ready(Ok(p)) => Poll::Ready(self.revoked(p)),
             Poll::Ready(Err(_)) => {
                 // No longer a candidate (preemption was turned off).
-                if let Some(v) = &mut self.victim {
+                if let Some(v) = self.victim_mut() {
                     v.rx = None;
                 }
                 Poll::Pending
@@ -155,7 +164,7 @@ impl Permit {
     /// with the new place if it was preempted first (the answer must then
     /// be thrown away).
     pub(crate) fn answered(&mut self) -> Option<Preempted> {
-        let mut rx = self.victim.as_mut()?.rx.take()?;
+        let mut rx = self.victim_mut()?.rx.take()?;
         // After `close`, a place sent before it is still there to take.
         rx.close();
         let p = rx.try_recv().ok()?;
@@ -165,10 +174,22 @@ impl Permit {
     fn revoked(&mut self, p: Preempted) -> Preempted {
         // The scheduler already counted the slot as freed.
         self.scheduler = None;
-        if let Some(v) = &mut self.victim {
+        if let Some(v) = self.victim_mut() {
             v.rx = None;
         }
         p
+    }
+
+    fn preemption(&mut self) -> &mut Preemption {
+        self.preempt.get_or_insert_with(Box::default)
+    }
+
+    fn victim(&self) -> Option<&Victim> {
+        self.preempt.as_ref()?.victim.as_ref()
+    }
+
+    fn victim_mut(&mut self) -> Option<&mut Victim> {
+        self.preempt.as_mut()?.victim.as_mut()
     }
 
     /// Forget the slot without releasing it: the scheduler accounts for it

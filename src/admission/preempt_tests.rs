@@ -72,9 +72,9 @@ fn share() -> Share {
 #[tokio::test(start_paused = true)]
 async fn an_urgent_arrival_takes_the_slot_of_a_batch_request_that_has_not_answered() {
     let s = Scheduler::new(limits(1, ON));
-    let mut batch = admitted(s.acquire_as(10, &share(), JSON));
+    let mut batch = admitted(s.acquire_as(10, &share(), || JSON));
     tokio::time::advance(Duration::from_secs(3)).await;
-    let urgent = admitted(s.acquire_as(0, &share(), None));
+    let urgent = admitted(s.acquire_as(0, &share(), || None));
     let snap = s.snapshot();
     assert_eq!((snap.running, snap.waiting), (1, 1));
     assert_eq!(snap.running_by_priority.get(&0), Some(&1));
@@ -111,8 +111,8 @@ async fn nothing_is_preempted_without_preemption_or_by_the_not_urgent() {
         (ON, 0, None),
     ] {
         let s = Scheduler::new(limits(1, preempt));
-        let mut batch = admitted(s.acquire_as(10, &share(), victim));
-        let _urgent = queued(s.acquire_as(urgent_priority, &share(), None));
+        let mut batch = admitted(s.acquire_as(10, &share(), || victim));
+        let _urgent = queued(s.acquire_as(urgent_priority, &share(), || None));
         assert!(preempted(&mut batch).await.is_none());
         assert_eq!(s.snapshot().running_by_priority.get(&10), Some(&1));
     }
@@ -121,10 +121,10 @@ async fn nothing_is_preempted_without_preemption_or_by_the_not_urgent() {
 #[tokio::test(start_paused = true)]
 async fn a_request_that_answered_is_not_preempted() {
     let s = Scheduler::new(limits(1, ON));
-    let mut stream = admitted(s.acquire_as(10, &share(), JSON));
+    let mut stream = admitted(s.acquire_as(10, &share(), || JSON));
     assert!(stream.answered().is_none(), "nobody preempted it yet");
     assert!(!stream.is_preemptible());
-    let _urgent = queued(s.acquire_as(0, &share(), None));
+    let _urgent = queued(s.acquire_as(0, &share(), || None));
     assert!(preempted(&mut stream).await.is_none());
     assert_eq!(s.snapshot().running_by_priority.get(&10), Some(&1));
 }
@@ -132,8 +132,8 @@ async fn a_request_that_answered_is_not_preempted() {
 #[tokio::test(start_paused = true)]
 async fn an_answer_that_comes_after_the_preemption_is_thrown_away() {
     let s = Scheduler::new(limits(1, ON));
-    let mut batch = admitted(s.acquire_as(10, &share(), JSON));
-    let _urgent = admitted(s.acquire_as(0, &share(), None));
+    let mut batch = admitted(s.acquire_as(10, &share(), || JSON));
+    let _urgent = admitted(s.acquire_as(0, &share(), || None));
     // The answer arrives before the victim noticed: it must go again.
     assert!(batch.answered().is_some());
 }
@@ -141,19 +141,19 @@ async fn an_answer_that_comes_after_the_preemption_is_thrown_away() {
 #[tokio::test(start_paused = true)]
 async fn the_victim_is_the_least_urgent_and_of_those_the_latest_started() {
     let s = Scheduler::new(limits(3, ON));
-    let mut old10 = admitted(s.acquire_as(10, &share(), JSON));
+    let mut old10 = admitted(s.acquire_as(10, &share(), || JSON));
     tokio::time::advance(Duration::from_secs(1)).await;
-    let mut new10 = admitted(s.acquire_as(10, &share(), JSON));
-    let mut five = admitted(s.acquire_as(5, &share(), JSON));
-    let _u1 = admitted(s.acquire_as(0, &share(), None));
+    let mut new10 = admitted(s.acquire_as(10, &share(), || JSON));
+    let mut five = admitted(s.acquire_as(5, &share(), || JSON));
+    let _u1 = admitted(s.acquire_as(0, &share(), || None));
     assert!(preempted(&mut new10).await.is_some(), "least work lost");
     assert!(preempted(&mut old10).await.is_none());
-    let _u2 = admitted(s.acquire_as(0, &share(), None));
+    let _u2 = admitted(s.acquire_as(0, &share(), || None));
     assert!(preempted(&mut old10).await.is_some());
-    let _u3 = admitted(s.acquire_as(0, &share(), None));
+    let _u3 = admitted(s.acquire_as(0, &share(), || None));
     assert!(preempted(&mut five).await.is_some());
     assert!(matches!(
-        s.acquire_as(0, &share(), None),
+        s.acquire_as(0, &share(), || None),
         Acquire::Queued(_)
     ));
 }
@@ -161,25 +161,25 @@ async fn the_victim_is_the_least_urgent_and_of_those_the_latest_started() {
 #[tokio::test(start_paused = true)]
 async fn a_request_is_preempted_at_most_max_preemptions_times() {
     let s = Scheduler::new(limits(1, ON));
-    let mut batch = admitted(s.acquire_as(10, &share(), JSON));
+    let mut batch = admitted(s.acquire_as(10, &share(), || JSON));
     for round in 1..=2 {
-        let urgent = admitted(s.acquire_as(0, &share(), None));
+        let urgent = admitted(s.acquire_as(0, &share(), || None));
         let mut place = preempted(&mut batch).await.expect("preempted");
         drop(urgent);
         batch = place.try_take().expect("its turn").unwrap();
         assert_eq!(batch.preemptions(), round);
         assert_eq!(batch.is_preemptible(), round < 2, "twice is the most");
     }
-    let _urgent = queued(s.acquire_as(0, &share(), None));
+    let _urgent = queued(s.acquire_as(0, &share(), || None));
     assert!(preempted(&mut batch).await.is_none());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_victim_keeps_its_place_ahead_of_later_arrivals_of_its_priority() {
     let s = Scheduler::new(limits(1, ON));
-    let mut batch = admitted(s.acquire_as(10, &share(), JSON));
-    let mut later = queued(s.acquire_as(10, &share(), JSON));
-    let urgent = admitted(s.acquire_as(0, &share(), None));
+    let mut batch = admitted(s.acquire_as(10, &share(), || JSON));
+    let mut later = queued(s.acquire_as(10, &share(), || JSON));
+    let urgent = admitted(s.acquire_as(0, &share(), || None));
     let mut place = preempted(&mut batch).await.expect("preempted");
     drop(urgent);
     let _running = place.try_take().expect("it goes first").unwrap();
@@ -189,8 +189,8 @@ async fn a_victim_keeps_its_place_ahead_of_later_arrivals_of_its_priority() {
 #[tokio::test(start_paused = true)]
 async fn a_victim_whose_client_left_frees_nothing_twice() {
     let s = Scheduler::new(limits(1, ON));
-    let batch = admitted(s.acquire_as(10, &share(), JSON));
-    let urgent = admitted(s.acquire_as(0, &share(), None));
+    let batch = admitted(s.acquire_as(10, &share(), || JSON));
+    let urgent = admitted(s.acquire_as(0, &share(), || None));
     // It never noticed: its permit (and with it the new place) goes.
     drop(batch);
     let snap = s.snapshot();
@@ -204,15 +204,15 @@ async fn a_victim_whose_client_left_frees_nothing_twice() {
 #[tokio::test(start_paused = true)]
 async fn turning_preemption_off_by_reload_leaves_running_requests_be() {
     let s = Scheduler::new(limits(1, ON));
-    let mut batch = admitted(s.acquire_as(10, &share(), JSON));
+    let mut batch = admitted(s.acquire_as(10, &share(), || JSON));
     s.reconfigure(&limits(1, None), false);
     assert!(preempted(&mut batch).await.is_none());
     assert!(!batch.is_preemptible());
-    let mut urgent = queued(s.acquire_as(0, &share(), None));
+    let mut urgent = queued(s.acquire_as(0, &share(), || None));
     // And on again, with more room: new starts are candidates.
     s.reconfigure(&limits(3, ON), false);
     let _urgent = urgent.try_take().expect("a slot freed").unwrap();
-    let batch2 = admitted(s.acquire_as(10, &share(), JSON));
+    let batch2 = admitted(s.acquire_as(10, &share(), || JSON));
     assert!(batch2.is_preemptible());
     assert!(!batch.is_preemptible());
 }
@@ -231,13 +231,13 @@ fn lending(preempt: Option<Preemption>) -> Arc<Scheduler> {
 async fn an_idle_reserved_slot_is_lent_to_batch_work_and_taken_back_at_once() {
     let s = lending(ON);
     let mut running: Vec<Permit> = (0..2)
-        .map(|_| admitted(s.acquire_as(10, &share(), JSON)))
+        .map(|_| admitted(s.acquire_as(10, &share(), || JSON)))
         .collect();
     let mut waiting: Vec<Ticket> = (0..8)
-        .map(|_| queued(s.acquire_as(10, &share(), JSON)))
+        .map(|_| queued(s.acquire_as(10, &share(), || JSON)))
         .collect();
     assert_eq!(s.snapshot().running, 2, "both slots work for the flood");
-    let urgent = admitted(s.acquire_as(0, &share(), None));
+    let urgent = admitted(s.acquire_as(0, &share(), || None));
     let mut victim = None;
     for p in &mut running {
         if let Some(t) = preempted(p).await {
@@ -261,8 +261,8 @@ async fn reserved_slots_are_not_lent_without_preemption_nor_to_streams() {
     });
     for (preempt, replay) in [(None, JSON), (ON, stream), (ON, None)] {
         let s = lending(preempt);
-        let _one = admitted(s.acquire_as(10, &share(), replay));
-        let _two = queued(s.acquire_as(10, &share(), replay));
+        let _one = admitted(s.acquire_as(10, &share(), || replay));
+        let _two = queued(s.acquire_as(10, &share(), || replay));
         assert_eq!(s.snapshot().running, 1);
     }
 }
@@ -276,8 +276,8 @@ async fn a_reservation_not_every_priority_of_which_may_preempt_is_not_lent() {
         }],
         ..limits(2, ON)
     });
-    let _one = admitted(s.acquire_as(10, &share(), JSON));
-    let _two = queued(s.acquire_as(10, &share(), JSON));
+    let _one = admitted(s.acquire_as(10, &share(), || JSON));
+    let _two = queued(s.acquire_as(10, &share(), || JSON));
 }
 
 /// A scripted upstream: answers `urgent` at once and holds `batch` for a

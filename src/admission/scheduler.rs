@@ -352,18 +352,19 @@ impl Scheduler {
     /// Ask for a slot at `priority`, for `share`'s tenant, for a request
     /// that cannot be sent again (its body is streamed): never preempted.
     pub fn acquire(self: &Arc<Self>, priority: Priority, share: &Share) -> Acquire {
-        self.acquire_as(priority, share, None)
+        self.acquire_as(priority, share, || None)
     }
 
-    /// Ask for a slot at `priority`, for `share`'s tenant; `replay` is set
-    /// when the request could be stopped and sent again. With preemption
-    /// on, an urgent request that finds no slot takes one from a less
-    /// urgent running request that has not answered yet.
+    /// Ask for a slot at `priority`, for `share`'s tenant; `replay` says,
+    /// when asked (only with preemption on), whether the request could be
+    /// stopped and sent again. With preemption on, an urgent request that
+    /// finds no slot takes one from a less urgent running request that has
+    /// not answered yet.
     pub fn acquire_as(
         self: &Arc<Self>,
         priority: Priority,
         share: &Share,
-        replay: Option<Replayable>,
+        replay: impl FnOnce() -> Option<Replayable>,
     ) -> Acquire {
         let now = Instant::now();
         let mut evicted = None;
@@ -382,7 +383,10 @@ impl Scheduler {
             // could start: one whose tenant is at its cap is set aside).
             st.park_capped_heads();
             let ahead = st.queue.first().is_some_and(|k| k.priority() <= priority);
-            let replay = st.may_preempt(replay);
+            let replay = match st.preempt {
+                Some(_) => st.may_preempt(replay()),
+                None => None,
+            };
             let lend = replay.is_some_and(|r| !r.stream);
             let room = !ahead && !at_cap && st.headroom_for(priority, lend, None) > 0;
             let handover = match room || ahead || at_cap {

@@ -121,7 +121,7 @@ where
                 Err(refused) => ResponseFuture::rejected(refused),
             };
         };
-        let replay = req.replayable();
+        let replay = || req.replayable();
         let (acquired, router) = match &self.schedulers {
             Schedulers::One(one) => (one.acquire_as(admit.priority, &admit.share, replay), None),
             Schedulers::Routed(router) => {

@@ -112,6 +112,17 @@ pub struct ServeArgs {
     /// (key: reserve).
     #[arg(long = "reserve", value_name = "MAX_PRIORITY:SLOTS", value_parser = parse_reservation, allow_hyphen_values = true)]
     pub reserve: Vec<crate::admission::Reservation>,
+    /// Let an urgent request take the slot of a less urgent one that has
+    /// not answered yet, which waits and goes again (key: preempt).
+    #[arg(long, value_name = "BOOL")]
+    pub preempt: Option<bool>,
+    /// The least urgent priority that may preempt (key:
+    /// preempt_max_priority).
+    #[arg(long, value_name = "PRIORITY", allow_hyphen_values = true)]
+    pub preempt_max_priority: Option<i32>,
+    /// Most times one request is preempted (key: max_preemptions).
+    #[arg(long, value_name = "N")]
+    pub max_preemptions: Option<u32>,
     /// Most bytes of admitted bodies held at once (key: max_buffered_bytes).
     #[arg(long, value_name = "BYTES")]
     pub max_buffered_bytes: Option<usize>,
@@ -256,6 +267,9 @@ impl ServeArgs {
             max_header_bytes,
             max_headers,
             promote_after,
+            preempt,
+            preempt_max_priority,
+            max_preemptions,
             trust_tenant_header,
             stream_usage,
             stream_upgrade,
