@@ -19,6 +19,7 @@ fn the_demo_runs_and_shows_priority_report_and_reservation() {
         "`anteroom report --by priority`",
         "| all | queue wait |",
         "Reserved capacity",
+        "Preemption",
         "Knowing the backend",
     ] {
         assert!(text.contains(want), "missing `{want}` in\n{text}");
@@ -42,6 +43,30 @@ fn the_demo_runs_and_shows_priority_report_and_reservation() {
         reserved < priority_only,
         "reserved {reserved} ms, priority only {priority_only} ms\n{text}"
     );
+    // Preemption lets the interactive user past a running non-streamed
+    // eval request, which otherwise holds the one slot for a second.
+    let waited = ttft("no preemption");
+    let preempted = ttft("preempt = true");
+    assert!(
+        preempted < waited,
+        "preempted {preempted} ms, without {waited} ms\n{text}"
+    );
+    let rate = |label: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("no `{label}` line in\n{text}"));
+        line.split_whitespace()
+            .rev()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number in `{line}`"))
+    };
+    // A reserved slot idles without urgent work; lent out, it serves the
+    // flood (one slot's worth of 40-token requests more).
+    let idle = rate("reserved for priority <= 0, idle");
+    let lent = rate("lent out");
+    assert!(lent > idle * 1.5, "lent {lent}, idle {idle}\n{text}");
     // Discovery: the slots read from the backend, whose own queue stays
     // empty; a limit too high fills it.
     let line = |label: &str| {

@@ -9,7 +9,9 @@
 //! the `anteroom report` of its own request log, and, in a second part, an
 //! interactive user's time to first token beside an eval flood: on an idle
 //! backend, with priority alone, and with one slot reserved for urgent work.
-//! A third part shows discovery: a llama.cpp-like simulator behind
+//! Then preemption: the same user beside a flood of non-streamed eval
+//! requests on one slot, with and without it, and the flood's throughput
+//! with a reserved slot idle and lent out. A last part shows discovery: a llama.cpp-like simulator behind
 //! `max_concurrency = "backend"`, its slots read from `/props`, and its own
 //! queue empty where a limit too high fills it.
 
@@ -144,10 +146,11 @@ pub async fn run(args: DemoArgs) -> Result<(), BoxError> {
         let _ = std::fs::remove_file(&log_path);
     }
     reservation().await?;
+    preemption().await?;
     discovery().await
 }
 
-/// Part three: the limit read from the backend, and the backend's own queue
+/// Part four: the limit read from the backend, and the backend's own queue
 /// with it and with a limit too high.
 async fn discovery() -> Result<(), BoxError> {
     const SLOTS: usize = 3;
@@ -302,6 +305,168 @@ async fn reservation() -> Result<(), BoxError> {
     }
     for (label, ms) in rows {
         println!("  interactive time to first token, {label:<52} {ms:>5} ms");
+    }
+    Ok(())
+}
+
+/// A demo proxy in front of `sim`, adjusted by `f`.
+async fn demo_proxy(
+    sim: &sim::SimHandle,
+    f: impl FnOnce(&mut FileConfig),
+) -> Result<super::serve::Running, BoxError> {
+    let mut file = FileConfig {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        upstream: sim.url().into(),
+        ..FileConfig::default()
+    };
+    f(&mut file);
+    Ok(super::serve::start(&file.validate()?).await?)
+}
+
+/// `workers` eval workers sending non-streamed requests of `tokens` back to
+/// back at priority 10; each completion adds its tokens to the count.
+fn json_flood(
+    client: &DemoClient,
+    url: &str,
+    workers: usize,
+    tokens: usize,
+    done: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..workers)
+        .map(|_| {
+            let (client, url, done) = (client.clone(), url.to_owned(), done.clone());
+            tokio::spawn(async move {
+                loop {
+                    let body = serde_json::json!({
+                        "model": "anteroom-sim",
+                        "max_tokens": tokens,
+                        "messages": [{"role": "user", "content": "Answer the question."}],
+                    });
+                    let Ok(req) = Request::post(&url)
+                        .header("content-type", "application/json")
+                        .header("x-priority", 10)
+                        .body(Full::new(Bytes::from(body.to_string())))
+                    else {
+                        break;
+                    };
+                    let Ok(resp) = client.request(req).await else {
+                        break;
+                    };
+                    let ok = resp.status().is_success();
+                    if resp.into_body().collect().await.is_err() {
+                        break;
+                    }
+                    if ok {
+                        done.fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Part three: preemption. An interactive user beside a flood of
+/// non-streamed eval requests on one slot, with and without preemption;
+/// then the flood's throughput on two slots with none reserved, one
+/// reserved and idle, and one reserved but lent out.
+async fn preemption() -> Result<(), BoxError> {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let serial = sim::start(
+        loopback,
+        SimConfig {
+            mode: Mode::Serial,
+            ttft: Duration::from_millis(30),
+            tokens_per_second: 200.0,
+            ..SimConfig::default()
+        },
+    )
+    .await?;
+    println!(
+        "\nPreemption: a serial simulator (1 slot) behind max_concurrency 1; an eval flood of \
+         non-streamed 1 s requests (priority 10, nobody sees them until they are done) and an \
+         interactive user (priority 0).\n"
+    );
+    let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
+    for (label, preempt) in [
+        ("under the flood, no preemption", false),
+        ("under the flood, preempt = true", true),
+    ] {
+        let proxy = demo_proxy(&serial, |c| {
+            c.max_concurrency = 1.into();
+            c.preempt = preempt;
+        })
+        .await?;
+        let url = format!("{}/v1/chat/completions", proxy.url());
+        let done = std::sync::Arc::default();
+        let flood = json_flood(&client, &url, 4, 200, &done);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut ttft = Vec::new();
+        for _ in 0..3 {
+            ttft.push(first_token(&client, &url, 0, 4).await?.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        for f in flood {
+            f.abort();
+        }
+        ttft.sort_unstable();
+        let snap = proxy.scheduler.snapshot();
+        let wasted = snap
+            .preempted
+            .map(|p| p.values().map(|c| c.wasted_seconds).sum::<f64>())
+            .unwrap_or(0.0);
+        println!(
+            "  interactive time to first token, {label:<52} {:>5} ms",
+            ttft[ttft.len() / 2]
+        );
+        if preempt {
+            println!("    (the eval requests' generation thrown away: {wasted:.2} s)");
+        }
+    }
+    let batch = sim::start(
+        loopback,
+        SimConfig {
+            mode: Mode::Batch,
+            slots: 2,
+            ttft: Duration::from_millis(10),
+            tokens_per_second: 200.0,
+            batch_slowdown: 0.0,
+            ..SimConfig::default()
+        },
+    )
+    .await?;
+    println!(
+        "\n  the flood alone on a batch simulator with 2 slots (max_concurrency 2), no urgent work:"
+    );
+    for (label, reserve, preempt) in [
+        ("no reservation", false, false),
+        ("1 slot reserved for priority <= 0, idle", true, false),
+        ("1 slot reserved, lent out (preempt = true)", true, true),
+    ] {
+        let proxy = demo_proxy(&batch, |c| {
+            c.max_concurrency = 2.into();
+            c.preempt = preempt;
+            if reserve {
+                c.reserve = vec![crate::admission::Reservation {
+                    max_priority: 0,
+                    slots: 1,
+                }];
+            }
+        })
+        .await?;
+        let url = format!("{}/v1/chat/completions", proxy.url());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let window = Duration::from_secs(2);
+        let flood = json_flood(&client, &url, 4, 40, &done);
+        tokio::time::sleep(window).await;
+        for f in flood {
+            f.abort();
+        }
+        let tokens = done.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "  eval throughput, {label:<52} {:>5.0} tokens/s",
+            tokens as f64 / window.as_secs_f64()
+        );
     }
     Ok(())
 }
