@@ -16,7 +16,9 @@
 //!
 //! [`watch`](fn@watch) reads each upstream at start and every `health_interval`
 //! (its kind and slots), and its running and waiting counts every
-//! [`LOAD_EVERY`] where it reports them. A probe never delays or fails a
+//! [`LOAD_EVERY`] where it reports them ([`LLAMA_LOAD_EVERY`] for
+//! llama.cpp, whose disconnect checks frequent reads would starve). A
+//! probe never delays or fails a
 //! client's request: it runs in a task of its own, on a connection of its
 //! own, with a bounded body and a time-out. A probe that fails keeps the
 //! last good reading (said once in the log and in `/status`).
@@ -37,7 +39,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-pub use watch::{watch, LOAD_EVERY};
+pub use watch::{watch, LLAMA_LOAD_EVERY, LOAD_EVERY};
 
 /// A kind of model server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -16,6 +16,16 @@ use crate::upstream::Origin;
 /// couple of requests' time.
 pub const LOAD_EVERY: Duration = Duration::from_millis(500);
 
+/// How often a llama.cpp upstream's load is read: less often than once a
+/// second. llama-server looks whether a waiting request's client is still
+/// there only after a second in which no result of any of its tasks came
+/// (`recv_with_timeout` with its `HTTP_POLLING_SECONDS` of 1, which every
+/// result restarts), and each read of `/metrics` or `/slots` is a task of
+/// its own: read every 500 ms, it never looks, and a non-streamed request
+/// whose client left (or that anteroom preempted) is generated to its end
+/// for nobody while the next one waits inside it.
+pub const LLAMA_LOAD_EVERY: Duration = Duration::from_millis(1500);
+
 /// GET `path`: the body of a 200, `Ok(None)` for another status, `Err` when
 /// the backend could not be reached or did not answer in time.
 async fn get_ok(origin: &Origin, path: &str) -> Result<Option<Bytes>, String> {
@@ -236,11 +246,12 @@ pub async fn watch(weak: Weak<Router>, id: u64, every: Duration) {
                 Err(why) => backend.failed(&name, why),
             }
         }
+        let llama = backend.kind() == Some(Kind::LlamaCpp);
         drop(backend);
-        let pause = if load_path.is_some() || identified_at.is_none() {
-            LOAD_EVERY
-        } else {
-            every
+        let pause = match (load_path, identified_at) {
+            (Some(_), _) if llama => LLAMA_LOAD_EVERY,
+            (Some(_), _) | (None, None) => LOAD_EVERY,
+            (None, Some(_)) => every,
         };
         tokio::time::sleep(pause).await;
     }

@@ -57,13 +57,18 @@ impl Drop for LlamaServer {
 /// Start llama-server with `slots` slots on a free loopback port and wait
 /// (bounded) until it has loaded the model.
 async fn llama_server(slots: usize) -> LlamaServer {
+    llama_server_with(slots, 512).await
+}
+
+/// [`llama_server`] with `ctx` tokens of context per slot.
+async fn llama_server_with(slots: usize, ctx: usize) -> LlamaServer {
     let (bin, model) = artifacts();
     let port = free_port();
     let child = Command::new(bin)
         .args(["-m", model.to_str().unwrap()])
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--parallel", &slots.to_string()])
-        .args(["-c", &(512 * slots).to_string()])
+        .args(["-c", &(ctx * slots).to_string()])
         .args(["--threads", "1", "--metrics", "--no-webui"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -379,4 +384,88 @@ async fn an_upgraded_answer_equals_llama_servers_own() {
             "{r:?}"
         );
     }
+}
+
+/// A metric of llama-server's `/metrics`.
+async fn server_metric(server: &LlamaServer, name: &str) -> usize {
+    let (_, text) = send(
+        &server.url,
+        Request::get("/metrics").body(Full::default()).unwrap(),
+    )
+    .await;
+    anteroom::backend::parse::metric(std::str::from_utf8(&text).unwrap(), name)
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+/// Preemption in front of the real llama-server, anteroom's limit 1, the
+/// server with one slot and with a spare one: an urgent request takes the
+/// slot of a running non-streamed generation; llama-server stops that
+/// generation when anteroom closes its connection (it generates far fewer
+/// tokens than two whole runs: this needs anteroom to read its load less
+/// often than once a second, see `LLAMA_LOAD_EVERY`), the urgent one is
+/// answered while the other is still to finish, and the preempted one
+/// then gets its whole answer, its record saying it was preempted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_generation_stops_in_llama_server_and_runs_again_whole() {
+    for slots in [1, 2] {
+        preempt_in_front_of(slots).await;
+    }
+}
+
+async fn preempt_in_front_of(slots: usize) {
+    let server = llama_server_with(slots, 4096).await;
+    let log = log_path(&format!("tier2-preempt-{slots}"));
+    let log_s = log.display().to_string();
+    let proxy = proxy(&server.url, |c| {
+        c.max_concurrency = 1.into();
+        c.preempt = true;
+        c.request_log = log_s;
+    })
+    .await;
+    until_identified(&proxy).await;
+    const TOKENS: usize = 1200;
+    let batch = {
+        let url = proxy.url();
+        tokio::spawn(async move { send(&url, generation(false, TOKENS, "batch", Some(10))).await })
+    };
+    wait_until("the batch request runs", || {
+        proxy.scheduler.snapshot().running == 1
+    })
+    .await;
+    // Let it generate for a while.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let start = tokio::time::Instant::now();
+    let (status, body) = send(&proxy.url(), generation(false, 8, "urgent", Some(0))).await;
+    let urgent_took = start.elapsed();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        !batch.is_finished(),
+        "the urgent request did not wait for it"
+    );
+    let (status, body) = batch.await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], TOKENS, "{answer}");
+    let recs = by_id(&records(&proxy, &log).await);
+    let b = &recs["batch"].timings;
+    assert_eq!(b.preemptions, 1, "{b:?}");
+    assert!(b.preempted_ms > 500.0, "{b:?}");
+    let predicted = server_metric(&server, "llamacpp:tokens_predicted_total").await;
+    eprintln!(
+        "{slots} slot(s): urgent answered in {urgent_took:?} (preempted attempt ran {:.0} ms); \
+         llama-server predicted {predicted} tokens in all",
+        b.preempted_ms
+    );
+    // Had the stopped attempt run to its end: 2 × 1200 + 8. With a spare
+    // slot it runs on beside the others until llama-server looks (a second
+    // without any result of its tasks), so only "before its end" is sure.
+    let most = if slots == 1 {
+        TOKENS + TOKENS / 2
+    } else {
+        2 * TOKENS
+    };
+    assert!(
+        predicted < most,
+        "llama-server kept generating the preempted request: {predicted} tokens"
+    );
 }
