@@ -28,8 +28,21 @@ async fn logged(
     HttpClient,
     std::path::PathBuf,
 ) {
+    logged_with(name, sim_config(Mode::Serial)).await
+}
+
+/// [`logged`], with this simulator.
+async fn logged_with(
+    name: &str,
+    cfg: anteroom::sim::SimConfig,
+) -> (
+    anteroom::sim::SimHandle,
+    anteroom::cli::serve::Running,
+    HttpClient,
+    std::path::PathBuf,
+) {
     let log = log_path(name);
-    let (sim, proxy, client) = setup(sim_config(Mode::Serial), |c| {
+    let (sim, proxy, client) = setup(cfg, |c| {
         preempting(c);
         c.request_log = log.display().to_string();
     })
@@ -297,4 +310,45 @@ async fn preemption_turned_on_by_reload_applies_to_the_next_requests() {
         events(&sim)[..3],
         ["start batch", "cancel batch", "start urgent"]
     );
+}
+
+#[tokio::test]
+async fn a_request_preempted_while_it_backs_off_goes_again_once_whole() {
+    // Every second generation request is refused with a 429 and a one
+    // second Retry-After: the batch request is refused and waits it out
+    // inside its slot when the urgent one takes that slot.
+    let cfg = anteroom::sim::SimConfig {
+        reject_share: 0.5,
+        reject_status: 429,
+        reject_retry_after: Some(Duration::from_secs(1)),
+        ..sim_config(Mode::Serial)
+    };
+    let (sim, proxy, client, log) = logged_with("preempt-backoff", cfg).await;
+    let resp = post(&client, &proxy.url(), 10, "warm", chat(false, 2)).await;
+    assert_eq!(resp.status(), 200, "the first is let in");
+    body_bytes(resp).await;
+    let batch = {
+        let (client, url) = (client.clone(), proxy.url());
+        tokio::spawn(async move {
+            let resp = post(&client, &url, 10, "batch", chat(false, 20)).await;
+            (resp.status(), body_json(resp).await)
+        })
+    };
+    wait_until("the batch request was refused once", || {
+        sim.stats().rejected == 1
+    })
+    .await;
+    let resp = post(&client, &proxy.url(), 0, "urgent", chat(false, 2)).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    let (status, body) = batch.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 20);
+    let records = by_id(&records(&proxy, &log).await);
+    assert_eq!(records.len(), 3);
+    assert_eq!(records["batch"].timings.preemptions, 1);
+    // Whatever the refusals, it ran to its end once, after the urgent one.
+    let ev = events(&sim);
+    let done: Vec<_> = ev.iter().filter(|e| e.starts_with("done")).collect();
+    assert_eq!(done, ["done warm", "done urgent", "done batch"], "{ev:?}");
 }
