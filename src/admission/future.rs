@@ -144,11 +144,20 @@ where
                     router,
                 })),
             },
-            None => State::Running {
-                fut: Oneshot::new(svc, req),
-                permit: Some(permit),
-                again: None,
-            },
+            None => {
+                let mut permit = permit;
+                if permit.is_preemptible() {
+                    // No copy to go again with (a body that cannot be
+                    // replayed): it must not be chosen, as it could not
+                    // give its slot back.
+                    drop(permit.answered());
+                }
+                State::Running {
+                    fut: Oneshot::new(svc, req),
+                    permit: Some(permit),
+                    again: None,
+                }
+            }
         }
     }
 
