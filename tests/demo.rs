@@ -24,7 +24,8 @@ fn the_demo_runs_and_shows_priority_report_and_reservation() {
     ] {
         assert!(text.contains(want), "missing `{want}` in\n{text}");
     }
-    let ttft = |label: &str| -> u64 {
+    // The figure before the unit at the end of the first line with `label`.
+    let number = |label: &str| -> f64 {
         let line = text
             .lines()
             .find(|l| l.contains(label))
@@ -35,8 +36,8 @@ fn the_demo_runs_and_shows_priority_report_and_reservation() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no number in `{line}`"))
     };
-    let priority_only = ttft("priority only");
-    let reserved = ttft("1 slot reserved");
+    let priority_only = number("priority only");
+    let reserved = number("1 slot reserved");
     // A reserved slot lets the interactive user past the running flood;
     // priority alone makes it wait for a flood stream to end.
     assert!(
@@ -45,27 +46,16 @@ fn the_demo_runs_and_shows_priority_report_and_reservation() {
     );
     // Preemption lets the interactive user past a running non-streamed
     // eval request, which otherwise holds the one slot for a second.
-    let waited = ttft("no preemption");
-    let preempted = ttft("preempt = true");
+    let waited = number("no preemption");
+    let preempted = number("preempt = true");
     assert!(
         preempted < waited,
         "preempted {preempted} ms, without {waited} ms\n{text}"
     );
-    let rate = |label: &str| -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.contains(label))
-            .unwrap_or_else(|| panic!("no `{label}` line in\n{text}"));
-        line.split_whitespace()
-            .rev()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no number in `{line}`"))
-    };
     // A reserved slot idles without urgent work; lent out, it serves the
     // flood (one slot's worth of 40-token requests more).
-    let idle = rate("reserved for priority <= 0, idle");
-    let lent = rate("lent out");
+    let idle = number("reserved for priority <= 0, idle");
+    let lent = number("lent out");
     assert!(lent > idle * 1.5, "lent {lent}, idle {idle}\n{text}");
     // Discovery: the slots read from the backend, whose own queue stays
     // empty; a limit too high fills it.

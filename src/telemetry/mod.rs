@@ -279,14 +279,6 @@ impl Tap {
         t.upgraded.store(false, Ordering::Relaxed);
     }
 
-    /// Times it was preempted, and the backend time thrown away.
-    pub fn preemptions(&self) -> (u32, Duration) {
-        (
-            self.0.preemptions.load(Ordering::Relaxed),
-            Duration::from_nanos(self.0.preempted_ns.load(Ordering::Relaxed)),
-        )
-    }
-
     /// Note that the upstream's response headers arrived now.
     pub fn headers_arrived(&self) {
         self.stamp(&self.0.headers);
