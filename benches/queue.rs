@@ -6,7 +6,7 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 use tokio::time::Instant;
 
 use anteroom::admission::queue::{PriorityQueue, Push};
-use anteroom::admission::Share;
+use anteroom::types::Share;
 
 const WAITING: usize = 10_000;
 const TENANTS: u64 = 100;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::request::Parts;
 use http::{Method, Request};
 use http_body::Body;
@@ -27,50 +27,18 @@ use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower::{Layer, Service};
 
-use crate::admission::Share;
-use crate::auth::Tenant;
 use crate::deadline::{BodyTimeout, ReadTimeout};
 use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed, RateLimited};
 use crate::json_scan;
 use crate::telemetry::{Classified, Tap};
-use crate::upstream::rewrite::ClientAddr;
+use crate::types::ClientAddr;
+use crate::types::Share;
+use crate::types::Tenant;
+use crate::types::{hashed_tenant, Admit, Model, Priority, PRIORITY_HEADER, TENANT_HEADER};
 use crate::BoxError;
 
 /// The longest `model` name kept for the request's record.
 const MAX_MODEL_LEN: usize = 256;
-
-/// A request's priority: lower is served sooner.
-pub type Priority = i32;
-
-/// The header that sets a request's priority.
-pub const PRIORITY_HEADER: &str = "x-priority";
-
-/// Marks a request for admission, at this priority, for this tenant. Set
-/// by [`Classify`], read by [`Admission`](crate::admission::Admission).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Admit {
-    /// Where it queues.
-    pub priority: Priority,
-    /// Whose share of the slots it uses.
-    pub share: Share,
-    /// The client asked for a stream (its answer reaches it token by
-    /// token, so it cannot be preempted once it answered).
-    pub stream: bool,
-}
-
-impl Admit {
-    /// At `priority`, for the default tenant, not streamed.
-    pub fn new(priority: Priority) -> Self {
-        Self {
-            priority,
-            share: Share::default(),
-            stream: false,
-        }
-    }
-}
-
-/// The header that names a request's tenant, when the config trusts it.
-pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-tenant");
 
 /// The longest `x-tenant` value taken as a tenant; longer ones are cut.
 const MAX_TENANT_LEN: usize = 128;
@@ -106,38 +74,6 @@ fn share_of<B>(req: &Request<B>, trust_tenant_header: bool) -> Share {
         weight: 1,
         max_in_flight: 0,
         name,
-    }
-}
-
-/// A tenant id for a name that is not a key's: a hash with the top bit set,
-/// so it never equals a key's id.
-pub(crate) fn hashed_tenant(name: &[u8]) -> u64 {
-    hash(name) | 1 << 63
-}
-
-/// The tenant id of the API key named `name`: a hash of the name with the
-/// top bit clear, the same across reloads whatever the keys' order.
-pub fn key_tenant(name: &str) -> u64 {
-    hash(name.as_bytes()) & !(1 << 63)
-}
-
-fn hash(name: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: the same id in every worker and run.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut h);
-    h.finish()
-}
-
-/// The body's `model`, kept (as a slice of the buffered body, no copy) when
-/// requests are routed among several upstreams.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Model(pub Bytes);
-
-impl Model {
-    /// The name ("" if it is not UTF-8).
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or("")
     }
 }
 
@@ -258,8 +194,8 @@ impl Drop for Held {
 /// What a request gets when the bodies held are at their bound: a 503 with
 /// a short wait (bodies are let go of as requests are answered).
 fn buffers_full() -> BoxError {
-    crate::admission::Overloaded::new(
-        crate::admission::Reason::BuffersFull,
+    crate::types::Overloaded::new(
+        crate::types::Reason::BuffersFull,
         std::time::Duration::from_secs(1),
     )
     .into()
@@ -610,13 +546,13 @@ where
                     // and the most it may generate; corrected at the end.
                     let charge = match tenant.and_then(|t| Some((t, t.tokens.as_ref()?))) {
                         Some((tenant, budget)) => {
-                            let prompt = crate::auth::prompt_estimate(bytes.len());
+                            let prompt = crate::types::prompt_estimate(bytes.len());
                             // Saturating: a client's `max_tokens` near u64::MAX
                             // must not wrap into a small charge.
                             let charged = prompt.saturating_add(
                                 fields
                                     .max_tokens
-                                    .unwrap_or(crate::auth::DEFAULT_COMPLETION_ESTIMATE),
+                                    .unwrap_or(crate::types::DEFAULT_COMPLETION_ESTIMATE),
                             );
                             if let Err(wait) = budget.charge(charged) {
                                 tenant
@@ -624,7 +560,7 @@ where
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 return Poll::Ready(Err(RateLimited::tokens(wait).into()));
                             }
-                            Some(crate::auth::TokenCharge {
+                            Some(crate::types::TokenCharge {
                                 budget: budget.clone(),
                                 // What was counted: a charge is cut to a
                                 // minute's tokens, and so is its correction

@@ -15,7 +15,8 @@ use crate::admission::adaptive::AdaptiveBounds;
 use crate::admission::{Limits, Reservation};
 use crate::auth::Key;
 use crate::backoff::RetryPolicy;
-use crate::classify::{Priority, Routes};
+use crate::classify::Routes;
+use crate::types::Priority;
 use crate::upstream::{ClientSettings, Origin, StreamTimeouts};
 
 /// The config file, as written. Every field has a default; `config/default.toml`
@@ -943,11 +944,11 @@ impl FileConfig {
                 default_priority: k.default_priority,
                 max_priority: k.max_priority,
                 limiter: k.requests_per_minute.and_then(Key::limiter),
-                tokens: k.tokens_per_minute.and_then(crate::auth::TokenBudget::new),
+                tokens: k.tokens_per_minute.and_then(crate::types::TokenBudget::new),
                 requests_per_minute: k.requests_per_minute,
                 rate_limited: Default::default(),
-                share: crate::admission::Share {
-                    id: crate::classify::key_tenant(&k.name),
+                share: crate::types::Share {
+                    id: crate::types::key_tenant(&k.name),
                     weight: k.weight.max(1),
                     max_in_flight: k.max_in_flight.unwrap_or(0),
                     name: http::HeaderValue::from_str(&k.name)

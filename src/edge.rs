@@ -15,22 +15,15 @@ use std::sync::OnceLock;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::header::HeaderName;
 use http::{HeaderValue, Request, Response};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::random::splitmix;
+use crate::types::{RequestId, REQUEST_ID};
 use crate::{error, Body, BoxError};
-
-/// The request id header, kept when the client sends a usable one and
-/// generated otherwise; the upstream and the response carry it.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The request's id, in its extensions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestId(pub HeaderValue);
 
 /// Builds [`Edge`] services.
 #[derive(Clone, Copy, Debug, Default)]
@@ -145,13 +138,6 @@ fn generate_id() -> HeaderValue {
         *byte = HEX[((word >> (60 - 4 * (i % 16))) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
-}
-
-pub(crate) fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 pin_project! {

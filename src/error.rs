@@ -35,7 +35,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::admission::{Overloaded, Reason};
+use crate::types::{Overloaded, Reason};
 use crate::BoxError;
 
 /// The request itself is wrong (400).

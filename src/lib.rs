@@ -39,6 +39,7 @@ pub mod error;
 pub(crate) mod h2;
 pub mod json_scan;
 pub mod path;
+pub(crate) mod random;
 pub mod reload;
 pub mod report;
 pub mod route;
@@ -46,6 +47,7 @@ pub mod server;
 pub mod sim;
 pub mod telemetry;
 pub mod tls;
+pub mod types;
 pub mod upstream;
 
 /// The error type inside the stack.

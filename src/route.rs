@@ -33,21 +33,16 @@ use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::admission::{Acquire, Overloaded, Reason, Scheduler};
+use crate::admission::{Acquire, Scheduler};
+
 use crate::backoff::Cooldown;
-use crate::classify::{Admit, ClassifiedBody, Model};
+use crate::classify::ClassifiedBody;
 use crate::config::{Models, ReplicaConfig};
 use crate::error::ModelNotFound;
+use crate::types::Route;
+use crate::types::{Admit, Model};
+use crate::types::{Overloaded, Reason};
 use crate::BoxError;
-
-/// Which upstream a request goes to: an index into the configured list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Route(pub usize);
-
-/// The index a request is routed to (0 when it was not routed).
-pub fn route_of<B>(req: &Request<B>) -> usize {
-    req.extensions().get::<Route>().map_or(0, |r| r.0)
-}
 
 /// Health of one upstream (several upstreams only).
 #[derive(Debug, Default)]
@@ -228,7 +223,7 @@ impl Router {
         &self,
         i: usize,
         priority: i32,
-        share: &crate::admission::Share,
+        share: &crate::types::Share,
         replay: impl FnOnce() -> Option<crate::admission::Replayable>,
     ) -> Acquire {
         self.table

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::app::Stack;
 use crate::tls::Stream;
-use crate::upstream::rewrite::ClientAddr;
+use crate::types::ClientAddr;
 use crate::Body;
 
 /// Serve the proxy stack on `listener` until `shutdown` resolves with a

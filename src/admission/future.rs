@@ -15,10 +15,12 @@ use std::sync::Arc;
 use super::passing::PassSlot;
 use super::preempt::Replay;
 use super::scheduler::{Acquire, Replayable, Ticket};
-use super::Reason;
-use super::{Overloaded, Permit, PermitBody};
-use crate::classify::{Admit, Model};
-use crate::route::{Route, Router};
+use super::{Permit, PermitBody};
+use crate::route::Router;
+use crate::types::Overloaded;
+use crate::types::Reason;
+use crate::types::Route;
+use crate::types::{Admit, Model};
 use crate::BoxError;
 
 pin_project! {
@@ -329,7 +331,7 @@ impl<B: Replay> Reroute for http::Request<B> {
     }
 
     fn route(&self) -> usize {
-        crate::route::route_of(self)
+        crate::types::route_of(self)
     }
 
     fn model(&self) -> Option<&str> {

@@ -14,7 +14,7 @@
 //! most urgent waiter, so a freed slot is never up for grabs by a newcomer.
 //!
 //! Only requests that [`classify`](crate::classify) marked with an
-//! [`Admit`](crate::classify::Admit) extension go through the queue; anything
+//! [`Admit`](crate::types::Admit) extension go through the queue; anything
 //! else (GET /v1/models, …) passes straight through.
 //!
 //! # Differences from `tower::limit::ConcurrencyLimit`
@@ -28,7 +28,7 @@
 //! ```
 //! use std::time::Duration;
 //! use anteroom::admission::{AdmissionLayer, Limits, Scheduler};
-//! use anteroom::classify::Admit;
+//! use anteroom::types::Admit;
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -56,7 +56,6 @@
 //! ```
 
 pub mod adaptive;
-pub mod error;
 pub mod future;
 mod layer;
 pub mod passing;
@@ -66,13 +65,12 @@ pub mod queue;
 mod scheduler;
 mod service;
 
-pub use error::{Overloaded, Reason};
 pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};
 pub use queue::PriorityQueue;
 pub use scheduler::{
     Acquire, Grant, Limits, PreemptedCounts, Preemption, Replayable, Reservation, ReservationState,
-    Scheduler, Share, Snapshot, TenantSnapshot, Ticket,
+    Scheduler, Snapshot, TenantSnapshot, Ticket,
 };
 pub use service::{Admission, Detach};
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Overloaded, Reason};
+use crate::types::{Overloaded, Reason};
 
 /// Requests passing through now, across every worker, and their bound.
 #[derive(Debug, Default)]

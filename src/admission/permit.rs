@@ -17,9 +17,9 @@ use tokio::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::queue::TenantId;
 use super::scheduler::{Scheduler, Ticket};
-use crate::classify::Priority;
+use crate::types::Priority;
+use crate::types::TenantId;
 
 /// One slot at the upstream. Dropping it frees the slot and hands it to the
 /// most urgent waiter.

@@ -15,7 +15,8 @@ use parking_lot::Mutex;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use super::*;
-use crate::classify::Admit;
+use crate::types::Admit;
+use crate::types::Share;
 
 fn limits(max_concurrency: usize, preempt: Option<Preemption>) -> Limits {
     Limits {

@@ -34,15 +34,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::classify::Priority;
+use crate::types::Priority;
+use crate::types::TenantId;
 
 /// Virtual time one request of a weight-1 tenant takes. A tenant of weight
 /// `w` advances by `VIRTUAL_UNIT / w`.
 const VIRTUAL_UNIT: u64 = 1 << 20;
-
-/// Who an entry belongs to, for fair sharing: already a hash (of a key's
-/// name, an address or an `x-tenant` value).
-pub type TenantId = u64;
 
 /// Maps keyed by tenant ids. The ids are hashes already, so they are mixed
 /// with one multiply instead of SipHash (which cost ~500 instructions per

@@ -18,10 +18,10 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::error::{Overloaded, Reason};
 use super::permit::{Permit, Preempted};
-use super::queue::{Key, PriorityQueue, Push, TenantId, TenantMap};
-use crate::classify::Priority;
+use super::queue::{Key, PriorityQueue, Push, TenantMap};
+use crate::types::Priority;
+use crate::types::{Overloaded, Reason, Share, TenantId};
 
 /// Settings of the admission step, the slice of the config it needs.
 #[derive(Clone, Debug)]
@@ -62,32 +62,6 @@ pub struct Replayable {
     pub preemptions: u32,
     /// The client asked for a stream.
     pub stream: bool,
-}
-
-/// Whose request it is, for fair queuing: the tenant's id, its weight
-/// among the others at the same priority, and its own cap of requests in
-/// flight. Cloning is cheap (the name is a shared header value).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Share {
-    /// Distinguishes tenants; equal ids share one queue position.
-    pub id: TenantId,
-    /// Relative share of the slots within a priority (at least 1).
-    pub weight: u32,
-    /// Most of its requests in flight at once (0: no cap of its own).
-    pub max_in_flight: usize,
-    /// How /status names it (a key's name, a client address, `x-tenant`).
-    pub name: HeaderValue,
-}
-
-impl Default for Share {
-    fn default() -> Self {
-        Self {
-            id: 0,
-            weight: 1,
-            max_in_flight: 0,
-            name: HeaderValue::from_static("default"),
-        }
-    }
 }
 
 /// A tenant's counts, while it has requests waiting or running.

@@ -8,8 +8,8 @@ use super::future::{Reroute, ResponseFuture};
 use super::passing::Passing;
 use super::scheduler::{Acquire, Scheduler};
 use super::PermitBody;
-use crate::classify::Admit;
 use crate::route::Router;
+use crate::types::Admit;
 use crate::BoxError;
 
 /// Where admission takes its slots.
@@ -125,7 +125,7 @@ where
         let (acquired, router) = match &self.schedulers {
             Schedulers::One(one) => (one.acquire_as(admit.priority, &admit.share, replay), None),
             Schedulers::Routed(router) => {
-                let i = crate::route::route_of(&req);
+                let i = crate::types::route_of(&req);
                 (
                     router.acquire(i, admit.priority, &admit.share, replay),
                     Some(router),

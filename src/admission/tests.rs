@@ -12,8 +12,9 @@ use tokio::sync::oneshot;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 use super::*;
-use crate::classify::Admit;
 use crate::error::describe;
+use crate::types::Admit;
+use crate::types::{Reason, Share};
 
 fn limits(max_concurrency: usize, max_queue: usize) -> Limits {
     Limits {

@@ -49,11 +49,12 @@ use tower::{Layer, Service, ServiceExt};
 pub use budget::RetryBudget;
 pub use cooldown::Cooldown;
 
-use crate::classify::{Admit, Model};
 use crate::error::{self, UpstreamUnavailable};
-use crate::route::{Route, Router};
+use crate::route::Router;
 use crate::telemetry::{Recorder, Tap};
-use crate::upstream::rewrite::ClientAddr;
+use crate::types::ClientAddr;
+use crate::types::Route;
+use crate::types::{Admit, Model};
 use crate::BoxError;
 
 /// The retry settings: the slice of the config this step needs.
@@ -441,7 +442,7 @@ fn with_retry_advice<B>(mut resp: Response<B>, delay: Duration) -> Response<B> {
 /// Full jitter: a uniformly random delay in `[0, ceiling]`.
 fn jitter(ceiling: Duration) -> Duration {
     static STATE: AtomicU64 = AtomicU64::new(0x2545_f491_4f6c_dd1d);
-    let x = crate::edge::splitmix(STATE.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+    let x = crate::random::splitmix(STATE.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
     let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
     ceiling.mul_f64(unit)
 }

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::*;
-use crate::classify::Admit;
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
+use crate::types::Admit;
 
 /// What the scripted upstream does on each call, in order; the last entry
 /// repeats.

@@ -517,7 +517,7 @@ impl SimState {
             return;
         }
         let n = self.responses.fetch_add(1, Ordering::SeqCst);
-        let x = crate::edge::splitmix(n ^ 0x5eed);
+        let x = crate::random::splitmix(n ^ 0x5eed);
         if (x >> 11) as f64 / (1u64 << 53) as f64 >= share {
             return;
         }

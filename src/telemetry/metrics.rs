@@ -16,7 +16,7 @@ use prometheus::{
 
 use super::record::{Finished, Outcome};
 use crate::admission::Snapshot;
-use crate::classify::Priority;
+use crate::types::Priority;
 
 /// Priorities with a label of their own; the rest share `<-20` / `>20`.
 const LABELLED: std::ops::RangeInclusive<Priority> = -20..=20;

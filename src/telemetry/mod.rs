@@ -58,11 +58,11 @@ pub use observe::{Framing, Observer};
 pub use record::{Finished, Outcome, Record, Timings, TokenSource};
 
 use crate::admission::adaptive::Signals;
-use crate::admission::Overloaded;
-use crate::classify::Priority;
-use crate::edge::REQUEST_ID;
 use crate::error;
-use crate::upstream::rewrite::ClientAddr;
+use crate::types::ClientAddr;
+use crate::types::Overloaded;
+use crate::types::Priority;
+use crate::types::REQUEST_ID;
 use crate::BoxError;
 
 /// The W3C Server-Timing header.
@@ -151,7 +151,7 @@ struct TapInner {
     /// The upstream it was last sent to (a retry may go elsewhere).
     upstream: parking_lot::Mutex<Option<Arc<str>>>,
     classified: OnceLock<Classified>,
-    tokens: OnceLock<crate::auth::TokenCharge>,
+    tokens: OnceLock<crate::types::TokenCharge>,
     /// The backend's usage, from the event anteroom asked for and took out
     /// of the stream (see [`crate::upstream::usage`]).
     usage: OnceLock<observe::Usage>,
@@ -221,7 +221,7 @@ impl Tap {
 
     /// Note the tokens charged to the key's tokens-per-minute limit, to be
     /// corrected from `usage` when the request ends.
-    pub fn set_token_charge(&self, charge: crate::auth::TokenCharge) {
+    pub fn set_token_charge(&self, charge: crate::types::TokenCharge) {
         let _ = self.0.tokens.set(charge);
     }
 
@@ -470,7 +470,7 @@ where
                 // cut at the drain deadline (an error, its queue time its
                 // own).
                 capture.rejected = error::cause::<Overloaded>(&*e)
-                    .is_some_and(|o| o.reason() != crate::admission::Reason::PastDrain)
+                    .is_some_and(|o| o.reason() != crate::types::Reason::PastDrain)
                     || error::cause::<error::RateLimited>(&*e).is_some();
                 capture.finish(Outcome::Ok);
                 Poll::Ready(Err(e))

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Tap;
 
-use crate::classify::Priority;
+use crate::types::Priority;
 
 /// How a request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

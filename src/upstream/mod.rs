@@ -285,7 +285,7 @@ where
 }
 
 /// The upstreams of the [`Router`]'s table: each request goes to the one
-/// its [`Route`](crate::route::Route) names, over this runtime's own pool
+/// its [`Route`](crate::types::Route) names, over this runtime's own pool
 /// of connections to it. When a reload adds or re-addresses an upstream the
 /// table's generation moves on, and the next request (or the housekeeping
 /// tick) opens pools for the new addresses and lets go of those of removed
@@ -454,7 +454,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let i = crate::route::route_of(&req);
+        let i = crate::types::route_of(&req);
         let pools = self.current();
         // A request routed to an upstream that a reload removed a moment
         // ago still goes there, on a connection of its own.
@@ -764,8 +764,8 @@ where
             Err(Cut::Elapsed) => Err(UpstreamTimeout::new(*this.after).into()),
             Err(Cut::Drained) => {
                 tracing::info!("request still waiting for its answer at the drain deadline: 503");
-                Err(crate::admission::Overloaded::new(
-                    crate::admission::Reason::PastDrain,
+                Err(crate::types::Overloaded::new(
+                    crate::types::Reason::PastDrain,
                     Duration::from_secs(1),
                 )
                 .into())

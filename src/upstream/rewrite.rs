@@ -1,58 +1,9 @@
 //! Header and URI rewriting between client and upstream.
 
-use std::net::SocketAddr;
-
+use crate::types::ClientAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-
-/// The peer address of the client connection, set by the server on every
-/// request it reads. The IP is formatted once per connection, not per request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientAddr {
-    addr: SocketAddr,
-    ip: HeaderValue,
-    /// `https` when the client came over TLS, else `http`.
-    proto: HeaderValue,
-    /// The address as a fair-queuing tenant id, hashed once per connection.
-    tenant: u64,
-}
-
-impl ClientAddr {
-    /// The connection's peer.
-    pub fn new(addr: SocketAddr) -> Self {
-        let ip = HeaderValue::from_str(&addr.ip().to_string())
-            .expect("an IP address is a valid header value");
-        let tenant = crate::classify::hashed_tenant(ip.as_bytes());
-        Self {
-            addr,
-            ip,
-            proto: HeaderValue::from_static("http"),
-            tenant,
-        }
-    }
-
-    /// The address as a tenant id (see [`classify`](crate::classify)).
-    pub fn tenant(&self) -> u64 {
-        self.tenant
-    }
-
-    /// The client came over TLS.
-    pub fn over_tls(mut self) -> Self {
-        self.proto = HeaderValue::from_static("https");
-        self
-    }
-
-    /// The peer's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The peer's IP, formatted.
-    pub fn ip(&self) -> &HeaderValue {
-        &self.ip
-    }
-}
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -261,7 +212,7 @@ pub fn request<B>(req: &mut Request<B>, origin: &Origin) {
     // The upstream connection is HTTP/1.1 whatever the client spoke.
     *req.version_mut() = Version::HTTP_11;
     let (client_ip, proto) = match req.extensions().get::<ClientAddr>() {
-        Some(c) => (Some(c.ip.clone()), c.proto.clone()),
+        Some(c) => (Some(c.ip().clone()), c.proto().clone()),
         None => (None, HeaderValue::from_static("http")),
     };
     let headers = req.headers_mut();

@@ -1,0 +1,27 @@
+//! The mark of a request that goes through admission.
+
+use super::{Priority, Share};
+
+/// Marks a request for admission, at this priority, for this tenant. Set
+/// by [`Classify`](crate::classify::Classify), read by [`Admission`](crate::admission::Admission).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admit {
+    /// Where it queues.
+    pub priority: Priority,
+    /// Whose share of the slots it uses.
+    pub share: Share,
+    /// The client asked for a stream (its answer reaches it token by
+    /// token, so it cannot be preempted once it answered).
+    pub stream: bool,
+}
+
+impl Admit {
+    /// At `priority`, for the default tenant, not streamed.
+    pub fn new(priority: Priority) -> Self {
+        Self {
+            priority,
+            share: Share::default(),
+            stream: false,
+        }
+    }
+}

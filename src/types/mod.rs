@@ -1,0 +1,31 @@
+//! The words every step of the request path shares, as leaf modules that
+//! import nothing else of the crate: a request's [`Priority`], its
+//! [`Admit`] mark and [`Share`] of the slots, its [`Tenant`], the [`Model`]
+//! it names, the [`Route`] it was given, the [`ClientAddr`] it came from,
+//! its [`RequestId`], its [`TokenCharge`], and [`Overloaded`], the refusal
+//! any step may answer with.
+//!
+//! Steps put these in a request's extensions and read them there; keeping
+//! them here lets each step depend on the vocabulary instead of on the step
+//! that first needed the word.
+
+mod admit;
+mod client;
+mod model;
+mod overloaded;
+mod priority;
+mod request_id;
+mod route;
+mod tenant;
+mod tokens;
+
+pub use admit::Admit;
+pub use client::ClientAddr;
+pub use model::Model;
+pub use overloaded::{Overloaded, Reason};
+pub use priority::{Priority, PRIORITY_HEADER};
+pub use request_id::{RequestId, REQUEST_ID};
+pub use route::{route_of, Route};
+pub(crate) use tenant::hashed_tenant;
+pub use tenant::{key_tenant, Share, Tenant, TenantId, TENANT_HEADER};
+pub use tokens::{prompt_estimate, TokenBudget, TokenCharge, DEFAULT_COMPLETION_ESTIMATE};

@@ -1,0 +1,161 @@
+//! Token budgets: what a key may spend and what a request was charged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A key's tokens-per-minute limit: governor's GCRA over tokens, charged an
+/// estimate when a request is admitted and corrected from the response's
+/// real `usage` when it ends.
+///
+/// governor can neither refund nor go into debt, so corrections are kept
+/// aside: a request that used fewer tokens than charged leaves a credit that
+/// the next charges use first, one that used more leaves a debt added to the
+/// next charge. Both are bounded by one minute's tokens, so a long quiet
+/// spell of over-estimates cannot bank a burst bigger than the limit itself.
+#[derive(Debug)]
+pub struct TokenBudget {
+    limiter: governor::DefaultDirectRateLimiter,
+    per_minute: std::num::NonZeroU32,
+    /// Tokens owed (positive) or credited (negative) by corrections.
+    adjust: std::sync::atomic::AtomicI64,
+}
+
+impl TokenBudget {
+    /// A budget of `per_minute` tokens a minute (0: none).
+    pub fn new(per_minute: u32) -> Option<Arc<Self>> {
+        let per_minute = std::num::NonZeroU32::new(per_minute)?;
+        Some(Arc::new(Self {
+            limiter: governor::RateLimiter::direct(governor::Quota::per_minute(per_minute)),
+            per_minute,
+            adjust: std::sync::atomic::AtomicI64::new(0),
+        }))
+    }
+
+    /// Charge `estimate` tokens (plus any debt, less any credit). Over the
+    /// limit: the limiter's answer of how long until the charge would pass.
+    /// A charge larger than a whole minute's tokens is cut to one minute's,
+    /// so a huge request waits for a full bucket rather than forever.
+    pub fn charge(&self, estimate: u64) -> Result<(), Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let adjust = self.adjust.swap(0, Relaxed);
+        let due = i64::try_from(estimate)
+            .unwrap_or(i64::MAX)
+            .saturating_add(adjust);
+        if due <= 0 {
+            // Paid from credit; what is left stays.
+            self.add(due);
+            return Ok(());
+        }
+        let cap = self.per_minute.get();
+        let n = u32::try_from(due).unwrap_or(cap).min(cap);
+        let n = std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+        match self.limiter.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                use governor::clock::Clock;
+                // Nothing was charged: the adjustment stays due.
+                self.add(adjust);
+                Err(not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
+            }
+            // Cannot happen (n is at most the burst); treat it as a minute.
+            Err(_) => {
+                self.add(adjust);
+                Err(Duration::from_secs(60))
+            }
+        }
+    }
+
+    /// Its limit: tokens a minute.
+    pub fn per_minute(&self) -> std::num::NonZeroU32 {
+        self.per_minute
+    }
+
+    /// Tokens owed by corrections (negative: credited), due with the next
+    /// charge.
+    pub fn owed(&self) -> i64 {
+        self.adjust.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most one charge counts: a minute's tokens (see [`charge`](Self::charge)).
+    pub fn largest_charge(&self) -> u64 {
+        u64::from(self.per_minute.get())
+    }
+
+    /// A request charged `charged` tokens turned out to use `used`.
+    pub fn correct(&self, charged: u64, used: u64) {
+        let diff = i64::try_from(used)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(charged).unwrap_or(i64::MAX));
+        self.add(diff);
+    }
+
+    fn add(&self, n: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bound = i64::from(self.per_minute.get());
+        let _ = self.adjust.fetch_update(Relaxed, Relaxed, |a| {
+            Some(a.saturating_add(n).clamp(-bound, bound))
+        });
+    }
+}
+
+/// The tokens a request was charged, kept in its
+/// [`Tap`](crate::telemetry::Tap) until it ends.
+#[derive(Clone, Debug)]
+pub struct TokenCharge {
+    /// The key's budget.
+    pub budget: Arc<TokenBudget>,
+    /// Tokens charged on admission.
+    pub charged: u64,
+    /// Of which, the prompt's estimate (used when `usage` has no prompt count).
+    pub prompt: u64,
+}
+
+/// Tokens assumed for the answer of a request that names no `max_tokens`:
+/// a typical chat answer. Corrected from `usage` when the answer ends.
+pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+
+/// A prompt's tokens estimated from its body's size: about four bytes a
+/// token for English text and JSON, the usual rule of thumb.
+pub fn prompt_estimate(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_budget_credits_and_debts_carry_to_the_next_charge() {
+        let b = TokenBudget::new(1000).unwrap();
+        b.charge(900).unwrap();
+        // Without correction 200 more would not fit.
+        assert!(b.charge(200).is_err());
+        // The 900 used only 100: 800 credited, so 200 is paid from it.
+        b.correct(900, 100);
+        b.charge(200).unwrap();
+        assert_eq!(b.owed(), -600);
+        // Used more than charged: a debt the next charge pays.
+        b.correct(0, 700);
+        assert_eq!(b.owed(), 100);
+        // A refused charge leaves the debt due.
+        assert!(b.charge(950).is_err());
+        assert_eq!(b.owed(), 100);
+    }
+
+    #[test]
+    fn token_credit_is_bounded_by_a_minute_of_tokens() {
+        let b = TokenBudget::new(1000).unwrap();
+        for _ in 0..10 {
+            b.correct(5000, 0);
+        }
+        assert_eq!(b.owed(), -1000);
+        // A charge above the bucket is cut to a full bucket, not refused forever.
+        let b = TokenBudget::new(1000).unwrap();
+        b.charge(50_000).unwrap();
+        let wait = b.charge(1).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(61),
+            "{wait:?}"
+        );
+    }
+}
