@@ -38,7 +38,7 @@ pub async fn serve(
             if req.method() == Method::POST && req.uri().path() == "/reload" {
                 return Ok::<_, Infallible>(reload(&reloader));
             }
-            Ok::<_, Infallible>(handle(&router, &recorder, &keys.load(), &req))
+            Ok::<_, Infallible>(handle(&router, &recorder, keys.load().as_slice(), &req))
         }
     })
     .await

@@ -5,7 +5,7 @@
 //! 401 in the OpenAI error shape (`invalid_api_key`). Keys are never kept
 //! in the config in plain text: each is given as its SHA-256 (hex) or as the
 //! name of an environment variable that holds it. The presented key is
-//! hashed and compared with every configured digest in constant time.
+//! hashed and looked up by its digest; the hit is confirmed in constant time.
 //! The key's name becomes the request's tenant (in its record); its
 //! `default_priority` and `max_priority` (the most urgent it may ask for)
 //! apply in [`classify`](crate::classify). The client's key is not
@@ -99,14 +99,58 @@ pub fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Equal, in time independent of where they differ.
+/// Equal, in time independent of where they differ (`subtle`'s
+/// comparison, which the optimiser cannot turn into an early exit).
 pub(crate) fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
+/// The configured keys, found by the digest of the presented secret.
+///
+/// A lookup is one SHA-256 and one hash-map probe, whatever the number of
+/// keys (it used to compare with every key). The map is keyed by digests,
+/// so its timing can tell at most something of the digest of a guess, which
+/// says nothing of any configured secret; the hit is confirmed with a
+/// constant-time comparison all the same.
+#[derive(Debug, Default)]
+pub struct Keys {
+    list: Vec<Key>,
+    by_digest: std::collections::HashMap<[u8; 32], usize>,
+}
+
+impl Keys {
+    /// Index `list` (names and digests are unique: the config checks names,
+    /// and a digest given twice resolves to the first key).
+    pub fn new(list: Vec<Key>) -> Self {
+        let mut by_digest = std::collections::HashMap::with_capacity(list.len());
+        for (i, k) in list.iter().enumerate() {
+            by_digest.entry(k.digest).or_insert(i);
+        }
+        Self { list, by_digest }
+    }
+
+    /// The key whose secret is `secret`.
+    pub fn find(&self, secret: &[u8]) -> Option<&Key> {
+        let d = digest(secret);
+        let k = &self.list[*self.by_digest.get(&d)?];
+        same(&k.digest, &d).then_some(k)
+    }
+
+    /// No keys: anteroom is open.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Every key, in config order.
+    pub fn as_slice(&self) -> &[Key] {
+        &self.list
+    }
 }
 
 /// The keys, replaceable while serving (a config reload): each request
 /// reads the current set, lock-free.
-pub type SharedKeys = Arc<arc_swap::ArcSwap<Vec<Key>>>;
+pub type SharedKeys = Arc<arc_swap::ArcSwap<Keys>>;
 
 /// The reloaded keys, with the state of every key that stays the same
 /// carried over from `old`: its refusal count, and its limiters when its
@@ -138,7 +182,7 @@ pub struct AuthLayer {
 impl AuthLayer {
     /// Check requests against `keys` (none: everything passes).
     pub fn new(keys: Vec<Key>) -> Self {
-        Self::shared(Arc::new(arc_swap::ArcSwap::from_pointee(keys)))
+        Self::shared(Arc::new(arc_swap::ArcSwap::from_pointee(Keys::new(keys))))
     }
 
     /// Check requests against whatever keys `keys` holds at each request.
@@ -185,17 +229,9 @@ where
             return futures_util_either::Either::Left(self.inner.call(req));
         }
         let presented = presented_key(&req);
-        let found = presented.as_ref().and_then(|secret| {
-            let d = digest(secret.as_bytes());
-            // Compare with every key, so the time does not tell which.
-            let mut hit = None;
-            for k in keys.iter() {
-                if same(&k.digest, &d) {
-                    hit = Some(k);
-                }
-            }
-            hit
-        });
+        let found = presented
+            .as_ref()
+            .and_then(|secret| keys.find(secret.as_bytes()));
         let Some(key) = found else {
             let why = if presented.is_some() {
                 "the API key is not valid"
@@ -331,6 +367,28 @@ mod tests {
         assert_eq!(parse_hex_digest("abc"), None);
         assert!(same(&d, &d));
         assert!(!same(&d, &digest(b"sk-tesT")));
+    }
+
+    #[test]
+    fn keys_are_found_by_digest_and_only_by_their_secret() {
+        let keys = Keys::new((0..100).map(|i| key(&format!("k{i}"), 0, 0)).collect());
+        // key() uses the name as the secret.
+        assert_eq!(keys.find(b"k0").map(|k| &*k.name), Some("k0"));
+        assert_eq!(keys.find(b"k57").map(|k| &*k.name), Some("k57"));
+        assert_eq!(keys.find(b"k99").map(|k| &*k.name), Some("k99"));
+        assert!(keys.find(b"k100").is_none());
+        assert!(keys.find(b"K5").is_none());
+        assert!(keys.find(b"").is_none());
+        assert!(Keys::default().find(b"k0").is_none());
+        // A digest given twice resolves to the first key in config order.
+        let twice = Keys::new(vec![
+            key("a", 0, 0),
+            Key {
+                name: "b".into(),
+                ..key("a", 0, 0)
+            },
+        ]);
+        assert_eq!(twice.find(b"a").map(|k| &*k.name), Some("a"));
     }
 
     fn key(name: &str, rpm: u32, tpm: u32) -> Key {

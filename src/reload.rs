@@ -59,7 +59,9 @@ impl Live {
     /// The settings of `config`.
     pub fn new(config: &Config) -> Self {
         Self {
-            keys: Arc::new(arc_swap::ArcSwap::from_pointee(config.keys.clone())),
+            keys: Arc::new(arc_swap::ArcSwap::from_pointee(crate::auth::Keys::new(
+                config.keys.clone(),
+            ))),
             routes: Arc::new(arc_swap::ArcSwap::from_pointee(config.routes.clone())),
             buffered: Arc::default(),
             passing: crate::admission::passing::Passing::new(config.routes.max_passthrough),
@@ -171,7 +173,10 @@ impl Reloader {
         let old_keys = self.live.keys.load_full();
         self.live
             .keys
-            .store(Arc::new(carry_over(&old_keys, validated.keys.clone())));
+            .store(Arc::new(crate::auth::Keys::new(carry_over(
+                old_keys.as_slice(),
+                validated.keys.clone(),
+            ))));
         self.live.routes.store(Arc::new(validated.routes.clone()));
         self.live.passing.set_max(validated.routes.max_passthrough);
         *current = next;
