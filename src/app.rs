@@ -71,11 +71,11 @@ where
         // before admission, which queues on that upstream's scheduler.
         .layer(RouteLayer::new(router.clone()))
         // Queue by priority, hold a slot until the response body ends.
-        .layer(AdmissionLayer::routed(router.clone()).passing(live.passing.clone()))
+        .layer(AdmissionLayer::new(router.clone()).passing(live.passing.clone()))
         // Inside the slot: a request the upstream refuses waits and goes
         // again without losing its place; below the response's way out, so
         // a refusal the client never sees can be retried.
-        .layer(BackoffLayer::routed(
+        .layer(BackoffLayer::new(
             config.retry.clone(),
             recorder.clone(),
             router,

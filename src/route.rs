@@ -559,6 +559,53 @@ impl Slot {
     }
 }
 
+/// A table of one upstream around `scheduler`, for unit tests of the
+/// steps that see the router (its address is never dialled).
+#[cfg(test)]
+pub(crate) fn one_row(scheduler: Arc<Scheduler>) -> Arc<Router> {
+    let config = ReplicaConfig {
+        name: "upstream".into(),
+        origin: crate::upstream::Origin::parse("http://127.0.0.1:9").expect("a valid origin"),
+        models: Models::Any,
+        // Read only by a reload; the scheduler keeps its own limits.
+        max_concurrency: 1,
+        weight: 1,
+        backend: crate::backend::Setting::Auto,
+        stream_upgrade: None,
+    };
+    Router::new(vec![config], vec![scheduler], 3, Duration::from_secs(1))
+}
+
+impl crate::admission::Schedulers for Router {
+    fn acquire(
+        &self,
+        route: usize,
+        priority: crate::types::Priority,
+        share: &crate::types::Share,
+        replay: &dyn Fn() -> Option<crate::admission::Replayable>,
+    ) -> Acquire {
+        Router::acquire(self, route, priority, share, replay)
+    }
+
+    fn reroute(&self, model: Option<&str>, from: usize) -> Result<usize, BoxError> {
+        self.pick(model, Some(from))
+    }
+}
+
+impl crate::backoff::Targets for Router {
+    fn cooldown(&self, route: usize) -> Arc<Cooldown> {
+        Router::cooldown(self, route)
+    }
+
+    fn is_healthy(&self, route: usize) -> bool {
+        Router::is_healthy(self, route)
+    }
+
+    fn reroute(&self, model: Option<&str>, from: usize) -> Result<usize, BoxError> {
+        self.pick(model, Some(from))
+    }
+}
+
 /// What the upstreams in service serve, for a 404.
 fn served_by(table: &Table) -> String {
     let mut out: Vec<String> = Vec::new();
@@ -769,6 +816,70 @@ where
 
 /// The largest model list read from one upstream for `GET /v1/models`.
 const MAX_MODEL_LIST: usize = 8 << 20;
+
+/// Run the adaptive limit's controller (see
+/// [`adaptive`](crate::admission::adaptive)) on the first upstream's
+/// scheduler until dropped (or the router closes).
+pub async fn run_adaptive(
+    router: Arc<Router>,
+    signals: Arc<crate::admission::adaptive::Signals>,
+    adaptive: crate::admission::adaptive::Adaptive,
+) {
+    use crate::admission::adaptive::{Controller, Load, Source, TICK};
+    use tokio::time::Instant;
+    let mut controller = Controller::new(adaptive);
+    let slot = |router: &Router| {
+        let table = router.table();
+        table.slot(table.first()).clone()
+    };
+    {
+        let slot = slot(&router);
+        slot.scheduler.set_max_concurrency(controller.limit());
+        slot.backend.set_limit(controller.source().as_str());
+    }
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut said = None;
+    while !router.is_closed() {
+        tick.tick().await;
+        let slot = slot(&router);
+        let taken = signals.take();
+        let (waiting, running) = slot.scheduler.snapshot_counts();
+        let before = controller.limit();
+        let view = slot.backend.view();
+        let limit = controller.step(Instant::now(), taken, Load { waiting, running }, view);
+        let source = controller.source();
+        slot.backend.set_limit(source.as_str());
+        if said != Some(source) {
+            match source {
+                Source::AutoFallback => tracing::warn!(
+                    upstream = %slot.config.name,
+                    "max_concurrency = \"backend\", but the backend reports no slots: finding the limit as \"auto\" does"
+                ),
+                Source::Backend => tracing::info!(
+                    upstream = %slot.config.name,
+                    limit,
+                    "max_concurrency follows the backend's slots"
+                ),
+                Source::Auto => {}
+            }
+            said = Some(source);
+        }
+        if limit != before {
+            tracing::debug!(
+                limit,
+                before,
+                ?taken,
+                waiting,
+                running,
+                ?view,
+                "adaptive limit moved"
+            );
+            slot.scheduler.set_max_concurrency(limit);
+        }
+    }
+}
 
 /// One probe: GET `path` on a fresh connection, true on 200.
 async fn probe(origin: &crate::upstream::Origin, path: &str, timeout: Duration) -> bool {

@@ -54,13 +54,11 @@
 //! a running request: running ones finish, fewer start.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::View;
-use crate::route::Router;
+use crate::types::BackendLoad;
 
 /// How often the limit moves.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -301,7 +299,7 @@ impl Controller {
     }
 
     /// One tick: the new limit, from what happened since the last.
-    pub fn step(&mut self, now: Instant, taken: Taken, load: Load, backend: View) -> usize {
+    pub fn step(&mut self, now: Instant, taken: Taken, load: Load, backend: BackendLoad) -> usize {
         let AdaptiveBounds { min, max } = self.adaptive.bounds;
         let fresh = backend.readings != self.readings;
         self.readings = backend.readings;
@@ -416,63 +414,6 @@ impl Controller {
     }
 }
 
-/// Run the controller on the first upstream's scheduler until dropped (or
-/// the router closes).
-pub async fn run(router: Arc<Router>, signals: Arc<Signals>, adaptive: Adaptive) {
-    let mut controller = Controller::new(adaptive);
-    let slot = |router: &Router| {
-        let table = router.table();
-        table.slot(table.first()).clone()
-    };
-    {
-        let slot = slot(&router);
-        slot.scheduler.set_max_concurrency(controller.limit());
-        slot.backend.set_limit(controller.source().as_str());
-    }
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut said = None;
-    while !router.is_closed() {
-        tick.tick().await;
-        let slot = slot(&router);
-        let taken = signals.take();
-        let (waiting, running) = slot.scheduler.snapshot_counts();
-        let before = controller.limit();
-        let view = slot.backend.view();
-        let limit = controller.step(Instant::now(), taken, Load { waiting, running }, view);
-        let source = controller.source();
-        slot.backend.set_limit(source.as_str());
-        if said != Some(source) {
-            match source {
-                Source::AutoFallback => tracing::warn!(
-                    upstream = %slot.config.name,
-                    "max_concurrency = \"backend\", but the backend reports no slots: finding the limit as \"auto\" does"
-                ),
-                Source::Backend => tracing::info!(
-                    upstream = %slot.config.name,
-                    limit,
-                    "max_concurrency follows the backend's slots"
-                ),
-                Source::Auto => {}
-            }
-            said = Some(source);
-        }
-        if limit != before {
-            tracing::debug!(
-                limit,
-                before,
-                ?taken,
-                waiting,
-                running,
-                ?view,
-                "adaptive limit moved"
-            );
-            slot.scheduler.set_max_concurrency(limit);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,7 +430,7 @@ mod tests {
         c: &mut Controller,
         secs: u64,
         rate: impl Fn(usize) -> f64,
-        backend: impl Fn(usize) -> View,
+        backend: impl Fn(usize) -> BackendLoad,
         t: &mut Instant,
     ) -> Vec<usize> {
         let mut out = Vec::new();
@@ -515,8 +456,8 @@ mod tests {
         out
     }
 
-    fn quiet(_: usize) -> View {
-        View::default()
+    fn quiet(_: usize) -> BackendLoad {
+        BackendLoad::default()
     }
 
     #[test]
@@ -531,7 +472,7 @@ mod tests {
                 waiting: 50,
                 running: 1,
             };
-            assert_eq!(c.step(t, Taken::default(), load, View::default()), 1);
+            assert_eq!(c.step(t, Taken::default(), load, BackendLoad::default()), 1);
         }
         // Nothing waiting: completions are no reason to grow either.
         for _ in 0..100 {
@@ -541,7 +482,7 @@ mod tests {
                 work: 100,
                 ..Taken::default()
             };
-            assert_eq!(c.step(t, taken, Load::default(), View::default()), 1);
+            assert_eq!(c.step(t, taken, Load::default(), BackendLoad::default()), 1);
         }
     }
 
@@ -596,9 +537,9 @@ mod tests {
     #[test]
     fn stops_at_the_backends_slots() {
         let linear = |k: usize| 100.0 * k as f64;
-        let slots = |_| View {
+        let slots = |_| BackendLoad {
             slots: Some(3),
-            ..View::default()
+            ..BackendLoad::default()
         };
         let mut c = Controller::new(AUTO);
         let mut t = Instant::now();
@@ -606,9 +547,9 @@ mod tests {
         assert_eq!(*limits.iter().max().unwrap(), 3, "{limits:?}");
         assert_eq!(*limits.last().unwrap(), 3);
         // Reported fewer later (restarted with fewer slots): down at once.
-        let fewer = |_| View {
+        let fewer = |_| BackendLoad {
             slots: Some(2),
-            ..View::default()
+            ..BackendLoad::default()
         };
         let limits = drive(&mut c, 1, linear, fewer, &mut t);
         assert_eq!(limits[0], 2);
@@ -624,11 +565,11 @@ mod tests {
         assert!(high >= 6, "{high}");
         // The backend says it runs 2 and queues the rest.
         t += TICK;
-        let view = View {
+        let view = BackendLoad {
             running: Some(2),
             waiting: Some(high - 2),
             readings: 1,
-            ..View::default()
+            ..BackendLoad::default()
         };
         let load = Load {
             waiting: 10,
@@ -641,9 +582,9 @@ mod tests {
             &mut c,
             HOLD.as_secs() - 1,
             linear,
-            |_| View {
+            |_| BackendLoad {
                 readings: 1,
-                ..View::default()
+                ..BackendLoad::default()
             },
             &mut t,
         );
@@ -669,7 +610,7 @@ mod tests {
             waiting: 1,
             running: high,
         };
-        assert_eq!(c.step(t, taken, load, View::default()), high - 1);
+        assert_eq!(c.step(t, taken, load, BackendLoad::default()), high - 1);
         // A wait within the backend's own scheduling step is no queue.
         let mut c = Controller::new(AUTO);
         drive(&mut c, 20, |k| 100.0 * k as f64, quiet, &mut t);
@@ -679,7 +620,7 @@ mod tests {
             backend_wait_us: Some((20_000.0, 200_000.0)),
             ..Taken::default()
         };
-        assert_eq!(c.step(t, taken, load, View::default()), high);
+        assert_eq!(c.step(t, taken, load, BackendLoad::default()), high);
     }
 
     #[test]
@@ -695,7 +636,7 @@ mod tests {
                 waiting: 5,
                 running: c.limit(),
             };
-            c.step(*t, taken, load, View::default())
+            c.step(*t, taken, load, BackendLoad::default())
         };
         let push = Taken {
             overloads: 2,
@@ -742,9 +683,9 @@ mod tests {
         });
         let mut t = Instant::now();
         t += TICK;
-        let view = |slots| View {
+        let view = |slots| BackendLoad {
             slots,
-            ..View::default()
+            ..BackendLoad::default()
         };
         assert_eq!(
             c.step(t, Taken::default(), Load::default(), view(Some(4))),

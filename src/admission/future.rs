@@ -15,8 +15,8 @@ use std::sync::Arc;
 use super::passing::PassSlot;
 use super::preempt::Replay;
 use super::scheduler::{Acquire, Replayable, Ticket};
+use super::Schedulers;
 use super::{Permit, PermitBody};
-use crate::route::Router;
 use crate::types::Overloaded;
 use crate::types::Reason;
 use crate::types::Route;
@@ -49,7 +49,7 @@ pin_project! {
             // dispatched: its grant is on its way, keep waiting for it.
             timed: bool,
             // Where to queue again if its upstream goes out of service.
-            router: Option<Arc<Router>>,
+            router: Option<Arc<dyn Schedulers>>,
             // Times it was preempted so far.
             preemptions: u32,
         },
@@ -77,7 +77,7 @@ struct Again<S, R> {
     req: R,
     /// Queue time it has left; `None`: all of it (it never waited).
     left: Option<std::time::Duration>,
-    router: Option<Arc<Router>>,
+    router: Option<Arc<dyn Schedulers>>,
 }
 
 impl<S, R> ResponseFuture<S, R>
@@ -94,13 +94,23 @@ where
         }
     }
 
-    pub(crate) fn admitted(svc: S, req: R, permit: Permit, router: Option<Arc<Router>>) -> Self {
+    pub(crate) fn admitted(
+        svc: S,
+        req: R,
+        permit: Permit,
+        router: Option<Arc<dyn Schedulers>>,
+    ) -> Self {
         Self {
             state: State::running(svc, req, permit, None, router),
         }
     }
 
-    pub(crate) fn queued(svc: S, req: R, ticket: Ticket, router: Option<Arc<Router>>) -> Self {
+    pub(crate) fn queued(
+        svc: S,
+        req: R,
+        ticket: Ticket,
+        router: Option<Arc<dyn Schedulers>>,
+    ) -> Self {
         let deadline = Instant::now() + ticket.timeout();
         Self {
             state: State::waiting(svc, req, ticket, deadline, router, 0),
@@ -126,7 +136,7 @@ where
         req: R,
         permit: Permit,
         left: Option<std::time::Duration>,
-        router: Option<Arc<Router>>,
+        router: Option<Arc<dyn Schedulers>>,
     ) -> Self
     where
         S: Clone,
@@ -182,7 +192,7 @@ where
         req: R,
         ticket: Ticket,
         deadline: Instant,
-        router: Option<Arc<Router>>,
+        router: Option<Arc<dyn Schedulers>>,
         preemptions: u32,
     ) -> Self {
         State::Waiting {
@@ -365,7 +375,7 @@ impl<B: Replay> Reroute for http::Request<B> {
 fn requeue<S, R>(
     svc: S,
     mut req: R,
-    router: Arc<Router>,
+    router: Arc<dyn Schedulers>,
     deadline: Instant,
     preemptions: u32,
 ) -> Result<ResponseFuture<S, R>, BoxError>
@@ -374,11 +384,11 @@ where
     R: Reroute,
 {
     let admit = req.admit().cloned().unwrap_or_else(|| Admit::new(0));
-    let i = router.pick(req.model(), Some(req.route()))?;
+    let i = router.reroute(req.model(), req.route())?;
     req.set_route(i);
     let replay = || req.replayable().map(|r| Replayable { preemptions, ..r });
     Ok(
-        match router.acquire(i, admit.priority, &admit.share, replay) {
+        match router.acquire(i, admit.priority, &admit.share, &replay) {
             Acquire::Admitted(permit) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 ResponseFuture {

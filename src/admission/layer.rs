@@ -3,9 +3,7 @@ use std::sync::Arc;
 use tower::Layer;
 
 use super::passing::Passing;
-use super::service::Schedulers;
-use super::{Admission, Scheduler};
-use crate::route::Router;
+use super::{Admission, Schedulers};
 
 /// Puts [`Admission`] in front of a service.
 ///
@@ -13,26 +11,18 @@ use crate::route::Router;
 /// builds shares the ones it was given.
 #[derive(Clone, Debug)]
 pub struct AdmissionLayer {
-    schedulers: Schedulers,
+    schedulers: Arc<dyn Schedulers>,
     passing: Option<Arc<Passing>>,
 }
 
 impl AdmissionLayer {
-    /// Admit through `scheduler` (a request waits at most its
-    /// `queue_timeout`).
-    pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        Self {
-            schedulers: Schedulers::One(scheduler),
-            passing: None,
-        }
-    }
-
     /// Admit through the scheduler of the upstream each request is routed
     /// to (see [`route`](crate::route)); a request whose upstream is taken
-    /// out of service while it waits is queued at another.
-    pub fn routed(router: Arc<Router>) -> Self {
+    /// out of service while it waits is queued at another. A request waits
+    /// at most its scheduler's `queue_timeout`.
+    pub fn new(schedulers: Arc<dyn Schedulers>) -> Self {
         Self {
-            schedulers: Schedulers::Routed(router),
+            schedulers,
             passing: None,
         }
     }
@@ -49,6 +39,6 @@ impl<S> Layer<S> for AdmissionLayer {
     type Service = Admission<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Admission::with(inner, self.schedulers.clone(), self.passing.clone())
+        Admission::new(inner, self.schedulers.clone(), self.passing.clone())
     }
 }

@@ -25,11 +25,28 @@
 //! the permit lives until the body ends.
 //!
 //! # Example
+//! In anteroom the [`Router`](crate::route::Router) supplies the
+//! schedulers; anything that implements [`Schedulers`] can.
 //! ```
+//! use std::sync::Arc;
 //! use std::time::Duration;
-//! use anteroom::admission::{AdmissionLayer, Limits, Scheduler};
-//! use anteroom::types::Admit;
+//! use anteroom::admission::{Acquire, AdmissionLayer, Limits, Replayable, Scheduler, Schedulers};
+//! use anteroom::types::{Admit, Overloaded, Priority, Reason, Share};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! /// One scheduler for every request.
+//! #[derive(Debug)]
+//! struct One(Arc<Scheduler>);
+//!
+//! impl Schedulers for One {
+//!     fn acquire(&self, _route: usize, priority: Priority, share: &Share,
+//!                replay: &dyn Fn() -> Option<Replayable>) -> Acquire {
+//!         self.0.acquire_as(priority, share, replay)
+//!     }
+//!     fn reroute(&self, _model: Option<&str>, _from: usize) -> Result<usize, anteroom::BoxError> {
+//!         Err(Overloaded::new(Reason::Rerouted, Duration::from_secs(1)).into())
+//!     }
+//! }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let scheduler = Scheduler::new(Limits {
@@ -42,7 +59,7 @@
 //!     preempt: None,
 //! });
 //! let svc = ServiceBuilder::new()
-//!     .layer(AdmissionLayer::new(scheduler.clone()))
+//!     .layer(AdmissionLayer::new(Arc::new(One(scheduler.clone()))))
 //!     .service(service_fn(|_req: http::Request<()>| async {
 //!         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
 //!     }));
@@ -63,6 +80,7 @@ mod permit;
 pub mod preempt;
 pub mod queue;
 mod scheduler;
+mod schedulers;
 mod service;
 
 pub use layer::AdmissionLayer;
@@ -72,6 +90,7 @@ pub use scheduler::{
     Acquire, Grant, Limits, PreemptedCounts, Preemption, Replayable, Reservation, ReservationState,
     Scheduler, Snapshot, TenantSnapshot, Ticket,
 };
+pub use schedulers::Schedulers;
 pub use service::{Admission, Detach};
 
 #[cfg(test)]

@@ -338,7 +338,7 @@ impl Service<Request<String>> for Script {
 fn scripted(s: &Arc<Scheduler>) -> (Arc<Mutex<Vec<String>>>, Admission<Script>) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(s.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(s.clone())))
         .service(Script(log.clone()));
     (log, svc)
 }

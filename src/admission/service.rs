@@ -6,43 +6,25 @@ use tower::Service;
 
 use super::future::{Reroute, ResponseFuture};
 use super::passing::Passing;
-use super::scheduler::{Acquire, Scheduler};
+use super::scheduler::Acquire;
 use super::PermitBody;
-use crate::route::Router;
+use super::Schedulers;
 use crate::types::Admit;
 use crate::BoxError;
-
-/// Where admission takes its slots.
-#[derive(Clone, Debug)]
-pub(crate) enum Schedulers {
-    /// One scheduler for every request.
-    One(Arc<Scheduler>),
-    /// The scheduler of the upstream each request is routed to; the router
-    /// also requeues a request whose upstream went out of service.
-    Routed(Arc<Router>),
-}
 
 /// Admission control in front of `S`: see the [module docs](super).
 #[derive(Clone, Debug)]
 pub struct Admission<S> {
     inner: S,
-    schedulers: Schedulers,
+    schedulers: Arc<dyn Schedulers>,
     passing: Option<Arc<Passing>>,
 }
 
 impl<S> Admission<S> {
-    /// Admit through `scheduler` in front of `inner`.
-    pub fn new(inner: S, scheduler: Arc<Scheduler>) -> Self {
-        Self::with(inner, Schedulers::One(scheduler), None)
-    }
-
-    /// Admit through the scheduler of the upstream each request is routed
-    /// to.
-    pub fn routed(inner: S, router: Arc<Router>) -> Self {
-        Self::with(inner, Schedulers::Routed(router), None)
-    }
-
-    pub(crate) fn with(inner: S, schedulers: Schedulers, passing: Option<Arc<Passing>>) -> Self {
+    /// Admit in front of `inner` through the scheduler of the upstream each
+    /// request is routed to; without `passing`, requests that are not
+    /// admitted are not bounded.
+    pub fn new(inner: S, schedulers: Arc<dyn Schedulers>, passing: Option<Arc<Passing>>) -> Self {
         Self {
             inner,
             schedulers,
@@ -121,25 +103,17 @@ where
                 Err(refused) => ResponseFuture::rejected(refused),
             };
         };
-        let replay = || req.replayable();
-        let (acquired, router) = match &self.schedulers {
-            Schedulers::One(one) => (one.acquire_as(admit.priority, &admit.share, replay), None),
-            Schedulers::Routed(router) => {
-                let i = crate::types::route_of(&req);
-                (
-                    router.acquire(i, admit.priority, &admit.share, replay),
-                    Some(router),
-                )
-            }
-        };
+        let route = crate::types::route_of(&req);
+        let acquired = self
+            .schedulers
+            .acquire(route, admit.priority, &admit.share, &|| req.replayable());
+        let schedulers = Some(self.schedulers.clone());
         match acquired {
-            Acquire::Admitted(permit) => {
-                ResponseFuture::admitted(inner, req, permit, router.cloned())
-            }
+            Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit, schedulers),
             Acquire::Queued(ticket) => {
                 let mut req = req;
                 req.detach();
-                ResponseFuture::queued(inner, req, ticket, router.cloned())
+                ResponseFuture::queued(inner, req, ticket, schedulers)
             }
             Acquire::Rejected(err) => ResponseFuture::rejected(err),
         }

@@ -65,7 +65,9 @@ async fn freed_slot_goes_to_the_most_urgent_then_earliest_waiter() {
     let scheduler = Scheduler::new(limits(1, 100));
     let log = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(recorder(log.clone()));
 
     // The first request takes the slot and holds it through its body.
@@ -104,7 +106,9 @@ async fn freed_slot_goes_to_the_most_urgent_then_earliest_waiter() {
 async fn the_permit_is_held_until_the_body_ends() {
     let scheduler = Scheduler::new(limits(1, 10));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(service_fn(|_r: Request<String>| async {
             Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
                 Bytes::from_static(b"hi"),
@@ -129,7 +133,9 @@ async fn the_permit_is_held_until_the_body_ends() {
 async fn a_failing_inner_call_returns_the_slot() {
     let scheduler = Scheduler::new(limits(1, 10));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(service_fn(|_r: Request<String>| async {
             Err::<Response<Empty<Bytes>>, _>(std::io::Error::other("upstream down"))
         }));
@@ -142,7 +148,9 @@ async fn requests_without_admit_pass_straight_through() {
     let scheduler = Scheduler::new(limits(1, 0));
     let log = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(recorder(log.clone()));
     let _busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     // Queue off and the slot taken: an admitted request is refused ...
@@ -163,7 +171,9 @@ async fn queue_timeout_answers_429_and_leaves_the_queue() {
         ..limits(1, 10)
     });
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(recorder(Arc::default()));
     let _busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let waiter = tokio::spawn(svc.clone().oneshot(req(0, "late")));
@@ -180,7 +190,9 @@ async fn dropping_a_queued_request_frees_its_place_at_once() {
     let scheduler = Scheduler::new(limits(1, 10));
     let log = Arc::new(Mutex::new(Vec::new()));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(recorder(log.clone()));
     let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let gone = tokio::spawn(svc.clone().oneshot(req(0, "gone")));
@@ -203,7 +215,9 @@ async fn dropping_a_queued_request_frees_its_place_at_once() {
 async fn eviction_tells_the_displaced_waiter_with_a_429() {
     let scheduler = Scheduler::new(limits(1, 2));
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(recorder(Arc::default()));
     let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let older = tokio::spawn(svc.clone().oneshot(req(5, "older")));
@@ -347,7 +361,9 @@ async fn a_grant_racing_the_deadline_is_not_lost() {
     });
     let (tx, rx) = oneshot::channel::<()>();
     let svc = ServiceBuilder::new()
-        .layer(AdmissionLayer::new(scheduler.clone()))
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
         .service(recorder(Arc::default()));
     let busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
     let waiter = tokio::spawn(svc.clone().oneshot(req(0, "w")));

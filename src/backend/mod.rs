@@ -39,6 +39,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::types::BackendLoad;
+
 pub use watch::{watch, LLAMA_LOAD_EVERY, LOAD_EVERY};
 
 /// A kind of model server.
@@ -183,19 +185,6 @@ struct State {
     limit: &'static str,
 }
 
-/// What the limit needs of the backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct View {
-    /// Slots it reports.
-    pub slots: Option<usize>,
-    /// Requests it is processing.
-    pub running: Option<usize>,
-    /// Requests waiting inside it.
-    pub waiting: Option<usize>,
-    /// How many good load readings there have been (a new number: a fresh one).
-    pub readings: u64,
-}
-
 /// `/status`'s view of a backend.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
@@ -288,9 +277,9 @@ impl Backend {
     }
 
     /// What the limit needs.
-    pub fn view(&self) -> View {
+    pub fn view(&self) -> BackendLoad {
         let st = self.state.lock();
-        View {
+        BackendLoad {
             slots: st.reading.slots,
             running: st.reading.running,
             waiting: st.reading.waiting,

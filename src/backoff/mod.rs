@@ -50,7 +50,6 @@ pub use budget::RetryBudget;
 pub use cooldown::Cooldown;
 
 use crate::error::{self, UpstreamUnavailable};
-use crate::route::Router;
 use crate::telemetry::{Recorder, Tap};
 use crate::types::ClientAddr;
 use crate::types::Route;
@@ -97,16 +96,27 @@ impl Reason {
     }
 }
 
+/// The upstreams a retry may go to, by route (an index into the upstream
+/// table): back-off owns this trait and the router implements it, so
+/// back-off depends on no routing code.
+pub trait Targets: std::fmt::Debug + Send + Sync + 'static {
+    /// Upstream `route`'s pause.
+    fn cooldown(&self, route: usize) -> Arc<Cooldown>;
+    /// Whether upstream `route` is in service.
+    fn is_healthy(&self, route: usize) -> bool;
+    /// Another upstream in service that serves `model`, for a retry whose
+    /// upstream `from` went out of service.
+    fn reroute(&self, model: Option<&str>, from: usize) -> Result<usize, BoxError>;
+}
+
 #[derive(Debug)]
 struct Shared {
     policy: RetryPolicy,
     budget: RetryBudget,
-    /// The pause without a router; with one, each upstream has its own
-    /// (a 429 from one replica pauses only that one).
-    cooldown: Arc<Cooldown>,
-    /// Several upstreams: a request whose upstream went out of service is
-    /// sent again to another.
-    router: Option<Arc<Router>>,
+    /// Each upstream's pause (a 429 from one replica pauses only that
+    /// one); a request whose upstream went out of service is sent again to
+    /// another.
+    targets: Arc<dyn Targets>,
     recorder: Arc<Recorder>,
 }
 
@@ -117,25 +127,15 @@ pub struct BackoffLayer {
 }
 
 impl BackoffLayer {
-    /// Retry by `policy`, counting into `recorder`'s metrics.
-    pub fn new(policy: RetryPolicy, recorder: Arc<Recorder>) -> Self {
-        Self::build(policy, recorder, None)
-    }
-
-    /// The same, with a pause of its own for each of `router`'s upstreams
-    /// (a request's [`Route`] picks); a retry whose
-    /// upstream went out of service goes to another.
-    pub fn routed(policy: RetryPolicy, recorder: Arc<Recorder>, router: Arc<Router>) -> Self {
-        Self::build(policy, recorder, Some(router))
-    }
-
-    fn build(policy: RetryPolicy, recorder: Arc<Recorder>, router: Option<Arc<Router>>) -> Self {
+    /// Retry by `policy`, counting into `recorder`'s metrics, pausing each
+    /// of `targets`' upstreams on its own (a request's [`Route`] picks); a
+    /// retry whose upstream went out of service goes to another.
+    pub fn new(policy: RetryPolicy, recorder: Arc<Recorder>, targets: Arc<dyn Targets>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 budget: RetryBudget::new(policy.budget),
                 policy,
-                cooldown: Arc::default(),
-                router,
+                targets,
                 recorder,
             }),
         }
@@ -156,10 +156,7 @@ impl<S> Layer<S> for BackoffLayer {
 impl Shared {
     /// The pause of upstream `route`.
     fn cooldown(&self, route: usize) -> Arc<Cooldown> {
-        match &self.router {
-            Some(router) => router.cooldown(route),
-            None => self.cooldown.clone(),
-        }
+        self.targets.cooldown(route)
     }
 }
 
@@ -333,14 +330,15 @@ where
         // The refused answer is dropped unread: its connection is not reused.
         drop(result);
         tokio::time::sleep(delay).await;
-        if let Some(router) = &shared.router {
-            if !router.is_healthy(route) {
-                // Its upstream went out of service meanwhile: another.
-                if let Ok(i) = router.pick(model.as_ref().map(Model::as_str), Some(route)) {
-                    route = i;
-                    cooldown = shared.cooldown(i);
-                    below.route = Some(Route(i));
-                }
+        if !shared.targets.is_healthy(route) {
+            // Its upstream went out of service meanwhile: another.
+            if let Ok(i) = shared
+                .targets
+                .reroute(model.as_ref().map(Model::as_str), route)
+            {
+                route = i;
+                cooldown = shared.cooldown(i);
+                below.route = Some(Route(i));
             }
         }
         result = attempt(svc.clone(), &parts, below.extensions(), &body, &cooldown).await;

@@ -110,7 +110,17 @@ fn policy(max_retries: u32) -> RetryPolicy {
 
 fn stack(p: RetryPolicy, up: &Upstream) -> Backoff<Upstream> {
     let recorder = Recorder::new(None).expect("no log to open");
-    BackoffLayer::new(p, recorder).layer(up.clone())
+    // Back-off never asks the scheduler for a slot: any will do.
+    let scheduler = crate::admission::Scheduler::new(crate::admission::Limits {
+        max_concurrency: 1,
+        max_queue: 1,
+        queue_timeout: Duration::from_secs(30),
+        retry_after_cap: Duration::from_secs(60),
+        reserved: vec![],
+        promote_after: None,
+        preempt: None,
+    });
+    BackoffLayer::new(p, recorder, crate::route::one_row(scheduler)).layer(up.clone())
 }
 
 fn req(admitted: bool) -> TestReq {

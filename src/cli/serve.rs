@@ -531,7 +531,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     router.start_watching_backends(config.health.interval);
     let scheduler = schedulers[0].clone();
     if let Some(adaptive) = config.adaptive {
-        tasks.push(tokio::spawn(crate::admission::adaptive::run(
+        tasks.push(tokio::spawn(crate::route::run_adaptive(
             router.clone(),
             recorder.signals.clone(),
             adaptive,

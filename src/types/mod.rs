@@ -10,6 +10,7 @@
 //! that first needed the word.
 
 mod admit;
+mod backend_load;
 mod client;
 mod model;
 mod overloaded;
@@ -20,6 +21,7 @@ mod tenant;
 mod tokens;
 
 pub use admit::Admit;
+pub use backend_load::BackendLoad;
 pub use client::ClientAddr;
 pub use model::Model;
 pub use overloaded::{Overloaded, Reason};

@@ -1,0 +1,30 @@
+//! Where admission takes its slots: the scheduler of the upstream each
+//! request is routed to.
+//!
+//! Admission owns this trait and the router implements it (see
+//! [`route`](crate::route)), so admission depends on no routing code; one
+//! upstream is a table of one row.
+
+use std::fmt;
+
+use super::scheduler::{Acquire, Replayable};
+use crate::types::{Priority, Share};
+use crate::BoxError;
+
+/// The upstreams' schedulers, by route (an index into the upstream table).
+pub trait Schedulers: fmt::Debug + Send + Sync + 'static {
+    /// Ask upstream `route`'s scheduler for a slot. `replay` is called only
+    /// when preemption is on (see [`Scheduler::acquire_as`](super::Scheduler::acquire_as)).
+    fn acquire(
+        &self,
+        route: usize,
+        priority: Priority,
+        share: &Share,
+        replay: &dyn Fn() -> Option<Replayable>,
+    ) -> Acquire;
+
+    /// Another upstream in service that serves `model`, for a request
+    /// whose upstream `from` was taken out of service while it waited.
+    /// None: the refusal to answer with.
+    fn reroute(&self, model: Option<&str>, from: usize) -> Result<usize, BoxError>;
+}
