@@ -1,46 +1,15 @@
-//! Step 0c of the request path, with several `[[upstream]]`s: which one a
-//! request goes to.
-//!
-//! An admitted request goes to an upstream that serves the body's `model`:
-//! one whose `models` list names it, else one whose `models` is `"*"`.
-//! Among those replicas it goes
-//! to the one with the least outstanding work for its weight: (waiting +
-//! running) / weight, ties broken round-robin. The choice is a [`Route`] in
-//! the request's extensions; admission queues the request on that
-//! upstream's own scheduler (its own `max_concurrency`), and the upstream
-//! client sends it there. A model nobody serves is a 404 (`model_not_found`)
-//! that lists what is served.
-//!
-//! `GET /v1/models` is answered with the union of every upstream's list
-//! (each asked in turn; a list in the config filters what that upstream
-//! reports; duplicates are dropped). Other requests that bypass admission
-//! go to the first upstream in service.
-//!
-//! With a single upstream the layer passes everything straight through.
-//! The upstreams live in a [`Table`] that a reload replaces
-//! ([`Router::reconfigure`]); a request reads it once per step, lock-free.
+//! The upstream table: every upstream with its scheduler, health and
+//! pause, replaced whole by a reload; picking one for a request.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body::Body;
-use http_body_util::{BodyExt, Either, Full};
-use tower::{Layer, Service, ServiceExt};
-
+use super::health::health_checks;
 use crate::admission::{Acquire, Scheduler};
-
 use crate::backoff::Cooldown;
-use crate::classify::ClassifiedBody;
 use crate::config::{Models, ReplicaConfig};
 use crate::error::ModelNotFound;
-use crate::types::Route;
-use crate::types::{Admit, Model};
 use crate::types::{Overloaded, Reason};
 use crate::BoxError;
 
@@ -59,7 +28,7 @@ struct Health {
 /// a new address also gives it a new `id`, which tells each worker to open a
 /// new connection pool. A removed upstream stays in the table, `retired`:
 /// nothing new goes there, its waiters are queued elsewhere and its running
-/// requests finish. Indices into the table ([`Route`]) therefore never move.
+/// requests finish. Indices into the table ([`Route`](crate::types::Route)) therefore never move.
 #[derive(Debug)]
 pub struct Slot {
     /// Names its address: a new one when the address changes.
@@ -533,7 +502,7 @@ impl Router {
     }
 
     /// The index and address of upstream `id`, while it is in service.
-    fn find(&self, id: u64) -> Option<(usize, crate::upstream::Origin, usize)> {
+    pub(super) fn find(&self, id: u64) -> Option<(usize, crate::upstream::Origin, usize)> {
         let table = self.table.load();
         let found = table
             .active()
@@ -624,311 +593,207 @@ fn served_by(table: &Table) -> String {
     out.join(", ")
 }
 
-/// Builds [`RouteService`]s.
-#[derive(Clone, Debug)]
-pub struct RouteLayer {
-    shared: Arc<Router>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Limits;
+    use crate::types::Share;
 
-impl RouteLayer {
-    /// Route by `router`.
-    pub fn new(router: Arc<Router>) -> Self {
-        Self { shared: router }
-    }
-}
-
-impl<S> Layer<S> for RouteLayer {
-    type Service = RouteService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RouteService {
-            inner,
-            shared: self.shared.clone(),
+    fn limits(n: usize) -> Limits {
+        Limits {
+            max_concurrency: n,
+            max_queue: 10,
+            queue_timeout: Duration::from_secs(30),
+            retry_after_cap: Duration::from_secs(60),
+            reserved: vec![],
+            promote_after: None,
+            preempt: None,
         }
     }
-}
 
-/// Routes requests among upstreams: see the [module docs](self).
-#[derive(Clone, Debug)]
-pub struct RouteService<S> {
-    inner: S,
-    shared: Arc<Router>,
-}
-
-type ModelsFuture = Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>;
-
-impl<S, B, ResB> Service<Request<ClassifiedBody<B>>> for RouteService<S>
-where
-    S: Service<Request<ClassifiedBody<B>>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-    B: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    type Response = Response<Either<Full<Bytes>, ResB>>;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, mut req: Request<ClassifiedBody<B>>) -> Self::Future {
-        let table = self.shared.table();
-        if table.active_len() == 1 {
-            // One upstream: nothing to decide, everything passes as it is
-            // (named only when a reload made it other than the first).
-            let only = table.first();
-            if only != 0 {
-                req.extensions_mut().insert(Route(only));
-            }
-            drop(table);
-            return ResponseFuture::Inner {
-                fut: self.inner.call(req),
-            };
-        }
-        let first = table.first();
-        drop(table);
-        if req.extensions().get::<Admit>().is_some() {
-            let model = req.extensions().get::<Model>().map(|m| m.as_str());
-            match self.shared.pick(model, None) {
-                Ok(i) => {
-                    req.extensions_mut().insert(Route(i));
-                }
-                Err(e) => return ResponseFuture::Failed { err: Some(e) },
-            }
-        } else if req.method() == Method::GET && req.uri().path() == "/v1/models" {
-            return ResponseFuture::Models {
-                fut: Box::pin(models_union(self.inner.clone(), self.shared.clone(), req)),
-            };
-        } else if first != 0 {
-            // Not admitted: to the first upstream in service.
-            req.extensions_mut().insert(Route(first));
-        }
-        ResponseFuture::Inner {
-            fut: self.inner.call(req),
+    fn replica(name: &str, port: u16, models: &[&str]) -> ReplicaConfig {
+        ReplicaConfig {
+            name: name.into(),
+            origin: crate::upstream::Origin::parse(&format!("http://127.0.0.1:{port}"))
+                .expect("a valid origin"),
+            models: if models.is_empty() {
+                Models::Any
+            } else {
+                Models::List(models.iter().map(|m| m.to_string()).collect())
+            },
+            max_concurrency: 1,
+            weight: 1,
+            backend: crate::backend::Setting::Auto,
+            stream_upgrade: None,
         }
     }
-}
 
-/// Ask every upstream for its models and merge the lists.
-async fn models_union<S, B, ResB>(
-    svc: S,
-    shared: Arc<Router>,
-    req: Request<ClassifiedBody<B>>,
-) -> Result<Bytes, BoxError>
-where
-    S: Service<Request<ClassifiedBody<B>>, Response = Response<ResB>> + Clone,
-    S::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
-{
-    let (parts, _body) = req.into_parts();
-    let mut data: Vec<serde_json::Value> = Vec::new();
-    let mut ids: Vec<String> = Vec::new();
-    let table = shared.table.load_full();
-    for (i, slot) in table.active() {
-        let replica = &slot.config;
-        let mut ask = Request::builder()
-            .method(Method::GET)
-            .uri(parts.uri.clone())
-            .body(Either::Left(Full::new(Bytes::new())))?;
-        *ask.headers_mut() = parts.headers.clone();
-        ask.extensions_mut().insert(Route(i));
-        let one = svc.clone();
-        let answer = async move {
-            let resp = one.oneshot(ask).await.map_err(Into::into)?;
-            if resp.status() != StatusCode::OK {
-                return Err(format!("status {}", resp.status()).into());
-            }
-            // Bounded: an upstream's list is not a way to fill our memory.
-            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_MODEL_LIST)
-                .collect()
-                .await?
-                .to_bytes();
-            Ok::<_, BoxError>(serde_json::from_slice::<serde_json::Value>(&bytes)?)
-        }
-        .await;
-        let list = match answer {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(upstream = %replica.name, error = %e, "model list unavailable");
-                continue;
-            }
+    fn router(replicas: Vec<ReplicaConfig>) -> Arc<Router> {
+        let schedulers = replicas
+            .iter()
+            .map(|r| Scheduler::new(limits(r.max_concurrency)))
+            .collect();
+        Router::new(replicas, schedulers, 2, Duration::from_secs(1))
+    }
+
+    fn names(r: &Router) -> Vec<String> {
+        r.table()
+            .active()
+            .map(|(_, s)| s.config.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_reload_keeps_upstreams_by_name_and_never_moves_an_index() {
+        let r = router(vec![replica("a", 1, &[]), replica("b", 2, &[])]);
+        let (a, b) = {
+            let t = r.table();
+            (t.slot(0).clone(), t.slot(1).clone())
         };
-        for m in list["data"].as_array().into_iter().flatten() {
-            let Some(id) = m["id"].as_str() else { continue };
-            if replica.models.serves(id) && !ids.iter().any(|x| x == id) {
-                ids.push(id.to_owned());
-                data.push(m.clone());
+        let change = r.reconfigure(
+            vec![replica("c", 3, &[]), replica("a", 1, &[])],
+            &limits(1),
+            false,
+        );
+        assert_eq!(
+            change,
+            SetChange {
+                added: vec!["c".into()],
+                removed: vec!["b".into()],
+                readdressed: vec![],
             }
-        }
+        );
+        let t = r.table();
+        assert_eq!(t.generation, 1);
+        // In config order, at their old indices; the new one appended.
+        assert_eq!(names(&r), ["c", "a"]);
+        assert_eq!(t.active().map(|(i, _)| i).collect::<Vec<_>>(), [2, 0]);
+        assert!(Arc::ptr_eq(&t.slot(0).scheduler, &a.scheduler));
+        assert_eq!(t.slot(0).id, a.id, "same address: same pools");
+        // The removed one stays, retired, with its scheduler.
+        assert!(t.slot(1).retired);
+        assert!(Arc::ptr_eq(&t.slot(1).scheduler, &b.scheduler));
+        assert!(!r.is_healthy(1));
+        assert_eq!(
+            r.all_schedulers().len(),
+            3,
+            "a drain reaches the retired one"
+        );
+        assert_eq!(t.first(), 2);
     }
-    Ok(Bytes::from(serde_json::to_vec(
-        &serde_json::json!({"object": "list", "data": data}),
-    )?))
-}
 
-pin_project_lite::pin_project! {
-    /// Response future of [`RouteService`].
-    #[project = Proj]
-    #[allow(missing_docs)]
-    pub enum ResponseFuture<F> {
-        Inner { #[pin] fut: F },
-        Models { fut: ModelsFuture },
-        Failed { err: Option<BoxError> },
+    #[test]
+    fn a_new_address_is_a_new_id_and_fresh_health_but_the_same_queue() {
+        let r = router(vec![replica("a", 1, &[]), replica("b", 2, &[])]);
+        let before = r.table().slot(0).clone();
+        r.report(0, false);
+        let change = r.reconfigure(
+            vec![replica("a", 9, &[]), replica("b", 2, &[])],
+            &limits(1),
+            false,
+        );
+        assert_eq!(change.readdressed, ["a"]);
+        let t = r.table();
+        assert_ne!(t.slot(0).id, before.id);
+        assert_eq!(t.slot(0).health.failures.load(Ordering::Relaxed), 0);
+        assert!(Arc::ptr_eq(&t.slot(0).scheduler, &before.scheduler));
+        assert_eq!(t.generation, 1);
+        // The same set again: nothing changes, not even the generation.
+        drop(t);
+        let same = r.reconfigure(
+            vec![replica("a", 9, &[]), replica("b", 2, &[])],
+            &limits(1),
+            false,
+        );
+        assert!(same.is_empty());
+        assert_eq!(r.table().generation, 1);
     }
-}
 
-impl<F> std::fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl<F, ResB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<ResB>, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<Response<Either<Full<Bytes>, ResB>>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            Proj::Inner { fut } => fut
-                .poll(cx)
-                .map(|r| r.map(|resp| resp.map(Either::Right)).map_err(Into::into)),
-            Proj::Models { fut } => fut.as_mut().poll(cx).map(|r| {
-                r.map(|body| {
-                    let mut resp = Response::new(Either::Left(Full::new(body)));
-                    resp.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/json"),
-                    );
-                    resp
-                })
-            }),
-            Proj::Failed { err } => Poll::Ready(Err(err.take().expect("polled after completion"))),
-        }
-    }
-}
-
-/// The largest model list read from one upstream for `GET /v1/models`.
-const MAX_MODEL_LIST: usize = 8 << 20;
-
-/// Run the adaptive limit's controller (see
-/// [`adaptive`](crate::admission::adaptive)) on the first upstream's
-/// scheduler until dropped (or the router closes).
-pub async fn run_adaptive(
-    router: Arc<Router>,
-    signals: Arc<crate::admission::adaptive::Signals>,
-    adaptive: crate::admission::adaptive::Adaptive,
-) {
-    use crate::admission::adaptive::{Controller, Load, Source, TICK};
-    use tokio::time::Instant;
-    let mut controller = Controller::new(adaptive);
-    let slot = |router: &Router| {
-        let table = router.table();
-        table.slot(table.first()).clone()
-    };
-    {
-        let slot = slot(&router);
-        slot.scheduler.set_max_concurrency(controller.limit());
-        slot.backend.set_limit(controller.source().as_str());
-    }
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut said = None;
-    while !router.is_closed() {
-        tick.tick().await;
-        let slot = slot(&router);
-        let taken = signals.take();
-        let (waiting, running) = slot.scheduler.snapshot_counts();
-        let before = controller.limit();
-        let view = slot.backend.view();
-        let limit = controller.step(Instant::now(), taken, Load { waiting, running }, view);
-        let source = controller.source();
-        slot.backend.set_limit(source.as_str());
-        if said != Some(source) {
-            match source {
-                Source::AutoFallback => tracing::warn!(
-                    upstream = %slot.config.name,
-                    "max_concurrency = \"backend\", but the backend reports no slots: finding the limit as \"auto\" does"
-                ),
-                Source::Backend => tracing::info!(
-                    upstream = %slot.config.name,
-                    limit,
-                    "max_concurrency follows the backend's slots"
-                ),
-                Source::Auto => {}
-            }
-            said = Some(source);
-        }
-        if limit != before {
-            tracing::debug!(
-                limit,
-                before,
-                ?taken,
-                waiting,
-                running,
-                ?view,
-                "adaptive limit moved"
-            );
-            slot.scheduler.set_max_concurrency(limit);
-        }
-    }
-}
-
-/// One probe: GET `path` on a fresh connection, true on 200.
-async fn probe(origin: &crate::upstream::Origin, path: &str, timeout: Duration) -> bool {
-    // The body is read to its end, but none of it is needed.
-    matches!(
-        crate::upstream::get(origin, path, timeout, crate::backend::PROBE_MAX_BYTES).await,
-        Ok((StatusCode::OK, _))
-    )
-}
-
-/// Probe upstream `id` every `health.interval` while it is in service (a
-/// reload that removes or re-addresses it ends this; a new address gets a
-/// loop of its own) and there are several: a 200 on `health.path` puts it
-/// (back) in service, anything else counts as a failure towards ejecting it.
-async fn health_checks(
-    weak: std::sync::Weak<Router>,
-    id: u64,
-    health: crate::config::HealthConfig,
-) {
-    let timeout = health.interval.min(Duration::from_secs(5));
-    let mut tick = tokio::time::interval(health.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The router (and so the loop's end) as of now, while it is in service.
-    let find = |weak: &std::sync::Weak<Router>| {
-        let router = weak.upgrade()?;
-        if router.closed.load(Ordering::Acquire) {
-            return None;
-        }
-        let (i, origin, active) = router.find(id)?;
-        Some((router, i, origin, active))
-    };
-    loop {
-        tick.tick().await;
-        let Some((_, _, origin, active)) = find(&weak) else {
-            return;
+    #[test]
+    fn one_upstream_before_and_after_is_the_same_one_whatever_its_name() {
+        let r = router(vec![replica("upstream", 1, &[])]);
+        let s = r.table().slot(0).scheduler.clone();
+        let renamed = ReplicaConfig {
+            max_concurrency: 4,
+            ..replica("renamed", 1, &[])
         };
-        if active < 2 {
-            continue;
-        }
-        let ok = tokio::time::timeout(timeout, probe(&origin, &health.path, timeout))
-            .await
-            .unwrap_or(false);
-        let Some((router, i, _, _)) = find(&weak) else {
-            return;
+        let change = r.reconfigure(vec![renamed], &limits(1), false);
+        assert!(change.is_empty(), "{change:?}");
+        assert!(Arc::ptr_eq(&r.table().slot(0).scheduler, &s));
+        assert_eq!(s.snapshot().max_concurrency, 4, "its own limit applies");
+    }
+
+    #[tokio::test]
+    async fn the_waiters_of_a_removed_upstream_are_sent_to_be_queued_elsewhere() {
+        let r = router(vec![replica("a", 1, &[]), replica("b", 2, &[])]);
+        let Acquire::Admitted(_running) = r.acquire(1, 0, &Share::default(), || None) else {
+            panic!("a free slot")
         };
-        if ok {
-            router.readmit(i);
-        } else {
-            router.report(i, false);
+        let Acquire::Queued(waiting) = r.acquire(1, 0, &Share::default(), || None) else {
+            panic!("queued behind it")
+        };
+        r.reconfigure(vec![replica("a", 1, &[])], &limits(1), false);
+        let refused = waiting.wait().await.expect_err("rerouted");
+        assert_eq!(refused.reason(), Reason::Rerouted);
+    }
+
+    #[test]
+    fn a_pick_prefers_who_names_the_model_then_the_least_loaded() {
+        let r = router(vec![
+            replica("any", 1, &[]),
+            replica("m1", 2, &["m"]),
+            replica("m2", 3, &["m"]),
+        ]);
+        // m1 busy: m2 is the less loaded of those naming it.
+        let Acquire::Admitted(_busy) = r.acquire(1, 0, &Share::default(), || None) else {
+            panic!()
+        };
+        for _ in 0..4 {
+            assert_eq!(r.pick(Some("m"), None).unwrap(), 2);
         }
+        // Excluded (its request is being rerouted): m1, busy as it is.
+        assert_eq!(r.pick(Some("m"), Some(2)).unwrap(), 1);
+        // A model nobody names goes to "*"; without a model, anywhere.
+        assert_eq!(r.pick(Some("other"), None).unwrap(), 0);
+        assert!(r.pick(None, None).is_ok());
+    }
+
+    #[test]
+    fn a_model_nobody_serves_is_a_404_and_one_whose_upstreams_are_out_is_a_refusal() {
+        let r = router(vec![
+            replica("m1", 1, &["m"]),
+            replica("m2", 2, &["m", "n"]),
+        ]);
+        let err = r.pick(Some("x"), None).unwrap_err();
+        let missing = err
+            .downcast_ref::<ModelNotFound>()
+            .expect("model_not_found");
+        assert!(missing.to_string().contains("m, n"), "{missing}");
+        // Two failures in a row (eject_after) take m2 out of service.
+        r.report(1, false);
+        assert!(r.is_healthy(1));
+        r.report(1, false);
+        assert!(!r.is_healthy(1));
+        let err = r.pick(Some("n"), None).unwrap_err();
+        let refused = err.downcast_ref::<Overloaded>().expect("overloaded");
+        assert_eq!(refused.reason(), Reason::Rerouted);
+        // A probe that succeeds puts it back.
+        r.readmit(1);
+        assert_eq!(r.pick(Some("n"), None).unwrap(), 1);
+        // An answer resets the count: failures must be consecutive.
+        r.report(1, false);
+        r.report(1, true);
+        r.report(1, false);
+        assert!(r.is_healthy(1));
+    }
+
+    #[test]
+    fn a_single_upstream_is_never_taken_out_of_service() {
+        let r = router(vec![replica("only", 1, &[])]);
+        for _ in 0..10 {
+            r.report(0, false);
+        }
+        assert!(r.is_healthy(0));
+        assert_eq!(r.pick(Some("any"), None).unwrap(), 0);
     }
 }
