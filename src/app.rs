@@ -26,6 +26,27 @@ pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallib
 /// streamed for the rest.
 pub type UpstreamBody = ClassifiedBody<Incoming>;
 
+/// The upstream table for `config`: each upstream with a scheduler of its
+/// own (its own limit and queue), health taken from `config.health`.
+pub fn router(config: &Config) -> Arc<Router> {
+    let schedulers = config
+        .replicas
+        .iter()
+        .map(|r| {
+            crate::admission::Scheduler::new(crate::admission::Limits {
+                max_concurrency: r.max_concurrency,
+                ..config.limits.clone()
+            })
+        })
+        .collect();
+    Router::new(
+        config.replicas.clone(),
+        schedulers,
+        config.health.eject_after,
+        config.health.interval,
+    )
+}
+
 /// Build the proxy for `config`, admitting through `router`'s schedulers
 /// (one per upstream) and recording into `recorder`.
 pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>) -> Stack {
@@ -34,7 +55,7 @@ pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>
     build_stack_with(config, &live, router, recorder, upstreams)
 }
 
-/// Build the proxy around any upstream service (tests use a fake).
+/// Build the proxy around any upstream service.
 /// `live` holds the settings a reload may replace (keys, routes).
 pub fn build_stack_with<U, B>(
     config: &Config,

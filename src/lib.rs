@@ -38,6 +38,7 @@ pub mod edge;
 pub mod error;
 pub(crate) mod h2;
 pub mod json_scan;
+pub mod memory;
 pub mod path;
 pub(crate) mod random;
 pub mod reload;

@@ -113,6 +113,8 @@ pub enum Stream {
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from a client.
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// An in-process pipe (see [`memory`](crate::memory)).
+    Memory(tokio::io::DuplexStream),
 }
 
 macro_rules! each {
@@ -128,6 +130,10 @@ macro_rules! each {
             }
             Stream::ServerTls($s) => {
                 let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Stream::Memory($s) => {
+                let $s = Pin::new($s);
                 $e
             }
         }
@@ -170,6 +176,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
             Stream::ServerTls(s) => s.is_write_vectored(),
+            Stream::Memory(s) => s.is_write_vectored(),
         }
     }
 

@@ -22,6 +22,7 @@ mod passthrough;
 mod preemption;
 mod reload;
 mod routing;
+mod stack;
 mod streams;
 mod telemetry;
 mod tenants;

@@ -412,23 +412,8 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     let addr = listeners[0].local_addr()?;
     let admin_addr = admin.local_addr()?;
     let recorder = Recorder::new(config.request_log.as_deref())?;
-    // Per upstream: its own scheduler (its own limit and queue).
-    let schedulers: Vec<Arc<Scheduler>> = config
-        .replicas
-        .iter()
-        .map(|r| {
-            Scheduler::new(crate::admission::Limits {
-                max_concurrency: r.max_concurrency,
-                ..config.limits.clone()
-            })
-        })
-        .collect();
-    let router = Router::new(
-        config.replicas.clone(),
-        schedulers.clone(),
-        config.health.eject_after,
-        config.health.interval,
-    );
+    let router = crate::app::router(config);
+    let schedulers = router.all_schedulers();
     let live = crate::reload::Live::new(config);
     let reloader = Arc::new(crate::reload::Reloader::new(
         config.file.clone(),

@@ -391,17 +391,19 @@ impl Drop for Decrement<'_> {
 /// A running simulator.
 #[derive(Debug)]
 pub struct SimHandle {
-    /// Where it listens.
+    /// Where it listens (unspecified, port 0, for one in process).
     pub addr: SocketAddr,
+    /// How to reach it.
+    url: String,
     /// Its counters.
     pub state: Arc<SimState>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl SimHandle {
-    /// `http://addr`.
+    /// `http://addr`, or `http://host` in process.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.url.clone()
     }
 
     /// A snapshot of the counters.
@@ -421,7 +423,42 @@ pub fn spawn(listener: TcpListener, cfg: SimConfig) -> std::io::Result<SimHandle
     let addr = listener.local_addr()?;
     let state = SimState::new(cfg);
     let task = tokio::spawn(serve(listener, state.clone()));
-    Ok(SimHandle { addr, state, task })
+    Ok(SimHandle {
+        addr,
+        url: format!("http://{addr}"),
+        state,
+        task,
+    })
+}
+
+/// Start a simulator in process, on `host` (ending in
+/// [`memory::HOST_SUFFIX`](crate::memory::HOST_SUFFIX)): the same HTTP/1.1
+/// over a pipe instead of a socket, so a test on tokio's paused clock sees
+/// its exact timings. Connection-closing modes are not simulated here.
+pub fn spawn_in_memory(host: &str, cfg: SimConfig) -> std::io::Result<SimHandle> {
+    let mut listener = crate::memory::Listener::bind(host)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrInUse, host.to_owned()))?;
+    let state = SimState::new(cfg);
+    let serving = state.clone();
+    let task = tokio::spawn(async move {
+        while let Some(io) = listener.accept().await {
+            let state = serving.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, req).await) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc),
+            );
+        }
+    });
+    Ok(SimHandle {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        url: format!("http://{host}"),
+        state,
+        task,
+    })
 }
 
 /// Bind `addr` and start a simulator on it.

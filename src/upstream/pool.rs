@@ -46,6 +46,9 @@ type Io = TokioIo<Stream>;
 /// within `timeout`.
 pub(crate) async fn connect(origin: &Origin, timeout: Duration) -> Result<Stream, BoxError> {
     let authority = origin.authority();
+    if crate::memory::is_memory(authority.host()) {
+        return Ok(Stream::Memory(crate::memory::connect(authority.host())?));
+    }
     let addr = (
         authority.host().trim_matches(|c| c == '[' || c == ']'),
         origin.port(),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod in_process;
+
 use std::time::Duration;
 
 use anteroom::cli::serve::{self, Running};

@@ -1,0 +1,86 @@
+//! Whole-stack tests in process on tokio's paused clock (see
+//! `support::in_process`): the figures are exact, not within a tolerance,
+//! and nothing sleeps on the real clock.
+
+use std::time::Duration;
+
+use anteroom::sim::{Mode, SimConfig};
+use anteroom::telemetry::{Outcome, TokenSource};
+use http_body_util::BodyExt;
+
+use crate::support::in_process::{in_process, settle};
+use crate::support::{header_u64, sim_config};
+
+#[tokio::test(start_paused = true)]
+async fn queue_wait_and_model_time_are_split_exactly() {
+    let cfg = SimConfig {
+        ttft: Duration::from_millis(150),
+        tokens_per_second: 50.0, // 20 ms per token
+        ..sim_config(Mode::Serial)
+    };
+    let p = in_process("split", cfg, |c| c.max_concurrency = 1.into());
+    // A holds the one slot for 150 + 9 × 20 ms; B waits for all of it.
+    let a = {
+        let (stack, req) = (p.clone_sender(), p.chat("split-a", None, true, 10));
+        tokio::spawn(async move { stack.send(req).await.into_body().collect().await.unwrap() })
+    };
+    settle().await;
+    assert_eq!(p.counts(), (0, 1), "A runs");
+    let sent = tokio::time::Instant::now();
+    let b = p.send(p.chat("split-b", None, true, 10)).await;
+    let queue_header = header_u64(&b, "x-anteroom-queue-ms").unwrap();
+    let timing = b.headers()["server-timing"].to_str().unwrap().to_owned();
+    let mut body = b.into_body();
+    let first = loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+            break sent.elapsed();
+        }
+    };
+    while body.frame().await.is_some() {}
+    a.await.unwrap();
+
+    let recs = p.records().await;
+    let (a, b) = (&recs["split-a"], &recs["split-b"]);
+    assert_eq!(b.outcome, Outcome::Ok);
+    assert_eq!((b.status, b.stream, b.priority), (200, true, Some(0)));
+    // B was dispatched the instant A's last byte left.
+    assert_eq!(b.timings.queue_ms, a.timings.e2e_ms);
+    // The model's own times are the simulator's settings, exactly.
+    assert_eq!(b.timings.backend_ttft_ms, Some(150.0));
+    assert_eq!(b.timings.tpot_ms, Some(20.0));
+    assert_eq!(b.timings.itl_p50_ms, Some(20.0));
+    assert_eq!(b.timings.itl_max_ms, Some(20.0));
+    assert_eq!(
+        (b.model.as_deref(), b.path.as_str()),
+        (Some("anteroom-sim"), "/v1/chat/completions")
+    );
+    // Every field as the README's record table has it.
+    let t = &b.timings;
+    let itl = [t.itl_p50_ms, t.itl_p90_ms, t.itl_p99_ms, t.itl_max_ms];
+    assert_eq!(itl, [Some(20.0); 4]);
+    assert!(
+        t.upstream_headers_ms.unwrap() <= t.backend_ttft_ms.unwrap(),
+        "{t:?}"
+    );
+    // Ten token events, the finish chunk and [DONE]; counted, not told.
+    assert_eq!(t.events, Some(12));
+    assert_eq!(t.completion_tokens, Some(10));
+    assert_eq!(t.tokens_from, Some(TokenSource::Counted));
+    assert_eq!(
+        (t.prompt_tokens, t.backend_prompt_ms, t.backend_wait_ms),
+        (None, None, None)
+    );
+    assert!(!t.malformed && t.upstream_retries == 0 && !b.upgraded);
+    assert_eq!(
+        (b.upstream.as_deref(), b.tenant.as_deref()),
+        (Some("upstream"), None)
+    );
+    // What the client saw is the sum, to the microsecond of its stopwatch.
+    let queue = t.queue_ms.unwrap();
+    assert_eq!(t.ttft_ms, Some(queue + 150.0));
+    assert_eq!(first.as_secs_f64() * 1000.0, queue + 150.0);
+    // The headers say the same.
+    assert_eq!(queue_header as f64, queue.floor());
+    assert_eq!(timing, format!("queue;dur={queue:.3}, upstream;dur=0.000"));
+}
