@@ -8,7 +8,7 @@ use anteroom::sim::{Mode, SimConfig};
 use anteroom::telemetry::{Outcome, TokenSource};
 use http_body_util::BodyExt;
 
-use crate::support::in_process::{in_process, settle};
+use crate::support::in_process::{in_process, settle, wait_for};
 use crate::support::{header_u64, sim_config};
 
 #[tokio::test(start_paused = true)]
@@ -83,4 +83,50 @@ async fn queue_wait_and_model_time_are_split_exactly() {
     // The headers say the same.
     assert_eq!(queue_header as f64, queue.floor());
     assert_eq!(timing, format!("queue;dur={queue:.3}, upstream;dur=0.000"));
+}
+
+/// The advised delay of a 429 is within a factor of two of the real wait,
+/// with a backend of known service time.
+#[tokio::test(start_paused = true)]
+async fn the_advised_delay_matches_the_real_drain() {
+    let cfg = SimConfig {
+        ttft: Duration::from_millis(40),
+        tokens_per_second: 1000.0,
+        ..sim_config(Mode::Serial)
+    };
+    let p = in_process("drain", cfg, |c| {
+        c.max_concurrency = 1.into();
+        c.max_queue = 6;
+    });
+    // Warm up: the proxy measures ~50 ms per request.
+    for i in 0..5 {
+        let r = p.send(p.chat(&format!("w{i}"), None, false, 10)).await;
+        assert_eq!(r.status(), 200);
+        r.into_body().collect().await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..7 {
+        let (sender, req) = (p.clone_sender(), p.chat(&format!("q{i}"), None, false, 10));
+        tasks.push(tokio::spawn(async move {
+            let r = sender.send(req).await;
+            let status = r.status();
+            r.into_body().collect().await.unwrap();
+            status
+        }));
+    }
+    wait_for("one running, six waiting", || p.counts() == (6, 1)).await;
+    let start = tokio::time::Instant::now();
+    let resp = p.send(p.chat("rejected", None, false, 10)).await;
+    assert_eq!(resp.status(), 429);
+    let advised = Duration::from_millis(header_u64(&resp, "retry-after-ms").unwrap());
+    wait_for("the queue to drain", || p.counts().0 == 0).await;
+    let true_wait = start.elapsed();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let ratio = advised.as_secs_f64() / true_wait.as_secs_f64();
+    assert!(
+        (0.5..=2.0).contains(&ratio),
+        "advised {advised:?}, real wait {true_wait:?}"
+    );
 }

@@ -150,3 +150,13 @@ pub async fn settle() {
         tokio::task::yield_now().await;
     }
 }
+
+/// Wait, on the paused clock, until `cond` holds: checked every virtual
+/// millisecond, for at most a virtual minute.
+pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
