@@ -233,6 +233,9 @@ fn fast_health(c: &mut anteroom::config::FileConfig) {
     c.retry_base_delay = "10ms".into();
 }
 
+// Ejection by probes and readmission after a good one are in `stack.rs`,
+// in process on the paused clock.
+
 #[tokio::test]
 async fn a_dead_replica_is_taken_out_and_the_run_never_fails() {
     let a = sim(named("m")).await;
@@ -253,59 +256,6 @@ async fn a_dead_replica_is_taken_out_and_the_run_never_fails() {
         body_bytes(resp).await;
     }
     assert_eq!(a.stats().received, 30);
-}
-
-#[tokio::test]
-async fn an_upstream_comes_back_after_a_good_probe() {
-    let a = sim(named("m")).await;
-    let port = free_port();
-    let ua = a.url();
-    let proxy = proxy("http://unused:1", |c| {
-        c.upstream = Upstreams::Many(vec![
-            entry("a", ua, Models::Any, 4),
-            entry("b", format!("http://127.0.0.1:{port}"), Models::Any, 4),
-        ]);
-        fast_health(c);
-    })
-    .await;
-    // Probes find b down and take it out of service.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let client = client();
-    for i in 0..5 {
-        body_bytes(ask(&client, &proxy.url(), "m", &format!("before{i}")).await).await;
-    }
-    assert_eq!(a.stats().received, 5, "nothing tried the ejected one");
-    // b starts; the next good probe brings it back and it gets work again.
-    let b = anteroom::sim::start(format!("127.0.0.1:{port}").parse().unwrap(), named("m"))
-        .await
-        .unwrap();
-    let mut i = 0;
-    wait_until_async(
-        "b serves again",
-        || {
-            i += 1;
-            let (client, url, id) = (client.clone(), proxy.url(), format!("after{i}"));
-            async move {
-                body_bytes(ask(&client, &url, "m", &id).await).await;
-            }
-        },
-        || b.stats().received > 0,
-    )
-    .await;
-}
-
-/// Send `step` until `done` holds; panic after 10 s.
-async fn wait_until_async<F, Fut>(what: &str, mut step: F, done: impl Fn() -> bool)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        step().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -360,26 +310,6 @@ async fn requests_queued_for_an_upstream_that_goes_down_go_to_the_others() {
     }
     assert_eq!(a.stats().received, 3);
     drop(busy);
-}
-
-#[tokio::test]
-async fn no_healthy_upstream_is_a_503_with_retry_after() {
-    let (p1, p2) = (free_port(), free_port());
-    let proxy = proxy("http://unused:1", |c| {
-        c.upstream = Upstreams::Many(vec![
-            entry("x", format!("http://127.0.0.1:{p1}"), Models::Any, 4),
-            entry("y", format!("http://127.0.0.1:{p2}"), Models::Any, 4),
-        ]);
-        fast_health(c);
-    })
-    .await;
-    // The probes take both out of service.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let resp = ask(&client(), &proxy.url(), "m", "none").await;
-    assert_eq!(resp.status(), 503);
-    assert!(header_u64(&resp, "retry-after").unwrap() >= 1);
-    let err = body_json(resp).await;
-    assert_eq!(err["error"]["code"], "no_healthy_upstream");
 }
 
 /// An upstream whose model list is endless (or just huge) is left out of

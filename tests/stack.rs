@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
+use anteroom::config::{Models, Upstreams};
 use anteroom::sim::{Mode, SimConfig};
 use anteroom::telemetry::{Outcome, TokenSource};
 use http_body_util::BodyExt;
 
-use crate::support::in_process::{in_process, settle, wait_for};
-use crate::support::{header_u64, sim_config};
+use crate::support::in_process::{in_process, memory_host, memory_sim, settle, stack, wait_for};
+use crate::support::{body_json, entry, header_u64, sim_config};
 
 #[tokio::test(start_paused = true)]
 async fn queue_wait_and_model_time_are_split_exactly() {
@@ -129,4 +130,74 @@ async fn the_advised_delay_matches_the_real_drain() {
         (0.5..=2.0).contains(&ratio),
         "advised {advised:?}, real wait {true_wait:?}"
     );
+}
+
+/// Probes every 100 ms; two failures in a row eject.
+fn fast_health(c: &mut anteroom::config::FileConfig) {
+    c.health_interval = "100ms".into();
+    c.eject_after = 2;
+    c.retry_base_delay = "10ms".into();
+}
+
+fn named(model: &str) -> SimConfig {
+    SimConfig {
+        model: model.into(),
+        ..sim_config(Mode::Batch)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_healthy_upstream_is_a_503_with_retry_after() {
+    let (x, y) = (memory_host("x"), memory_host("y"));
+    let p = stack("no-healthy", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("x", format!("http://{x}"), Models::Any, 4),
+            entry("y", format!("http://{y}"), Models::Any, 4),
+        ]);
+        fast_health(c);
+    });
+    p.start_health_checks();
+    // Nothing listens on either: the probes take both out of service.
+    wait_for("both ejected", || {
+        !p.router.is_healthy(0) && !p.router.is_healthy(1)
+    })
+    .await;
+    let resp = p.send(p.ask("m", "none")).await;
+    assert_eq!(resp.status(), 503);
+    assert!(header_u64(&resp, "retry-after").unwrap() >= 1);
+    let err = body_json(resp).await;
+    assert_eq!(err["error"]["code"], "no_healthy_upstream");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_comes_back_after_a_good_probe() {
+    let a = memory_sim("a", named("m"));
+    let b_host = memory_host("b");
+    let ua = a.url();
+    let p = stack("comes-back", |c| {
+        c.upstream = Upstreams::Many(vec![
+            entry("a", ua, Models::Any, 4),
+            entry("b", format!("http://{b_host}"), Models::Any, 4),
+        ]);
+        fast_health(c);
+    });
+    p.start_health_checks();
+    // Probes find b down and take it out of service.
+    wait_for("b ejected", || !p.router.is_healthy(1)).await;
+    for i in 0..5 {
+        let resp = p.send(p.ask("m", &format!("before{i}"))).await;
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(a.stats().received, 5, "nothing tried the ejected one");
+    // b starts; the next good probe brings it back, and it gets work again.
+    let b = anteroom::sim::spawn_in_memory(&b_host, named("m")).unwrap();
+    wait_for("b back in service", || p.router.is_healthy(1)).await;
+    for i in 0..4 {
+        let resp = p.send(p.ask("m", &format!("after{i}"))).await;
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(b.stats().received, 2, "the two share the work again");
+    assert_eq!(a.stats().received, 7);
 }

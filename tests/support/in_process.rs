@@ -34,25 +34,45 @@ pub struct InProcess {
     pub router: Arc<Router>,
     /// Where records go.
     pub recorder: Arc<Recorder>,
-    /// The simulator behind it.
-    pub sim: SimHandle,
+    /// The simulators behind it, kept running.
+    pub sims: Vec<SimHandle>,
+    config: anteroom::config::Config,
     log: std::path::PathBuf,
+}
+
+/// A host for an in-process listener, unique in this test binary (tests run
+/// in parallel).
+pub fn memory_host(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{name}-{}{}",
+        N.fetch_add(1, Ordering::Relaxed),
+        anteroom::memory::HOST_SUFFIX
+    )
+}
+
+/// A simulator with `cfg` on a host of its own.
+pub fn memory_sim(name: &str, cfg: SimConfig) -> SimHandle {
+    anteroom::sim::spawn_in_memory(&memory_host(name), cfg).expect("a free host")
 }
 
 /// A simulator with `sim` and the proxy in front of it, its config
 /// adjusted by `f`; `name` names the log and the pipe.
 pub fn in_process(name: &str, sim: SimConfig, f: impl FnOnce(&mut FileConfig)) -> InProcess {
-    // Tests of one binary run in parallel: every pipe has a host of its own.
-    static N: AtomicU64 = AtomicU64::new(0);
-    let host = format!(
-        "{name}-{}{}",
-        N.fetch_add(1, Ordering::Relaxed),
-        anteroom::memory::HOST_SUFFIX
-    );
-    let sim = anteroom::sim::spawn_in_memory(&host, sim).expect("a free host");
+    let sim = memory_sim(name, sim);
+    let url = sim.url();
+    let mut p = stack(name, |c| {
+        c.upstream = url.into();
+        f(c)
+    });
+    p.sims.push(sim);
+    p
+}
+
+/// The proxy alone, its config (upstreams included) set by `f`.
+pub fn stack(name: &str, f: impl FnOnce(&mut FileConfig)) -> InProcess {
     let log = super::log_path(name);
     let mut file = FileConfig {
-        upstream: sim.url().into(),
         request_log: log.display().to_string(),
         ..FileConfig::default()
     };
@@ -67,7 +87,8 @@ pub fn in_process(name: &str, sim: SimConfig, f: impl FnOnce(&mut FileConfig)) -
         stack,
         router,
         recorder,
-        sim,
+        sims: Vec::new(),
+        config,
         log,
     }
 }
@@ -76,6 +97,25 @@ impl InProcess {
     /// Send `req` on a connection of its own, as a client would.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Response<Incoming> {
         self.clone_sender().send(req).await
+    }
+
+    /// Probe the upstreams every `health_interval`, as serving does.
+    pub fn start_health_checks(&self) {
+        self.router.start_health_checks(self.config.health.clone());
+    }
+
+    /// A non-streamed chat request for `model`, of two tokens.
+    pub fn ask(&self, model: &str, id: &str) -> Request<Full<Bytes>> {
+        let body = serde_json::json!({
+            "model": model,
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}],
+        });
+        Request::post("/v1/chat/completions")
+            .header("host", "anteroom")
+            .header("x-request-id", id)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("a valid request")
     }
 
     /// A handle to send with from another task.
