@@ -1,4 +1,5 @@
-//! Step 0b' of the request path: who is asking (tenants and API keys).
+//! Layer 3 of 8 (after telemetry, before classify): who is asking (tenants
+//! and API keys).
 //!
 //! With `[[key]]`s configured, every request must present one, as
 //! `Authorization: Bearer …` or `x-api-key: …`; a missing or wrong key is a

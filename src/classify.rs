@@ -1,5 +1,5 @@
-//! Step 0 of the request path: decide whether a request goes through
-//! admission, and at what priority.
+//! Layer 4 of 8 (after auth, before route): decide whether a request goes
+//! through admission, and at what priority.
 //!
 //! A request is *admitted* (queued and counted) when its method is POST and its
 //! path is one of the configured generation endpoints. For those, the body is

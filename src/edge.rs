@@ -1,5 +1,5 @@
-//! The outermost layer: gives every request an id and turns every error into
-//! a response.
+//! Layer 1 of 8, the outermost (see [`app`](crate::app)): gives every
+//! request an id and turns every error into a response.
 //!
 //! It sits first so that whatever fails below it (a bad header, a full queue,
 //! an unreachable upstream) reaches the client as an OpenAI-shaped error with

@@ -1,4 +1,5 @@
-//! Step 1 of the request path: admit, queue by priority, or shed.
+//! Layer 6 of 8 (after route, before back-off): admit, queue by priority,
+//! or shed.
 //!
 //! At most `max_concurrency` admitted requests are in flight at the upstream.
 //! A request that finds every slot taken (or others already waiting) joins a

@@ -1,5 +1,6 @@
-//! Step 2 of the request path: when the upstream pushes back, wait and try
-//! again, within limits, instead of failing the eval.
+//! Layer 7 of 8 (after admission, inside the slot): when the upstream
+//! pushes back, wait and try again, within limits, instead of failing the
+//! eval.
 //!
 //! An admitted request whose upstream answer is 429 or 503, or whose
 //! connection was refused or reset before any response byte (a 502 so

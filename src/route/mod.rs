@@ -1,5 +1,5 @@
-//! Routing: which upstream a request goes to, after
-//! [`classify`](crate::classify) and before [`admission`](crate::admission).
+//! Layer 5 of 8 (after [`classify`](crate::classify), before
+//! [`admission`](crate::admission)): which upstream a request goes to.
 //!
 //! An admitted request goes to an upstream that serves the body's `model`:
 //! one whose `models` list names it, else one whose `models` is `"*"`.

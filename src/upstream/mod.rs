@@ -1,5 +1,5 @@
-//! Step 3 of the request path, the innermost service: send the request to the
-//! upstream origin over a pooled keep-alive connection.
+//! Layer 8 of 8, the innermost service: send the request to the upstream
+//! origin over a pooled keep-alive connection.
 //!
 //! The request's path and query are kept and its scheme and authority
 //! replaced by the upstream's (an absolute-form URI or a Host header naming
