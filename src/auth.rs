@@ -25,10 +25,7 @@ use tower::{Layer, Service};
 
 use crate::error::{RateLimited, Unauthorized};
 use crate::telemetry::Tap;
-use crate::types::ClientAddr;
-use crate::types::Priority;
-use crate::types::Share;
-use crate::types::{Tenant, TokenBudget};
+use crate::types::{ClientAddr, Priority, Share, Tenant, TokenBudget};
 use crate::BoxError;
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");

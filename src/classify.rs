@@ -31,10 +31,10 @@ use crate::deadline::{BodyTimeout, ReadTimeout};
 use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed, RateLimited};
 use crate::json_scan;
 use crate::telemetry::{Classified, Tap};
-use crate::types::ClientAddr;
-use crate::types::Share;
-use crate::types::Tenant;
-use crate::types::{hashed_tenant, Admit, Model, Priority, PRIORITY_HEADER, TENANT_HEADER};
+use crate::types::{
+    hashed_tenant, Admit, ClientAddr, Model, Priority, Share, Tenant, PRIORITY_HEADER,
+    TENANT_HEADER,
+};
 use crate::BoxError;
 
 /// The longest `model` name kept for the request's record.
@@ -74,6 +74,21 @@ fn share_of<B>(req: &Request<B>, trust_tenant_header: bool) -> Share {
         weight: 1,
         max_in_flight: 0,
         name,
+    }
+}
+
+/// The shape of a request's answer if it may be upgraded: a chat or text
+/// completion, not streamed, with no `stream_options` of its own.
+fn upgrade_shape(path: &str, fields: &crate::json_scan::Fields<'_>) -> Option<crate::types::Shape> {
+    if fields.stream == Some(true) || fields.stream_options {
+        return None;
+    }
+    if path.ends_with("/chat/completions") {
+        Some(crate::types::Shape::Chat)
+    } else if path.ends_with("/completions") {
+        Some(crate::types::Shape::Text)
+    } else {
+        None
     }
 }
 
@@ -583,7 +598,7 @@ where
                             may_ask_usage: fields.stream == Some(true)
                                 && !fields.stream_options
                                 && parts.uri.path().ends_with("/completions"),
-                            upgrade: crate::upstream::upgrade::shape(parts.uri.path(), &fields),
+                            upgrade: upgrade_shape(parts.uri.path(), &fields),
                         });
                         if let Some(charge) = charge {
                             tap.set_token_charge(charge);

@@ -5,7 +5,8 @@
 //! never panics and gives JSON or an error.
 #![no_main]
 
-use anteroom::upstream::upgrade::{Assembler, Shape};
+use anteroom::types::Shape;
+use anteroom::upstream::upgrade::Assembler;
 use anteroom::upstream::usage::Strip;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;

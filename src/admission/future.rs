@@ -17,10 +17,7 @@ use super::preempt::Replay;
 use super::scheduler::{Acquire, Replayable, Ticket};
 use super::Schedulers;
 use super::{Permit, PermitBody};
-use crate::types::Overloaded;
-use crate::types::Reason;
-use crate::types::Route;
-use crate::types::{Admit, Model};
+use crate::types::{Admit, Model, Overloaded, Reason, Route};
 use crate::BoxError;
 
 pin_project! {

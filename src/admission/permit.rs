@@ -18,8 +18,7 @@ use tokio::time::Instant;
 use tokio::sync::oneshot;
 
 use super::scheduler::{Scheduler, Ticket};
-use crate::types::Priority;
-use crate::types::TenantId;
+use crate::types::{Priority, TenantId};
 
 /// One slot at the upstream. Dropping it frees the slot and hands it to the
 /// most urgent waiter.

@@ -15,8 +15,7 @@ use parking_lot::Mutex;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use super::*;
-use crate::types::Admit;
-use crate::types::Share;
+use crate::types::{Admit, Share};
 
 fn limits(max_concurrency: usize, preempt: Option<Preemption>) -> Limits {
     Limits {

@@ -34,8 +34,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::types::Priority;
-use crate::types::TenantId;
+use crate::types::{Priority, TenantId};
 
 /// Virtual time one request of a weight-1 tenant takes. A tenant of weight
 /// `w` advances by `VIRTUAL_UNIT / w`.

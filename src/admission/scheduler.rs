@@ -20,8 +20,7 @@ use tokio::time::Instant;
 
 use super::permit::{Permit, Preempted};
 use super::queue::{Key, PriorityQueue, Push, TenantMap};
-use crate::types::Priority;
-use crate::types::{Overloaded, Reason, Share, TenantId};
+use crate::types::{Overloaded, Priority, Reason, Share, TenantId};
 
 /// Settings of the admission step, the slice of the config it needs.
 #[derive(Clone, Debug)]

@@ -13,8 +13,7 @@ use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 use super::*;
 use crate::error::describe;
-use crate::types::Admit;
-use crate::types::{Reason, Share};
+use crate::types::{Admit, Reason, Share};
 
 fn limits(max_concurrency: usize, max_queue: usize) -> Limits {
     Limits {

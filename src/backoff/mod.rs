@@ -52,9 +52,7 @@ pub use cooldown::Cooldown;
 
 use crate::error::{self, UpstreamUnavailable};
 use crate::telemetry::{Recorder, Tap};
-use crate::types::ClientAddr;
-use crate::types::Route;
-use crate::types::{Admit, Model};
+use crate::types::{Admit, ClientAddr, Model, RetryReason, Route};
 use crate::BoxError;
 
 /// The retry settings: the slice of the config this step needs.
@@ -70,31 +68,6 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// Retries as a share of recent requests.
     pub budget: f64,
-}
-
-/// Why a request was retried; the metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// The upstream answered 429.
-    TooManyRequests,
-    /// The upstream answered 503.
-    Unavailable,
-    /// The connection was refused or reset before any response.
-    Connection,
-    /// Another status the upstream marked `x-should-retry: true`.
-    Advised,
-}
-
-impl Reason {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::TooManyRequests => "status_429",
-            Reason::Unavailable => "status_503",
-            Reason::Connection => "connection",
-            Reason::Advised => "advised",
-        }
-    }
 }
 
 /// The upstreams a retry may go to, by route (an index into the upstream
@@ -259,11 +232,12 @@ where
                 }
                 return result;
             }
-            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
-                (Reason::TooManyRequests, retry_after::parse(resp.headers()))
-            }
+            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => (
+                RetryReason::TooManyRequests,
+                retry_after::parse(resp.headers()),
+            ),
             Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                (Reason::Unavailable, retry_after::parse(resp.headers()))
+                (RetryReason::Unavailable, retry_after::parse(resp.headers()))
             }
             Ok(resp)
                 if said == Some(true)
@@ -271,7 +245,7 @@ where
                         || resp.status() == StatusCode::REQUEST_TIMEOUT
                         || resp.status() == StatusCode::CONFLICT) =>
             {
-                (Reason::Advised, retry_after::parse(resp.headers()))
+                (RetryReason::Advised, retry_after::parse(resp.headers()))
             }
             // A refused certificate is a settings problem: not retried.
             // Only if no byte of an answer came back: a malformed answer
@@ -280,7 +254,7 @@ where
                 if error::cause::<UpstreamUnavailable>(&**e).is_some_and(|u| u.may_retry())
                     && !error::is_tls_failure(&**e) =>
             {
-                (Reason::Connection, None)
+                (RetryReason::Connection, None)
             }
             _ => return result,
         };
@@ -291,7 +265,10 @@ where
                 .min(policy.max_delay);
             jitter(ceiling)
         });
-        if matches!(reason, Reason::TooManyRequests | Reason::Unavailable) {
+        if matches!(
+            reason,
+            RetryReason::TooManyRequests | RetryReason::Unavailable
+        ) {
             // The upstream speaks for every request: pause it for all, and
             // tell the adaptive limit.
             cooldown.pause(delay.min(policy.max_delay));

@@ -18,9 +18,7 @@ use super::capture::Capture;
 use super::headers::CLIENT_RETRY;
 use super::{Framing, Observer, Outcome, Recorder, Tap, TimedBody};
 use crate::error;
-use crate::types::ClientAddr;
-use crate::types::Overloaded;
-use crate::types::REQUEST_ID;
+use crate::types::{ClientAddr, Overloaded, REQUEST_ID};
 use crate::BoxError;
 
 /// Builds [`Telemetry`] services.

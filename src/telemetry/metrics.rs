@@ -388,10 +388,10 @@ impl Metrics {
             upstream_pauses,
             client_retries,
             retries: [
-                crate::backoff::Reason::TooManyRequests,
-                crate::backoff::Reason::Unavailable,
-                crate::backoff::Reason::Connection,
-                crate::backoff::Reason::Advised,
+                crate::types::RetryReason::TooManyRequests,
+                crate::types::RetryReason::Unavailable,
+                crate::types::RetryReason::Connection,
+                crate::types::RetryReason::Advised,
             ]
             .map(|r| upstream_retries.with_label_values(&[r.as_str()])),
             given_up,
@@ -401,7 +401,7 @@ impl Metrics {
     }
 
     /// Count a retry.
-    pub fn retry(&self, reason: crate::backoff::Reason) {
+    pub fn retry(&self, reason: crate::types::RetryReason) {
         self.retries[reason as usize].inc();
     }
 

@@ -25,7 +25,7 @@ pub struct Classified {
     pub may_ask_usage: bool,
     /// A chat or text completion that may be sent as a stream and answered
     /// as JSON, of this shape (see [`crate::upstream::upgrade`]).
-    pub upgrade: Option<crate::upstream::upgrade::Shape>,
+    pub upgrade: Option<crate::types::Shape>,
 }
 
 /// A request's notes, filled in by the steps it passes. Cloning shares them.

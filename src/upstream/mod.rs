@@ -506,7 +506,7 @@ pin_project! {
         // Whether usage was asked for, its event to be taken out.
         strip_usage: bool,
         // Sent as a stream for an answer of this shape.
-        upgrade: Option<upgrade::Shape>,
+        upgrade: Option<crate::types::Shape>,
         // An upgraded answer's stream, being read (boxed: only upgraded
         // requests carry it).
         assembling: Option<Box<upgrade::Assembling<StreamGuard<PooledBody<B>>>>>,

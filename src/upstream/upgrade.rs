@@ -22,6 +22,7 @@
 
 use std::borrow::Cow;
 
+use crate::types::Shape;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
@@ -55,15 +56,6 @@ pub fn ask_stream(body: &[u8]) -> Option<Vec<u8>> {
         }
     };
     super::usage::ask(&body)
-}
-
-/// What kind of answer is being put back together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Shape {
-    /// `/chat/completions`: `message`s from `delta`s.
-    Chat,
-    /// `/completions`: `text`s.
-    Text,
 }
 
 #[derive(Debug, Default)]
@@ -384,21 +376,6 @@ pub fn asked(headers: &http::HeaderMap) -> Option<bool> {
         b"1" | b"true" => Some(true),
         b"0" | b"false" => Some(false),
         _ => None,
-    }
-}
-
-/// The shape of a request's answer if it may be upgraded: a chat or text
-/// completion, not streamed, with no `stream_options` of its own.
-pub fn shape(path: &str, fields: &crate::json_scan::Fields<'_>) -> Option<Shape> {
-    if fields.stream == Some(true) || fields.stream_options {
-        return None;
-    }
-    if path.ends_with("/chat/completions") {
-        Some(Shape::Chat)
-    } else if path.ends_with("/completions") {
-        Some(Shape::Text)
-    } else {
-        None
     }
 }
 
