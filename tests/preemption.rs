@@ -86,63 +86,8 @@ async fn started(sim: &anteroom::sim::SimHandle, id: &str) {
     wait_until(&start, || events(sim).contains(&start)).await;
 }
 
-#[tokio::test]
-async fn an_urgent_request_preempts_a_running_non_streamed_one_which_then_completes() {
-    let (sim, proxy, client, log) = logged("preempt-json").await;
-    // 3,000 tokens at 1,000 a second: three seconds of generation.
-    let batch = {
-        let (client, url) = (client.clone(), proxy.url());
-        tokio::spawn(async move {
-            let resp = post(&client, &url, 10, "batch", chat(false, 3000)).await;
-            (resp.status(), body_json(resp).await)
-        })
-    };
-    started(&sim, "batch").await;
-    // Let it run a while: that generation is what preemption throws away.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let resp = post(&client, &proxy.url(), 0, "urgent", chat(false, 2)).await;
-    assert_eq!(resp.status(), 200);
-    let urgent = body_json(resp).await;
-    assert_eq!(urgent["usage"]["completion_tokens"], 2);
-    let (status, body) = batch.await.unwrap();
-    assert_eq!(status, 200);
-    // Its own answer, whole: the simulator names it after the request id.
-    assert_eq!(body["id"], "cmpl-sim-batch", "{body}");
-    assert_eq!(body["usage"]["completion_tokens"], 3000);
-    assert_eq!(
-        events(&sim),
-        [
-            "start batch",
-            "cancel batch",
-            "start urgent",
-            "done urgent",
-            "start batch",
-            "done batch"
-        ]
-    );
-    let records = by_id(&records(&proxy, &log).await);
-    assert_eq!(records.len(), 2);
-    let b = &records["batch"].timings;
-    assert_eq!(b.preemptions, 1);
-    assert!(b.preempted_ms >= 300.0, "{b:?}");
-    let queue = b.queue_ms.expect("it waited");
-    // It waited while the urgent one ran (some 12 ms), not while its own
-    // first attempt did: that is the wasted backend time.
-    assert!(queue + b.preempted_ms <= b.e2e_ms.expect("it ended"));
-    assert!(
-        queue < b.preempted_ms,
-        "queue {queue} ms, wasted {} ms",
-        b.preempted_ms
-    );
-    assert_eq!(records["urgent"].timings.preemptions, 0);
-    let metrics = metrics_text(&proxy).await;
-    assert!(
-        metrics.contains("anteroom_preemptions_total{priority=\"10\"} 1"),
-        "{metrics}"
-    );
-    let status = proxy_status(&proxy).await;
-    assert_eq!(status["preempted"]["10"]["preemptions"], 1, "{status}");
-}
+// An urgent request preempting a running non-streamed one, with exact
+// wasted and queued times, is in `stack.rs` on the paused clock.
 
 #[tokio::test]
 async fn a_stream_is_preempted_only_until_its_first_byte() {

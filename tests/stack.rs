@@ -201,3 +201,75 @@ async fn an_upstream_comes_back_after_a_good_probe() {
     assert_eq!(b.stats().received, 2, "the two share the work again");
     assert_eq!(a.stats().received, 7);
 }
+
+/// An urgent request preempts a running non-streamed one, which then
+/// completes whole; on the paused clock the wasted backend time is exactly
+/// how long the first attempt ran.
+#[tokio::test(start_paused = true)]
+async fn an_urgent_request_preempts_a_running_non_streamed_one_which_then_completes() {
+    let p = in_process("preempt-json", sim_config(Mode::Serial), |c| {
+        c.max_concurrency = 1.into();
+        c.preempt = true;
+    });
+    let events = |p: &crate::support::in_process::InProcess| p.sims[0].stats().events;
+    // 3,000 tokens at 1,000 a second: three seconds of generation.
+    let sent = tokio::time::Instant::now();
+    let batch = {
+        let (sender, req) = (p.clone_sender(), p.chat("batch", Some(10), false, 3000));
+        tokio::spawn(async move {
+            let resp = sender.send(req).await;
+            (resp.status(), body_json(resp).await)
+        })
+    };
+    wait_for("batch started", || {
+        events(&p).contains(&"start batch".to_string())
+    })
+    .await;
+    // Let it run: that generation is what preemption throws away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ran = sent.elapsed();
+    let resp = p.send(p.chat("urgent", Some(0), false, 2)).await;
+    assert_eq!(resp.status(), 200);
+    let urgent = body_json(resp).await;
+    assert_eq!(urgent["usage"]["completion_tokens"], 2);
+    let (status, body) = batch.await.unwrap();
+    assert_eq!(status, 200);
+    // Its own answer, whole: the simulator names it after the request id.
+    assert_eq!(body["id"], "cmpl-sim-batch", "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 3000);
+    assert_eq!(
+        events(&p),
+        [
+            "start batch",
+            "cancel batch",
+            "start urgent",
+            "done urgent",
+            "start batch",
+            "done batch"
+        ]
+    );
+    let records = p.records().await;
+    assert_eq!(records.len(), 2);
+    let (b, u) = (&records["batch"].timings, &records["urgent"].timings);
+    assert_eq!((b.preemptions, u.preemptions), (1, 0));
+    // Wasted: its first attempt, from dispatch to the urgent one's arrival.
+    // Wasted: its first attempt, from dispatch (at once: the slot was free)
+    // to the urgent one's arrival.
+    assert_eq!(b.preempted_ms, ran.as_secs_f64() * 1000.0, "{b:?}");
+    // It waited exactly while the urgent one ran (10 ms to the first
+    // token, 1 ms a token), not while its own first attempt did.
+    assert_eq!((u.queue_ms, u.e2e_ms), (Some(0.0), Some(11.0)));
+    assert_eq!(b.queue_ms, u.e2e_ms);
+    // Its second attempt: 10 ms and 2,999 more tokens; the three parts add
+    // up to its whole time.
+    assert_eq!(b.upstream_headers_ms, Some(3009.0));
+    assert_eq!(b.e2e_ms, Some(11.0 + b.preempted_ms + 3009.0));
+    let snapshot = p.router.table().slot(0).scheduler.snapshot();
+    let status = serde_json::to_value(&snapshot.preempted).unwrap();
+    assert_eq!(status["10"]["preemptions"], 1, "{status}");
+    let metrics = p.recorder.metrics.encode(&snapshot, &[]);
+    assert!(
+        metrics.contains("anteroom_preemptions_total{priority=\"10\"} 1\n"),
+        "{metrics}"
+    );
+}
