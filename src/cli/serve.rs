@@ -677,3 +677,56 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Args as _;
+
+    use super::*;
+
+    /// Keys only a file can set: tables and lists of tables.
+    const FILE_ONLY: &[&str] = &["key", "upstream_api_key"];
+    /// Repeatable flags, named in the singular: one value each time.
+    const SINGULAR: &[(&str, &str)] = &[("admit_path", "admit_paths")];
+
+    fn flags() -> Vec<(String, String)> {
+        ServeArgs::augment_args(clap::Command::new("serve"))
+            .get_arguments()
+            .filter_map(|a| {
+                let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                let flag = a.get_long()?.replace('-', "_");
+                let key = SINGULAR
+                    .iter()
+                    .find(|(f, _)| *f == flag)
+                    .map_or(flag, |(_, k)| k.to_string());
+                Some((key, help))
+            })
+            .filter(|(name, _)| name != "config")
+            .collect()
+    }
+
+    fn keys() -> Vec<String> {
+        let file = toml::Value::try_from(FileConfig::default()).expect("the defaults serialise");
+        file.as_table().expect("a table").keys().cloned().collect()
+    }
+
+    /// A key is added in one place, the schema: a flag for a key that does
+    /// not exist, or a key with no flag (and not file-only), fails here.
+    #[test]
+    fn every_flag_is_a_config_key_and_every_key_has_a_flag() {
+        let (flags, keys) = (flags(), keys());
+        for (flag, help) in &flags {
+            assert!(keys.contains(flag), "--{flag} sets no config key");
+            assert!(
+                help.replace('\n', " ").contains(&format!("(key: {flag})")),
+                "--{flag}'s help does not name its key: {help}"
+            );
+        }
+        for key in &keys {
+            assert!(
+                flags.iter().any(|(f, _)| f == key) || FILE_ONLY.contains(&key.as_str()),
+                "config key `{key}` has no flag of `anteroom serve` (or add it to FILE_ONLY)"
+            );
+        }
+    }
+}
