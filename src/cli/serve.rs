@@ -541,18 +541,34 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     })
 }
 
-/// Reload the config on every SIGHUP until dropped.
-async fn reload_on_sighup(reloader: Arc<crate::reload::Reloader>) {
+/// SIGHUP, listened for from before the listeners accept: a SIGHUP sent
+/// the moment the process is ready (an `ExecReload`, a test) would
+/// otherwise find no handler and kill the process, or be lost where the
+/// signal is ignored (under `nohup`).
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = ();
+
+fn listen_for_hangup() -> Hangup {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "no SIGHUP handler: reload with POST /reload");
-                return;
+                None
             }
-        };
+        }
+    }
+}
+
+/// Reload the config on every SIGHUP until dropped.
+async fn reload_on_sighup(reloader: Arc<crate::reload::Reloader>, hup: Hangup) {
+    #[cfg(unix)]
+    {
+        let Some(mut hup) = hup else { return };
         while hup.recv().await.is_some() {
             match reloader.reload() {
                 Ok(what) => tracing::info!(%what, "config reloaded (SIGHUP)"),
@@ -564,7 +580,7 @@ async fn reload_on_sighup(reloader: Arc<crate::reload::Reloader>) {
     }
     #[cfg(not(unix))]
     {
-        let _ = reloader;
+        let _ = (reloader, hup);
         std::future::pending::<()>().await;
     }
 }
@@ -635,6 +651,7 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
         Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
+    let hangup = listen_for_hangup();
     let running = start_with(&config, config.workers).await.map_err(|e| {
         format!(
             "cannot start (listen on {} and {}, open the request log): {e}",
@@ -646,7 +663,7 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
     running
         .reloader
         .set_source(Box::new(move || source_args.file_config()));
-    let hup = tokio::spawn(reload_on_sighup(running.reloader.clone()));
+    let hup = tokio::spawn(reload_on_sighup(running.reloader.clone(), hangup));
     if config.keys.is_empty() && !running.addr.ip().is_loopback() {
         tracing::warn!(
             listen = %running.addr,
