@@ -10,11 +10,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
-use crate::admission::Snapshot;
 use crate::auth::{Key, SharedKeys};
 use crate::reload::Reloader;
 use crate::route::Router;
 use crate::telemetry::Recorder;
+use crate::types::QueueStatus;
 use crate::Body;
 
 /// Serve the admin endpoints until the task is dropped.
@@ -88,9 +88,9 @@ fn check_admin_key(key: Option<&[u8; 32]>, req: &Request<Incoming>) -> Option<Re
 /// One upstream's state, for `/status` and `/metrics`.
 struct Upstream {
     name: String,
-    snapshot: Snapshot,
+    snapshot: QueueStatus,
     retired: bool,
-    backend: crate::backend::Status,
+    backend: crate::types::BackendStatus,
 }
 
 /// Each upstream's state, in config order; then those a reload removed
@@ -123,7 +123,7 @@ fn upstreams(router: &Router) -> Vec<Upstream> {
 }
 
 /// The whole proxy's state: every upstream's summed.
-fn total(upstreams: &[Upstream]) -> Snapshot {
+fn total(upstreams: &[Upstream]) -> QueueStatus {
     let mut all = upstreams[0].snapshot.clone();
     for u in &upstreams[1..] {
         all.merge(&u.snapshot);
@@ -167,7 +167,7 @@ fn handle(
         }
         (&Method::GET, "/metrics") => {
             let each = upstreams(router);
-            let backends: Vec<(&str, &crate::backend::Status)> = each
+            let backends: Vec<(&str, &crate::types::BackendStatus)> = each
                 .iter()
                 .filter(|u| !u.retired)
                 .map(|u| (u.name.as_str(), &u.backend))

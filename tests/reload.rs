@@ -356,7 +356,7 @@ async fn upstreams_are_readdressed_added_and_removed_live() {
     // 3. The first is removed while each runs a stream and two wait at
     // each: main's waiters move to extra, main's stream finishes.
     let on_b = b.stats().completed;
-    let all = |f: fn(&anteroom::admission::Snapshot) -> usize| {
+    let all = |f: fn(&anteroom::types::QueueStatus) -> usize| {
         proxy
             .router
             .all_schedulers()

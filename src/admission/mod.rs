@@ -88,8 +88,7 @@ pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};
 pub use queue::PriorityQueue;
 pub use scheduler::{
-    Acquire, Grant, Limits, PreemptedCounts, Preemption, Replayable, Reservation, ReservationState,
-    Scheduler, Snapshot, TenantSnapshot, Ticket,
+    Acquire, Grant, Limits, Preemption, Replayable, Reservation, Scheduler, Ticket,
 };
 pub use schedulers::Schedulers;
 pub use service::{Admission, Detach};

@@ -20,7 +20,10 @@ use tokio::time::Instant;
 
 use super::permit::{Permit, Preempted};
 use super::queue::{Key, PriorityQueue, Push, TenantMap};
-use crate::types::{Overloaded, Priority, Reason, Share, TenantId};
+use crate::types::{
+    Overloaded, PreemptedCounts, Priority, QueueStatus, Reason, ReservationStatus, Share, TenantId,
+    TenantStatus,
+};
 
 /// Settings of the admission step, the slice of the config it needs.
 #[derive(Clone, Debug)]
@@ -79,22 +82,6 @@ impl TenantState {
     }
 }
 
-/// One tenant in /status.
-#[derive(Clone, Debug, serde::Serialize, PartialEq)]
-pub struct TenantSnapshot {
-    /// Its name.
-    pub name: String,
-    /// Its requests waiting.
-    pub waiting: usize,
-    /// Its requests in flight.
-    pub running: usize,
-    /// Its weight.
-    pub weight: u32,
-    /// Its cap of requests in flight, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_in_flight: Option<usize>,
-}
-
 /// `slots` of the limit only requests at `max_priority` or more urgent
 /// (lower) may use. Levels nest: a request may use the slots of every
 /// reservation whose `max_priority` it meets, and the unreserved rest.
@@ -105,19 +92,6 @@ pub struct Reservation {
     pub max_priority: Priority,
     /// How many.
     pub slots: usize,
-}
-
-/// A reservation's state, for /status and metrics.
-#[derive(Clone, Debug, serde::Serialize, PartialEq)]
-pub struct ReservationState {
-    /// The least urgent priority that may use it.
-    pub max_priority: Priority,
-    /// Its slots.
-    pub slots: usize,
-    /// Running requests at `max_priority` or more urgent.
-    pub used: usize,
-    /// How many more requests at `max_priority` could start now.
-    pub free: usize,
 }
 
 /// What a queued request receives: a permit, or the news that it was evicted.
@@ -145,15 +119,6 @@ struct Candidate {
     arrived: Instant,
     started: Instant,
     replay: Replayable,
-}
-
-/// Preemptions so far, for /status.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, PartialEq)]
-pub struct PreemptedCounts {
-    /// Requests preempted (each time counts).
-    pub preemptions: u64,
-    /// Backend time they had run, thrown away, in seconds.
-    pub wasted_seconds: f64,
 }
 
 /// The outcome of asking for a slot.
@@ -215,77 +180,6 @@ struct State {
     next_run: u64,
     /// Preemptions so far, by the victim's priority.
     preempted: BTreeMap<Priority, PreemptedCounts>,
-}
-
-/// A snapshot for /status.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Snapshot {
-    /// Requests waiting.
-    pub waiting: usize,
-    /// Requests in flight at the upstream.
-    pub running: usize,
-    /// The current limit.
-    pub max_concurrency: usize,
-    /// The queue's bound.
-    pub max_queue: usize,
-    /// Requests completed since start.
-    pub completed: u64,
-    /// Smoothed service time per request, in milliseconds, once measured.
-    pub service_time_ms: Option<f64>,
-    /// Waiting requests by priority.
-    pub waiting_by_priority: BTreeMap<Priority, usize>,
-    /// Running requests by priority.
-    pub running_by_priority: BTreeMap<Priority, usize>,
-    /// Reserved slots, most urgent level first.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub reservations: Vec<ReservationState>,
-    /// Tenants with requests waiting or running, most waiting first.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tenants: Vec<TenantSnapshot>,
-    /// With preemption on: requests preempted so far, by their priority.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub preempted: Option<BTreeMap<Priority, PreemptedCounts>>,
-}
-
-impl Snapshot {
-    /// Add another scheduler's state to this one (several upstreams).
-    pub fn merge(&mut self, other: &Snapshot) {
-        self.waiting += other.waiting;
-        self.running += other.running;
-        self.max_concurrency += other.max_concurrency;
-        self.max_queue += other.max_queue;
-        self.completed += other.completed;
-        self.service_time_ms = match (self.service_time_ms, other.service_time_ms) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        for (p, n) in &other.waiting_by_priority {
-            *self.waiting_by_priority.entry(*p).or_default() += n;
-        }
-        for (p, n) in &other.running_by_priority {
-            *self.running_by_priority.entry(*p).or_default() += n;
-        }
-        self.reservations.extend(other.reservations.iter().cloned());
-        for t in &other.tenants {
-            match self.tenants.iter_mut().find(|m| m.name == t.name) {
-                Some(m) => {
-                    m.waiting += t.waiting;
-                    m.running += t.running;
-                }
-                None => self.tenants.push(t.clone()),
-            }
-        }
-        self.tenants
-            .sort_by(|a, b| b.waiting.cmp(&a.waiting).then(a.name.cmp(&b.name)));
-        if let Some(other) = &other.preempted {
-            let mine = self.preempted.get_or_insert_with(BTreeMap::new);
-            for (p, c) in other {
-                let m = mine.entry(*p).or_default();
-                m.preemptions += c.preemptions;
-                m.wasted_seconds += c.wasted_seconds;
-            }
-        }
-    }
 }
 
 impl Scheduler {
@@ -463,9 +357,9 @@ impl Scheduler {
     }
 
     /// A snapshot of the state, for /status.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> QueueStatus {
         let st = self.state.lock();
-        Snapshot {
+        QueueStatus {
             waiting: st.queue.len(),
             running: st.running,
             max_concurrency: st.max_concurrency,
@@ -480,7 +374,7 @@ impl Scheduler {
                 let mut t: Vec<_> = st
                     .tenants
                     .values()
-                    .map(|t| TenantSnapshot {
+                    .map(|t| TenantStatus {
                         name: String::from_utf8_lossy(t.name.as_bytes()).into_owned(),
                         waiting: t.waiting,
                         running: t.running,
@@ -916,10 +810,10 @@ impl State {
             .sum()
     }
 
-    fn reservations(&self) -> Vec<ReservationState> {
+    fn reservations(&self) -> Vec<ReservationStatus> {
         self.reserved
             .iter()
-            .map(|r| ReservationState {
+            .map(|r| ReservationStatus {
                 max_priority: r.max_priority,
                 slots: r.slots,
                 used: self.running - self.running_less_urgent_than(r.max_priority),

@@ -39,7 +39,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::types::BackendLoad;
+use crate::types::{BackendLoad, BackendStatus};
 
 pub use watch::{watch, LLAMA_LOAD_EVERY, LOAD_EVERY};
 
@@ -185,30 +185,6 @@ struct State {
     limit: &'static str,
 }
 
-/// `/status`'s view of a backend.
-#[derive(Clone, Debug, Serialize)]
-pub struct Status {
-    /// `backend` as configured.
-    pub setting: String,
-    /// What it was identified as (`null` until something answered).
-    pub kind: Option<&'static str>,
-    /// Slots it reports.
-    pub slots: Option<usize>,
-    /// Requests it is processing (as of `read_ms_ago`).
-    pub running: Option<usize>,
-    /// Requests waiting inside it.
-    pub waiting: Option<usize>,
-    /// Its version, where it says.
-    pub version: Option<String>,
-    /// Milliseconds since the last good reading.
-    pub read_ms_ago: Option<u64>,
-    /// Why the last probe failed (the last good reading stays in use).
-    pub error: Option<String>,
-    /// How the concurrency limit is decided: `fixed`, `backend`, `auto`, or
-    /// `auto (the backend reports no slots)`.
-    pub limit: &'static str,
-}
-
 impl Backend {
     /// Nothing known yet.
     pub fn new(setting: Setting) -> Self {
@@ -293,9 +269,9 @@ impl Backend {
     }
 
     /// For `/status`.
-    pub fn status(&self) -> Status {
+    pub fn status(&self) -> BackendStatus {
         let st = self.state.lock();
-        Status {
+        BackendStatus {
             setting: self.setting.to_string(),
             kind: st.reading.kind.map(Kind::as_str),
             slots: st.reading.slots,

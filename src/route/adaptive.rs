@@ -9,7 +9,7 @@ use super::Router;
 /// scheduler until dropped (or the router closes).
 pub async fn run_adaptive(
     router: Arc<Router>,
-    signals: Arc<crate::admission::adaptive::Signals>,
+    signals: Arc<crate::telemetry::Signals>,
     adaptive: crate::admission::adaptive::Adaptive,
 ) {
     use crate::admission::adaptive::{Controller, Load, Source, TICK};

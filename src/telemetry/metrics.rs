@@ -15,8 +15,8 @@ use prometheus::{
 };
 
 use super::record::{Finished, Outcome};
-use crate::admission::Snapshot;
 use crate::types::Priority;
+use crate::types::QueueStatus;
 
 /// Priorities with a label of their own; the rest share `<-20` / `>20`.
 const LABELLED: std::ops::RangeInclusive<Priority> = -20..=20;
@@ -497,8 +497,8 @@ impl Metrics {
     /// and the backend gauges from each upstream's backend.
     pub fn encode(
         &self,
-        snapshot: &Snapshot,
-        backends: &[(&str, &crate::backend::Status)],
+        snapshot: &QueueStatus,
+        backends: &[(&str, &crate::types::BackendStatus)],
     ) -> String {
         for g in [
             &self.backend_info,

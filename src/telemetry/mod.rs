@@ -31,7 +31,8 @@
 //! One file per job: `layer` (the tower layer and its future), `tap` (the
 //! notes the steps fill in), `capture` (the record in the making),
 //! `body` (the timed response body), `headers` (what admitted responses
-//! get), `recorder` (where records go), and below them `observe` (reading
+//! get), `recorder` (where records go), `signals` (what the adaptive limit
+//! listens to), and below them `observe` (reading
 //! events), `record`, `metrics` and `log`.
 
 pub mod log;
@@ -44,6 +45,7 @@ mod capture;
 mod headers;
 mod layer;
 mod recorder;
+mod signals;
 mod tap;
 
 pub use log::RequestLog;
@@ -55,4 +57,6 @@ pub use body::TimedBody;
 pub use headers::{CLAMPED_HEADER, QUEUE_MS_HEADER, SERVER_TIMING};
 pub use layer::{ResponseFuture, Telemetry, TelemetryLayer};
 pub use recorder::Recorder;
+pub(crate) use signals::micros;
+pub use signals::{Signals, Taken};
 pub use tap::{Classified, Tap};

@@ -4,8 +4,8 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::Signals;
 use super::{Finished, Metrics, RequestLog};
-use crate::admission::adaptive::Signals;
 
 /// Where finished records go: the metrics, and the request log if any.
 #[derive(Debug)]

@@ -11,10 +11,12 @@
 
 mod admit;
 mod backend_load;
+mod backend_status;
 mod client;
 mod model;
 mod overloaded;
 mod priority;
+mod queue_status;
 mod request_id;
 mod retry_reason;
 mod route;
@@ -24,10 +26,12 @@ mod tokens;
 
 pub use admit::Admit;
 pub use backend_load::BackendLoad;
+pub use backend_status::BackendStatus;
 pub use client::ClientAddr;
 pub use model::Model;
 pub use overloaded::{Overloaded, Reason};
 pub use priority::{Priority, PRIORITY_HEADER};
+pub use queue_status::{PreemptedCounts, QueueStatus, ReservationStatus, TenantStatus};
 pub use request_id::{RequestId, REQUEST_ID};
 pub use retry_reason::RetryReason;
 pub use route::{route_of, Route};
