@@ -14,9 +14,9 @@ use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::Config;
 use crate::edge::EdgeLayer;
+use crate::route::Clients;
 use crate::route::{RouteLayer, Router};
 use crate::telemetry::{Recorder, TelemetryLayer};
-use crate::upstream::Upstreams;
 use crate::{Body, BoxError};
 
 /// The whole proxy as one cloneable service: what the server runs per request.
@@ -51,8 +51,8 @@ pub fn router(config: &Config) -> Arc<Router> {
 /// (one per upstream) and recording into `recorder`.
 pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>) -> Stack {
     let live = crate::reload::Live::new(config);
-    let upstreams = Upstreams::<UpstreamBody>::new(router.clone(), &config.client, None);
-    build_stack_with(config, &live, router, recorder, upstreams)
+    let clients = Clients::<UpstreamBody>::new(router.clone(), &config.client, None);
+    build_stack_with(config, &live, router, recorder, clients)
 }
 
 /// Build the proxy around any upstream service.

@@ -370,6 +370,25 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest probe body read (`/slots` of many slots, vLLM's `/metrics`).
 pub const PROBE_MAX_BYTES: usize = 1 << 20;
 
+/// What the upstream's client needs of it, as known so far.
+impl crate::upstream::Peer for Backend {
+    fn honours_stream_usage(&self) -> bool {
+        self.kind() == Some(Kind::Vllm)
+    }
+
+    fn answers_alike_streamed(&self) -> bool {
+        self.kind() == Some(Kind::LlamaCpp)
+    }
+
+    fn stream_upgrade(&self) -> Option<bool> {
+        Backend::stream_upgrade(self)
+    }
+
+    fn may_dress_refusals(&self) -> bool {
+        Backend::may_dress_refusals(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

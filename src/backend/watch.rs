@@ -1,6 +1,6 @@
 //! The watcher: reads one upstream's backend in a task of its own.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,7 +8,6 @@ use http::StatusCode;
 use tokio::time::Instant;
 
 use super::{parse, Backend, Kind, Reading, Setting, PROBE_MAX_BYTES, PROBE_TIMEOUT};
-use crate::route::Router;
 use crate::upstream::Origin;
 
 /// How often running and waiting counts are read, where the backend reports
@@ -187,33 +186,24 @@ pub async fn identify(origin: &Origin, setting: Setting) -> Result<Reading, Stri
     }
 }
 
-/// Read upstream `id`'s backend while it is in service: identify it now
-/// and every `every`, read its load every [`LOAD_EVERY`] in between where
-/// it reports one. Ends when the upstream leaves the table (a reload that
+/// The upstream a watcher reads, while it is in service: its address, its
+/// backend and its name. `None` once it left the table (a reload that
 /// removes or re-addresses it starts a new watcher for the new address) or
-/// the router closes.
-pub async fn watch(weak: Weak<Router>, id: u64, every: Duration) {
-    let find = |weak: &Weak<Router>| -> Option<(Origin, Arc<Backend>, String)> {
-        let router = weak.upgrade()?;
-        if router.is_closed() {
-            return None;
-        }
-        let table = router.table();
-        let (_, slot) = table.active().find(|(_, s)| s.id == id)?;
-        Some((
-            slot.config.origin.clone(),
-            slot.backend.clone(),
-            slot.config.name.clone(),
-        ))
-    };
+/// the table closed.
+pub type Find = dyn Fn() -> Option<(Origin, Arc<Backend>, String)> + Send + Sync;
+
+/// Read an upstream's backend while `find` finds it: identify it now and
+/// every `every`, read its load every [`LOAD_EVERY`] in between where it
+/// reports one.
+pub async fn watch(find: Box<Find>, every: Duration) {
     let mut identified_at: Option<Instant> = None;
     let mut load_path: Option<&'static str> = None;
-    let mine = match find(&weak) {
+    let mine = match find() {
         Some((_, backend, _)) => Arc::downgrade(&backend),
         None => return,
     };
     loop {
-        let Some((origin, backend, name)) = find(&weak) else {
+        let Some((origin, backend, name)) = find() else {
             return;
         };
         if !std::ptr::eq(mine.as_ptr(), Arc::as_ptr(&backend)) {

@@ -12,9 +12,10 @@ use crate::admission::Scheduler;
 use crate::app::UpstreamBody;
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::drain::Drain;
+use crate::route::Clients;
 use crate::route::Router;
 use crate::telemetry::Recorder;
-use crate::upstream::{Upstream, Upstreams};
+use crate::upstream::Upstream;
 use crate::BoxError;
 
 /// Flags of `anteroom serve`: one per config key, each overriding the file.
@@ -444,9 +445,9 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
     let mut listeners = listeners.into_iter();
     if workers <= 1 {
         let listener = listeners.next().expect("one listener");
-        let (stack, upstreams) = proxy_stack(config, &live, &router, &recorder, &drain);
-        first_upstream = upstreams.client(None);
-        tasks.push(tokio::spawn(upstreams.housekeeping()));
+        let (stack, clients) = proxy_stack(config, &live, &router, &recorder, &drain);
+        first_upstream = clients.client(None);
+        tasks.push(tokio::spawn(clients.housekeeping()));
         serving = Some(tokio::spawn(crate::server::serve(
             listener,
             stack,
@@ -484,10 +485,10 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                                     return;
                                 }
                             };
-                            let (stack, upstreams) =
+                            let (stack, clients) =
                                 proxy_stack(&config, &live, &router, &recorder, &drain);
-                            let _ = ready.send(upstreams.client(None));
-                            tokio::spawn(upstreams.housekeeping());
+                            let _ = ready.send(clients.client(None));
+                            tokio::spawn(clients.housekeeping());
                             let shutdown = stop_requested(stopped);
                             crate::server::serve(
                                 listener,
@@ -600,16 +601,16 @@ fn proxy_stack(
     router: &Arc<Router>,
     recorder: &Arc<Recorder>,
     drain: &Drain,
-) -> (crate::app::Stack, Upstreams<UpstreamBody>) {
-    let upstreams = Upstreams::new(router.clone(), &config.client, Some(drain.clone()));
+) -> (crate::app::Stack, Clients<UpstreamBody>) {
+    let clients = Clients::new(router.clone(), &config.client, Some(drain.clone()));
     let stack = crate::app::build_stack_with(
         config,
         live,
         router.clone(),
         recorder.clone(),
-        upstreams.clone(),
+        clients.clone(),
     );
-    (stack, upstreams)
+    (stack, clients)
 }
 
 /// The proxy's listening sockets: one, or `workers` sharing the address

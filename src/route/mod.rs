@@ -25,12 +25,14 @@
 //! and `adaptive` (the adaptive limit's loop on the first upstream).
 
 mod adaptive;
+mod clients;
 mod health;
 mod layer;
 mod models;
 mod table;
 
 pub use adaptive::run_adaptive;
+pub use clients::Clients;
 pub use layer::{ResponseFuture, RouteLayer, RouteService};
 #[cfg(test)]
 pub(crate) use table::one_row;

@@ -495,7 +495,18 @@ impl Router {
     fn spawn_watch(self: &Arc<Self>, id: u64, every: Duration) {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(crate::backend::watch(Arc::downgrade(self), id, every));
+                let weak = Arc::downgrade(self);
+                let find = move || {
+                    let router = weak.upgrade().filter(|r| !r.is_closed())?;
+                    let table = router.table();
+                    let (_, slot) = table.active().find(|(_, s)| s.id == id)?;
+                    Some((
+                        slot.config.origin.clone(),
+                        slot.backend.clone(),
+                        slot.config.name.clone(),
+                    ))
+                };
+                rt.spawn(crate::backend::watch(Box::new(find), every));
             }
             Err(_) => tracing::warn!(id, "no runtime to watch the backend on"),
         }

@@ -24,7 +24,6 @@ use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tower::Service;
 
 pub use guard::{StreamGuard, StreamTimeouts};
 pub(crate) use pool::connect;
@@ -33,7 +32,6 @@ pub use rewrite::Origin;
 
 use crate::drain::Drain;
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
-use crate::route::Router;
 use crate::telemetry::Tap;
 use crate::BoxError;
 use pool::Pool;
@@ -116,8 +114,34 @@ pub struct ClientSettings {
     pub stream_upgrade: bool,
 }
 
+/// What a client needs to know of the server behind its upstream, as far
+/// as it is known yet ([`crate::backend`] learns it and implements this).
+pub trait Peer: Send + Sync + std::fmt::Debug {
+    /// Whether a stream that did not ask for its usage may be asked for it
+    /// and given the stream it asked for ([`usage`]): vLLM.
+    fn honours_stream_usage(&self) -> bool;
+    /// Whether its streamed and non-streamed answers to one request are
+    /// known field by field, so a non-streamed one may be asked for as a
+    /// stream and put back together ([`upgrade`]): llama.cpp.
+    fn answers_alike_streamed(&self) -> bool;
+    /// Its upstream's own `stream_upgrade`, if set.
+    fn stream_upgrade(&self) -> Option<bool>;
+    /// Whether it may answer a stream with a refusal dressed as one, so a
+    /// stream's first event is read ahead ([`guard`]).
+    fn may_dress_refusals(&self) -> bool;
+}
+
+/// Where a client tells whether a request reached upstream `i` of the
+/// table (the passive health of several upstreams; see [`crate::route`]).
+pub trait Reports: Send + Sync {
+    /// Whether a request reached upstream `i` (any answer, even a 429,
+    /// shows it is up).
+    fn report(&self, i: usize, reached: bool);
+}
+
 /// The upstream origin behind a pool of keep-alive HTTP/1.1 connections.
-/// The request path reaches it through [`Upstreams`] (one or several).
+/// The request path reaches it through the route table's
+/// [`Clients`](crate::route::Clients), one per upstream.
 ///
 /// Cloning shares the pool.
 #[derive(Debug)]
@@ -137,7 +161,7 @@ where
     /// What its backend is: whether a stream's first event is read ahead
     /// (see [`guard`]), whether its streams' usage is asked for (see
     /// [`usage`]). Without one, read ahead, not asked.
-    backend: Option<Arc<crate::backend::Backend>>,
+    backend: Option<Arc<dyn Peer>>,
 }
 
 // By hand: a derive would require `B: Clone`, which request bodies are not.
@@ -185,7 +209,7 @@ where
     }
 
     /// Read streams ahead only as `backend`'s kind needs.
-    pub fn of_backend(mut self, backend: Arc<crate::backend::Backend>) -> Self {
+    pub fn of_backend(mut self, backend: Arc<dyn Peer>) -> Self {
         self.backend = Some(backend);
         self
     }
@@ -212,6 +236,12 @@ where
     pub fn idle_connections(&self) -> usize {
         self.pool.idle_len()
     }
+
+    /// Close the idle connections the upstream closed or that idled too
+    /// long; how many idle ones are left.
+    pub(crate) fn reap(&self) -> usize {
+        self.pool.reap()
+    }
 }
 
 type SendFuture<B> =
@@ -222,7 +252,8 @@ where
     B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
     B::Error: Into<BoxError>,
 {
-    fn send(&self, mut req: Request<B>) -> ResponseFuture<B> {
+    /// Send `req`; the response future also times it and guards its body.
+    pub(crate) fn send(&self, mut req: Request<B>) -> ResponseFuture<B> {
         rewrite::request(&mut req, &self.origin);
         let tap = req.extensions_mut().remove::<Tap>();
         if let Some(tap) = &tap {
@@ -238,7 +269,7 @@ where
             && self
                 .backend
                 .as_ref()
-                .is_some_and(|b| b.kind() == Some(crate::backend::Kind::Vllm))
+                .is_some_and(|b| b.honours_stream_usage())
             && rewrite_body(&mut req, usage::ask);
         // A llama.cpp answer that is not streamed: ask for a stream, time
         // it, answer with the JSON put back together. Cheapest test first:
@@ -251,7 +282,7 @@ where
             .filter(|_| {
                 self.backend
                     .as_ref()
-                    .is_some_and(|b| b.kind() == Some(crate::backend::Kind::LlamaCpp))
+                    .is_some_and(|b| b.answers_alike_streamed())
             })
             .filter(|_| {
                 // The request's word, else its upstream's, else the top
@@ -284,197 +315,6 @@ where
     }
 }
 
-/// The upstreams of the [`Router`]'s table: each request goes to the one
-/// its [`Route`](crate::types::Route) names, over this runtime's own pool
-/// of connections to it. When a reload adds or re-addresses an upstream the
-/// table's generation moves on, and the next request (or the housekeeping
-/// tick) opens pools for the new addresses and lets go of those of removed
-/// ones (requests still running on them keep them until they end).
-/// Cloning shares the pools.
-pub struct Upstreams<B>
-where
-    B: Body + 'static,
-{
-    pools: Arc<arc_swap::ArcSwap<Pools<B>>>,
-    /// Serialises rebuilding the pools (after a reload only).
-    rebuild: Arc<parking_lot::Mutex<()>>,
-    settings: ClientSettings,
-    drain: Option<Drain>,
-    /// Told whether each request reached its upstream.
-    router: Arc<Router>,
-}
-
-/// One runtime's clients, by the table's index.
-struct Pools<B>
-where
-    B: Body + 'static,
-{
-    generation: u64,
-    /// Per index: the slot's id and its client (none once retired).
-    clients: Vec<Option<(u64, Upstream<B>)>>,
-}
-
-impl<B> std::fmt::Debug for Upstreams<B>
-where
-    B: Body + 'static,
-{
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstreams").finish_non_exhaustive()
-    }
-}
-
-impl<B> Clone for Upstreams<B>
-where
-    B: Body + 'static,
-{
-    fn clone(&self) -> Self {
-        Self {
-            pools: self.pools.clone(),
-            rebuild: self.rebuild.clone(),
-            settings: self.settings.clone(),
-            drain: self.drain.clone(),
-            router: self.router.clone(),
-        }
-    }
-}
-
-impl<B> Upstreams<B>
-where
-    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
-    B::Error: Into<BoxError>,
-{
-    /// Clients for `router`'s upstreams, reporting to it whether requests
-    /// reach them (passive health); streams end at `drain`'s deadline.
-    pub fn new(router: Arc<Router>, settings: &ClientSettings, drain: Option<Drain>) -> Self {
-        let this = Self {
-            pools: Arc::new(arc_swap::ArcSwap::from_pointee(Pools {
-                generation: u64::MAX,
-                clients: Vec::new(),
-            })),
-            rebuild: Arc::default(),
-            settings: settings.clone(),
-            drain,
-            router,
-        };
-        this.refresh();
-        this
-    }
-
-    /// The client of upstream `i` (the first in service for `None`).
-    pub fn client(&self, i: Option<usize>) -> Option<Upstream<B>> {
-        let i = i.unwrap_or_else(|| self.router.table().first());
-        self.current()
-            .clients
-            .get(i)?
-            .as_ref()
-            .map(|(_, c)| c.clone())
-    }
-
-    /// The pools for the router's table as it is now.
-    fn current(&self) -> arc_swap::Guard<Arc<Pools<B>>> {
-        let pools = self.pools.load();
-        if pools.generation == self.router.table().generation {
-            return pools;
-        }
-        drop(pools);
-        self.refresh();
-        self.pools.load()
-    }
-
-    /// Match the pools to the table: keep those whose address stays, open
-    /// new ones, drop those of removed upstreams.
-    fn refresh(&self) {
-        let _one_at_a_time = self.rebuild.lock();
-        let table = self.router.table();
-        let old = self.pools.load_full();
-        if old.generation == table.generation {
-            return;
-        }
-        let clients = table
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, slot)| {
-                if slot.retired {
-                    return None;
-                }
-                if let Some(Some((id, c))) = old.clients.get(i) {
-                    if *id == slot.id {
-                        return Some((*id, c.clone()));
-                    }
-                }
-                let mut client = Upstream::new(slot.config.origin.clone(), &self.settings)
-                    .named(&slot.config.name)
-                    .of_backend(slot.backend.clone());
-                if let Some(drain) = &self.drain {
-                    client = client.with_drain(drain.clone());
-                }
-                Some((slot.id, client))
-            })
-            .collect();
-        self.pools.store(Arc::new(Pools {
-            generation: table.generation,
-            clients,
-        }));
-    }
-
-    /// Housekeeping, until dropped: once a second, close the idle
-    /// connections the upstreams have closed or that idled too long, and
-    /// follow a reload between requests.
-    ///
-    /// The tick also keeps tokio's timer armed within the second, so a
-    /// request's own far-off timeout (`upstream_timeout`) is never the
-    /// earliest timer: registering it then costs no wake-up of the I/O
-    /// driver (strace showed one `eventfd` write per request without it).
-    pub async fn housekeeping(self) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            for (_, c) in self.current().clients.iter().flatten() {
-                let idle = c.pool.reap();
-                tracing::trace!(idle, "upstream pool reaped");
-            }
-        }
-    }
-}
-
-impl<B> Service<Request<B>> for Upstreams<B>
-where
-    B: Body<Data = Bytes> + Send + Unpin + Replay + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Response = Response<StreamGuard<PooledBody<B>>>;
-    type Error = BoxError;
-    type Future = ResponseFuture<B>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pools are always ready: they open connections on demand.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let i = crate::types::route_of(&req);
-        let pools = self.current();
-        // A request routed to an upstream that a reload removed a moment
-        // ago still goes there, on a connection of its own.
-        let mut fut = match pools.clients.get(i) {
-            Some(Some((_, client))) => client.send(req),
-            _ => {
-                let slot = self.router.table().slot(i).clone();
-                Upstream::new(slot.config.origin.clone(), &self.settings)
-                    .named(&slot.config.name)
-                    .of_backend(slot.backend.clone())
-                    .send(req)
-            }
-        };
-        if pools.clients.len() > 1 {
-            fut.report = Some((self.router.clone(), i));
-        }
-        fut
-    }
-}
-
 pin_project! {
     /// Response future of [`Upstream`].
     pub struct ResponseFuture<B>
@@ -496,8 +336,8 @@ pin_project! {
         stream: StreamTimeouts,
         drain: Option<Drain>,
         tap: Option<Tap>,
-        // Several upstreams: tell the router whether this one answered.
-        report: Option<(Arc<Router>, usize)>,
+        // Several upstreams: tell the table whether this one answered.
+        report: Option<(Arc<dyn Reports>, usize)>,
         // A stream the request asked for, while its first event is read
         // (boxed: only streams carry it).
         reading: Option<Box<Reading<B>>>,
@@ -513,6 +353,14 @@ pin_project! {
         // A plain answer while its first piece is read (boxed: only an
         // answer whose body lags its headers carries it).
         first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
+    }
+}
+
+impl<B: Body + 'static> ResponseFuture<B> {
+    /// Tell `to` whether this request reached upstream `i`.
+    pub(crate) fn reporting_to(mut self, to: Arc<dyn Reports>, i: usize) -> Self {
+        self.report = Some((to, i));
+        self
     }
 }
 
