@@ -98,7 +98,8 @@ fn bench_queue(c: &mut Criterion) {
 
 /// The same through the scheduler, with its lock, channels and tickets.
 fn bench_scheduler(c: &mut Criterion) {
-    use anteroom::admission::{Acquire, Limits, Scheduler};
+    use anteroom::admission::{Acquire, Scheduler};
+    use anteroom::config::Limits;
     use std::collections::BTreeMap;
     use std::time::Duration;
     let rt = tokio::runtime::Builder::new_current_thread()

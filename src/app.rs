@@ -33,7 +33,7 @@ pub fn router(config: &Config) -> Arc<Router> {
         .replicas
         .iter()
         .map(|r| {
-            crate::admission::Scheduler::new(crate::admission::Limits {
+            crate::admission::Scheduler::new(crate::config::Limits {
                 max_concurrency: r.max_concurrency,
                 ..config.limits.clone()
             })

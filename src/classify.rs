@@ -27,6 +27,7 @@ use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower::{Layer, Service};
 
+use crate::config::Routes;
 use crate::deadline::{BodyTimeout, ReadTimeout};
 use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed, RateLimited};
 use crate::json_scan;
@@ -123,32 +124,6 @@ impl<B> crate::admission::Detach for Request<ClassifiedBody<B>> {
     }
 }
 
-/// Which requests are admitted and how their bodies are read: the slice of
-/// the config this step needs.
-#[derive(Clone, Debug)]
-pub struct Routes {
-    /// Paths of the generation endpoints (POST only).
-    pub admit_paths: Vec<String>,
-    /// Largest request body buffered.
-    pub max_body_bytes: usize,
-    /// Priority of a request that names none.
-    pub default_priority: Priority,
-    /// Keep the body's `model` in the extensions (for routing).
-    pub keep_model: bool,
-    /// Without API keys, take the tenant from `x-tenant` (else the client's
-    /// address). Only for clients that cannot lie about it.
-    pub trust_tenant_header: bool,
-    /// Most time between two pieces of a request body (then 408).
-    pub body_read_timeout: std::time::Duration,
-    /// Most bytes of admitted bodies held at once, all requests together
-    /// (0: no bound); past it, 503 `buffers_full`.
-    pub max_buffered_bytes: usize,
-    /// Most requests passing without admission at once (0: no bound);
-    /// past it, 503 `passthrough_full` (see
-    /// [`passing`](crate::admission::passing)).
-    pub max_passthrough: usize,
-}
-
 /// The bytes of admitted request bodies held now, by every worker: what
 /// `max_buffered_bytes` bounds. Shared by the stacks of one proxy.
 #[derive(Debug, Default)]
@@ -216,24 +191,24 @@ fn buffers_full() -> BoxError {
     .into()
 }
 
-impl Routes {
-    fn admits(&self, method: &Method, path: &str) -> bool {
-        method == Method::POST && self.admit_paths.iter().any(|p| p == path)
-    }
+/// Whether `routes` admit a request of `method` to `path`.
+fn admits(routes: &Routes, method: &Method, path: &str) -> bool {
+    method == Method::POST && routes.admit_paths.iter().any(|p| p == path)
+}
 
-    /// The endpoint `path` names without being spelled as it (see
-    /// [`crate::path`]): `/v1/chat/%63ompletions` for `/v1/chat/completions`.
-    fn disguised_endpoint(&self, path: &str) -> Option<&str> {
-        if crate::path::is_plain(path) || self.admit_paths.iter().any(|p| p == path) {
-            // Plain and not an endpoint, or the endpoint as written (a GET).
-            return None;
-        }
-        let form = crate::path::normal_form(path);
-        self.admit_paths
-            .iter()
-            .find(|p| p.as_bytes().eq_ignore_ascii_case(&form))
-            .map(String::as_str)
+/// The endpoint `path` names without being spelled as it (see
+/// [`crate::path`]): `/v1/chat/%63ompletions` for `/v1/chat/completions`.
+fn disguised_endpoint<'r>(routes: &'r Routes, path: &str) -> Option<&'r str> {
+    if crate::path::is_plain(path) || routes.admit_paths.iter().any(|p| p == path) {
+        // Plain and not an endpoint, or the endpoint as written (a GET).
+        return None;
     }
+    let form = crate::path::normal_form(path);
+    routes
+        .admit_paths
+        .iter()
+        .find(|p| p.as_bytes().eq_ignore_ascii_case(&form))
+        .map(String::as_str)
 }
 
 /// The routes, replaceable while serving (a config reload): each request
@@ -311,8 +286,8 @@ where
         }
         let svc = self.inner.clone();
         let routes = self.routes.load();
-        if !routes.admits(req.method(), req.uri().path()) {
-            if let Some(endpoint) = routes.disguised_endpoint(req.uri().path()) {
+        if !admits(&routes, req.method(), req.uri().path()) {
+            if let Some(endpoint) = disguised_endpoint(&routes, req.uri().path()) {
                 return ResponseFuture::failed(
                     BadRequest::new(
                         "invalid_path",

@@ -242,7 +242,7 @@ async fn per_core_workers_share_one_admission() {
 async fn a_reserved_slot_lets_an_urgent_request_past_a_running_flood() {
     let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
         c.max_concurrency = 2.into();
-        c.reserve = vec![anteroom::admission::Reservation {
+        c.reserve = vec![anteroom::config::Reservation {
             max_priority: 0,
             slots: 1,
         }];

@@ -341,13 +341,13 @@ async fn an_endless_event_line_flows_through_and_is_recorded_once() {
 /// hostile `kind` of backend taken as `backend`: its bytes, and its record.
 async fn counted(
     kind: Hostile,
-    backend: anteroom::backend::Kind,
+    backend: anteroom::config::backend::Kind,
     stream: bool,
 ) -> (String, anteroom::telemetry::Record) {
     let log = log_path("hostile-counts");
     let log_s = log.display().to_string();
     let (_h, proxy) = in_front(kind, |c| {
-        c.backend = anteroom::backend::Setting::Is(backend);
+        c.backend = anteroom::config::backend::Setting::Is(backend);
         c.request_log = log_s;
         c.stream_upgrade = true;
     })
@@ -370,7 +370,7 @@ async fn counted(
 /// record says where its counts came from, and nothing is made up.
 #[tokio::test]
 async fn bad_token_counts_never_break_an_answer_or_make_up_a_count() {
-    use anteroom::backend::Kind;
+    use anteroom::config::backend::Kind;
     use anteroom::telemetry::TokenSource;
     let (body, r) = counted(Hostile::UsageTwice, Kind::Vllm, true).await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");

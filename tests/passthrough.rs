@@ -493,7 +493,8 @@ async fn a_vllm_streams_usage_is_asked_for_and_taken_out_again() {
         let log = log_path("stream-usage");
         let log_s = log.display().to_string();
         let (sim, proxy, client) = setup(cfg, |c| {
-            c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::Vllm);
+            c.backend =
+                anteroom::config::backend::Setting::Is(anteroom::config::backend::Kind::Vllm);
             c.request_log = log_s;
             c.stream_usage = stream_usage;
         })

@@ -147,7 +147,7 @@ async fn a_lent_reservation_serves_the_flood_and_an_urgent_request_at_once() {
     let (sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
         c.max_concurrency = 2.into();
         c.preempt = true;
-        c.reserve = vec![anteroom::admission::Reservation {
+        c.reserve = vec![anteroom::config::Reservation {
             max_priority: 0,
             slots: 1,
         }];

@@ -746,7 +746,8 @@ async fn a_non_streamed_request_can_be_timed_as_a_stream() {
     cfg.tokens_per_second = 100.0;
     cfg.ttft = Duration::from_millis(80);
     let (sim, proxy, client) = setup(cfg, |c| {
-        c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::LlamaCpp);
+        c.backend =
+            anteroom::config::backend::Setting::Is(anteroom::config::backend::Kind::LlamaCpp);
         c.request_log = log_s;
         c.stream_upgrade = true;
     })
@@ -817,8 +818,8 @@ async fn a_non_streamed_request_can_be_timed_as_a_stream() {
     let log_s = log.display().to_string();
     let (_sim2, proxy2, _) = setup(sim_config(Mode::Llama), |c| {
         let mut e = entry("own", sim.url(), anteroom::config::Models::Any, 4);
-        e.backend = Some(anteroom::backend::Setting::Is(
-            anteroom::backend::Kind::LlamaCpp,
+        e.backend = Some(anteroom::config::backend::Setting::Is(
+            anteroom::config::backend::Kind::LlamaCpp,
         ));
         e.stream_upgrade = Some(true);
         c.upstream = anteroom::config::Upstreams::Many(vec![e]);
@@ -835,7 +836,8 @@ async fn a_non_streamed_request_can_be_timed_as_a_stream() {
     let mut cfg = sim_config(Mode::Llama);
     cfg.die_after_tokens = Some(3);
     let (_sim, proxy, client) = setup(cfg, |c| {
-        c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::LlamaCpp);
+        c.backend =
+            anteroom::config::backend::Setting::Is(anteroom::config::backend::Kind::LlamaCpp);
         c.stream_upgrade = true;
     })
     .await;

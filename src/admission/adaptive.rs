@@ -57,6 +57,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::config::{Adaptive, AdaptiveBounds};
 use crate::telemetry::{micros, Taken};
 use crate::types::BackendLoad;
 
@@ -73,25 +74,6 @@ pub const MIN_WINDOW: Duration = Duration::from_secs(1);
 /// Time waited inside the backend below this is not a queue (its own
 /// scheduling step, the network).
 pub const WAIT_FLOOR: Duration = Duration::from_millis(100);
-
-/// The range the limit moves in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AdaptiveBounds {
-    /// Lowest limit.
-    pub min: usize,
-    /// Highest limit.
-    pub max: usize,
-}
-
-/// An adaptive limit: its range, and whether it follows the backend's slots
-/// (`"backend"`) or finds its own (`"auto"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Adaptive {
-    /// The range.
-    pub bounds: AdaptiveBounds,
-    /// `max_concurrency = "backend"`.
-    pub follow_backend: bool,
-}
 
 /// Anteroom's own state at a tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -31,7 +31,8 @@
 //! ```
 //! use std::sync::Arc;
 //! use std::time::Duration;
-//! use anteroom::admission::{Acquire, AdmissionLayer, Limits, Replayable, Scheduler, Schedulers};
+//! use anteroom::admission::{Acquire, AdmissionLayer, Replayable, Scheduler, Schedulers};
+//! use anteroom::config::Limits;
 //! use anteroom::types::{Admit, Overloaded, Priority, Reason, Share};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
@@ -87,9 +88,7 @@ mod service;
 pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};
 pub use queue::PriorityQueue;
-pub use scheduler::{
-    Acquire, Grant, Limits, Preemption, Replayable, Reservation, Scheduler, Ticket,
-};
+pub use scheduler::{Acquire, Grant, Replayable, Scheduler, Ticket};
 pub use schedulers::Schedulers;
 pub use service::{Admission, Detach};
 

@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use super::*;
+use crate::config::{Limits, Preemption, Reservation};
 use crate::types::{Admit, Share};
 
 fn limits(max_concurrency: usize, preempt: Option<Preemption>) -> Limits {

@@ -20,39 +20,11 @@ use tokio::time::Instant;
 
 use super::permit::{Permit, Preempted};
 use super::queue::{Key, PriorityQueue, Push, TenantMap};
+use crate::config::{Limits, Preemption, Reservation};
 use crate::types::{
     Overloaded, PreemptedCounts, Priority, QueueStatus, Reason, ReservationStatus, Share, TenantId,
     TenantStatus,
 };
-
-/// Settings of the admission step, the slice of the config it needs.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Most requests in flight at the upstream.
-    pub max_concurrency: usize,
-    /// Most requests waiting.
-    pub max_queue: usize,
-    /// Most time a request may wait.
-    pub queue_timeout: Duration,
-    /// Ceiling of the advised retry delay.
-    pub retry_after_cap: Duration,
-    /// Slots kept for urgent work (see [`Reservation`]).
-    pub reserved: Vec<Reservation>,
-    /// Serve a request that waited this long before any other (anti-starvation).
-    pub promote_after: Option<Duration>,
-    /// Urgent requests may stop less urgent ones nobody has seen an answer
-    /// of yet (see [`preempt`](super::preempt)); none: never.
-    pub preempt: Option<Preemption>,
-}
-
-/// Who may preempt, and how often one request may be preempted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Preemption {
-    /// The least urgent priority that may preempt.
-    pub max_priority: Priority,
-    /// Most times one request is preempted; after that it runs to its end.
-    pub max_preemptions: u32,
-}
 
 /// What admission may do with a request whose body is held whole, so that
 /// it can be stopped and sent again: how often that happened already, and
@@ -80,18 +52,6 @@ impl TenantState {
     fn at_cap(&self) -> bool {
         self.max_in_flight > 0 && self.running >= self.max_in_flight
     }
-}
-
-/// `slots` of the limit only requests at `max_priority` or more urgent
-/// (lower) may use. Levels nest: a request may use the slots of every
-/// reservation whose `max_priority` it meets, and the unreserved rest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Reservation {
-    /// The least urgent priority that may use these slots.
-    pub max_priority: Priority,
-    /// How many.
-    pub slots: usize,
 }
 
 /// What a queued request receives: a permit, or the news that it was evicted.

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 use super::*;
+use crate::config::{Limits, Reservation};
 use crate::error::describe;
 use crate::types::{Admit, Reason, Share};
 

@@ -2,7 +2,7 @@
 //! each `None` for anything it does not recognise (garbage, HTML, a number
 //! out of range), never a panic.
 
-use super::Kind;
+use crate::config::backend::Kind;
 
 /// The most slots a backend may report before the number is taken as
 /// garbage (llama-server's `--parallel` is a handful; vLLM's

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde::Serialize;
 
-use super::{watch::identify, Kind, Reading, Setting};
+use super::{watch::identify, Reading};
+use crate::config::backend::{Kind, Setting};
 use crate::upstream::Origin;
 
 /// How long one probe request may take (a real model answering 8 tokens).

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use tokio::time::Instant;
 
-use super::{parse, Backend, Kind, Reading, Setting, PROBE_MAX_BYTES, PROBE_TIMEOUT};
+use super::{parse, Backend, Reading, PROBE_MAX_BYTES, PROBE_TIMEOUT};
+use crate::config::backend::{Kind, Setting};
 use crate::upstream::Origin;
 
 /// How often running and waiting counts are read, where the backend reports

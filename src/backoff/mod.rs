@@ -50,25 +50,11 @@ use tower::{Layer, Service, ServiceExt};
 pub use budget::RetryBudget;
 pub use cooldown::Cooldown;
 
+use crate::config::RetryPolicy;
 use crate::error::{self, UpstreamUnavailable};
 use crate::telemetry::{Recorder, Tap};
 use crate::types::{Admit, ClientAddr, Model, RetryReason, Route};
 use crate::BoxError;
-
-/// The retry settings: the slice of the config this step needs.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    /// Most retries of one request.
-    pub max_retries: u32,
-    /// First back-off delay (doubled per retry) when the upstream advises
-    /// none.
-    pub base_delay: Duration,
-    /// Longest wait for one retry: an upstream that advises longer is not
-    /// waited for (its answer goes to the client).
-    pub max_delay: Duration,
-    /// Retries as a share of recent requests.
-    pub budget: f64,
-}
 
 /// The upstreams a retry may go to, by route (an index into the upstream
 /// table): back-off owns this trait and the router implements it, so

@@ -111,7 +111,7 @@ fn policy(max_retries: u32) -> RetryPolicy {
 fn stack(p: RetryPolicy, up: &Upstream) -> Backoff<Upstream> {
     let recorder = Recorder::new(None).expect("no log to open");
     // Back-off never asks the scheduler for a slot: any will do.
-    let scheduler = crate::admission::Scheduler::new(crate::admission::Limits {
+    let scheduler = crate::admission::Scheduler::new(crate::config::Limits {
         max_concurrency: 1,
         max_queue: 1,
         queue_timeout: Duration::from_secs(30),

@@ -265,7 +265,7 @@ async fn reservation() -> Result<(), BoxError> {
             upstream: sim.url().into(),
             max_concurrency: 2.into(),
             reserve: if reserve {
-                vec![crate::admission::Reservation {
+                vec![crate::config::Reservation {
                     max_priority: 0,
                     slots: 1,
                 }]
@@ -447,7 +447,7 @@ async fn preemption() -> Result<(), BoxError> {
             c.max_concurrency = 2.into();
             c.preempt = preempt;
             if reserve {
-                c.reserve = vec![crate::admission::Reservation {
+                c.reserve = vec![crate::config::Reservation {
                     max_priority: 0,
                     slots: 1,
                 }];

@@ -46,7 +46,7 @@ pub struct ServeArgs {
     /// What the upstream is: auto, llama.cpp, vllm, ollama, lmstudio or
     /// openai (key: backend).
     #[arg(long, value_name = "KIND")]
-    pub backend: Option<crate::backend::Setting>,
+    pub backend: Option<crate::config::backend::Setting>,
     /// Most requests waiting (key: max_queue).
     #[arg(long, value_name = "N")]
     pub max_queue: Option<usize>,
@@ -112,7 +112,7 @@ pub struct ServeArgs {
     /// MAX_PRIORITY:SLOTS; repeat for several levels; replaces the list
     /// (key: reserve).
     #[arg(long = "reserve", value_name = "MAX_PRIORITY:SLOTS", value_parser = parse_reservation, allow_hyphen_values = true)]
-    pub reserve: Vec<crate::admission::Reservation>,
+    pub reserve: Vec<crate::config::Reservation>,
     /// Let an urgent request take the slot of a less urgent one that has
     /// not answered yet, which waits and goes again (key: preempt).
     #[arg(long, value_name = "BOOL")]
@@ -201,11 +201,11 @@ pub struct ServeArgs {
     pub http2_max_streams: Option<u32>,
 }
 
-fn parse_reservation(v: &str) -> Result<crate::admission::Reservation, String> {
+fn parse_reservation(v: &str) -> Result<crate::config::Reservation, String> {
     let (p, n) = v
         .split_once(':')
         .ok_or_else(|| format!("`{v}`: write MAX_PRIORITY:SLOTS, e.g. 0:1"))?;
-    Ok(crate::admission::Reservation {
+    Ok(crate::config::Reservation {
         max_priority: p
             .trim()
             .parse()

@@ -10,7 +10,7 @@ use super::Router;
 pub async fn run_adaptive(
     router: Arc<Router>,
     signals: Arc<crate::telemetry::Signals>,
-    adaptive: crate::admission::adaptive::Adaptive,
+    adaptive: crate::config::Adaptive,
 ) {
     use crate::admission::adaptive::{Controller, Load, Source, TICK};
     use tokio::time::Instant;

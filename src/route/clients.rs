@@ -11,8 +11,9 @@ use http_body::Body;
 use tower::Service;
 
 use super::Router;
+use crate::config::ClientSettings;
 use crate::drain::Drain;
-use crate::upstream::{ClientSettings, PooledBody, Replay, ResponseFuture, StreamGuard, Upstream};
+use crate::upstream::{PooledBody, Replay, ResponseFuture, StreamGuard, Upstream};
 use crate::BoxError;
 
 /// The upstreams of the [`Router`]'s table: each request goes to the one

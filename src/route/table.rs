@@ -216,7 +216,7 @@ impl Router {
     pub fn reconfigure(
         self: &Arc<Self>,
         replicas: Vec<ReplicaConfig>,
-        limits: &crate::admission::Limits,
+        limits: &crate::config::Limits,
         adaptive: bool,
     ) -> SetChange {
         let _one_at_a_time = self.reloading.lock();
@@ -226,7 +226,7 @@ impl Router {
         let mut change = SetChange::default();
         let single = replicas.len() == 1 && old.order.len() == 1;
         for config in replicas {
-            let limits = crate::admission::Limits {
+            let limits = crate::config::Limits {
                 max_concurrency: config.max_concurrency,
                 ..limits.clone()
             };
@@ -550,7 +550,7 @@ pub(crate) fn one_row(scheduler: Arc<Scheduler>) -> Arc<Router> {
         // Read only by a reload; the scheduler keeps its own limits.
         max_concurrency: 1,
         weight: 1,
-        backend: crate::backend::Setting::Auto,
+        backend: crate::config::backend::Setting::Auto,
         stream_upgrade: None,
     };
     Router::new(vec![config], vec![scheduler], 3, Duration::from_secs(1))
@@ -607,7 +607,7 @@ fn served_by(table: &Table) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::Limits;
+    use crate::config::Limits;
     use crate::types::Share;
 
     fn limits(n: usize) -> Limits {
@@ -634,7 +634,7 @@ mod tests {
             },
             max_concurrency: 1,
             weight: 1,
-            backend: crate::backend::Setting::Auto,
+            backend: crate::config::backend::Setting::Auto,
             stream_upgrade: None,
         }
     }

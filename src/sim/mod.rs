@@ -468,7 +468,7 @@ pub async fn start(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<SimHandl
 
 /// Serve until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<SimState>) {
-    let limits = crate::server::ServerLimits::default();
+    let limits = crate::config::ServerLimits::default();
     crate::server::accept_loop(
         listener,
         std::future::pending(),

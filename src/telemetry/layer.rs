@@ -45,7 +45,7 @@ impl<S> Layer<S> for TelemetryLayer {
     }
 }
 
-/// Times every request and keeps its record: see the [module docs](self).
+/// Times every request and keeps its record: see the [module docs](crate::telemetry).
 #[derive(Clone, Debug)]
 pub struct Telemetry<S> {
     inner: S,

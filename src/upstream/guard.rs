@@ -49,6 +49,7 @@ use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::config::StreamTimeouts;
 use crate::drain::Drain;
 use crate::telemetry::Tap;
 use crate::BoxError;
@@ -60,15 +61,6 @@ pub const DRAIN_CHECK: Duration = Duration::from_secs(1);
 
 const DRAINED: &str =
     "anteroom is shutting down and this stream ran past the drain deadline; retry the request";
-
-/// The stream timeouts.
-#[derive(Clone, Copy, Debug)]
-pub struct StreamTimeouts {
-    /// Most time from the response headers to the first data.
-    pub first_token: Duration,
-    /// Most time between two pieces of data.
-    pub idle: Duration,
-}
 
 /// See the [module docs](self).
 pub struct StreamGuard<B> {
@@ -436,7 +428,7 @@ where
     B::Error: Into<BoxError>,
 {
     /// Read the stream's first event into `read` (up to its blank line,
-    /// [`MAX_FIRST_EVENT`] or the end), under the stream's timeouts (a
+    /// `MAX_FIRST_EVENT` or the end), under the stream's timeouts (a
     /// first token that never comes ends in the usual error event, read
     /// like any other). Ready when it has; then hand `read` back with
     /// [`read_ahead`](Self::read_ahead) unless it was a [`refusal`].

@@ -25,11 +25,12 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-pub use guard::{StreamGuard, StreamTimeouts};
+pub use guard::StreamGuard;
 pub(crate) use pool::connect;
 pub use pool::{PooledBody, Replay};
 pub use rewrite::Origin;
 
+use crate::config::{ClientSettings, StreamTimeouts};
 use crate::drain::Drain;
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
 use crate::telemetry::Tap;
@@ -92,26 +93,6 @@ pub(crate) async fn exchange(
     tokio::time::timeout(timeout, one)
         .await
         .map_err(|_| format!("no answer to {path} within {timeout:?}"))?
-}
-
-/// Connection settings of the upstream client.
-#[derive(Clone, Debug)]
-pub struct ClientSettings {
-    /// Most time to open a TCP connection.
-    pub connect_timeout: Duration,
-    /// Most time from sending the request to the response headers.
-    pub response_timeout: Duration,
-    /// How long an idle pooled connection is kept.
-    pub pool_idle_timeout: Duration,
-    /// Time-outs of a streamed (SSE) answer after its headers.
-    pub stream: StreamTimeouts,
-    /// Ask a vLLM upstream for the usage of streams that did not ask for
-    /// it, and take that event out of the answer (see [`usage`]).
-    pub stream_usage: bool,
-    /// Send a llama.cpp upstream non-streamed requests as streams, for
-    /// their true time to first token (see [`upgrade`]); a request's
-    /// header may say otherwise.
-    pub stream_upgrade: bool,
 }
 
 /// What a client needs to know of the server behind its upstream, as far

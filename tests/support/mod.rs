@@ -62,7 +62,7 @@ pub async fn proxy(upstream: &str, f: impl FnOnce(&mut FileConfig)) -> Running {
 /// For tests that count the upstream's connections: the backend is not
 /// probed (`backend = "openai"`), so every connection is the pool's.
 pub fn no_probes(c: &mut FileConfig) {
-    c.backend = anteroom::backend::Setting::Is(anteroom::backend::Kind::OpenAi);
+    c.backend = anteroom::config::backend::Setting::Is(anteroom::config::backend::Kind::OpenAi);
 }
 
 /// A simulator with `cfg`, a proxy in front of it adjusted by `f`, and a client.

@@ -11,13 +11,20 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::admission::adaptive::AdaptiveBounds;
-use crate::admission::{Limits, Reservation};
 use crate::auth::Key;
-use crate::backoff::RetryPolicy;
-use crate::classify::Routes;
 use crate::types::Priority;
-use crate::upstream::{ClientSettings, Origin, StreamTimeouts};
+use crate::upstream::Origin;
+
+mod admission;
+pub mod backend;
+mod client;
+mod routes;
+mod server;
+
+pub use admission::{Adaptive, AdaptiveBounds, Limits, Preemption, Reservation};
+pub use client::{ClientSettings, RetryPolicy, StreamTimeouts};
+pub use routes::Routes;
+pub use server::ServerLimits;
 
 /// The config file, as written. Every field has a default; `config/default.toml`
 /// lists them all.
@@ -45,7 +52,7 @@ pub struct FileConfig {
     /// What the upstream is: `"auto"` (find out from its endpoints),
     /// `"llama.cpp"`, `"vllm"`, `"ollama"`, `"lmstudio"` or `"openai"`
     /// (read nothing).
-    pub backend: crate::backend::Setting,
+    pub backend: backend::Setting,
     /// Most requests waiting for a slot; 0 turns queueing off.
     pub max_queue: usize,
     /// Most time a request may wait for a slot, e.g. "180s".
@@ -207,7 +214,7 @@ impl Default for FileConfig {
             max_concurrency: Concurrency::Fixed(4),
             auto_min_concurrency: 1,
             auto_max_concurrency: 64,
-            backend: crate::backend::Setting::Auto,
+            backend: backend::Setting::Auto,
             max_queue: 4096,
             queue_timeout: "180s".into(),
             retry_after_cap: "60s".into(),
@@ -301,7 +308,7 @@ pub struct UpstreamEntry {
     pub max_concurrency: Option<usize>,
     /// What it is (default: the top-level `backend`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<crate::backend::Setting>,
+    pub backend: Option<backend::Setting>,
     /// Its share among replicas of the same model (default 1).
     #[serde(default = "one")]
     pub weight: u32,
@@ -422,7 +429,7 @@ pub struct ReplicaConfig {
     /// Its share among replicas of the same model.
     pub weight: u32,
     /// What it is, as configured.
-    pub backend: crate::backend::Setting,
+    pub backend: backend::Setting,
     /// Its own `stream_upgrade`, if its table sets one.
     pub stream_upgrade: Option<bool>,
 }
@@ -432,7 +439,7 @@ impl Upstreams {
         &self,
         default_limit: usize,
         default_key: Option<&str>,
-        default_backend: crate::backend::Setting,
+        default_backend: backend::Setting,
     ) -> Result<Vec<ReplicaConfig>, ConfigError> {
         let keyed = |origin: Origin, key: Option<&str>, at: &str| match key {
             Some(k) => origin
@@ -601,7 +608,7 @@ pub struct Config {
     /// Retrying refused requests.
     pub retry: RetryPolicy,
     /// The adaptive limit, when `max_concurrency` is `"auto"` or `"backend"`.
-    pub adaptive: Option<crate::admission::adaptive::Adaptive>,
+    pub adaptive: Option<Adaptive>,
     /// Health checks of several upstreams.
     pub health: HealthConfig,
     /// Threads serving the proxy port (resolved: at least 1).
@@ -613,7 +620,7 @@ pub struct Config {
     /// API keys, resolved to digests.
     pub keys: Vec<Key>,
     /// Limits on each client connection.
-    pub server: crate::server::ServerLimits,
+    pub server: ServerLimits,
 }
 
 /// Health checks (several upstreams only).
@@ -715,7 +722,7 @@ impl FileConfig {
                     )));
                 }
                 if mode == Concurrency::Backend
-                    && self.backend == crate::backend::Setting::Is(crate::backend::Kind::OpenAi)
+                    && self.backend == backend::Setting::Is(backend::Kind::OpenAi)
                 {
                     return Err(ConfigError(
                         "max_concurrency: \"backend\" reads the slots from the backend, which backend = \"openai\" never asks; use \"auto\" or a number".into(),
@@ -723,7 +730,7 @@ impl FileConfig {
                 }
                 (
                     min,
-                    Some(crate::admission::adaptive::Adaptive {
+                    Some(Adaptive {
                         bounds: AdaptiveBounds { min, max },
                         follow_backend: mode == Concurrency::Backend,
                     }),
@@ -825,7 +832,7 @@ impl FileConfig {
                     "" => None,
                     v => Some(positive("promote_after", v)?),
                 },
-                preempt: self.preempt.then_some(crate::admission::Preemption {
+                preempt: self.preempt.then_some(Preemption {
                     max_priority: self.preempt_max_priority,
                     max_preemptions: self.max_preemptions,
                 }),
@@ -855,7 +862,7 @@ impl FileConfig {
                 .then(|| PathBuf::from(self.request_log.trim())),
             adaptive,
             keys,
-            server: crate::server::ServerLimits {
+            server: ServerLimits {
                 header_read_timeout: positive("header_read_timeout", &self.header_read_timeout)?,
                 client_write_timeout: positive("client_write_timeout", &self.client_write_timeout)?,
                 client_idle_timeout: positive("client_idle_timeout", &self.client_idle_timeout)?,
