@@ -60,7 +60,7 @@ fn check_admin_key(key: Option<&[u8; 32]>, req: &Request<Incoming>) -> Option<Re
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(crate::auth::bearer_token);
-    if presented.is_some_and(|t| crate::auth::same(&crate::auth::digest(t.as_bytes()), key)) {
+    if presented.is_some_and(|t| crate::auth::same(&crate::types::digest(t.as_bytes()), key)) {
         return None;
     }
     tracing::info!(

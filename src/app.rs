@@ -12,7 +12,7 @@ use crate::admission::AdmissionLayer;
 use crate::auth::AuthLayer;
 use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
-use crate::config::Config;
+use crate::config::{Config, ConfigError, FileConfig};
 use crate::edge::EdgeLayer;
 use crate::route::Clients;
 use crate::route::{RouteLayer, Router};
@@ -25,6 +25,13 @@ pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallib
 /// The request body the upstream client sends: buffered for admitted requests,
 /// streamed for the rest.
 pub type UpstreamBody = ClassifiedBody<Incoming>;
+
+/// Read and parse the config file at `path`; unknown keys are refused.
+pub fn read_config(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    FileConfig::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+}
 
 /// The upstream table for `config`: each upstream with a scheduler of its
 /// own (its own limit and queue), health taken from `config.health`.

@@ -20,12 +20,12 @@ use std::task::{Context, Poll};
 
 use http::header::{HeaderName, AUTHORIZATION};
 use http::Request;
-use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
+use crate::config::KeySetting;
 use crate::error::{RateLimited, Unauthorized};
 use crate::telemetry::Tap;
-use crate::types::{ClientAddr, Priority, Share, Tenant, TokenBudget};
+use crate::types::{digest, ClientAddr, Priority, Share, Tenant, TokenBudget};
 use crate::BoxError;
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -54,6 +54,21 @@ pub struct Key {
 }
 
 impl Key {
+    /// The key `setting` describes, its limiters new.
+    pub fn new(setting: &KeySetting) -> Self {
+        Self {
+            name: setting.name.clone(),
+            digest: setting.digest,
+            default_priority: setting.default_priority,
+            max_priority: setting.max_priority,
+            limiter: setting.requests_per_minute.and_then(Key::limiter),
+            share: setting.share.clone(),
+            tokens: setting.tokens_per_minute.and_then(TokenBudget::new),
+            requests_per_minute: setting.requests_per_minute,
+            rate_limited: Default::default(),
+        }
+    }
+
     /// Its state for /status: limits, refusals, and the token correction
     /// carried to the next charge. No secret.
     pub fn status(&self) -> serde_json::Value {
@@ -76,25 +91,6 @@ impl Key {
             governor::Quota::per_minute(n),
         )))
     }
-}
-
-/// SHA-256 of `secret`, as stored.
-pub fn digest(secret: &[u8]) -> [u8; 32] {
-    Sha256::digest(secret).into()
-}
-
-/// Parse 64 hex digits.
-pub fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim().as_bytes();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Equal, in time independent of where they differ (`subtle`'s
@@ -356,6 +352,7 @@ mod futures_util_either {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::parse_hex_digest;
 
     #[test]
     fn digests_parse_and_compare() {
@@ -390,17 +387,15 @@ mod tests {
     }
 
     fn key(name: &str, rpm: u32, tpm: u32) -> Key {
-        Key {
+        Key::new(&KeySetting {
             name: name.into(),
             digest: digest(name.as_bytes()),
             default_priority: None,
             max_priority: None,
-            limiter: Key::limiter(rpm),
-            share: Share::default(),
-            tokens: TokenBudget::new(tpm),
             requests_per_minute: Some(rpm),
-            rate_limited: Default::default(),
-        }
+            tokens_per_minute: Some(tpm),
+            share: Share::default(),
+        })
     }
 
     #[test]

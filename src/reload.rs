@@ -60,7 +60,7 @@ impl Live {
     pub fn new(config: &Config) -> Self {
         Self {
             keys: Arc::new(arc_swap::ArcSwap::from_pointee(crate::auth::Keys::new(
-                config.keys.clone(),
+                config.keys.iter().map(crate::auth::Key::new).collect(),
             ))),
             routes: Arc::new(arc_swap::ArcSwap::from_pointee(config.routes.clone())),
             buffered: Arc::default(),
@@ -175,7 +175,7 @@ impl Reloader {
             .keys
             .store(Arc::new(crate::auth::Keys::new(carry_over(
                 old_keys.as_slice(),
-                validated.keys.clone(),
+                validated.keys.iter().map(crate::auth::Key::new).collect(),
             ))));
         self.live.routes.store(Arc::new(validated.routes.clone()));
         self.live.passing.set_max(validated.routes.max_passthrough);

@@ -96,7 +96,7 @@ async fn keys_are_checked_kept_and_named() {
         c.key = vec![
             KeyEntry {
                 name: "alpha".into(),
-                sha256: Some(hex(anteroom::auth::digest(b"sk-alpha"))),
+                sha256: Some(hex(anteroom::types::digest(b"sk-alpha"))),
                 env: None,
                 default_priority: Some(10),
                 max_priority: Some(5),
@@ -215,7 +215,7 @@ async fn a_key_over_its_rate_limit_gets_a_429_with_the_limiters_advice() {
     let proxy = proxy(&upstream, |c| {
         c.key = vec![KeyEntry {
             name: "slow".into(),
-            sha256: Some(hex(anteroom::auth::digest(b"sk-slow"))),
+            sha256: Some(hex(anteroom::types::digest(b"sk-slow"))),
             env: None,
             default_priority: None,
             max_priority: None,
@@ -252,7 +252,7 @@ async fn a_token_limit_is_corrected_by_usage_and_its_advice_works() {
     let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
         c.key = vec![KeyEntry {
             name: "tok".into(),
-            sha256: Some(hex(anteroom::auth::digest(b"sk-tok"))),
+            sha256: Some(hex(anteroom::types::digest(b"sk-tok"))),
             // 100 tokens a second.
             tokens_per_minute: Some(6000),
             ..Default::default()
@@ -391,7 +391,7 @@ async fn a_huge_max_tokens_cannot_wrap_past_the_token_limit() {
     let (_sim, proxy, client) = setup(sim_config(Mode::Batch), |c| {
         c.key = vec![KeyEntry {
             name: "tok".into(),
-            sha256: Some(hex(anteroom::auth::digest(b"sk-tok"))),
+            sha256: Some(hex(anteroom::types::digest(b"sk-tok"))),
             tokens_per_minute: Some(1000),
             ..Default::default()
         }];
@@ -461,13 +461,13 @@ async fn a_clamped_priority_is_what_the_backend_is_sent() {
         c.key = vec![
             KeyEntry {
                 name: "clamped".into(),
-                sha256: Some(hex(anteroom::auth::digest(b"sk-clamped"))),
+                sha256: Some(hex(anteroom::types::digest(b"sk-clamped"))),
                 max_priority: Some(5),
                 ..Default::default()
             },
             KeyEntry {
                 name: "free".into(),
-                sha256: Some(hex(anteroom::auth::digest(b"sk-free"))),
+                sha256: Some(hex(anteroom::types::digest(b"sk-free"))),
                 ..Default::default()
             },
         ];
@@ -539,7 +539,7 @@ async fn the_admin_port_needs_its_key_and_healthz_does_not() {
         c.admin_key_env = "ANTEROOM_TEST_ADMIN_KEY".into();
         c.key = vec![KeyEntry {
             name: "k".into(),
-            sha256: Some(hex(anteroom::auth::digest(b"sk-k"))),
+            sha256: Some(hex(anteroom::types::digest(b"sk-k"))),
             ..Default::default()
         }];
     })

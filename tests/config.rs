@@ -15,7 +15,7 @@ fn every_shipped_config_parses_and_validates() {
     for entry in std::fs::read_dir(config_dir()).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let file = FileConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            let file = anteroom::app::read_config(&path).unwrap_or_else(|e| panic!("{e}"));
             file.validate()
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             seen += 1;
@@ -26,7 +26,7 @@ fn every_shipped_config_parses_and_validates() {
 
 #[test]
 fn default_toml_lists_exactly_the_defaults() {
-    let file = FileConfig::load(&config_dir().join("default.toml")).unwrap();
+    let file = anteroom::app::read_config(&config_dir().join("default.toml")).unwrap();
     assert_eq!(file, FileConfig::default());
     // Every key is written out, none left to the defaults.
     let text = std::fs::read_to_string(config_dir().join("default.toml")).unwrap();
@@ -42,14 +42,14 @@ fn default_toml_lists_exactly_the_defaults() {
 #[test]
 fn shipped_configs_say_what_they_are_for() {
     // LM Studio's default: 4 concurrent predictions per model.
-    let lm = FileConfig::load(&config_dir().join("lmstudio.toml")).unwrap();
+    let lm = anteroom::app::read_config(&config_dir().join("lmstudio.toml")).unwrap();
     assert_eq!(lm.max_concurrency, Concurrency::Fixed(4));
     assert!(matches!(&lm.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":1234")));
-    let vllm = FileConfig::load(&config_dir().join("vllm.toml")).unwrap();
+    let vllm = anteroom::app::read_config(&config_dir().join("vllm.toml")).unwrap();
     assert!(matches!(vllm.max_concurrency, Concurrency::Fixed(n) if n > 1));
     assert!(matches!(&vllm.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":8000")));
     // llama-server reports its slots: read, not written down.
-    let llama = FileConfig::load(&config_dir().join("llama-server.toml")).unwrap();
+    let llama = anteroom::app::read_config(&config_dir().join("llama-server.toml")).unwrap();
     assert_eq!(llama.max_concurrency, Concurrency::Backend);
     assert!(matches!(&llama.upstream, anteroom::config::Upstreams::One(u) if u.ends_with(":8080")));
     assert!(llama.validate().is_ok());

@@ -47,7 +47,7 @@ fn the_dockerfile_builds_like_ci_and_runs_unprivileged() {
     assert!(docker.contains("HEALTHCHECK") && docker.contains("\"healthcheck\""));
     assert!(docker.contains("/etc/anteroom/anteroom.toml"));
     // The config the image carries is valid and listens where it exposes.
-    let cfg = anteroom::config::FileConfig::load(&root().join("deploy/anteroom.toml"))
+    let cfg = anteroom::app::read_config(&root().join("deploy/anteroom.toml"))
         .unwrap()
         .validate()
         .unwrap();

@@ -54,7 +54,7 @@ async fn limits_priorities_and_keys_change_without_dropping_requests() {
     let source = path.clone();
     proxy
         .reloader
-        .set_source(Box::new(move || FileConfig::load(&source)));
+        .set_source(Box::new(move || anteroom::app::read_config(&source)));
     let admin = format!("http://{}", proxy.admin_addr);
     let client = client();
 
@@ -130,7 +130,7 @@ async fn limits_priorities_and_keys_change_without_dropping_requests() {
     // Keys: adding one closes the open door for the next request.
     file.key = vec![KeyEntry {
         name: "ci".into(),
-        sha256: Some(hex(anteroom::auth::digest(b"sk-ci"))),
+        sha256: Some(hex(anteroom::types::digest(b"sk-ci"))),
         ..Default::default()
     }];
     write(&path, &file);

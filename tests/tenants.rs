@@ -12,7 +12,9 @@ use support::*;
 fn key(name: &str, weight: u32) -> KeyEntry {
     KeyEntry {
         name: name.into(),
-        sha256: Some(hex(anteroom::auth::digest(format!("sk-{name}").as_bytes()))),
+        sha256: Some(hex(anteroom::types::digest(
+            format!("sk-{name}").as_bytes(),
+        ))),
         weight,
         ..Default::default()
     }

@@ -221,7 +221,7 @@ impl ServeArgs {
     /// The config file (or the defaults) with these flags applied.
     pub fn file_config(&self) -> Result<FileConfig, ConfigError> {
         let mut f = match &self.config {
-            Some(path) => FileConfig::load(path)?,
+            Some(path) => crate::app::read_config(path)?,
             None => FileConfig::default(),
         };
         macro_rules! set {
