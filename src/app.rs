@@ -14,6 +14,7 @@ use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::edge::EdgeLayer;
+use crate::reload::Live;
 use crate::route::Clients;
 use crate::route::{RouteLayer, Router};
 use crate::telemetry::{Recorder, TelemetryLayer};
@@ -33,11 +34,32 @@ pub fn read_config(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
     FileConfig::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
 }
 
-/// The upstream table for `config`: each upstream with a scheduler of its
-/// own (its own limit and queue), health taken from `config.health`.
-pub fn router(config: &Config) -> Arc<Router> {
-    let schedulers = config
-        .replicas
+/// What a [`Config`] needs read from disk and created before it serves:
+/// the listener's TLS settings, the upstream table (TLS attached to its
+/// `https://` upstreams, a scheduler per upstream), and the settings a
+/// reload may replace (keys with their limiters, routes).
+#[derive(Debug)]
+pub struct App {
+    /// The listener's TLS settings, when it serves HTTPS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The upstream table.
+    pub router: Arc<Router>,
+    /// Keys, routes and the bounds shared by every stack.
+    pub live: Live,
+}
+
+/// Read what `config` names (certificates, keys, CA files) and create its
+/// runtime state. Errors name the key and the file.
+pub fn build(config: &Config) -> Result<App, ConfigError> {
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|f| crate::tls::server_config(&f.cert, &f.key))
+        .transpose()
+        .map_err(ConfigError)?;
+    let mut replicas = config.replicas.clone();
+    crate::upstream::secure(&mut replicas, config.upstream_ca_file.as_deref())?;
+    let schedulers = replicas
         .iter()
         .map(|r| {
             crate::admission::Scheduler::new(crate::config::Limits {
@@ -46,27 +68,31 @@ pub fn router(config: &Config) -> Arc<Router> {
             })
         })
         .collect();
-    Router::new(
-        config.replicas.clone(),
+    let router = Router::new(
+        replicas,
         schedulers,
         config.health.eject_after,
         config.health.interval,
-    )
+    );
+    Ok(App {
+        tls,
+        router,
+        live: Live::new(config),
+    })
 }
 
-/// Build the proxy for `config`, admitting through `router`'s schedulers
+/// Build the proxy for `config`, admitting through `app`'s schedulers
 /// (one per upstream) and recording into `recorder`.
-pub fn build_stack(config: &Config, router: Arc<Router>, recorder: Arc<Recorder>) -> Stack {
-    let live = crate::reload::Live::new(config);
-    let clients = Clients::<UpstreamBody>::new(router.clone(), &config.client, None);
-    build_stack_with(config, &live, router, recorder, clients)
+pub fn build_stack(config: &Config, app: &App, recorder: Arc<Recorder>) -> Stack {
+    let clients = Clients::<UpstreamBody>::new(app.router.clone(), &config.client, None);
+    build_stack_with(config, &app.live, app.router.clone(), recorder, clients)
 }
 
 /// Build the proxy around any upstream service.
 /// `live` holds the settings a reload may replace (keys, routes).
 pub fn build_stack_with<U, B>(
     config: &Config,
-    live: &crate::reload::Live,
+    live: &Live,
     router: Arc<Router>,
     recorder: Arc<Recorder>,
     upstream: U,

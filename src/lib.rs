@@ -39,6 +39,7 @@ pub mod error;
 pub(crate) mod h2;
 pub mod json_scan;
 pub mod memory;
+pub mod origin;
 pub mod path;
 pub(crate) mod random;
 pub mod reload;

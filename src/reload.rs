@@ -146,7 +146,11 @@ impl Reloader {
 
     /// Validate `next` and apply it (see the [module docs](self)).
     pub fn apply(&self, next: FileConfig) -> Result<String, ConfigError> {
-        let validated = next.validate()?;
+        let mut validated = next.validate()?;
+        crate::upstream::secure(
+            &mut validated.replicas,
+            validated.upstream_ca_file.as_deref(),
+        )?;
         let mut current = self.current.lock();
         let restart = restart_only_changes(&current, &next);
         if !restart.is_empty() {

@@ -152,7 +152,10 @@ fn bad_certificate_files_are_refused_at_start_by_path() {
     let refused = |f: &dyn Fn(&mut FileConfig)| {
         let mut c = FileConfig::default();
         f(&mut c);
-        c.validate().unwrap_err().0
+        c.validate()
+            .and_then(|c| anteroom::app::build(&c))
+            .unwrap_err()
+            .0
     };
     let e = refused(&|c| https(c, &missing, &key));
     assert!(
@@ -176,5 +179,6 @@ fn bad_certificate_files_are_refused_at_start_by_path() {
     // A good pair is accepted.
     let mut c = FileConfig::default();
     https(&mut c, &cert, &key);
-    assert!(c.validate().unwrap().tls.is_some());
+    let app = anteroom::app::build(&c.validate().unwrap()).unwrap();
+    assert!(app.tls.is_some());
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{watch::identify, Reading};
 use crate::config::backend::{Kind, Setting};
-use crate::upstream::Origin;
+use crate::origin::Origin;
 
 /// How long one probe request may take (a real model answering 8 tokens).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);

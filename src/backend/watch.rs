@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::{parse, Backend, Reading, PROBE_MAX_BYTES, PROBE_TIMEOUT};
 use crate::config::backend::{Kind, Setting};
-use crate::upstream::Origin;
+use crate::origin::Origin;
 
 /// How often running and waiting counts are read, where the backend reports
 /// them: often enough that a queue forming inside it is seen within a

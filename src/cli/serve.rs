@@ -408,14 +408,24 @@ pub async fn start(config: &Config) -> std::io::Result<Running> {
 /// runtime); admission, metrics, the request log and the admin listener
 /// are shared.
 pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Running> {
+    let app = crate::app::build(config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.0))?;
+    start_app(config, app, workers).await
+}
+
+/// Like [`start_with`], for a config whose runtime `app` is built.
+pub async fn start_app(
+    config: &Config,
+    app: crate::app::App,
+    workers: usize,
+) -> std::io::Result<Running> {
+    let crate::app::App { tls, router, live } = app;
     let listeners = bind_proxy(config.listen, workers).await?;
     let admin = TcpListener::bind(config.admin_listen).await?;
     let addr = listeners[0].local_addr()?;
     let admin_addr = admin.local_addr()?;
     let recorder = Recorder::new(config.request_log.as_deref())?;
-    let router = crate::app::router(config);
     let schedulers = router.all_schedulers();
-    let live = crate::reload::Live::new(config);
     let reloader = Arc::new(crate::reload::Reloader::new(
         config.file.clone(),
         live.clone(),
@@ -453,7 +463,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
             stack,
             stop_requested(stopped.clone()),
             config.server,
-            config.tls.clone(),
+            tls.clone(),
             gate.clone(),
         )));
     } else {
@@ -461,7 +471,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
             let listener = listener.into_std()?;
             let (config, router, recorder) = (config.clone(), router.clone(), recorder.clone());
             let (stopped, drain, gate) = (stopped.clone(), drain.clone(), gate.clone());
-            let live = live.clone();
+            let (live, tls) = (live.clone(), tls.clone());
             let (ready, upstream) = std::sync::mpsc::channel();
             threads.push(
                 std::thread::Builder::new()
@@ -495,7 +505,7 @@ pub async fn start_with(config: &Config, workers: usize) -> std::io::Result<Runn
                                 stack,
                                 shutdown,
                                 config.server,
-                                config.tls.clone(),
+                                tls,
                                 gate,
                             )
                             .await;
@@ -653,7 +663,8 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
     let hangup = listen_for_hangup();
-    let running = start_with(&config, config.workers).await.map_err(|e| {
+    let app = crate::app::build(&config)?;
+    let running = start_app(&config, app, config.workers).await.map_err(|e| {
         format!(
             "cannot start (listen on {} and {}, open the request log): {e}",
             config.listen, config.admin_listen
@@ -674,7 +685,7 @@ pub async fn run(args: ServeArgs) -> Result<(), BoxError> {
     tracing::info!(
         listen = %running.addr,
         admin = %running.admin_addr,
-        upstream = %config.upstream.authority(),
+        upstream = %config.replicas[0].origin.authority(),
         max_concurrency = config.limits.max_concurrency,
         max_queue = config.limits.max_queue,
         workers = config.workers,

@@ -1,8 +1,9 @@
 //! Configuration as plain settings: the file's schema ([`FileConfig`]),
 //! its validation into the [`Config`] the layers take their slices from,
-//! and those slices, one file per concern. Nothing here builds runtime
-//! state: [`app`](crate::app) creates the limiters, schedulers and the
-//! upstream table from a `Config`.
+//! and those slices, one file per concern. Nothing here reads a file or
+//! builds runtime state: [`app::build`](crate::app::build) reads the TLS
+//! files and creates the limiters, schedulers and the upstream table from a
+//! `Config`.
 //!
 //! Every key can also be given as a command-line flag of `anteroom serve`
 //! (`max_queue` is `--max-queue`); a flag overrides the file. Unknown keys and
@@ -12,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::upstream::Origin;
+use crate::origin::Origin;
 
 mod admission;
 pub mod backend;
@@ -55,8 +56,6 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// SHA-256 of the admin key, if the admin endpoints need one.
     pub admin_key: Option<[u8; 32]>,
-    /// The (first) upstream origin.
-    pub upstream: Origin,
     /// Every upstream, with what it serves (one for a plain `upstream = URL`).
     pub replicas: Vec<ReplicaConfig>,
     /// Admission limits.
@@ -75,14 +74,25 @@ pub struct Config {
     pub health: HealthConfig,
     /// Threads serving the proxy port (resolved: at least 1).
     pub workers: usize,
-    /// The listener's TLS settings, when it serves HTTPS.
-    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The listener's certificate and key, when it serves HTTPS.
+    pub tls: Option<TlsFiles>,
+    /// Extra CA certificates `https://` upstreams are checked against.
+    pub upstream_ca_file: Option<PathBuf>,
     /// Most time to drain on SIGTERM/SIGINT.
     pub drain_timeout: Duration,
     /// API keys, resolved to digests.
     pub keys: Vec<KeySetting>,
     /// Limits on each client connection.
     pub server: ServerLimits,
+}
+
+/// The PEM files of the listener's certificate chain and private key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tls_cert`.
+    pub cert: PathBuf,
+    /// `tls_key`.
+    pub key: PathBuf,
 }
 
 /// Health checks (several upstreams only).

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::*;
-use crate::upstream::Origin;
+use crate::origin::Origin;
 
 /// Reads an environment variable: `None` when it is not set.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -47,27 +47,18 @@ impl FileConfig {
             Some(&self.upstream_api_key).filter(|k| !k.0.is_empty()),
             Some(self.upstream_api_key_env.trim()).filter(|v| !v.is_empty()),
         )?;
-        let mut replicas =
+        let replicas =
             self.upstream
                 .replicas(env, first_limit, default_key.as_deref(), self.backend)?;
-        let ca_file = Some(self.upstream_ca_file.trim())
+        let upstream_ca_file = Some(self.upstream_ca_file.trim())
             .filter(|p| !p.is_empty())
-            .map(std::path::Path::new);
-        if replicas.iter().any(|r| r.origin.is_https()) || ca_file.is_some() {
-            let client = crate::tls::client_config(ca_file).map_err(ConfigError)?;
-            for r in &mut replicas {
-                r.origin = r
-                    .origin
-                    .clone()
-                    .with_tls(client.clone())
-                    .map_err(|e| ConfigError(format!("upstream `{}`: {e}", r.name)))?;
-            }
-        }
+            .map(PathBuf::from);
         let tls = match (self.tls_cert.trim(), self.tls_key.trim()) {
             ("", "") => None,
-            (cert, key) if !cert.is_empty() && !key.is_empty() => {
-                Some(crate::tls::server_config(cert.as_ref(), key.as_ref()).map_err(ConfigError)?)
-            }
+            (cert, key) if !cert.is_empty() && !key.is_empty() => Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            }),
             _ => {
                 return Err(ConfigError(
                     "tls_cert and tls_key: give both (HTTPS) or neither (plain HTTP)".into(),
@@ -80,7 +71,6 @@ impl FileConfig {
                 if self.max_concurrency == Concurrency::Auto { "auto" } else { "backend" }
             )));
         }
-        let upstream = replicas[0].origin.clone();
         let keep_model = replicas.len() > 1;
         let (max_concurrency, adaptive) = match self.max_concurrency {
             Concurrency::Fixed(0) => {
@@ -196,8 +186,8 @@ impl FileConfig {
                 Some(self.admin_key_env.trim()).filter(|v| !v.is_empty()),
             )?
             .map(|k| crate::types::digest(k.trim().as_bytes())),
-            upstream,
             replicas,
+            upstream_ca_file,
             limits: Limits {
                 max_concurrency,
                 max_queue: self.max_queue,

@@ -7,7 +7,7 @@ use http::StatusCode;
 use super::Router;
 
 /// One probe: GET `path` on a fresh connection, true on 200.
-async fn probe(origin: &crate::upstream::Origin, path: &str, timeout: Duration) -> bool {
+async fn probe(origin: &crate::origin::Origin, path: &str, timeout: Duration) -> bool {
     // The body is read to its end, but none of it is needed.
     matches!(
         crate::upstream::get(origin, path, timeout, crate::backend::PROBE_MAX_BYTES).await,

@@ -513,7 +513,7 @@ impl Router {
     }
 
     /// The index and address of upstream `id`, while it is in service.
-    pub(super) fn find(&self, id: u64) -> Option<(usize, crate::upstream::Origin, usize)> {
+    pub(super) fn find(&self, id: u64) -> Option<(usize, crate::origin::Origin, usize)> {
         let table = self.table.load();
         let found = table
             .active()
@@ -545,7 +545,7 @@ impl Slot {
 pub(crate) fn one_row(scheduler: Arc<Scheduler>) -> Arc<Router> {
     let config = ReplicaConfig {
         name: "upstream".into(),
-        origin: crate::upstream::Origin::parse("http://127.0.0.1:9").expect("a valid origin"),
+        origin: crate::origin::Origin::parse("http://127.0.0.1:9").expect("a valid origin"),
         models: Models::Any,
         // Read only by a reload; the scheduler keeps its own limits.
         max_concurrency: 1,
@@ -625,7 +625,7 @@ mod tests {
     fn replica(name: &str, port: u16, models: &[&str]) -> ReplicaConfig {
         ReplicaConfig {
             name: name.into(),
-            origin: crate::upstream::Origin::parse(&format!("http://127.0.0.1:{port}"))
+            origin: crate::origin::Origin::parse(&format!("http://127.0.0.1:{port}"))
                 .expect("a valid origin"),
             models: if models.is_empty() {
                 Models::Any

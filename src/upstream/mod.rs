@@ -25,17 +25,38 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::origin::Origin;
 pub use guard::StreamGuard;
 pub(crate) use pool::connect;
 pub use pool::{PooledBody, Replay};
-pub use rewrite::Origin;
 
-use crate::config::{ClientSettings, StreamTimeouts};
+use crate::config::{ClientSettings, ConfigError, ReplicaConfig, StreamTimeouts};
 use crate::drain::Drain;
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
 use crate::telemetry::Tap;
 use crate::BoxError;
 use pool::Pool;
+
+/// Attach TLS settings to the `https://` upstreams among `replicas`: the
+/// webpki roots, plus the CAs of `ca_file`, read now. With neither an
+/// `https://` upstream nor a CA file, nothing is read.
+pub fn secure(
+    replicas: &mut [ReplicaConfig],
+    ca_file: Option<&std::path::Path>,
+) -> Result<(), ConfigError> {
+    if !replicas.iter().any(|r| r.origin.is_https()) && ca_file.is_none() {
+        return Ok(());
+    }
+    let client = crate::tls::client_config(ca_file).map_err(ConfigError)?;
+    for r in replicas {
+        r.origin = r
+            .origin
+            .clone()
+            .with_tls(client.clone())
+            .map_err(|e| ConfigError(format!("upstream `{}`: {e}", r.name)))?;
+    }
+    Ok(())
+}
 
 /// One `GET path` to `origin` on a fresh connection (a server that stopped
 /// accepting, or restarted, must not look alive through an old keep-alive

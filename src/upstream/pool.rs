@@ -32,7 +32,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::rewrite::Origin;
+use crate::origin::Origin;
 use crate::tls::Stream;
 use crate::BoxError;
 

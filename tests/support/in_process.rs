@@ -80,9 +80,10 @@ pub fn stack(name: &str, f: impl FnOnce(&mut FileConfig)) -> InProcess {
     super::no_probes(&mut file);
     f(&mut file);
     let config = file.validate().expect("a valid config");
-    let router = anteroom::app::router(&config);
+    let app = anteroom::app::build(&config).expect("a config that builds");
+    let router = app.router.clone();
     let recorder = Recorder::new(config.request_log.as_deref()).expect("a log to open");
-    let stack = anteroom::app::build_stack(&config, router.clone(), recorder.clone());
+    let stack = anteroom::app::build_stack(&config, &app, recorder.clone());
     InProcess {
         stack,
         router,
