@@ -46,7 +46,7 @@ pin_project! {
             // dispatched: its grant is on its way, keep waiting for it.
             timed: bool,
             // Where to queue again if its upstream goes out of service.
-            router: Option<Arc<dyn Schedulers>>,
+            router: Arc<dyn Schedulers>,
             // Times it was preempted so far.
             preemptions: u32,
         },
@@ -74,7 +74,7 @@ struct Again<S, R> {
     req: R,
     /// Queue time it has left; `None`: all of it (it never waited).
     left: Option<std::time::Duration>,
-    router: Option<Arc<dyn Schedulers>>,
+    router: Arc<dyn Schedulers>,
 }
 
 impl<S, R> ResponseFuture<S, R>
@@ -91,26 +91,16 @@ where
         }
     }
 
-    pub(crate) fn admitted(
-        svc: S,
-        req: R,
-        permit: Permit,
-        router: Option<Arc<dyn Schedulers>>,
-    ) -> Self {
+    pub(crate) fn admitted(svc: S, req: R, permit: Permit, router: &Arc<dyn Schedulers>) -> Self {
         Self {
             state: State::running(svc, req, permit, None, router),
         }
     }
 
-    pub(crate) fn queued(
-        svc: S,
-        req: R,
-        ticket: Ticket,
-        router: Option<Arc<dyn Schedulers>>,
-    ) -> Self {
+    pub(crate) fn queued(svc: S, req: R, ticket: Ticket, router: &Arc<dyn Schedulers>) -> Self {
         let deadline = Instant::now() + ticket.timeout();
         Self {
-            state: State::waiting(svc, req, ticket, deadline, router, 0),
+            state: State::waiting(svc, req, ticket, deadline, router.clone(), 0),
         }
     }
 
@@ -133,7 +123,7 @@ where
         req: R,
         permit: Permit,
         left: Option<std::time::Duration>,
-        router: Option<Arc<dyn Schedulers>>,
+        router: &Arc<dyn Schedulers>,
     ) -> Self
     where
         S: Clone,
@@ -150,7 +140,7 @@ where
                     svc,
                     req,
                     left,
-                    router,
+                    router: router.clone(),
                 })),
             },
             None => {
@@ -189,7 +179,7 @@ where
         req: R,
         ticket: Ticket,
         deadline: Instant,
-        router: Option<Arc<dyn Schedulers>>,
+        router: Arc<dyn Schedulers>,
         preemptions: u32,
     ) -> Self {
         State::Waiting {
@@ -235,9 +225,9 @@ where
                             return Poll::Pending;
                         }
                     };
-                    let permit = match (grant, router.take()) {
-                        (Ok(permit), _) => permit,
-                        (Err(e), Some(router)) if e.reason() == Reason::Rerouted => {
+                    let permit = match grant {
+                        Ok(permit) => permit,
+                        Err(e) if e.reason() == Reason::Rerouted => {
                             // Its upstream went out of service: queue at
                             // another, with the same priority and deadline.
                             let (svc, req) = pending.take().expect("polled after completion");
@@ -250,15 +240,14 @@ where
                                 Err(e) => return Poll::Ready(Err(e)),
                             }
                         }
-                        (Err(e), _) => return Poll::Ready(Err(e.into())),
+                        Err(e) => return Poll::Ready(Err(e.into())),
                     };
                     let (svc, req) = pending.take().expect("polled after completion");
                     let left = deadline
                         .deadline()
                         .saturating_duration_since(Instant::now());
-                    let router = router.take();
-                    this.state
-                        .set(State::running(svc, req, permit, Some(left), router));
+                    let next = State::running(svc, req, permit, Some(left), router);
+                    this.state.set(next);
                 }
                 StateProj::Running { fut, permit, again } => {
                     if let Some(p) = permit.as_mut() {
@@ -372,7 +361,7 @@ impl<B: Replay> Reroute for http::Request<B> {
 fn requeue<S, R>(
     svc: S,
     mut req: R,
-    router: Arc<dyn Schedulers>,
+    router: &Arc<dyn Schedulers>,
     deadline: Instant,
     preemptions: u32,
 ) -> Result<ResponseFuture<S, R>, BoxError>
@@ -389,11 +378,11 @@ where
             Acquire::Admitted(permit) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 ResponseFuture {
-                    state: State::running(svc, req, permit, Some(left), Some(router)),
+                    state: State::running(svc, req, permit, Some(left), router),
                 }
             }
             Acquire::Queued(ticket) => ResponseFuture {
-                state: State::waiting(svc, req, ticket, deadline, Some(router), preemptions),
+                state: State::waiting(svc, req, ticket, deadline, router.clone(), preemptions),
             },
             Acquire::Rejected(err) => ResponseFuture::rejected(err),
         },

@@ -107,13 +107,14 @@ where
         let acquired = self
             .schedulers
             .acquire(route, admit.priority, &admit.share, &|| req.replayable());
-        let schedulers = Some(self.schedulers.clone());
         match acquired {
-            Acquire::Admitted(permit) => ResponseFuture::admitted(inner, req, permit, schedulers),
+            Acquire::Admitted(permit) => {
+                ResponseFuture::admitted(inner, req, permit, &self.schedulers)
+            }
             Acquire::Queued(ticket) => {
                 let mut req = req;
                 req.detach();
-                ResponseFuture::queued(inner, req, ticket, schedulers)
+                ResponseFuture::queued(inner, req, ticket, &self.schedulers)
             }
             Acquire::Rejected(err) => ResponseFuture::rejected(err),
         }
