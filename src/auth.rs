@@ -114,8 +114,8 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// Index `list` (names and digests are unique: the config checks names,
-    /// and a digest given twice resolves to the first key).
+    /// Index `list` (names and digests are unique: the config refuses
+    /// either given twice; were one given twice, the first key would win).
     pub fn new(list: Vec<Key>) -> Self {
         let mut by_digest = std::collections::HashMap::with_capacity(list.len());
         for (i, k) in list.iter().enumerate() {

@@ -312,6 +312,13 @@ impl FileConfig {
                     )))
                 }
             };
+            if let Some(other) = out.iter().find(|o| o.digest == digest) {
+                // One secret can only be one tenant.
+                return Err(ConfigError(format!(
+                    "{at}: the same secret as key `{}`; give each key its own",
+                    other.name
+                )));
+            }
             out.push(KeySetting {
                 name: k.name.as_str().into(),
                 digest,
@@ -545,5 +552,21 @@ mod tests {
         let blank = |name: &str| (name == "KEY_A").then(|| "  ".to_string());
         let err = f.validate_with(&blank).unwrap_err().0;
         assert!(err.contains("KEY_A is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_given_to_two_keys_is_refused() {
+        let hex: String = crate::types::digest(b"sk-1")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let text = format!(
+            "[[key]]\nname = \"a\"\nsha256 = \"{hex}\"\n\
+             [[key]]\nname = \"b\"\nenv = \"SAME\"\n"
+        );
+        let f = FileConfig::parse(&text).unwrap();
+        let err = f.validate_with(&|_| Some("sk-1".into())).unwrap_err().0;
+        assert!(err.contains("key `b`") && err.contains("key `a`"), "{err}");
+        assert!(f.validate_with(&|_| Some("sk-2".into())).is_ok());
     }
 }
