@@ -84,6 +84,8 @@ pub mod queue;
 mod scheduler;
 mod schedulers;
 mod service;
+mod state;
+mod ticket;
 
 pub use layer::AdmissionLayer;
 pub use permit::{Permit, PermitBody};

@@ -1,0 +1,583 @@
+//! The admission state itself, behind the [`Scheduler`](super::Scheduler)'s
+//! lock: the running count, the queue, tenants, reservations, preemption
+//! candidates and the service-time average. Its methods are plain state
+//! updates given the time (`now`), with no lock, await or I/O, so each is
+//! tested as it is.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::permit::{Permit, Preempted};
+use super::queue::{Key, PriorityQueue, TenantMap};
+use super::scheduler::{Grant, Replayable, Scheduler};
+use super::ticket::Ticket;
+use crate::config::{Limits, Preemption, Reservation};
+use crate::types::{PreemptedCounts, Priority, ReservationStatus, Share, TenantId};
+
+/// A tenant's counts, while it has requests waiting or running.
+#[derive(Debug)]
+pub(super) struct TenantState {
+    pub(super) name: HeaderValue,
+    pub(super) weight: u32,
+    pub(super) max_in_flight: usize,
+    pub(super) waiting: usize,
+    pub(super) running: usize,
+}
+
+impl TenantState {
+    pub(super) fn at_cap(&self) -> bool {
+        self.max_in_flight > 0 && self.running >= self.max_in_flight
+    }
+}
+
+/// A queued request as the queue holds it.
+#[derive(Debug)]
+pub(super) struct Waiter {
+    pub(super) tx: oneshot::Sender<Grant>,
+    /// Set when it could be preempted once running.
+    pub(super) replay: Option<Replayable>,
+    /// When it first arrived (a preempted request keeps its arrival).
+    pub(super) arrived: Instant,
+}
+
+/// A running request that may be preempted, until it answers.
+#[derive(Debug)]
+pub(super) struct Candidate {
+    /// Its new place in the queue goes here; closed once it answered.
+    pub(super) tx: oneshot::Sender<Preempted>,
+    pub(super) tenant: TenantId,
+    pub(super) weight: u32,
+    /// Its arrival order, kept when it is put back.
+    pub(super) seq: u64,
+    pub(super) arrived: Instant,
+    pub(super) started: Instant,
+    pub(super) replay: Replayable,
+}
+
+/// Smoothing factor of the service-time average: each completion moves it a
+/// tenth of the way, so a few outliers do not swing the advice but a real
+/// change of backend speed shows within a few dozen requests.
+pub(super) const EWMA_ALPHA: f64 = 0.1;
+
+/// Until the first completion is measured, a slot is assumed to take at least
+/// this long: a short LLM generation. Replaced by the measurement as soon as
+/// one request completes.
+pub(super) const COLD_SERVICE_SECS: f64 = 1.0;
+
+#[derive(Debug)]
+pub(super) struct State {
+    pub(super) running: usize,
+    pub(super) max_concurrency: usize,
+    /// Sorted most urgent first.
+    pub(super) reserved: Vec<Reservation>,
+    pub(super) queue: PriorityQueue<Waiter>,
+    /// Tenants with requests waiting or running.
+    pub(super) tenants: TenantMap<TenantState>,
+    /// Running requests per priority.
+    pub(super) running_by_priority: BTreeMap<Priority, usize>,
+    /// Smoothed time a permit is held (dispatch to last byte), in seconds.
+    pub(super) service_secs: Option<f64>,
+    /// Sum of the start times of running permits, in seconds since `epoch`,
+    /// so the mean age of running requests is known before any completes.
+    pub(super) running_start_sum: f64,
+    pub(super) completed: u64,
+    pub(super) epoch: Instant,
+    pub(super) retry_after_cap: Duration,
+    /// Shutting down: nothing may start that cannot finish by then.
+    pub(super) draining: Option<Instant>,
+    pub(super) queue_timeout: Duration,
+    pub(super) preempt: Option<Preemption>,
+    /// Running requests that may be preempted, by (priority, start order):
+    /// the last is the least urgent that started most recently.
+    pub(super) victims: BTreeMap<(Priority, u64), Candidate>,
+    pub(super) next_run: u64,
+    /// Preemptions so far, by the victim's priority.
+    pub(super) preempted: BTreeMap<Priority, PreemptedCounts>,
+}
+
+pub(super) fn dec(map: &mut BTreeMap<Priority, usize>, priority: Priority) {
+    if let Some(n) = map.get_mut(&priority) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&priority);
+        }
+    }
+}
+
+impl State {
+    /// Nothing running or waiting, under `limits`.
+    pub(super) fn new(limits: &Limits) -> Self {
+        State {
+            running: 0,
+            max_concurrency: limits.max_concurrency,
+            reserved: {
+                let mut r = limits.reserved.clone();
+                r.sort_by_key(|r| r.max_priority);
+                r
+            },
+            queue: {
+                let mut q = PriorityQueue::new(limits.max_queue);
+                q.set_promote_after(limits.promote_after);
+                q
+            },
+            tenants: TenantMap::default(),
+            running_by_priority: BTreeMap::new(),
+            service_secs: None,
+            running_start_sum: 0.0,
+            completed: 0,
+            epoch: Instant::now(),
+            retry_after_cap: limits.retry_after_cap,
+            draining: None,
+            queue_timeout: limits.queue_timeout,
+            preempt: limits.preempt,
+            victims: BTreeMap::new(),
+            next_run: 0,
+            preempted: BTreeMap::new(),
+        }
+    }
+
+    /// The tenant's state, created (or refreshed from `share`) as needed.
+    pub(super) fn tenant(&mut self, share: &Share) -> &mut TenantState {
+        let t = self.tenants.entry(share.id).or_insert_with(|| TenantState {
+            name: share.name.clone(),
+            weight: share.weight,
+            max_in_flight: share.max_in_flight,
+            waiting: 0,
+            running: 0,
+        });
+        // A reload may have changed the key's settings.
+        t.weight = share.weight;
+        t.max_in_flight = share.max_in_flight;
+        t
+    }
+
+    pub(super) fn waiting_one_more(&mut self, tenant: TenantId) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.waiting += 1;
+        }
+    }
+
+    pub(super) fn waiting_one_less(&mut self, tenant: TenantId) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.waiting = t.waiting.saturating_sub(1);
+        }
+        self.forget_if_idle(tenant);
+    }
+
+    pub(super) fn forget_if_idle(&mut self, tenant: TenantId) {
+        if self
+            .tenants
+            .get(&tenant)
+            .is_some_and(|t| t.waiting == 0 && t.running == 0)
+        {
+            self.tenants.remove(&tenant);
+        }
+    }
+
+    /// Every waiter, parked ones included, out of the queue (to be answered
+    /// outside the lock); tenants keep only their running counts.
+    pub(super) fn take_all_waiting(&mut self) -> Vec<Waiter> {
+        let waiters = self.queue.drain();
+        self.tenants.retain(|_, t| {
+            t.waiting = 0;
+            t.running > 0
+        });
+        waiters
+    }
+
+    /// Could a request started now be expected to finish by `deadline`?
+    pub(super) fn can_finish_by(&self, deadline: Instant, now: Instant) -> bool {
+        let took = self.service_estimate(now).unwrap_or(0.0);
+        now + Duration::from_secs_f64(took) < deadline
+    }
+
+    /// Set aside first entries whose tenants are at their cap.
+    pub(super) fn park_capped_heads(&mut self) {
+        while let Some(key) = self.queue.first() {
+            if !self
+                .tenants
+                .get(&key.tenant())
+                .is_some_and(TenantState::at_cap)
+            {
+                return;
+            }
+            self.queue.park(&key);
+        }
+    }
+
+    /// The waiter to start now, if any may: the queue's choice, unless its
+    /// tenant is at its cap (then it is parked and the next one considered)
+    /// or no slot is open to its priority.
+    pub(super) fn next_to_start(&mut self, now: Instant) -> Option<Key> {
+        if let Some(deadline) = self.draining {
+            if !self.can_finish_by(deadline, now) {
+                return None;
+            }
+        }
+        loop {
+            let key = self.queue.next(now)?;
+            if self
+                .tenants
+                .get(&key.tenant())
+                .is_some_and(TenantState::at_cap)
+            {
+                self.queue.park(&key);
+                continue;
+            }
+            if self.headroom_for(key.priority(), self.lends(&key), None) > 0 {
+                return Some(key);
+            }
+            // A promoted entry may be held back by a reservation that the
+            // most urgent waiter can use. Anyone behind the first entry is no
+            // more urgent, so is held back too.
+            let first = self.queue.first()?;
+            return (first != key
+                && self.headroom_for(first.priority(), self.lends(&first), None) > 0)
+                .then_some(first);
+        }
+    }
+
+    /// How many requests at `priority` could start now: free slots, less
+    /// those reserved for more urgent work than it. A request that `lend`s
+    /// (preemptible to its end) may borrow the reservations of priorities
+    /// that may preempt it; with `freed`, as if a running request of that
+    /// priority had stopped.
+    pub(super) fn headroom_for(
+        &self,
+        priority: Priority,
+        lend: bool,
+        freed: Option<Priority>,
+    ) -> usize {
+        let running = self.running - usize::from(freed.is_some());
+        let mut room = self.max_concurrency.saturating_sub(running);
+        // Levels are most urgent first, so those whose every priority may
+        // preempt are a prefix.
+        let lent = match (lend, self.preempt) {
+            (true, Some(p)) => Some(p.max_priority),
+            _ => None,
+        };
+        let mut reserved_so_far = 0;
+        for r in &self.reserved {
+            if lent.is_some_and(|m| r.max_priority <= m) {
+                continue;
+            }
+            reserved_so_far += r.slots;
+            if priority > r.max_priority {
+                // Requests less urgent than this level share what is left
+                // of the limit after it and the more urgent levels.
+                let pool = self.max_concurrency.saturating_sub(reserved_so_far);
+                let using = self.running_less_urgent_than(r.max_priority)
+                    - usize::from(freed.is_some_and(|f| f > r.max_priority));
+                room = room.min(pool.saturating_sub(using));
+            }
+        }
+        room
+    }
+
+    /// Whether a queued entry would borrow a reserved slot.
+    pub(super) fn lends(&self, key: &Key) -> bool {
+        self.preempt.is_some()
+            && self
+                .queue
+                .get(key)
+                .and_then(|w| w.replay)
+                .is_some_and(|r| !r.stream)
+    }
+
+    /// `replay`, if preemption is on and it may be preempted once more.
+    pub(super) fn may_preempt(&self, replay: Option<Replayable>) -> Option<Replayable> {
+        let p = self.preempt?;
+        replay.filter(|r| r.preemptions < p.max_preemptions)
+    }
+
+    /// The share a queued entry's tenant was queued with.
+    pub(super) fn tenant_share(&self, tenant: TenantId) -> Share {
+        match self.tenants.get(&tenant) {
+            Some(t) => Share {
+                id: tenant,
+                weight: t.weight,
+                max_in_flight: t.max_in_flight,
+                name: t.name.clone(),
+            },
+            None => Share {
+                id: tenant,
+                ..Share::default()
+            },
+        }
+    }
+
+    /// Make a just-started request a preemption candidate: it gets the
+    /// receiving end of its new place, should it be preempted.
+    pub(super) fn candidate(
+        &mut self,
+        permit: &mut Permit,
+        share: &Share,
+        seq: u64,
+        arrived: Instant,
+        replay: Replayable,
+    ) {
+        let run = self.next_run;
+        self.next_run += 1;
+        let (tx, rx) = oneshot::channel();
+        self.victims.insert(
+            (permit.priority(), run),
+            Candidate {
+                tx,
+                tenant: share.id,
+                weight: share.weight,
+                seq,
+                arrived,
+                started: permit.started(),
+                replay,
+            },
+        );
+        permit.preemptible(run, rx);
+        permit.set_preemptions(replay.preemptions);
+    }
+
+    /// With preemption on and `priority` urgent enough: stop the least
+    /// urgent running request of a strictly less urgent priority that has
+    /// not answered (the most recently started of them: the least work
+    /// lost), put it back in the queue at its place, and free its slot for
+    /// the caller to take, with the signal that the victim has stopped.
+    /// None when there is no victim, or freeing one would not give
+    /// `priority` a slot.
+    pub(super) fn preempt_for(
+        &mut self,
+        scheduler: &Arc<Scheduler>,
+        priority: Priority,
+    ) -> Option<oneshot::Receiver<()>> {
+        let p = self.preempt?;
+        if priority > p.max_priority {
+            return None;
+        }
+        loop {
+            let (&(vp, run), _) = self.victims.iter().next_back()?;
+            if vp <= priority || self.headroom_for(priority, false, Some(vp)) == 0 {
+                return None;
+            }
+            let c = self.victims.remove(&(vp, run))?;
+            if c.tx.is_closed() {
+                // It answered (or left) since: no longer a candidate.
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let replay = Replayable {
+                preemptions: c.replay.preemptions + 1,
+                ..c.replay
+            };
+            let waiter = Waiter {
+                tx,
+                replay: Some(replay),
+                arrived: c.arrived,
+            };
+            let key = self
+                .queue
+                .restore(vp, c.tenant, c.weight, c.seq, c.arrived, waiter);
+            let ticket = Ticket::new(scheduler.clone(), key, rx, self.queue_timeout);
+            let (handed, handover) = oneshot::channel();
+            match c.tx.send(Preempted { ticket, handed }) {
+                Ok(()) => {
+                    // Waiting again before it stops running, so its
+                    // tenant is not forgotten in between.
+                    self.waiting_one_more(c.tenant);
+                    self.abandon(vp, c.tenant, c.started);
+                    let now = Instant::now();
+                    let counts = self.preempted.entry(vp).or_default();
+                    counts.preemptions += 1;
+                    counts.wasted_seconds += now.duration_since(c.started).as_secs_f64();
+                    return Some(handover);
+                }
+                Err(Preempted { mut ticket, .. }) => {
+                    // It answered between the check and the send.
+                    self.queue.remove(&key);
+                    ticket.done = true;
+                }
+            }
+        }
+    }
+
+    pub(super) fn running_less_urgent_than(&self, p: Priority) -> usize {
+        self.running_by_priority
+            .range((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    pub(super) fn reservations(&self) -> Vec<ReservationStatus> {
+        self.reserved
+            .iter()
+            .map(|r| ReservationStatus {
+                max_priority: r.max_priority,
+                slots: r.slots,
+                used: self.running - self.running_less_urgent_than(r.max_priority),
+                free: self.headroom_for(r.max_priority, false, None),
+            })
+            .collect()
+    }
+
+    pub(super) fn secs(&self, t: Instant) -> f64 {
+        t.duration_since(self.epoch).as_secs_f64()
+    }
+
+    pub(super) fn start(&mut self, priority: Priority, tenant: TenantId, now: Instant) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.running += 1;
+        }
+        self.running += 1;
+        *self.running_by_priority.entry(priority).or_default() += 1;
+        self.running_start_sum += self.secs(now);
+    }
+
+    pub(super) fn abandon(&mut self, priority: Priority, tenant: TenantId, started: Instant) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            let was_at_cap = t.at_cap();
+            t.running = t.running.saturating_sub(1);
+            if was_at_cap {
+                // It may start one more: its most urgent parked entry, if
+                // any, goes back in line.
+                self.queue.unpark(tenant);
+            }
+        }
+        self.forget_if_idle(tenant);
+        self.running -= 1;
+        dec(&mut self.running_by_priority, priority);
+        self.running_start_sum -= self.secs(started);
+        if self.running == 0 {
+            self.running_start_sum = 0.0;
+        }
+    }
+
+    pub(super) fn finish(
+        &mut self,
+        priority: Priority,
+        tenant: TenantId,
+        started: Instant,
+        now: Instant,
+    ) {
+        self.abandon(priority, tenant, started);
+        self.completed += 1;
+        let took = now.duration_since(started).as_secs_f64();
+        self.service_secs = Some(match self.service_secs {
+            None => took,
+            Some(avg) => avg + EWMA_ALPHA * (took - avg),
+        });
+    }
+
+    /// The time one slot takes to turn over: the smoothed service time once
+    /// any request completed. Before that, the mean age of the running
+    /// requests (a lower bound of their service time), but at least
+    /// [`COLD_SERVICE_SECS`]: at a cold start every request arrived at once,
+    /// their age is near zero, and advising a retry in milliseconds would
+    /// spend a client's few retries before anything could have finished.
+    pub(super) fn service_estimate(&self, now: Instant) -> Option<f64> {
+        if let Some(s) = self.service_secs {
+            return Some(s);
+        }
+        if self.running > 0 {
+            let mean_start = self.running_start_sum / self.running as f64;
+            return Some((self.secs(now) - mean_start).max(COLD_SERVICE_SECS));
+        }
+        None
+    }
+
+    /// How far back in line a place still changes the advice: past it, the
+    /// wait is at `cap`.
+    pub(super) fn places_that_matter(&self, cap: Duration) -> usize {
+        let slots = self.max_concurrency.max(1) as f64;
+        match self.service_estimate(Instant::now()) {
+            Some(s) if s > 0.0 => {
+                let n = (cap.as_secs_f64() * slots / s).ceil();
+                if n.is_finite() && n < usize::MAX as f64 {
+                    (n as usize).saturating_add(1)
+                } else {
+                    usize::MAX
+                }
+            }
+            // Nothing measured: every place advises the same.
+            _ => 1,
+        }
+    }
+
+    /// The wait of a request standing `place`-th in line (1 = next): the line
+    /// drains at `max_concurrency / service_time` requests per second.
+    pub(super) fn retry_after(&self, place: usize, cap: Duration) -> Duration {
+        let slots = self.max_concurrency.max(1) as f64;
+        let secs = match self.service_estimate(Instant::now()) {
+            Some(s) => place as f64 * s / slots,
+            // Nothing has run yet and nothing is running, so the line is not
+            // moving because of load: the earliest sensible retry.
+            None => 0.0,
+        };
+        Duration::from_secs_f64(secs.max(0.001)).min(cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(max_concurrency: usize, reserved: &[(Priority, usize)]) -> State {
+        State::new(&Limits {
+            max_concurrency,
+            max_queue: 16,
+            queue_timeout: Duration::from_secs(30),
+            retry_after_cap: Duration::from_secs(60),
+            reserved: reserved
+                .iter()
+                .map(|&(max_priority, slots)| Reservation {
+                    max_priority,
+                    slots,
+                })
+                .collect(),
+            promote_after: None,
+            preempt: None,
+        })
+    }
+
+    #[test]
+    fn reservations_nest_and_keep_their_slots_from_less_urgent_work() {
+        // 6 slots: 1 for priority <= -10, 2 more for <= 0, 3 for anyone.
+        let mut st = state(6, &[(0, 2), (-10, 1)]);
+        assert_eq!(st.headroom_for(5, false, None), 3);
+        assert_eq!(st.headroom_for(0, false, None), 5);
+        assert_eq!(st.headroom_for(-10, false, None), 6);
+        let now = Instant::now();
+        for _ in 0..3 {
+            st.start(5, 0, now);
+        }
+        // The shared three are used: only reserved slots are left.
+        assert_eq!(st.headroom_for(5, false, None), 0);
+        assert_eq!(st.headroom_for(0, false, None), 2);
+        assert_eq!(st.headroom_for(-10, false, None), 3);
+        // Counting a request that is just finishing as gone frees its slot.
+        assert_eq!(st.headroom_for(5, false, Some(5)), 1);
+        st.start(0, 0, now);
+        st.start(0, 0, now);
+        assert_eq!(st.headroom_for(0, false, None), 0);
+        assert_eq!(st.headroom_for(-10, false, None), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn advice_follows_the_place_and_the_measured_turn_time() {
+        let mut st = state(2, &[]);
+        let cap = Duration::from_secs(60);
+        // Nothing ran and nothing runs: the earliest sensible retry.
+        assert_eq!(st.retry_after(5, cap), Duration::from_millis(1));
+        let t0 = Instant::now();
+        st.start(0, 0, t0);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        st.finish(0, 0, t0, Instant::now());
+        // One turn took 4 s over 2 slots: place n waits n * 2 s.
+        assert_eq!(st.retry_after(1, cap), Duration::from_secs(2));
+        assert_eq!(st.retry_after(3, cap), Duration::from_secs(6));
+        assert_eq!(st.retry_after(1000, cap), cap);
+        // Past 60 s * 2 / 4 s = 30 places, every place advises the cap.
+        assert_eq!(st.places_that_matter(cap), 31);
+    }
+}
