@@ -357,6 +357,101 @@ where
     }
 }
 
+/// What classify decides of an admitted request from what it read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Decision {
+    /// The priority it is queued at.
+    priority: Priority,
+    /// What it asked for, when its key's `max_priority` clamped it.
+    clamped_from: Option<Priority>,
+    /// Whether the body's `priority` must be rewritten to `priority`.
+    rewrite_body: bool,
+}
+
+/// The priority of a request: its `x-priority` header, else its body's
+/// `priority`, else its key's default, else the routes' default; never
+/// more urgent than its key's `max_priority`. A key with a most-urgent
+/// priority also decides what the backend reads (vLLM schedules by the
+/// body's `priority`): the body is rewritten to the priority the request
+/// is queued at whenever it says anything else, or says it more than once
+/// ("-1000", -1e3, twice).
+fn decide(
+    header: Option<Priority>,
+    fields: &json_scan::Fields<'_>,
+    tenant: Option<&Tenant>,
+    default: Priority,
+) -> Decision {
+    let asked = header
+        .or(fields.priority)
+        .or(tenant.and_then(|t| t.default_priority))
+        .unwrap_or(default);
+    let priority = match tenant.and_then(|t| t.max_priority) {
+        Some(most) if asked < most => most,
+        _ => asked,
+    };
+    let limited = tenant.is_some_and(|t| t.max_priority.is_some());
+    Decision {
+        priority,
+        clamped_from: (priority != asked).then_some(asked),
+        rewrite_body: limited
+            && fields.priority_keys > 0
+            && (fields.priority != Some(priority) || fields.priority_keys > 1),
+    }
+}
+
+/// Charge a key's tokens-per-minute budget for a request with a body of
+/// `body_len` bytes: the prompt's estimate and the most it may generate
+/// (corrected from its usage at the end). Nothing without a budget; a 429
+/// `rate_limit_exceeded` when the budget cannot take it.
+fn charge_tokens(
+    tenant: Option<&Tenant>,
+    body_len: usize,
+    max_tokens: Option<u64>,
+) -> Result<Option<crate::types::TokenCharge>, BoxError> {
+    let Some((tenant, budget)) = tenant.and_then(|t| Some((t, t.tokens.as_ref()?))) else {
+        return Ok(None);
+    };
+    let prompt = crate::types::prompt_estimate(body_len);
+    // Saturating: a client's `max_tokens` near u64::MAX must not wrap into
+    // a small charge.
+    let charged =
+        prompt.saturating_add(max_tokens.unwrap_or(crate::types::DEFAULT_COMPLETION_ESTIMATE));
+    if let Err(wait) = budget.charge(charged) {
+        tenant
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(RateLimited::tokens(wait).into());
+    }
+    Ok(Some(crate::types::TokenCharge {
+        budget: budget.clone(),
+        // What was counted: a charge is cut to a minute's tokens, and so is
+        // its correction (else a huge max_tokens earns a credit).
+        charged: charged.min(budget.largest_charge()),
+        prompt,
+    }))
+}
+
+/// What the record learns of a request to `path` with these `fields`.
+fn classified(
+    path: &str,
+    fields: &json_scan::Fields<'_>,
+    priority: Priority,
+    clamped_from: Option<Priority>,
+) -> Classified {
+    Classified {
+        model: fields
+            .model
+            .map(|m| String::from_utf8_lossy(&m[..m.len().min(MAX_MODEL_LEN)]).into_owned()),
+        priority,
+        stream: fields.stream.unwrap_or(false),
+        clamped_from,
+        may_ask_usage: fields.stream == Some(true)
+            && !fields.stream_options
+            && path.ends_with("/completions"),
+        upgrade: upgrade_shape(path, fields),
+    }
+}
+
 /// Read `x-priority`: absent is `None`, anything but an `i32` is an error.
 fn header_priority<B>(req: &Request<B>) -> Result<Option<Priority>, BadRequest> {
     let Some(value) = req.headers().get(PRIORITY_HEADER) else {
@@ -505,24 +600,12 @@ where
                     };
                     let fields = json_scan::scan(&bytes);
                     let tenant = parts.extensions.get::<Tenant>();
-                    let asked = header_priority
-                        .or(fields.priority)
-                        .or(tenant.and_then(|t| t.default_priority))
-                        .unwrap_or(default_priority);
-                    // A key may not ask for more urgency than it is allowed.
-                    let priority = match tenant.and_then(|t| t.max_priority) {
-                        Some(most) if asked < most => most,
-                        _ => asked,
-                    };
-                    let clamped_from = (priority != asked).then_some(asked);
-                    // A key with a most-urgent priority: the backend (vLLM
-                    // reads the body's `priority`) gets the priority the
-                    // request was queued at, whatever the body asked for or
-                    // however it spelled it ("-1000", -1e3, twice).
-                    let limited = tenant.is_some_and(|t| t.max_priority.is_some());
-                    let rewritten = (limited
-                        && fields.priority_keys > 0
-                        && (fields.priority != Some(priority) || fields.priority_keys > 1))
+                    let Decision {
+                        priority,
+                        clamped_from,
+                        rewrite_body,
+                    } = decide(header_priority, &fields, tenant, default_priority);
+                    let rewritten = rewrite_body
                         .then(|| json_scan::with_priority(&bytes, priority))
                         .flatten()
                         .map(|body| {
@@ -532,49 +615,17 @@ where
                             );
                             Bytes::from(body)
                         });
-                    // A key's tokens-per-minute: charge the prompt's estimate
-                    // and the most it may generate; corrected at the end.
-                    let charge = match tenant.and_then(|t| Some((t, t.tokens.as_ref()?))) {
-                        Some((tenant, budget)) => {
-                            let prompt = crate::types::prompt_estimate(bytes.len());
-                            // Saturating: a client's `max_tokens` near u64::MAX
-                            // must not wrap into a small charge.
-                            let charged = prompt.saturating_add(
-                                fields
-                                    .max_tokens
-                                    .unwrap_or(crate::types::DEFAULT_COMPLETION_ESTIMATE),
-                            );
-                            if let Err(wait) = budget.charge(charged) {
-                                tenant
-                                    .rate_limited
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                return Poll::Ready(Err(RateLimited::tokens(wait).into()));
-                            }
-                            Some(crate::types::TokenCharge {
-                                budget: budget.clone(),
-                                // What was counted: a charge is cut to a
-                                // minute's tokens, and so is its correction
-                                // (else a huge max_tokens earns a credit).
-                                charged: charged.min(budget.largest_charge()),
-                                prompt,
-                            })
-                        }
-                        None => None,
+                    let charge = match charge_tokens(tenant, bytes.len(), fields.max_tokens) {
+                        Ok(charge) => charge,
+                        Err(e) => return Poll::Ready(Err(e)),
                     };
                     if let Some(tap) = parts.extensions.get::<Tap>() {
-                        tap.classify(Classified {
-                            model: fields.model.map(|m| {
-                                String::from_utf8_lossy(&m[..m.len().min(MAX_MODEL_LEN)])
-                                    .into_owned()
-                            }),
+                        tap.classify(classified(
+                            parts.uri.path(),
+                            &fields,
                             priority,
-                            stream: fields.stream.unwrap_or(false),
                             clamped_from,
-                            may_ask_usage: fields.stream == Some(true)
-                                && !fields.stream_options
-                                && parts.uri.path().ends_with("/completions"),
-                            upgrade: upgrade_shape(parts.uri.path(), &fields),
-                        });
+                        ));
                         if let Some(charge) = charge {
                             tap.set_token_charge(charge);
                         }
@@ -661,5 +712,80 @@ mod tests {
         let data = full.into_inner().unwrap();
         assert_eq!(&data[..], b"{\"model\":\"m\",\"priority\":3}");
         assert!(!inside(data.as_ptr()));
+    }
+
+    fn tenant(default: Option<Priority>, most: Option<Priority>) -> Tenant {
+        Tenant {
+            name: "k".into(),
+            default_priority: default,
+            max_priority: most,
+            share: crate::types::Share::default(),
+            tokens: None,
+            rate_limited: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_priority_comes_from_the_header_then_the_body_then_the_key_then_the_routes() {
+        let body = json_scan::scan(br#"{"priority": 3}"#);
+        let none = json_scan::scan(b"{}");
+        let key = tenant(Some(7), None);
+        let p = |h, f, t| decide(h, f, t, 9).priority;
+        assert_eq!(p(Some(1), &body, Some(&key)), 1);
+        assert_eq!(p(None, &body, Some(&key)), 3);
+        assert_eq!(p(None, &none, Some(&key)), 7);
+        assert_eq!(p(None, &none, None), 9);
+        // Without a most-urgent priority the body is never touched.
+        assert!(!decide(Some(1), &body, Some(&key), 9).rewrite_body);
+    }
+
+    #[test]
+    fn a_key_is_clamped_and_the_backend_reads_the_priority_it_was_queued_at() {
+        let key = tenant(None, Some(0));
+        let urgent = json_scan::scan(br#"{"priority": -5}"#);
+        assert_eq!(
+            decide(None, &urgent, Some(&key), 0),
+            Decision {
+                priority: 0,
+                clamped_from: Some(-5),
+                rewrite_body: true,
+            }
+        );
+        // Within the bound: kept, and the body already says it once.
+        let fine = json_scan::scan(br#"{"priority": 4}"#);
+        assert_eq!(
+            decide(None, &fine, Some(&key), 0),
+            Decision {
+                priority: 4,
+                clamped_from: None,
+                rewrite_body: false,
+            }
+        );
+        // Said twice (a parser may take either): rewritten to one.
+        let twice = json_scan::scan(br#"{"priority": 4, "priority": -9}"#);
+        assert!(decide(None, &twice, Some(&key), 0).rewrite_body);
+        // The header asks for more urgency than the body: clamped, and the
+        // body, which says 4, is rewritten to the 0 it is queued at.
+        let d = decide(Some(-3), &fine, Some(&key), 0);
+        assert_eq!(
+            (d.priority, d.clamped_from, d.rewrite_body),
+            (0, Some(-3), true)
+        );
+    }
+
+    #[test]
+    fn a_token_charge_saturates_and_is_refused_past_the_budget() {
+        let mut key = tenant(None, None);
+        assert!(charge_tokens(Some(&key), 4000, Some(10)).unwrap().is_none());
+        key.tokens = crate::types::TokenBudget::new(1000);
+        let c = charge_tokens(Some(&key), 400, Some(100)).unwrap().unwrap();
+        assert_eq!(c.charged, c.prompt + 100);
+        // max_tokens near u64::MAX: refused (more than the budget has
+        // left), not wrapped into a small charge that would pass.
+        assert!(charge_tokens(Some(&key), 400, Some(u64::MAX)).is_err());
+        assert_eq!(
+            key.rate_limited.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }
