@@ -102,7 +102,7 @@ async fn run(slots: usize, limit: Concurrency) -> Row {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         let table = proxy.router.table();
-        if table.slot(table.first()).backend.status().slots.is_some() {
+        if table.row(table.first()).backend.status().slots.is_some() {
             break;
         }
         drop(table);

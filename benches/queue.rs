@@ -136,7 +136,7 @@ fn bench_scheduler(c: &mut Criterion) {
         let Acquire::Queued(t) = scheduler.acquire(priority(i), share(i)) else {
             panic!("room")
         };
-        tickets.insert(t.key(), t);
+        tickets.insert(t.place(), t);
     }
     let mut i = WAITING;
     c.bench_function(
@@ -145,7 +145,7 @@ fn bench_scheduler(c: &mut Criterion) {
             b.iter(|| {
                 i += 1;
                 if let Acquire::Queued(t) = scheduler.acquire(priority(i), share(i)) {
-                    tickets.insert(t.key(), t);
+                    tickets.insert(t.place(), t);
                 }
                 // The running request ends: its slot goes to the most urgent waiter.
                 drop(running.take());

@@ -106,7 +106,7 @@ fn upstreams(router: &Router) -> Vec<Upstream> {
             backend: s.backend.status(),
         })
         .collect();
-    for s in table.slots.iter().filter(|s| s.retired) {
+    for s in table.rows.iter().filter(|s| s.retired) {
         let mut snap = s.scheduler.snapshot();
         if snap.running + snap.waiting > 0 {
             snap.max_concurrency = 0;

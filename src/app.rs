@@ -37,14 +37,14 @@ pub fn read_config(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
 /// What a [`Config`] needs read from disk and created before it serves:
 /// the listener's TLS settings, the upstream table (TLS attached to its
 /// `https://` upstreams, a scheduler per upstream), and the settings a
-/// reload may replace (keys with their limiters, routes).
+/// reload may replace (keys with their limiters, admit rules).
 #[derive(Debug)]
 pub struct App {
     /// The listener's TLS settings, when it serves HTTPS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The upstream table.
     pub router: Arc<Router>,
-    /// Keys, routes and the bounds shared by every stack.
+    /// Keys, admit rules and the bounds shared by every stack.
     pub live: Live,
 }
 
@@ -89,7 +89,7 @@ pub fn build_stack(config: &Config, app: &App, recorder: Arc<Recorder>) -> Stack
 }
 
 /// Build the proxy around any upstream service.
-/// `live` holds the settings a reload may replace (keys, routes).
+/// `live` holds the settings a reload may replace (keys, admit rules).
 pub fn build_stack_with<U, B>(
     config: &Config,
     live: &Live,
@@ -119,7 +119,7 @@ where
         .layer(AuthLayer::shared(live.keys.clone()))
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
-        .layer(ClassifyLayer::shared(live.routes.clone()).counting(live.buffered.clone()))
+        .layer(ClassifyLayer::shared(live.rules.clone()).counting(live.buffered.clone()))
         // With several upstreams, pick one by the body's model (least
         // outstanding work); needs the model, so after classify, and
         // before admission, which queues on that upstream's scheduler.

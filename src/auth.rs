@@ -210,8 +210,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future =
-        futures_util_either::Either<S::Future, std::future::Ready<Result<S::Response, BoxError>>>;
+    type Future = ResponseFuture<S::Future, S::Response>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -220,7 +219,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let keys = self.keys.load();
         if keys.is_empty() {
-            return futures_util_either::Either::Left(self.inner.call(req));
+            return ResponseFuture::inner(self.inner.call(req));
         }
         let presented = presented_key(&req);
         let found = presented
@@ -240,10 +239,7 @@ where
                 why,
                 "request refused: 401"
             );
-            return futures_util_either::Either::Right(std::future::ready(Err(Unauthorized::new(
-                why,
-            )
-            .into())));
+            return ResponseFuture::refused(Unauthorized::new(why));
         };
         if let Some(tap) = req.extensions().get::<Tap>() {
             tap.set_tenant(key.name.clone());
@@ -255,9 +251,7 @@ where
                 let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
                 key.rate_limited
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return futures_util_either::Either::Right(std::future::ready(Err(
-                    RateLimited::requests(wait).into(),
-                )));
+                return ResponseFuture::refused(RateLimited::requests(wait));
             }
         }
         // The key is anteroom's: it does not go on to the backend.
@@ -271,7 +265,7 @@ where
             tokens: key.tokens.clone(),
             rate_limited: key.rate_limited.clone(),
         });
-        futures_util_either::Either::Left(self.inner.call(req))
+        ResponseFuture::inner(self.inner.call(req))
     }
 }
 
@@ -294,58 +288,59 @@ fn presented_key<B>(req: &Request<B>) -> Option<String> {
     Some(v.trim().to_owned())
 }
 
-/// A two-way future without a dependency: `tower::util::Either` would map
-/// both errors into `BoxError` just the same, but needs matching outputs.
-mod futures_util_either {
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
+pin_project_lite::pin_project! {
+    /// Response future of [`Auth`]: the inner service's, or a refusal
+    /// (401, 429) decided before it was called. Our own, as
+    /// `tower::util::Either`'s future needs both sides to have one output
+    /// type, and the inner error is not yet a `BoxError`.
+    pub struct ResponseFuture<F, T> {
+        #[pin]
+        kind: Kind<F, T>,
+    }
+}
 
-    use crate::BoxError;
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<F, T> {
+        Inner { #[pin] inner: F },
+        Refused { #[pin] refused: std::future::Ready<Result<T, BoxError>> },
+    }
+}
 
-    pin_project_lite::pin_project! {
-        /// One of two futures.
-        #[project = Proj]
-        #[allow(missing_docs)]
-        pub enum Either<A, B> {
-            Left { #[pin] inner: A },
-            Right { #[pin] inner: B },
+impl<F, T> ResponseFuture<F, T> {
+    fn inner(inner: F) -> Self {
+        Self {
+            kind: Kind::Inner { inner },
         }
     }
 
-    #[allow(non_snake_case)]
-    impl<A, B> Either<A, B> {
-        /// The first kind.
-        pub fn Left(inner: A) -> Self {
-            Either::Left { inner }
-        }
-
-        /// The second kind.
-        pub fn Right(inner: B) -> Self {
-            Either::Right { inner }
+    fn refused(e: impl Into<BoxError>) -> Self {
+        Self {
+            kind: Kind::Refused {
+                refused: std::future::ready(Err(e.into())),
+            },
         }
     }
+}
 
-    impl<A, B, T, E> Future for Either<A, B>
-    where
-        A: Future<Output = Result<T, E>>,
-        E: Into<BoxError>,
-        B: Future<Output = Result<T, BoxError>>,
-    {
-        type Output = Result<T, BoxError>;
+impl<F, T, E> std::future::Future for ResponseFuture<F, T>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
 
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            match self.project() {
-                Proj::Left { inner } => inner.poll(cx).map_err(Into::into),
-                Proj::Right { inner } => inner.poll(cx),
-            }
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { inner } => inner.poll(cx).map_err(Into::into),
+            KindProj::Refused { refused } => refused.poll(cx),
         }
     }
+}
 
-    impl<A, B> std::fmt::Debug for Either<A, B> {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Either")
-        }
+impl<F, T> std::fmt::Debug for ResponseFuture<F, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("auth::ResponseFuture")
     }
 }
 

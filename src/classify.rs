@@ -27,7 +27,7 @@ use pin_project_lite::pin_project;
 use tower::util::Oneshot;
 use tower::{Layer, Service};
 
-use crate::config::Routes;
+use crate::config::AdmitRules;
 use crate::deadline::{BodyTimeout, ReadTimeout};
 use crate::error::{BadRequest, BodyTooLarge, MethodNotAllowed, RateLimited};
 use crate::json_scan;
@@ -191,47 +191,47 @@ fn buffers_full() -> BoxError {
     .into()
 }
 
-/// Whether `routes` admit a request of `method` to `path`.
-fn admits(routes: &Routes, method: &Method, path: &str) -> bool {
-    method == Method::POST && routes.admit_paths.iter().any(|p| p == path)
+/// Whether `rules` admit a request of `method` to `path`.
+fn admits(rules: &AdmitRules, method: &Method, path: &str) -> bool {
+    method == Method::POST && rules.admit_paths.iter().any(|p| p == path)
 }
 
 /// The endpoint `path` names without being spelled as it (see
 /// [`crate::path`]): `/v1/chat/%63ompletions` for `/v1/chat/completions`.
-fn disguised_endpoint<'r>(routes: &'r Routes, path: &str) -> Option<&'r str> {
-    if crate::path::is_plain(path) || routes.admit_paths.iter().any(|p| p == path) {
+fn disguised_endpoint<'r>(rules: &'r AdmitRules, path: &str) -> Option<&'r str> {
+    if crate::path::is_plain(path) || rules.admit_paths.iter().any(|p| p == path) {
         // Plain and not an endpoint, or the endpoint as written (a GET).
         return None;
     }
     let form = crate::path::normal_form(path);
-    routes
+    rules
         .admit_paths
         .iter()
         .find(|p| p.as_bytes().eq_ignore_ascii_case(&form))
         .map(String::as_str)
 }
 
-/// The routes, replaceable while serving (a config reload): each request
+/// The rules, replaceable while serving (a config reload): each request
 /// reads the current ones, lock-free.
-pub type SharedRoutes = Arc<arc_swap::ArcSwap<Routes>>;
+pub type SharedAdmitRules = Arc<arc_swap::ArcSwap<AdmitRules>>;
 
-/// Builds [`Classify`] services. Cloning shares the routes.
+/// Builds [`Classify`] services. Cloning shares the rules.
 #[derive(Clone, Debug)]
 pub struct ClassifyLayer {
-    routes: SharedRoutes,
+    rules: SharedAdmitRules,
     buffered: Arc<Buffered>,
 }
 
 impl ClassifyLayer {
-    /// Classify by these routes.
-    pub fn new(routes: Routes) -> Self {
-        Self::shared(Arc::new(arc_swap::ArcSwap::from_pointee(routes)))
+    /// Classify by these rules.
+    pub fn new(rules: AdmitRules) -> Self {
+        Self::shared(Arc::new(arc_swap::ArcSwap::from_pointee(rules)))
     }
 
-    /// Classify by whatever routes `routes` holds at each request.
-    pub fn shared(routes: SharedRoutes) -> Self {
+    /// Classify by whatever rules `rules` holds at each request.
+    pub fn shared(rules: SharedAdmitRules) -> Self {
         Self {
-            routes,
+            rules,
             buffered: Arc::default(),
         }
     }
@@ -249,7 +249,7 @@ impl<S> Layer<S> for ClassifyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Classify {
             inner,
-            routes: self.routes.clone(),
+            rules: self.rules.clone(),
             buffered: self.buffered.clone(),
         }
     }
@@ -259,7 +259,7 @@ impl<S> Layer<S> for ClassifyLayer {
 #[derive(Clone, Debug)]
 pub struct Classify<S> {
     inner: S,
-    routes: SharedRoutes,
+    rules: SharedAdmitRules,
     buffered: Arc<Buffered>,
 }
 
@@ -285,9 +285,9 @@ where
             return ResponseFuture::failed(MethodNotAllowed.into());
         }
         let svc = self.inner.clone();
-        let routes = self.routes.load();
-        if !admits(&routes, req.method(), req.uri().path()) {
-            if let Some(endpoint) = disguised_endpoint(&routes, req.uri().path()) {
+        let rules = self.rules.load();
+        if !admits(&rules, req.method(), req.uri().path()) {
+            if let Some(endpoint) = disguised_endpoint(&rules, req.uri().path()) {
                 return ResponseFuture::failed(
                     BadRequest::new(
                         "invalid_path",
@@ -306,7 +306,7 @@ where
             let req = if req.body().is_end_stream() {
                 req.map(|_| Either::Left(Full::new(Bytes::new())))
             } else {
-                let timeout = routes.body_read_timeout;
+                let timeout = rules.body_read_timeout;
                 req.map(|b| Either::Right(Box::pin(ReadTimeout::new(b, timeout))))
             };
             return ResponseFuture::calling(svc, req);
@@ -315,7 +315,7 @@ where
             Ok(p) => p,
             Err(e) => return ResponseFuture::failed(e.into()),
         };
-        let limit = routes.max_body_bytes;
+        let limit = rules.max_body_bytes;
         let declared = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -328,29 +328,29 @@ where
         // past the bound are refused unread; one without is counted once
         // it is in.
         let held = match declared {
-            Some(n) => match self.buffered.take(n as usize, routes.max_buffered_bytes) {
+            Some(n) => match self.buffered.take(n as usize, rules.max_buffered_bytes) {
                 Some(h) => Some(h),
                 None => return ResponseFuture::failed(buffers_full()),
             },
             None => None,
         };
-        let share = share_of(&req, routes.trust_tenant_header);
+        let share = share_of(&req, rules.trust_tenant_header);
         let (parts, body) = req.into_parts();
         ResponseFuture {
             state: State::Collecting {
-                collect: Limited::new(ReadTimeout::new(body, routes.body_read_timeout), limit)
+                collect: Limited::new(ReadTimeout::new(body, rules.body_read_timeout), limit)
                     .collect(),
                 rest: Some(Pending {
                     parts,
                     svc,
                     header_priority,
                     share,
-                    default_priority: routes.default_priority,
+                    default_priority: rules.default_priority,
                     limit,
-                    keep_model: routes.keep_model,
+                    keep_model: rules.keep_model,
                     held,
                     buffered: self.buffered.clone(),
-                    max_buffered: routes.max_buffered_bytes,
+                    max_buffered: rules.max_buffered_bytes,
                 }),
             },
         }
@@ -369,7 +369,7 @@ struct Decision {
 }
 
 /// The priority of a request: its `x-priority` header, else its body's
-/// `priority`, else its key's default, else the routes' default; never
+/// `priority`, else its key's default, else the admit rules' default; never
 /// more urgent than its key's `max_priority`. A key with a most-urgent
 /// priority also decides what the backend reads (vLLM schedules by the
 /// body's `priority`): the body is rewritten to the priority the request

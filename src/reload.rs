@@ -19,7 +19,7 @@
 //!   ([`Scheduler::reconfigure`](crate::admission::Scheduler::reconfigure));
 //!   waiting requests keep their place and deadline, a lowered limit lets
 //!   running requests finish;
-//! - priorities and routes: `default_priority`, `admit_paths`,
+//! - priorities and admit rules: `default_priority`, `admit_paths`,
 //!   `max_body_bytes`, `trust_tenant_header`: swapped in for the next
 //!   request;
 //! - keys: `[[key]]` added, removed or changed, for the next request; a key
@@ -39,7 +39,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::auth::{carry_over, SharedKeys};
-use crate::classify::SharedRoutes;
+use crate::classify::SharedAdmitRules;
 use crate::config::{Concurrency, Config, ConfigError, FileConfig};
 
 /// The settings the request path reads that a reload may replace.
@@ -48,7 +48,7 @@ pub struct Live {
     /// API keys.
     pub keys: SharedKeys,
     /// Which requests are admitted, their default priority, body bound.
-    pub routes: SharedRoutes,
+    pub rules: SharedAdmitRules,
     /// The admitted bodies held now (kept across reloads).
     pub buffered: Arc<crate::classify::Buffered>,
     /// The requests passing without admission now, and their bound.
@@ -62,9 +62,9 @@ impl Live {
             keys: Arc::new(arc_swap::ArcSwap::from_pointee(crate::auth::Keys::new(
                 config.keys.iter().map(crate::auth::Key::new).collect(),
             ))),
-            routes: Arc::new(arc_swap::ArcSwap::from_pointee(config.routes.clone())),
+            rules: Arc::new(arc_swap::ArcSwap::from_pointee(config.rules.clone())),
             buffered: Arc::default(),
-            passing: crate::admission::passing::Passing::new(config.routes.max_passthrough),
+            passing: crate::admission::passing::Passing::new(config.rules.max_passthrough),
         }
     }
 }
@@ -181,8 +181,8 @@ impl Reloader {
                 old_keys.as_slice(),
                 validated.keys.iter().map(crate::auth::Key::new).collect(),
             ))));
-        self.live.routes.store(Arc::new(validated.routes.clone()));
-        self.live.passing.set_max(validated.routes.max_passthrough);
+        self.live.rules.store(Arc::new(validated.rules.clone()));
+        self.live.passing.set_max(validated.rules.max_passthrough);
         *current = next;
         Ok(if changed.is_empty() {
             "reloaded: nothing changed".to_string()

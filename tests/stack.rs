@@ -264,7 +264,7 @@ async fn an_urgent_request_preempts_a_running_non_streamed_one_which_then_comple
     // up to its whole time.
     assert_eq!(b.upstream_headers_ms, Some(3009.0));
     assert_eq!(b.e2e_ms, Some(11.0 + b.preempted_ms + 3009.0));
-    let snapshot = p.router.table().slot(0).scheduler.snapshot();
+    let snapshot = p.router.table().row(0).scheduler.snapshot();
     let status = serde_json::to_value(&snapshot.preempted).unwrap();
     assert_eq!(status["10"]["preemptions"], 1, "{status}");
     let metrics = p.recorder.metrics.encode(&snapshot, &[]);

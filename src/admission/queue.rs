@@ -18,7 +18,7 @@
 //! and weights 3:1 serve three of one for each of the other. With a single
 //! tenant the tags grow with arrival and the order is plain FIFO.
 //!
-//! Every entry is addressed by its [`Key`], so a waiter that gives up (client
+//! Every entry is addressed by its [`Place`], so a waiter that gives up (client
 //! disconnect, queue timeout) removes itself in `O(log n)`.
 //!
 //! # Per-tenant caps and aging
@@ -72,18 +72,18 @@ impl std::hash::Hasher for IdHasher {
 
 /// Where an entry stands in the queue.
 ///
-/// Keys order exactly as the queue serves them (aging aside), so the smallest
-/// key is next and the largest key is the least urgent entry of the tenant
+/// Places order exactly as the queue serves them (aging aside), so the
+/// smallest is next and the largest is the least urgent entry of the tenant
 /// furthest ahead of its share: the one to evict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Key {
+pub struct Place {
     priority: Priority,
     tag: u64,
     seq: u64,
     tenant: TenantId,
 }
 
-impl Key {
+impl Place {
     /// The priority this entry was queued with.
     pub fn priority(&self) -> Priority {
         self.priority
@@ -104,14 +104,14 @@ impl Key {
 #[derive(Debug)]
 pub enum Push<T> {
     /// Queued under this key.
-    Queued(Key),
+    Queued(Place),
     /// Queued under `key`; to make room, the least urgent entry was taken
     /// out and is handed back with its key.
     Evicted {
         /// Where the new item stands.
-        key: Key,
+        key: Place,
         /// The key the evicted entry had.
-        victim_key: Key,
+        victim_key: Place,
         /// The evicted entry.
         victim: T,
     },
@@ -146,14 +146,14 @@ struct Flow {
 /// A bounded priority queue, fair among tenants within a priority.
 #[derive(Debug)]
 pub struct PriorityQueue<T> {
-    entries: BTreeMap<Key, Slot<T>>,
+    entries: BTreeMap<Place, Slot<T>>,
     levels: BTreeMap<Priority, Level>,
     flows: HashMap<(TenantId, Priority), Flow, std::hash::BuildHasherDefault<IdHasher>>,
     /// Entries of tenants at their cap, by tenant, out of the serving order.
-    parked: TenantMap<BTreeMap<Key, Slot<T>>>,
+    parked: TenantMap<BTreeMap<Place, Slot<T>>>,
     parked_len: usize,
     /// With aging on: the entries in `entries`, by arrival.
-    arrivals: Option<BTreeMap<u64, Key>>,
+    arrivals: Option<BTreeMap<u64, Place>>,
     promote_after: Duration,
     next_seq: u64,
     capacity: usize,
@@ -218,10 +218,10 @@ impl<T> PriorityQueue<T> {
     }
 
     /// The key an entry of `tenant` at `priority` would get now.
-    fn key_for(&self, priority: Priority, tenant: TenantId) -> Key {
+    fn key_for(&self, priority: Priority, tenant: TenantId) -> Place {
         let vtime = self.levels.get(&priority).map_or(0, |l| l.vtime);
         let finish = self.flows.get(&(tenant, priority)).map_or(0, |f| f.finish);
-        Key {
+        Place {
             priority,
             tag: vtime.max(finish),
             seq: self.next_seq,
@@ -264,7 +264,7 @@ impl<T> PriorityQueue<T> {
         weight: u32,
         now: Instant,
         item: T,
-    ) -> Key {
+    ) -> Place {
         let key = self.key_for(priority, tenant);
         self.next_seq += 1;
         self.levels.entry(priority).or_default().waiting += 1;
@@ -302,10 +302,10 @@ impl<T> PriorityQueue<T> {
         seq: u64,
         arrived: Instant,
         item: T,
-    ) -> Key {
+    ) -> Place {
         let level = self.levels.entry(priority).or_default();
         level.waiting += 1;
-        let key = Key {
+        let key = Place {
             priority,
             tag: level.vtime,
             seq,
@@ -327,14 +327,14 @@ impl<T> PriorityQueue<T> {
     }
 
     /// The item of a queued (not parked) entry.
-    pub fn get(&self, key: &Key) -> Option<&T> {
+    pub fn get(&self, key: &Place) -> Option<&T> {
         self.entries.get(key).map(|s| &s.item)
     }
 
     /// The entry to serve next: the oldest one if it has waited past the
     /// promotion age, else the first in order. Parked entries are not
     /// candidates.
-    pub fn next(&self, now: Instant) -> Option<Key> {
+    pub fn next(&self, now: Instant) -> Option<Place> {
         if let Some((_, oldest)) = self.arrivals.as_ref().and_then(|a| a.first_key_value()) {
             let slot = &self.entries[oldest];
             if now.saturating_duration_since(slot.arrived) >= self.promote_after {
@@ -345,13 +345,13 @@ impl<T> PriorityQueue<T> {
     }
 
     /// The first entry in order (by priority, fair tag, arrival).
-    pub fn first(&self) -> Option<Key> {
+    pub fn first(&self) -> Option<Place> {
         self.entries.first_key_value().map(|(k, _)| *k)
     }
 
     /// Take the entry [`next`](Self::next) chose (or any other) to serve
     /// it: its priority's virtual time moves to its tag.
-    pub fn take(&mut self, key: &Key) -> Option<T> {
+    pub fn take(&mut self, key: &Place) -> Option<T> {
         let item = self.remove(key)?;
         if let Some(level) = self.levels.get_mut(&key.priority) {
             level.vtime = level.vtime.max(key.tag);
@@ -360,7 +360,7 @@ impl<T> PriorityQueue<T> {
     }
 
     /// Take the next entry to serve, as [`next`](Self::next) chooses.
-    pub fn pop(&mut self, now: Instant) -> Option<(Key, T)> {
+    pub fn pop(&mut self, now: Instant) -> Option<(Place, T)> {
         let key = self.next(now)?;
         let item = self.take(&key)?;
         Some((key, item))
@@ -368,7 +368,7 @@ impl<T> PriorityQueue<T> {
 
     /// Take out one entry, wherever it stands (a waiter that gave up, an
     /// evicted one). Serving order is not affected.
-    pub fn remove(&mut self, key: &Key) -> Option<T> {
+    pub fn remove(&mut self, key: &Place) -> Option<T> {
         let slot = match self.entries.remove(key) {
             Some(slot) => {
                 if let Some(arrivals) = &mut self.arrivals {
@@ -406,7 +406,7 @@ impl<T> PriorityQueue<T> {
 
     /// Set an entry aside: its tenant may not start more now. It keeps its
     /// key and its place in the bound.
-    pub fn park(&mut self, key: &Key) {
+    pub fn park(&mut self, key: &Place) {
         if let Some(slot) = self.entries.remove(key) {
             if let Some(arrivals) = &mut self.arrivals {
                 arrivals.remove(&key.seq);
@@ -468,12 +468,12 @@ impl<T> PriorityQueue<T> {
 
     /// How many entries stand before `key`, up to `most`, as
     /// [`ahead_of_new`](Self::ahead_of_new).
-    pub fn ahead_of(&self, key: &Key, most: usize) -> usize {
+    pub fn ahead_of(&self, key: &Place, most: usize) -> usize {
         self.entries.range(..*key).take(most).count()
     }
 
     /// Entries in serving order, parked ones left out (for tests).
-    pub fn iter(&self) -> impl Iterator<Item = (&Key, &T)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Place, &T)> {
         self.entries.iter().map(|(k, s)| (k, &s.item))
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::permit::Permit;
-use super::queue::{Key, Push};
+use super::queue::{Place, Push};
 use super::state::{State, Waiter};
 pub use super::ticket::Ticket;
 use crate::config::Limits;
@@ -357,7 +357,7 @@ impl Scheduler {
 
     /// Take a waiter out of the queue (it gave up). Returns true when it was
     /// still there, false when it had already been dispatched or evicted.
-    pub(crate) fn cancel(&self, key: &Key) -> bool {
+    pub(crate) fn cancel(&self, key: &Place) -> bool {
         let mut st = self.state.lock();
         if st.queue.remove(key).is_some() {
             st.waiting_one_less(key.tenant());
@@ -369,7 +369,7 @@ impl Scheduler {
 
     /// Take a waiter out of the queue because it waited too long, and say
     /// when to come back: after the requests that stood ahead of it drain.
-    pub(crate) fn time_out(&self, key: &Key) -> Option<Overloaded> {
+    pub(crate) fn time_out(&self, key: &Place) -> Option<Overloaded> {
         let mut st = self.state.lock();
         let cap = st.retry_after_cap;
         let most = st.places_that_matter(cap);

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::permit::{Permit, Preempted};
-use super::queue::{Key, PriorityQueue, TenantMap};
+use super::queue::{Place, PriorityQueue, TenantMap};
 use super::scheduler::{Grant, Replayable, Scheduler};
 use super::ticket::Ticket;
 use crate::config::{Limits, Preemption, Reservation};
@@ -213,7 +213,7 @@ impl State {
     /// The waiter to start now, if any may: the queue's choice, unless its
     /// tenant is at its cap (then it is parked and the next one considered)
     /// or no slot is open to its priority.
-    pub(super) fn next_to_start(&mut self, now: Instant) -> Option<Key> {
+    pub(super) fn next_to_start(&mut self, now: Instant) -> Option<Place> {
         if let Some(deadline) = self.draining {
             if !self.can_finish_by(deadline, now) {
                 return None;
@@ -280,7 +280,7 @@ impl State {
     }
 
     /// Whether a queued entry would borrow a reserved slot.
-    pub(super) fn lends(&self, key: &Key) -> bool {
+    pub(super) fn lends(&self, key: &Place) -> bool {
         self.preempt.is_some()
             && self
                 .queue

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::queue::Key;
+use super::queue::Place;
 use super::scheduler::{Grant, Scheduler};
 use crate::types::{Overloaded, Priority, Reason};
 
@@ -14,7 +14,7 @@ use crate::types::{Overloaded, Priority, Reason};
 #[derive(Debug)]
 pub struct Ticket {
     scheduler: Arc<Scheduler>,
-    key: Key,
+    key: Place,
     rx: oneshot::Receiver<Grant>,
     pub(super) done: bool,
     timeout: Duration,
@@ -23,7 +23,7 @@ pub struct Ticket {
 impl Ticket {
     pub(super) fn new(
         scheduler: Arc<Scheduler>,
-        key: Key,
+        key: Place,
         rx: oneshot::Receiver<Grant>,
         timeout: Duration,
     ) -> Self {
@@ -48,7 +48,7 @@ impl Ticket {
     }
 
     /// Its place: tickets order as the queue serves them.
-    pub fn key(&self) -> Key {
+    pub fn place(&self) -> Place {
         self.key
     }
 

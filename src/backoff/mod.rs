@@ -196,7 +196,7 @@ where
     let mut cooldown = shared.cooldown(route);
     // The first try takes the request's extensions as they are; a retry
     // gets a copy of the few that the steps below read.
-    let mut below = Below::of(&parts.extensions);
+    let mut carried = Carried::of(&parts.extensions);
     let model = parts.extensions.get::<Model>().cloned();
     let first = std::mem::take(&mut parts.extensions);
     shared.budget.deposit();
@@ -282,7 +282,7 @@ where
         }
         retries += 1;
         metrics.retry(reason);
-        if let Some(tap) = &below.tap {
+        if let Some(tap) = &carried.tap {
             tap.retried();
         }
         tracing::debug!(
@@ -302,10 +302,10 @@ where
             {
                 route = i;
                 cooldown = shared.cooldown(i);
-                below.route = Some(Route(i));
+                carried.route = Some(Route(i));
             }
         }
-        result = attempt(svc.clone(), &parts, below.extensions(), &body, &cooldown).await;
+        result = attempt(svc.clone(), &parts, carried.extensions(), &body, &cooldown).await;
     }
 }
 
@@ -314,13 +314,13 @@ where
 /// times) and the client's address (`x-forwarded-for`). A retry carries
 /// just these: copying every extension cost an allocation each.
 #[derive(Clone, Debug)]
-struct Below {
+struct Carried {
     route: Option<Route>,
     tap: Option<Tap>,
     client: Option<ClientAddr>,
 }
 
-impl Below {
+impl Carried {
     fn of(ext: &http::Extensions) -> Self {
         Self {
             route: ext.get::<Route>().copied(),

@@ -191,7 +191,7 @@ async fn discovery() -> Result<(), BoxError> {
         let deadline = Instant::now() + Duration::from_secs(5);
         let backend = loop {
             let table = proxy.router.table();
-            let slot = table.slot(table.first()).clone();
+            let slot = table.row(table.first()).clone();
             drop(table);
             let status = slot.backend.status();
             let known = status.kind.is_some()

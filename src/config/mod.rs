@@ -16,19 +16,19 @@ use std::time::Duration;
 use crate::origin::Origin;
 
 mod admission;
+mod admit_rules;
 pub mod backend;
 mod client;
 mod file;
 mod keys;
-mod routes;
 mod server;
 mod validate;
 
 pub use admission::{Adaptive, AdaptiveBounds, Limits, Preemption, Reservation};
+pub use admit_rules::AdmitRules;
 pub use client::{ClientSettings, RetryPolicy, StreamTimeouts};
 pub use file::{Concurrency, FileConfig, KeyEntry, Models, Secret, UpstreamEntry, Upstreams};
 pub use keys::KeySetting;
-pub use routes::Routes;
 pub use server::ServerLimits;
 pub use validate::{parse_duration, Env};
 
@@ -61,7 +61,7 @@ pub struct Config {
     /// Admission limits.
     pub limits: Limits,
     /// Which requests are admitted.
-    pub routes: Routes,
+    pub rules: AdmitRules,
     /// Upstream client settings.
     pub client: ClientSettings,
     /// Where the request log goes, if anywhere.

@@ -203,7 +203,7 @@ impl FileConfig {
                     max_preemptions: self.max_preemptions,
                 }),
             },
-            routes: Routes {
+            rules: AdmitRules {
                 admit_paths: self.admit_paths.clone(),
                 max_body_bytes: self.max_body_bytes,
                 max_buffered_bytes: self.max_buffered_bytes,
@@ -489,7 +489,7 @@ mod tests {
         let c = FileConfig::default().validate().unwrap();
         assert_eq!(c.limits.max_concurrency, 4);
         assert_eq!(c.limits.queue_timeout, Duration::from_secs(180));
-        assert_eq!(c.routes.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(c.rules.max_body_bytes, 32 * 1024 * 1024);
     }
 
     #[test]

@@ -15,14 +15,14 @@ pub async fn run_adaptive(
     use crate::admission::adaptive::{Controller, Load, Source, TICK};
     use tokio::time::Instant;
     let mut controller = Controller::new(adaptive);
-    let slot = |router: &Router| {
+    let row = |router: &Router| {
         let table = router.table();
-        table.slot(table.first()).clone()
+        table.row(table.first()).clone()
     };
     {
-        let slot = slot(&router);
-        slot.scheduler.set_max_concurrency(controller.limit());
-        slot.backend.set_limit(controller.source().as_str());
+        let row = row(&router);
+        row.scheduler.set_max_concurrency(controller.limit());
+        row.backend.set_limit(controller.source().as_str());
     }
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -30,22 +30,22 @@ pub async fn run_adaptive(
     let mut said = None;
     while !router.is_closed() {
         tick.tick().await;
-        let slot = slot(&router);
+        let row = row(&router);
         let taken = signals.take();
-        let (waiting, running) = slot.scheduler.snapshot_counts();
+        let (waiting, running) = row.scheduler.snapshot_counts();
         let before = controller.limit();
-        let view = slot.backend.view();
+        let view = row.backend.view();
         let limit = controller.step(Instant::now(), taken, Load { waiting, running }, view);
         let source = controller.source();
-        slot.backend.set_limit(source.as_str());
+        row.backend.set_limit(source.as_str());
         if said != Some(source) {
             match source {
                 Source::AutoFallback => tracing::warn!(
-                    upstream = %slot.config.name,
+                    upstream = %row.config.name,
                     "max_concurrency = \"backend\", but the backend reports no slots: finding the limit as \"auto\" does"
                 ),
                 Source::Backend => tracing::info!(
-                    upstream = %slot.config.name,
+                    upstream = %row.config.name,
                     limit,
                     "max_concurrency follows the backend's slots"
                 ),
@@ -63,7 +63,7 @@ pub async fn run_adaptive(
                 ?view,
                 "adaptive limit moved"
             );
-            slot.scheduler.set_max_concurrency(limit);
+            row.scheduler.set_max_concurrency(limit);
         }
     }
 }

@@ -42,7 +42,7 @@ where
     B: Body + 'static,
 {
     generation: u64,
-    /// Per index: the slot's id and its client (none once retired).
+    /// Per index: the row's id and its client (none once retired).
     clients: Vec<Option<(u64, Upstream<B>)>>,
 }
 
@@ -123,25 +123,25 @@ where
             return;
         }
         let clients = table
-            .slots
+            .rows
             .iter()
             .enumerate()
-            .map(|(i, slot)| {
-                if slot.retired {
+            .map(|(i, row)| {
+                if row.retired {
                     return None;
                 }
                 if let Some(Some((id, c))) = old.clients.get(i) {
-                    if *id == slot.id {
+                    if *id == row.id {
                         return Some((*id, c.clone()));
                     }
                 }
-                let mut client = Upstream::new(slot.config.origin.clone(), &self.settings)
-                    .named(&slot.config.name)
-                    .of_backend(slot.backend.clone());
+                let mut client = Upstream::new(row.config.origin.clone(), &self.settings)
+                    .named(&row.config.name)
+                    .of_backend(row.backend.clone());
                 if let Some(drain) = &self.drain {
                     client = client.with_drain(drain.clone());
                 }
-                Some((slot.id, client))
+                Some((row.id, client))
             })
             .collect();
         self.pools.store(Arc::new(Pools {
@@ -193,10 +193,10 @@ where
         let mut fut = match pools.clients.get(i) {
             Some(Some((_, client))) => client.send(req),
             _ => {
-                let slot = self.router.table().slot(i).clone();
-                Upstream::new(slot.config.origin.clone(), &self.settings)
-                    .named(&slot.config.name)
-                    .of_backend(slot.backend.clone())
+                let row = self.router.table().row(i).clone();
+                Upstream::new(row.config.origin.clone(), &self.settings)
+                    .named(&row.config.name)
+                    .of_backend(row.backend.clone())
                     .send(req)
             }
         };

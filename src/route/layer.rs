@@ -41,7 +41,7 @@ impl<S> Layer<S> for RouteLayer {
     }
 }
 
-/// Routes requests among upstreams: see the [module docs](crate::route).
+/// AdmitRules requests among upstreams: see the [module docs](crate::route).
 #[derive(Clone, Debug)]
 pub struct RouteService<S> {
     inner: S,

@@ -36,4 +36,4 @@ pub use clients::Clients;
 pub use layer::{ResponseFuture, RouteLayer, RouteService};
 #[cfg(test)]
 pub(crate) use table::one_row;
-pub use table::{Router, SetChange, Slot, Table};
+pub use table::{Router, Row, SetChange, Table};

@@ -29,8 +29,8 @@ where
     let mut data: Vec<serde_json::Value> = Vec::new();
     let mut ids: Vec<String> = Vec::new();
     let table = shared.table();
-    for (i, slot) in table.active() {
-        let replica = &slot.config;
+    for (i, row) in table.active() {
+        let replica = &row.config;
         let mut ask = Request::builder()
             .method(Method::GET)
             .uri(parts.uri.clone())

@@ -30,7 +30,7 @@ struct Health {
 /// nothing new goes there, its waiters are queued elsewhere and its running
 /// requests finish. Indices into the table ([`Route`](crate::types::Route)) therefore never move.
 #[derive(Debug)]
-pub struct Slot {
+pub struct Row {
     /// Names its address: a new one when the address changes.
     pub id: u64,
     /// Its settings.
@@ -52,15 +52,15 @@ pub struct Table {
     /// Bumped by every reload that changes an address or the set.
     pub generation: u64,
     /// By index; retired ones included.
-    pub slots: Vec<Arc<Slot>>,
+    pub rows: Vec<Arc<Row>>,
     /// The indices in service (not retired), in config order.
     order: Vec<usize>,
 }
 
 impl Table {
     /// The upstreams in service, in config order.
-    pub fn active(&self) -> impl Iterator<Item = (usize, &Arc<Slot>)> {
-        self.order.iter().map(|&i| (i, &self.slots[i]))
+    pub fn active(&self) -> impl Iterator<Item = (usize, &Arc<Row>)> {
+        self.order.iter().map(|&i| (i, &self.rows[i]))
     }
 
     /// How many upstreams are in service.
@@ -75,8 +75,8 @@ impl Table {
 
     /// Upstream `i` (the last one for an index out of range: never, since
     /// indices come from this table or an older, shorter one).
-    pub fn slot(&self, i: usize) -> &Arc<Slot> {
-        &self.slots[i.min(self.slots.len() - 1)]
+    pub fn row(&self, i: usize) -> &Arc<Row> {
+        &self.rows[i.min(self.rows.len() - 1)]
     }
 }
 
@@ -135,17 +135,17 @@ impl Router {
     ) -> Arc<Self> {
         assert_eq!(replicas.len(), schedulers.len());
         assert!(!replicas.is_empty(), "at least one upstream");
-        let slots: Vec<Arc<Slot>> = replicas
+        let rows: Vec<Arc<Row>> = replicas
             .into_iter()
             .zip(schedulers)
             .enumerate()
-            .map(|(i, (config, scheduler))| Arc::new(Slot::new(i as u64, config, scheduler)))
+            .map(|(i, (config, scheduler))| Arc::new(Row::new(i as u64, config, scheduler)))
             .collect();
-        let n = slots.len();
+        let n = rows.len();
         Arc::new(Self {
             table: arc_swap::ArcSwap::from_pointee(Table {
                 generation: 0,
-                slots,
+                rows,
                 order: (0..n).collect(),
             }),
             reloading: parking_lot::Mutex::new(()),
@@ -178,7 +178,7 @@ impl Router {
     /// requests): what a drain must reach.
     pub fn all_schedulers(&self) -> Vec<Arc<Scheduler>> {
         let mut out: Vec<Arc<Scheduler>> = Vec::new();
-        for s in &self.table.load().slots {
+        for s in &self.table.load().rows {
             if !out.iter().any(|x| Arc::ptr_eq(x, &s.scheduler)) {
                 out.push(s.scheduler.clone());
             }
@@ -197,14 +197,14 @@ impl Router {
     ) -> Acquire {
         self.table
             .load()
-            .slot(i)
+            .row(i)
             .scheduler
             .acquire_as(priority, share, replay)
     }
 
     /// Upstream `i`'s pause.
     pub fn cooldown(&self, i: usize) -> Arc<Cooldown> {
-        self.table.load().slot(i).cooldown.clone()
+        self.table.load().row(i).cooldown.clone()
     }
 
     /// Take a new list of upstreams (a config reload), with `limits` for
@@ -221,7 +221,7 @@ impl Router {
     ) -> SetChange {
         let _one_at_a_time = self.reloading.lock();
         let old = self.table.load_full();
-        let mut slots: Vec<Arc<Slot>> = old.slots.clone();
+        let mut rows: Vec<Arc<Row>> = old.rows.clone();
         let mut order = Vec::with_capacity(replicas.len());
         let mut change = SetChange::default();
         let single = replicas.len() == 1 && old.order.len() == 1;
@@ -241,11 +241,11 @@ impl Router {
                 change.added.push(config.name.clone());
                 let scheduler = Scheduler::new(limits);
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                order.push(slots.len());
-                slots.push(Arc::new(Slot::new(id, config, scheduler)));
+                order.push(rows.len());
+                rows.push(Arc::new(Row::new(id, config, scheduler)));
                 continue;
             };
-            let was = &old.slots[i];
+            let was = &old.rows[i];
             was.scheduler.reconfigure(&limits, adaptive);
             let moved = !was.config.origin.same_address(&config.origin);
             // Another address (or another `backend`) is read anew, and
@@ -261,7 +261,7 @@ impl Router {
             if moved {
                 change.readdressed.push(config.name.clone());
             }
-            slots[i] = Arc::new(Slot {
+            rows[i] = Arc::new(Row {
                 id: if moved || rebacked {
                     self.next_id.fetch_add(1, Ordering::Relaxed)
                 } else {
@@ -285,7 +285,7 @@ impl Router {
             if !order.contains(&i) {
                 change.removed.push(was.config.name.clone());
                 retiring.push(was.scheduler.clone());
-                slots[i] = Arc::new(Slot {
+                rows[i] = Arc::new(Row {
                     retired: true,
                     config: was.config.clone(),
                     scheduler: was.scheduler.clone(),
@@ -296,19 +296,19 @@ impl Router {
                 });
             }
         }
-        // Pools follow the generation: any slot with a new id needs one.
+        // Pools follow the generation: any row with a new id needs one.
         let new_ids = order
             .iter()
-            .any(|&i| old.slots.get(i).is_none_or(|o| o.id != slots[i].id));
+            .any(|&i| old.rows.get(i).is_none_or(|o| o.id != rows[i].id));
         let generation = old.generation + u64::from(!change.is_empty() || new_ids);
         let fresh: Vec<u64> = order
             .iter()
-            .map(|&i| slots[i].id)
+            .map(|&i| rows[i].id)
             .filter(|id| !old.active().any(|(_, s)| s.id == *id))
             .collect();
         self.table.store(Arc::new(Table {
             generation,
-            slots,
+            rows,
             order,
         }));
         // Now that the table no longer offers them, move the waiters of
@@ -321,7 +321,7 @@ impl Router {
                 self.spawn_health_check(id, health.clone());
             }
         }
-        // A slot whose backend is new (a new address or `backend`) is read
+        // A row whose backend is new (a new address or `backend`) is read
         // anew; its old watcher ends with its id.
         if let Some(&every) = self.watching.get() {
             let table = self.table.load();
@@ -339,13 +339,13 @@ impl Router {
 
     /// Upstream `i`'s name.
     fn name(&self, i: usize) -> String {
-        self.table.load().slot(i).config.name.clone()
+        self.table.load().row(i).config.name.clone()
     }
 
     /// Is upstream `i` in service?
     pub fn is_healthy(&self, i: usize) -> bool {
         let table = self.table.load();
-        let s = table.slot(i);
+        let s = table.row(i);
         !s.retired && !s.health.ejected.load(Ordering::Acquire)
     }
 
@@ -357,17 +357,17 @@ impl Router {
         if table.active_len() < 2 {
             return;
         }
-        let slot = table.slot(i);
-        let h = &slot.health;
+        let row = table.row(i);
+        let h = &row.health;
         if ok {
             h.failures.store(0, Ordering::Release);
             return;
         }
         let n = h.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.eject_after && !h.ejected.swap(true, Ordering::AcqRel) {
-            let moved = slot.scheduler.reroute_waiting();
+            let moved = row.scheduler.reroute_waiting();
             tracing::warn!(
-                upstream = %slot.config.name,
+                upstream = %row.config.name,
                 failures = n,
                 requeued = moved,
                 "upstream taken out of service"
@@ -378,7 +378,7 @@ impl Router {
     /// A health probe of upstream `i` succeeded: back in service.
     pub fn readmit(&self, i: usize) {
         let table = self.table.load();
-        let h = &table.slot(i).health;
+        let h = &table.row(i).health;
         h.failures.store(0, Ordering::Release);
         if h.ejected.swap(false, Ordering::AcqRel) {
             tracing::info!(upstream = %self.name(i), "upstream back in service");
@@ -430,7 +430,7 @@ impl Router {
         let mut served = false;
         for k in 0..n {
             let i = table.order[(start + k) % n];
-            let s = &table.slots[i];
+            let s = &table.rows[i];
             if !serves(&s.config) {
                 continue;
             }
@@ -499,11 +499,11 @@ impl Router {
                 let find = move || {
                     let router = weak.upgrade().filter(|r| !r.is_closed())?;
                     let table = router.table();
-                    let (_, slot) = table.active().find(|(_, s)| s.id == id)?;
+                    let (_, row) = table.active().find(|(_, s)| s.id == id)?;
                     Some((
-                        slot.config.origin.clone(),
-                        slot.backend.clone(),
-                        slot.config.name.clone(),
+                        row.config.origin.clone(),
+                        row.backend.clone(),
+                        row.config.name.clone(),
                     ))
                 };
                 rt.spawn(crate::backend::watch(Box::new(find), every));
@@ -523,7 +523,7 @@ impl Router {
     }
 }
 
-impl Slot {
+impl Row {
     fn new(id: u64, config: ReplicaConfig, scheduler: Arc<Scheduler>) -> Self {
         let backend = crate::backend::Backend::new(config.backend);
         backend.set_stream_upgrade(config.stream_upgrade);
@@ -659,7 +659,7 @@ mod tests {
         let r = router(vec![replica("a", 1, &[]), replica("b", 2, &[])]);
         let (a, b) = {
             let t = r.table();
-            (t.slot(0).clone(), t.slot(1).clone())
+            (t.row(0).clone(), t.row(1).clone())
         };
         let change = r.reconfigure(
             vec![replica("c", 3, &[]), replica("a", 1, &[])],
@@ -679,11 +679,11 @@ mod tests {
         // In config order, at their old indices; the new one appended.
         assert_eq!(names(&r), ["c", "a"]);
         assert_eq!(t.active().map(|(i, _)| i).collect::<Vec<_>>(), [2, 0]);
-        assert!(Arc::ptr_eq(&t.slot(0).scheduler, &a.scheduler));
-        assert_eq!(t.slot(0).id, a.id, "same address: same pools");
+        assert!(Arc::ptr_eq(&t.row(0).scheduler, &a.scheduler));
+        assert_eq!(t.row(0).id, a.id, "same address: same pools");
         // The removed one stays, retired, with its scheduler.
-        assert!(t.slot(1).retired);
-        assert!(Arc::ptr_eq(&t.slot(1).scheduler, &b.scheduler));
+        assert!(t.row(1).retired);
+        assert!(Arc::ptr_eq(&t.row(1).scheduler, &b.scheduler));
         assert!(!r.is_healthy(1));
         assert_eq!(
             r.all_schedulers().len(),
@@ -696,7 +696,7 @@ mod tests {
     #[test]
     fn a_new_address_is_a_new_id_and_fresh_health_but_the_same_queue() {
         let r = router(vec![replica("a", 1, &[]), replica("b", 2, &[])]);
-        let before = r.table().slot(0).clone();
+        let before = r.table().row(0).clone();
         r.report(0, false);
         let change = r.reconfigure(
             vec![replica("a", 9, &[]), replica("b", 2, &[])],
@@ -705,9 +705,9 @@ mod tests {
         );
         assert_eq!(change.readdressed, ["a"]);
         let t = r.table();
-        assert_ne!(t.slot(0).id, before.id);
-        assert_eq!(t.slot(0).health.failures.load(Ordering::Relaxed), 0);
-        assert!(Arc::ptr_eq(&t.slot(0).scheduler, &before.scheduler));
+        assert_ne!(t.row(0).id, before.id);
+        assert_eq!(t.row(0).health.failures.load(Ordering::Relaxed), 0);
+        assert!(Arc::ptr_eq(&t.row(0).scheduler, &before.scheduler));
         assert_eq!(t.generation, 1);
         // The same set again: nothing changes, not even the generation.
         drop(t);
@@ -723,14 +723,14 @@ mod tests {
     #[test]
     fn one_upstream_before_and_after_is_the_same_one_whatever_its_name() {
         let r = router(vec![replica("upstream", 1, &[])]);
-        let s = r.table().slot(0).scheduler.clone();
+        let s = r.table().row(0).scheduler.clone();
         let renamed = ReplicaConfig {
             max_concurrency: 4,
             ..replica("renamed", 1, &[])
         };
         let change = r.reconfigure(vec![renamed], &limits(1), false);
         assert!(change.is_empty(), "{change:?}");
-        assert!(Arc::ptr_eq(&r.table().slot(0).scheduler, &s));
+        assert!(Arc::ptr_eq(&r.table().row(0).scheduler, &s));
         assert_eq!(s.snapshot().max_concurrency, 4, "its own limit applies");
     }
 

@@ -158,7 +158,7 @@ impl InProcess {
 
     /// The first upstream's waiting and running counts.
     pub fn counts(&self) -> (usize, usize) {
-        self.router.table().slot(0).scheduler.snapshot_counts()
+        self.router.table().row(0).scheduler.snapshot_counts()
     }
 }
 

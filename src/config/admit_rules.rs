@@ -5,7 +5,7 @@ use crate::types::Priority;
 /// Which requests are admitted and how their bodies are read: the slice of
 /// the config this step needs.
 #[derive(Clone, Debug)]
-pub struct Routes {
+pub struct AdmitRules {
     /// Paths of the generation endpoints (POST only).
     pub admit_paths: Vec<String>,
     /// Largest request body buffered.
