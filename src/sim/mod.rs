@@ -442,6 +442,7 @@ pub fn spawn_in_memory(host: &str, cfg: SimConfig) -> std::io::Result<SimHandle>
     let serving = state.clone();
     let task = tokio::spawn(async move {
         while let Some(io) = listener.accept().await {
+            serving.connections.fetch_add(1, Ordering::SeqCst);
             let state = serving.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();

@@ -472,3 +472,94 @@ where
         self.incoming.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use http_body_util::{BodyExt, Either, Full};
+
+    use super::*;
+    use crate::sim::{Mode, SimConfig, SimHandle};
+
+    /// A simulator in process, and a pool to it that keeps idle
+    /// connections a minute.
+    fn setup(name: &str) -> (SimHandle, Arc<Pool<Sent>>) {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let host = format!(
+            "pool-{name}-{}{}",
+            N.fetch_add(1, Ordering::Relaxed),
+            crate::memory::HOST_SUFFIX
+        );
+        let sim = crate::sim::spawn_in_memory(
+            &host,
+            SimConfig {
+                mode: Mode::Batch,
+                ttft: Duration::from_millis(10),
+                output_tokens: 2,
+                ..SimConfig::default()
+            },
+        )
+        .expect("a free host");
+        let origin = Origin::parse(&sim.url()).expect("the simulator's URL");
+        let pool = Pool::new(origin, Duration::from_secs(5), Duration::from_secs(60));
+        (sim, pool)
+    }
+
+    /// A buffered request body, as admitted requests have.
+    type Sent = Either<Full<Bytes>, Full<Bytes>>;
+
+    fn chat() -> Request<Sent> {
+        let mut req = Request::post("/v1/chat/completions")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Either::Left(Full::new(Bytes::from_static(
+                br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            ))))
+            .expect("a request");
+        crate::upstream::rewrite::request(
+            &mut req,
+            &Origin::parse("http://pool.memory.invalid").expect("an origin"),
+        );
+        req
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_read_to_its_end_is_used_again() {
+        let (sim, pool) = setup("reuse");
+        for n in 1..=3 {
+            let resp = pool.clone().send(chat()).await.expect("an answer");
+            assert_eq!(resp.status(), 200);
+            // Until the body is read, the connection is the body's.
+            assert_eq!(pool.idle_len(), 0);
+            resp.into_body().collect().await.expect("the body");
+            assert_eq!(pool.idle_len(), 1, "request {n}");
+        }
+        assert_eq!(sim.stats().connections, 1);
+        assert_eq!(sim.stats().received, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_dropped_unread_takes_its_connection_with_it() {
+        let (sim, pool) = setup("dropped");
+        let resp = pool.clone().send(chat()).await.expect("an answer");
+        drop(resp);
+        assert_eq!(pool.idle_len(), 0);
+        let resp = pool.clone().send(chat()).await.expect("an answer");
+        resp.into_body().collect().await.expect("the body");
+        assert_eq!(sim.stats().connections, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_past_the_timeout_are_reaped_and_not_used() {
+        let (sim, pool) = setup("idle");
+        let resp = pool.clone().send(chat()).await.expect("an answer");
+        resp.into_body().collect().await.expect("the body");
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(pool.reap(), 1, "within the idle timeout: kept");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(pool.reap(), 0, "past it: closed");
+        let resp = pool.clone().send(chat()).await.expect("an answer");
+        resp.into_body().collect().await.expect("the body");
+        assert_eq!(sim.stats().connections, 2);
+    }
+}
