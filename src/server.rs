@@ -98,6 +98,12 @@ impl ConnGate {
         self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Connections open now from `ip`, where `max_connections_per_ip` is
+    /// set (0 where it is not: they are not counted by address).
+    pub fn open_from(&self, ip: std::net::IpAddr) -> usize {
+        self.per_ip.lock().get(&ip).copied().unwrap_or(0)
+    }
+
     /// Let a connection from `ip` in, or not.
     fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnTicket> {
         use std::sync::atomic::Ordering::Relaxed;

@@ -111,7 +111,11 @@ async fn one_address_hoarding_connections_does_not_lock_out_others() {
     for _ in 0..3 {
         hoard.push(connect_from("127.0.0.2", proxy.addr).await);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hoarder: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    wait_until("the three are in", || {
+        proxy.connections.open_from(hoarder) == 3
+    })
+    .await;
     // Its fourth is closed at once.
     let mut fourth = connect_from("127.0.0.2", proxy.addr).await;
     let _ = fourth
@@ -128,7 +132,10 @@ async fn one_address_hoarding_connections_does_not_lock_out_others() {
     body_bytes(resp).await;
     // When the hoarder lets one go, it may connect again.
     drop(hoard.pop());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("one of the three is gone", || {
+        proxy.connections.open_from(hoarder) == 2
+    })
+    .await;
     let mut again = connect_from("127.0.0.2", proxy.addr).await;
     again
         .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -142,7 +149,7 @@ async fn the_total_connection_limit_holds() {
     let (_sim, proxy, _) = setup(sim_config(Mode::Batch), |c| c.max_connections = 2).await;
     let _a = TcpStream::connect(proxy.addr).await.unwrap();
     let _b = TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("both are in", || proxy.connections.open() == 2).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     let _ = c
         .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")

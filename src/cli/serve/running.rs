@@ -43,6 +43,9 @@ pub struct Running {
     pub reloader: Arc<crate::reload::Reloader>,
     /// The upstreams as they are now (a reload may change them).
     pub router: Arc<Router>,
+    /// The count of client connections against `max_connections` and
+    /// `max_connections_per_ip`.
+    pub connections: Arc<crate::server::ConnGate>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -267,6 +270,7 @@ pub async fn start_app(
         drain,
         reloader,
         router,
+        connections: gate,
         threads,
     })
 }
