@@ -104,8 +104,18 @@ async fn sigterm_mid_50_streams_loses_nothing() {
             ))
         })
         .collect();
-    // Mid-way: the long ones and some short ones run, the rest wait.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Mid-way: ten short ones done, every slot busy, others waiting
+    // (among them long ones, which cannot finish in the drain's 2 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&proc.admin).await;
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        if n("completed") >= 10 && n("running") == 10 && n("waiting") >= 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never mid-way: {s}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let signalled = Instant::now();
     proc.terminate();
     let mut ended = Vec::new();
