@@ -90,7 +90,7 @@ pub fn build_stack(config: &Config, app: &App, recorder: Arc<Recorder>) -> Stack
 
 /// Build the proxy around any upstream service.
 /// `live` holds the settings a reload may replace (keys, admit rules).
-pub fn build_stack_with<U, B>(
+pub(crate) fn build_stack_with<U, B>(
     config: &Config,
     live: &Live,
     router: Arc<Router>,

@@ -41,7 +41,7 @@ impl Drain {
     }
 
     /// Start draining, to end at `deadline`. Later calls change nothing.
-    pub fn begin(&self, deadline: Instant) {
+    pub(crate) fn begin(&self, deadline: Instant) {
         let _ = self.0.set(deadline);
     }
 

@@ -217,7 +217,7 @@ impl StdError for Panicked {}
 /// The last event of a stream anteroom ends itself: an OpenAI-shaped error
 /// as one SSE `data:` event, after a blank line that ends any event left
 /// half-written.
-pub fn error_event(kind: &str, code: &str, message: &str) -> Bytes {
+pub(crate) fn error_event(kind: &str, code: &str, message: &str) -> Bytes {
     let event = serde_json::json!({
         "error": {
             "message": message,
@@ -276,7 +276,7 @@ impl UpstreamUnavailable {
 
     /// Whether the request may be sent again: only if no byte of an
     /// answer came back.
-    pub fn may_retry(&self) -> bool {
+    pub(crate) fn may_retry(&self) -> bool {
         self.how == Broke::Unanswered
     }
 }
@@ -351,7 +351,7 @@ pub struct Described {
 }
 
 /// The first error of type `E` in `err`'s source chain.
-pub fn cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+pub(crate) fn cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(found) = e.downcast_ref::<E>() {
@@ -366,7 +366,7 @@ pub fn cause<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Op
 /// handshake failed): a settings problem that trying again will not fix.
 /// rustls' error travels inside an `io::Error`, whose `source()` skips it,
 /// so the `io::Error`s of the chain are looked into.
-pub fn is_tls_failure(err: &(dyn StdError + 'static)) -> bool {
+pub(crate) fn is_tls_failure(err: &(dyn StdError + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if e.is::<rustls::Error>() {
@@ -387,7 +387,7 @@ pub fn is_tls_failure(err: &(dyn StdError + 'static)) -> bool {
 
 /// Classify an error: status, type, code and retry advice. A flat list, most
 /// specific first.
-pub fn describe(err: &(dyn StdError + 'static)) -> Described {
+pub(crate) fn describe(err: &(dyn StdError + 'static)) -> Described {
     let d = |status, kind, code, retry_after| Described {
         status,
         kind,
@@ -516,7 +516,7 @@ pub fn rescue(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
 }
 
 /// An OpenAI-shaped error response.
-pub fn error_response(d: &Described, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error_response(d: &Described, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({
         "error": {
             "message": message,

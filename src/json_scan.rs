@@ -44,7 +44,7 @@ pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
 /// `body` with the value of every top-level `key` replaced by `value` (JSON
 /// text). `None` if it has no such key or is not a JSON object the scanner
 /// reads.
-pub fn with_value(body: &[u8], name: &[u8], value: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn with_value(body: &[u8], name: &[u8], value: &[u8]) -> Option<Vec<u8>> {
     let mut spans = Vec::new();
     let mut i = skip_ws(body, 0);
     if *body.get(i)? != b'{' {

@@ -29,7 +29,7 @@ fn listeners() -> &'static Listeners {
 }
 
 /// Whether `host` names an in-process listener.
-pub fn is_memory(host: &str) -> bool {
+pub(crate) fn is_memory(host: &str) -> bool {
     host.ends_with(HOST_SUFFIX)
 }
 

@@ -64,7 +64,7 @@ impl Origin {
     }
 
     /// Is it `https://`?
-    pub fn is_https(&self) -> bool {
+    pub(crate) fn is_https(&self) -> bool {
         self.https
     }
 
@@ -95,7 +95,7 @@ impl Origin {
     /// Send `key` to this upstream as `Authorization: Bearer …` in place of
     /// whatever the client sent. Refused when it cannot be a header value
     /// (the message does not repeat the key).
-    pub fn with_api_key(mut self, key: &str) -> Result<Self, String> {
+    pub(crate) fn with_api_key(mut self, key: &str) -> Result<Self, String> {
         let mut v = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
             .map_err(|_| "the API key has characters a header cannot carry".to_string())?;
         v.set_sensitive(true);
@@ -106,7 +106,7 @@ impl Origin {
     /// Whether `other` reaches the same place the same way: scheme,
     /// authority, path prefix and upstream key (a pool of connections to
     /// one serves the other).
-    pub fn same_address(&self, other: &Origin) -> bool {
+    pub(crate) fn same_address(&self, other: &Origin) -> bool {
         self.https == other.https
             && self.authority == other.authority
             && self.prefix == other.prefix
@@ -121,12 +121,6 @@ impl Origin {
     /// The authority (host:port).
     pub fn authority(&self) -> &Authority {
         &self.authority
-    }
-
-    /// The absolute URL of `path` on this origin (its prefix included).
-    pub fn url_for(&self, path: &str) -> String {
-        let scheme = if self.https { "https" } else { "http" };
-        format!("{scheme}://{}{}{}", self.authority, self.prefix, path)
     }
 
     /// The origin-form URI of `path` (behind the prefix).

@@ -41,7 +41,7 @@ fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String
 }
 
 /// The listener's TLS settings from a certificate chain and its key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
     let chain = certs(cert, "tls_cert")?;
     let shown = key.display();
     std::fs::metadata(key).map_err(|e| format!("tls_key `{shown}`: {e}"))?;
@@ -59,7 +59,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 
 /// The settings for `https://` upstreams: the webpki roots, plus the CAs in
 /// `extra_ca` if given.
-pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {

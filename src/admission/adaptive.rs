@@ -70,7 +70,7 @@ pub const GAIN: f64 = 0.05;
 /// How long growth pauses after a step back or a shrink.
 pub const HOLD: Duration = Duration::from_secs(30);
 /// The least time a window of measurement lasts.
-pub const MIN_WINDOW: Duration = Duration::from_secs(1);
+pub(crate) const MIN_WINDOW: Duration = Duration::from_secs(1);
 /// Time waited inside the backend below this is not a queue (its own
 /// scheduling step, the network).
 pub const WAIT_FLOOR: Duration = Duration::from_millis(100);

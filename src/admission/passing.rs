@@ -37,7 +37,7 @@ impl Passing {
     }
 
     /// Change the bound (a reload); requests passing now finish.
-    pub fn set_max(&self, max: usize) {
+    pub(crate) fn set_max(&self, max: usize) {
         self.max.store(max, Relaxed);
     }
 

@@ -124,7 +124,7 @@ impl Permit {
 
     /// Whether it may still be preempted: its request must be kept to be
     /// sent again.
-    pub fn is_preemptible(&self) -> bool {
+    pub(crate) fn is_preemptible(&self) -> bool {
         self.victim().is_some_and(|v| v.rx.is_some())
     }
 

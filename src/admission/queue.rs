@@ -198,7 +198,7 @@ impl<T> PriorityQueue<T> {
 
     /// Change the bound. Entries already queued stay, even above a lowered
     /// bound: they were promised a place.
-    pub fn set_capacity(&mut self, capacity: usize) {
+    pub(crate) fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity;
     }
 
@@ -283,7 +283,7 @@ impl<T> PriorityQueue<T> {
 
     /// A place in the arrival order for a request that started without
     /// waiting, should it ever be put back (see [`restore`](Self::restore)).
-    pub fn next_seq(&mut self) -> u64 {
+    pub(crate) fn next_seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq - 1
     }
@@ -468,7 +468,7 @@ impl<T> PriorityQueue<T> {
 
     /// How many entries stand before `key`, up to `most`, as
     /// [`ahead_of_new`](Self::ahead_of_new).
-    pub fn ahead_of(&self, key: &Place, most: usize) -> usize {
+    pub(crate) fn ahead_of(&self, key: &Place, most: usize) -> usize {
         self.entries.range(..*key).take(most).count()
     }
 

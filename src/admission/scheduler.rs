@@ -168,7 +168,7 @@ impl Scheduler {
 
     /// Change the concurrency limit (hot reload, adaptive limits). Raising it
     /// dispatches waiters at once; lowering it lets running requests finish.
-    pub fn set_max_concurrency(self: &Arc<Self>, max: usize) {
+    pub(crate) fn set_max_concurrency(self: &Arc<Self>, max: usize) {
         self.state.lock().max_concurrency = max;
         self.dispatch();
     }
@@ -345,7 +345,7 @@ impl Scheduler {
 
     /// Send every waiter away to be queued elsewhere (its upstream was
     /// taken out of service). Running requests are not touched.
-    pub fn reroute_waiting(&self) -> usize {
+    pub(crate) fn reroute_waiting(&self) -> usize {
         let waiters = self.state.lock().take_all_waiting();
         let n = waiters.len();
         for w in waiters {

@@ -36,16 +36,6 @@ impl<S> Admission<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwrap the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 /// A request that can stop sharing memory with its connection while it

@@ -121,7 +121,7 @@ impl Backend {
     }
 
     /// Set (or unset) its own `stream_upgrade`.
-    pub fn set_stream_upgrade(&self, on: Option<bool>) {
+    pub(crate) fn set_stream_upgrade(&self, on: Option<bool>) {
         let n = match on {
             None => 0,
             Some(false) => 1,
@@ -140,7 +140,7 @@ impl Backend {
     /// [`guard`](crate::upstream::guard)): vLLM, a server of no known kind,
     /// or one not identified yet. llama.cpp, Ollama and LM Studio refuse
     /// with a status, so their streams are not read ahead.
-    pub fn may_dress_refusals(&self) -> bool {
+    pub(crate) fn may_dress_refusals(&self) -> bool {
         !matches!(
             self.kind(),
             Some(Kind::LlamaCpp | Kind::Ollama | Kind::LmStudio)
@@ -172,7 +172,7 @@ impl Backend {
     }
 
     /// Say how the limit is decided now.
-    pub fn set_limit(&self, how: &'static str) {
+    pub(crate) fn set_limit(&self, how: &'static str) {
         self.state.lock().limit = how;
     }
 
@@ -274,9 +274,9 @@ impl Backend {
 }
 
 /// Each probe's time-out: short, so that a hung backend is seen as one.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest probe body read (`/slots` of many slots, vLLM's `/metrics`).
-pub const PROBE_MAX_BYTES: usize = 1 << 20;
+pub(crate) const PROBE_MAX_BYTES: usize = 1 << 20;
 
 /// What the upstream's client needs of it, as known so far.
 impl crate::upstream::Peer for Backend {

@@ -7,7 +7,7 @@ use crate::config::backend::Kind;
 /// The most slots a backend may report before the number is taken as
 /// garbage (llama-server's `--parallel` is a handful; vLLM's
 /// `max_num_seqs` is hundreds).
-pub const MAX_SLOTS: usize = 4096;
+pub(crate) const MAX_SLOTS: usize = 4096;
 
 fn json(body: &[u8]) -> Option<serde_json::Value> {
     serde_json::from_slice(body).ok()
@@ -19,12 +19,12 @@ fn count(v: &serde_json::Value) -> Option<usize> {
 }
 
 /// llama.cpp's `GET /props`: `total_slots`.
-pub fn props_slots(body: &[u8]) -> Option<usize> {
+pub(crate) fn props_slots(body: &[u8]) -> Option<usize> {
     count(json(body)?.get("total_slots")?)
 }
 
 /// llama.cpp's `GET /slots`: (slots, slots processing).
-pub fn slots_busy(body: &[u8]) -> Option<(usize, usize)> {
+pub(crate) fn slots_busy(body: &[u8]) -> Option<(usize, usize)> {
     let v = json(body)?;
     let list = v.as_array()?;
     if list.is_empty() || list.len() > MAX_SLOTS {
@@ -79,7 +79,7 @@ pub fn metrics(text: &str) -> Option<(Kind, Option<usize>, Option<usize>)> {
 }
 
 /// Ollama's `GET /api/version`: `{"version": "0.5.7"}`.
-pub fn ollama_version(body: &[u8]) -> Option<String> {
+pub(crate) fn ollama_version(body: &[u8]) -> Option<String> {
     let v = json(body)?;
     let version = v.get("version")?.as_str()?;
     // Nothing else in the object: LM Studio and others answer other shapes.
@@ -88,7 +88,7 @@ pub fn ollama_version(body: &[u8]) -> Option<String> {
 
 /// LM Studio's `GET /api/v0/models`: a list whose entries carry `state`
 /// (`loaded` / `not-loaded`). The number loaded.
-pub fn lmstudio_loaded(body: &[u8]) -> Option<usize> {
+pub(crate) fn lmstudio_loaded(body: &[u8]) -> Option<usize> {
     let v = json(body)?;
     let list = v.get("data")?.as_array()?;
     let mut loaded = 0;

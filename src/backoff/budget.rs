@@ -74,7 +74,7 @@ impl RetryBudget {
     }
 
     /// May a retry be sent? Counts it if so.
-    pub fn withdraw(&self) -> bool {
+    pub(crate) fn withdraw(&self) -> bool {
         let now = self.now();
         let (mut deposits, mut withdrawals) = (0, 0);
         for slot in &self.slots {

@@ -40,7 +40,7 @@ impl Cooldown {
     }
 
     /// How long the pause still lasts, if it does.
-    pub fn remaining(&self) -> Option<Duration> {
+    pub(crate) fn remaining(&self) -> Option<Duration> {
         let until = self.until.load(Ordering::Acquire);
         let now = self.now();
         (until > now).then(|| Duration::from_nanos(until - now))

@@ -89,7 +89,7 @@ pub async fn run(cli: Cli) -> Result<(), crate::BoxError> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

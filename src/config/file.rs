@@ -388,7 +388,7 @@ pub enum Concurrency {
 
 impl Concurrency {
     /// Whether anteroom decides the limit (not a number in the config).
-    pub fn is_adaptive(self) -> bool {
+    pub(crate) fn is_adaptive(self) -> bool {
         !matches!(self, Concurrency::Fixed(_))
     }
 }

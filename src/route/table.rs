@@ -59,12 +59,12 @@ pub struct Table {
 
 impl Table {
     /// The upstreams in service, in config order.
-    pub fn active(&self) -> impl Iterator<Item = (usize, &Arc<Row>)> {
+    pub(crate) fn active(&self) -> impl Iterator<Item = (usize, &Arc<Row>)> {
         self.order.iter().map(|&i| (i, &self.rows[i]))
     }
 
     /// How many upstreams are in service.
-    pub fn active_len(&self) -> usize {
+    pub(crate) fn active_len(&self) -> usize {
         self.order.len()
     }
 
@@ -376,7 +376,7 @@ impl Router {
     }
 
     /// A health probe of upstream `i` succeeded: back in service.
-    pub fn readmit(&self, i: usize) {
+    pub(crate) fn readmit(&self, i: usize) {
         let table = self.table.load();
         let h = &table.row(i).health;
         h.failures.store(0, Ordering::Release);
@@ -387,7 +387,11 @@ impl Router {
 
     /// The upstream for a request for `model`: among those that serve it
     /// and are in service (not `exclude`), the least loaded for its weight.
-    pub fn pick(&self, model: Option<&str>, exclude: Option<usize>) -> Result<usize, BoxError> {
+    pub(crate) fn pick(
+        &self,
+        model: Option<&str>,
+        exclude: Option<usize>,
+    ) -> Result<usize, BoxError> {
         // Upstreams that name the model come first; `"*"` ones take the rest,
         // and what the named ones cannot take while out of service.
         let named = |r: &ReplicaConfig| match (&r.models, model) {
@@ -475,14 +479,14 @@ impl Router {
     }
 
     /// Whether [`close`](Self::close) was called.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
     /// Read every upstream's backend (now and added by reloads) until
     /// [`close`](Self::close), identifying it every `every` (see
     /// [`backend`](crate::backend)).
-    pub fn start_watching_backends(self: &Arc<Self>, every: Duration) {
+    pub(crate) fn start_watching_backends(self: &Arc<Self>, every: Duration) {
         if self.watching.set(every).is_err() {
             return;
         }

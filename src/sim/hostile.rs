@@ -57,13 +57,13 @@ pub enum Hostile {
 }
 
 /// One token event of the hostile streams.
-pub const TOKEN_EVENT: &str = r#"{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[{"index":0,"delta":{"role":"assistant","content":"hostile"},"finish_reason":null}]}"#;
+pub(crate) const TOKEN_EVENT: &str = r#"{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[{"index":0,"delta":{"role":"assistant","content":"hostile"},"finish_reason":null}]}"#;
 
 /// The finish event of the hostile streams.
-pub const FINISH_EVENT: &str = r#"{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+pub(crate) const FINISH_EVENT: &str = r#"{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
 
 /// A usage event with `completion_tokens` of `n`.
-pub fn usage_event(n: &str) -> String {
+pub(crate) fn usage_event(n: &str) -> String {
     format!(
         r#"{{"id":"h","object":"chat.completion.chunk","created":1,"model":"hostile","choices":[],"usage":{{"prompt_tokens":1,"completion_tokens":{n},"total_tokens":2}}}}"#
     )

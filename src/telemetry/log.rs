@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::record::Finished;
 
 /// Records the channel holds before new ones are dropped.
-pub const CAPACITY: usize = 65_536;
+pub(crate) const CAPACITY: usize = 65_536;
 
 enum Msg {
     Record(Box<Finished>),

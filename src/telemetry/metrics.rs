@@ -35,7 +35,7 @@ const TOKEN_BUCKETS: &[f64] = &[
 ];
 
 /// The label value of a priority.
-pub fn priority_label(p: Priority) -> String {
+pub(crate) fn priority_label(p: Priority) -> String {
     if p < *LABELLED.start() {
         format!("<{}", LABELLED.start())
     } else if p > *LABELLED.end() {
@@ -406,7 +406,7 @@ impl Metrics {
     }
 
     /// Count a refused request that was not retried again.
-    pub fn retries_given_up(&self, why: &str) {
+    pub(crate) fn retries_given_up(&self, why: &str) {
         self.given_up.with_label_values(&[why]).inc();
     }
 

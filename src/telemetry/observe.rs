@@ -365,7 +365,8 @@ pub fn scan_event(payload: &[u8], usage: &mut Usage) -> Event {
 }
 
 /// The `usage` of a whole JSON response body.
-pub fn json_usage(body: &[u8]) -> Usage {
+#[cfg(test)]
+fn json_usage(body: &[u8]) -> Usage {
     json_usage_and_timings(body).0
 }
 
@@ -406,13 +407,13 @@ fn timings_object(obj: &[u8]) -> Option<BackendTimings> {
 }
 
 /// The `timings` of an SSE event without output (llama.cpp's last chunk).
-pub fn event_timings(payload: &[u8]) -> Option<BackendTimings> {
+pub(crate) fn event_timings(payload: &[u8]) -> Option<BackendTimings> {
     let at = TIMINGS.find(payload)?;
     timings_object(&payload[at + TIMINGS.needle().len()..])
 }
 
 /// The `usage` and llama.cpp `timings` of a whole JSON response body.
-pub fn json_usage_and_timings(body: &[u8]) -> (Usage, BackendTimings) {
+pub(crate) fn json_usage_and_timings(body: &[u8]) -> (Usage, BackendTimings) {
     let mut usage = Usage::default();
     let mut timings = BackendTimings::default();
     // `usage` comes last in every server's answer; start at its key rather

@@ -227,7 +227,7 @@ impl Finished {
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T21:05:03.123Z`.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

@@ -46,7 +46,7 @@ pub(crate) fn micros(d: Duration) -> u64 {
 
 impl Signals {
     /// The upstream pushed back: 429/503, a time-out, a stalled stream.
-    pub fn overload(&self) {
+    pub(crate) fn overload(&self) {
         self.overloads.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -59,7 +59,7 @@ impl Signals {
 
     /// The backend reported its timings: `waited` inside it before
     /// `prefill` began.
-    pub fn backend_wait(&self, waited: Duration, prefill: Duration) {
+    pub(crate) fn backend_wait(&self, waited: Duration, prefill: Duration) {
         self.wait_sum_us
             .fetch_add(micros(waited), Ordering::Relaxed);
         self.prompt_sum_us

@@ -97,7 +97,7 @@ impl Tap {
     }
 
     /// Note that the request was handed now to the upstream `name`.
-    pub fn dispatched_to(&self, name: &Arc<str>) {
+    pub(crate) fn dispatched_to(&self, name: &Arc<str>) {
         self.dispatched();
         *self.0.upstream.lock() = Some(name.clone());
     }
@@ -108,13 +108,13 @@ impl Tap {
     }
 
     /// Note who is asking (the API key's name).
-    pub fn set_tenant(&self, name: Arc<str>) {
+    pub(crate) fn set_tenant(&self, name: Arc<str>) {
         let _ = self.0.tenant.set(name);
     }
 
     /// Note the tokens charged to the key's tokens-per-minute limit, to be
     /// corrected from `usage` when the request ends.
-    pub fn set_token_charge(&self, charge: crate::types::TokenCharge) {
+    pub(crate) fn set_token_charge(&self, charge: crate::types::TokenCharge) {
         let _ = self.0.tokens.set(charge);
     }
 
@@ -125,7 +125,7 @@ impl Tap {
 
     /// Note that the upstream's stream failed part-way, with this code
     /// (the client got an error event instead of the rest).
-    pub fn stream_failed(&self, code: &'static str) {
+    pub(crate) fn stream_failed(&self, code: &'static str) {
         let _ = self.0.stream_error.set(code);
     }
 
@@ -136,12 +136,12 @@ impl Tap {
     }
 
     /// Whether it went upstream as a stream, answered as JSON.
-    pub fn was_upgraded(&self) -> bool {
+    pub(crate) fn was_upgraded(&self) -> bool {
         self.0.upgraded.load(Ordering::Relaxed)
     }
 
     /// A token came out of an upgraded request's stream, now.
-    pub fn token_out(&self) {
+    pub(crate) fn token_out(&self) {
         if self.0.first_token.load(Ordering::Relaxed) == 0 {
             self.stamp(&self.0.first_token);
         }
@@ -173,7 +173,7 @@ impl Tap {
     }
 
     /// Note that the upstream's response headers arrived now.
-    pub fn headers_arrived(&self) {
+    pub(crate) fn headers_arrived(&self) {
         self.stamp(&self.0.headers);
     }
 

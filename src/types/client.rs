@@ -36,7 +36,7 @@ impl ClientAddr {
     }
 
     /// The client came over TLS.
-    pub fn over_tls(mut self) -> Self {
+    pub(crate) fn over_tls(mut self) -> Self {
         self.proto = HeaderValue::from_static("https");
         self
     }
@@ -47,7 +47,7 @@ impl ClientAddr {
     }
 
     /// `https` when the client came over TLS, else `http`.
-    pub fn proto(&self) -> &HeaderValue {
+    pub(crate) fn proto(&self) -> &HeaderValue {
         &self.proto
     }
 

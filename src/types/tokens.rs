@@ -77,12 +77,12 @@ impl TokenBudget {
     }
 
     /// The most one charge counts: a minute's tokens (see [`charge`](Self::charge)).
-    pub fn largest_charge(&self) -> u64 {
+    pub(crate) fn largest_charge(&self) -> u64 {
         u64::from(self.per_minute.get())
     }
 
     /// A request charged `charged` tokens turned out to use `used`.
-    pub fn correct(&self, charged: u64, used: u64) {
+    pub(crate) fn correct(&self, charged: u64, used: u64) {
         let diff = i64::try_from(used)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(charged).unwrap_or(i64::MAX));

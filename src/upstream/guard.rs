@@ -124,7 +124,7 @@ impl<B> StreamGuard<B> {
 
     /// Take the usage event anteroom asked for out of this stream, noting
     /// its usage in the request's tap (see [`usage`](super::usage)).
-    pub fn stripping_usage(mut self) -> Self {
+    pub(crate) fn stripping_usage(mut self) -> Self {
         self.strip = Some(Box::default());
         self
     }
@@ -399,7 +399,7 @@ where
     /// an error response with a status line, where hyper, with the headers
     /// handed to it, could only close the connection on a client that has
     /// nothing. Ready with the failure, if it failed.
-    pub fn poll_first_piece(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    pub(crate) fn poll_first_piece(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match Pin::new(&mut *self).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(Ok(())),

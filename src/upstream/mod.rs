@@ -40,7 +40,7 @@ use pool::Pool;
 /// Attach TLS settings to the `https://` upstreams among `replicas`: the
 /// webpki roots, plus the CAs of `ca_file`, read now. With neither an
 /// `https://` upstream nor a CA file, nothing is read.
-pub fn secure(
+pub(crate) fn secure(
     replicas: &mut [ReplicaConfig],
     ca_file: Option<&std::path::Path>,
 ) -> Result<(), ConfigError> {
@@ -211,7 +211,7 @@ where
     }
 
     /// Read streams ahead only as `backend`'s kind needs.
-    pub fn of_backend(mut self, backend: Arc<dyn Peer>) -> Self {
+    pub(crate) fn of_backend(mut self, backend: Arc<dyn Peer>) -> Self {
         self.backend = Some(backend);
         self
     }
@@ -223,7 +223,7 @@ where
     }
 
     /// End streams still running at `drain`'s deadline with an error event.
-    pub fn with_drain(mut self, drain: Drain) -> Self {
+    pub(crate) fn with_drain(mut self, drain: Drain) -> Self {
         self.drain = Some(drain);
         self
     }

@@ -26,7 +26,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Remove hop-by-hop headers, including those the `Connection` header names.
 /// Most requests carry none: one pass over the names finds that out, without
 /// a hash lookup per hop-by-hop name.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }

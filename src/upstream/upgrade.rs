@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 /// `true` (replaced where it is, else added) and
 /// `"stream_options":{"include_usage":true}` added. `None` if it is not a
 /// JSON object the scanner reads, or already names `stream_options`.
-pub fn ask_stream(body: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn ask_stream(body: &[u8]) -> Option<Vec<u8>> {
     let fields = crate::json_scan::scan(body);
     if fields.stream_options || fields.stream == Some(true) {
         return None;

@@ -100,7 +100,7 @@ impl Strip {
 
     /// That usage, the first time it is asked for after the event was
     /// taken out; `None` after.
-    pub fn take_usage(&mut self) -> Option<Usage> {
+    pub(crate) fn take_usage(&mut self) -> Option<Usage> {
         self.usage.take()
     }
 }
