@@ -10,7 +10,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower::Service;
 
-use super::Router;
+use super::{Router, Row};
 use crate::config::ClientSettings;
 use crate::drain::Drain;
 use crate::upstream::{PooledBody, Replay, ResponseFuture, StreamGuard, Upstream};
@@ -113,6 +113,18 @@ where
         self.pools.load()
     }
 
+    /// A client for `row`: its address, name and backend, ending its
+    /// streams at the drain deadline.
+    fn client_for(&self, row: &Row) -> Upstream<B> {
+        let client = Upstream::new(row.config.origin.clone(), &self.settings)
+            .named(&row.config.name)
+            .of_backend(row.backend.clone());
+        match &self.drain {
+            Some(drain) => client.with_drain(drain.clone()),
+            None => client,
+        }
+    }
+
     /// Match the pools to the table: keep those whose address stays, open
     /// new ones, drop those of removed upstreams.
     fn refresh(&self) {
@@ -135,13 +147,7 @@ where
                         return Some((*id, c.clone()));
                     }
                 }
-                let mut client = Upstream::new(row.config.origin.clone(), &self.settings)
-                    .named(&row.config.name)
-                    .of_backend(row.backend.clone());
-                if let Some(drain) = &self.drain {
-                    client = client.with_drain(drain.clone());
-                }
-                Some((row.id, client))
+                Some((row.id, self.client_for(row)))
             })
             .collect();
         self.pools.store(Arc::new(Pools {
@@ -194,10 +200,7 @@ where
             Some(Some((_, client))) => client.send(req),
             _ => {
                 let row = self.router.table().row(i).clone();
-                Upstream::new(row.config.origin.clone(), &self.settings)
-                    .named(&row.config.name)
-                    .of_backend(row.backend.clone())
-                    .send(req)
+                self.client_for(&row).send(req)
             }
         };
         if pools.clients.len() > 1 {
