@@ -299,6 +299,37 @@ impl StdError for UpstreamUnavailable {
     }
 }
 
+/// An error that says when to try again: a 502 from an upstream that is
+/// down carries the time until its health is next checked. Reads as the
+/// error it wraps.
+#[derive(Debug)]
+pub(crate) struct Advised {
+    inner: BoxError,
+    after: Duration,
+}
+
+impl Advised {
+    /// `inner`, with `after` as the advice, unless it has advice already.
+    pub(crate) fn wrap(inner: BoxError, after: Duration) -> BoxError {
+        if cause::<Advised>(&*inner).is_some() {
+            return inner;
+        }
+        Box::new(Self { inner, after })
+    }
+}
+
+impl fmt::Display for Advised {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl StdError for Advised {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.inner)
+    }
+}
+
 /// The upstream sent no response headers in time (504).
 #[derive(Debug)]
 pub struct UpstreamTimeout {
@@ -483,7 +514,7 @@ pub(crate) fn describe(err: &(dyn StdError + 'static)) -> Described {
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             "upstream_unavailable",
-            None,
+            cause::<Advised>(err).map(|a| a.after),
         );
     }
     d(

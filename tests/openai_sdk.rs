@@ -45,11 +45,16 @@ fn python_with_openai() -> PathBuf {
 }
 
 fn run_script(python: &PathBuf, base: &str, mode: &str) -> serde_json::Value {
+    run_script_with(python, base, mode, &[])
+}
+
+fn run_script_with(python: &PathBuf, base: &str, mode: &str, args: &[&str]) -> serde_json::Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
     let out = Command::new(python)
         .arg(script)
         .arg(format!("{base}/v1"))
         .arg(mode)
+        .args(args)
         .output()
         .expect("run the SDK script");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -147,4 +152,54 @@ async fn the_openai_sdk_raises_the_error_event_of_a_stream_cut_short() {
     assert_eq!(out["error"], "APIError", "{out}");
     assert_eq!(out["error_code"], "upstream_stream_error", "{out}");
     assert_eq!(out["streamed"], "tok0 tok1 tok2 ", "{out}");
+}
+
+/// A burst of SDK clients, most refused at once: each is told its own time
+/// (behind the queue and behind the ones refused before it, spread over a
+/// band), so they come back one after another and get in at their first
+/// retry instead of colliding again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_burst_of_sdk_clients_comes_back_spread_and_gets_in() {
+    trace_init();
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mut cfg = sim_config(Mode::Serial);
+    cfg.ttft = Duration::from_millis(60);
+    let sim = sim(cfg).await;
+    let proxy = proxy(&sim.url(), |c| {
+        c.max_concurrency = 1.into();
+        c.max_queue = 4;
+    })
+    .await;
+    let base = proxy.url();
+    let out =
+        tokio::task::spawn_blocking(move || run_script_with(&python, &base, "burst", &["16"]))
+            .await
+            .unwrap();
+    let clients = out["clients"].as_array().unwrap();
+    let refused_first: Vec<f64> = clients
+        .iter()
+        .filter(|c| c[0][0] == 429)
+        .map(|c| c[0][1].as_str().unwrap().parse::<f64>().unwrap())
+        .collect();
+    assert!(
+        refused_first.len() >= 8,
+        "most of the burst is refused: {out}"
+    );
+    let refused_again = clients
+        .iter()
+        .filter(|c| c.as_array().unwrap().iter().filter(|r| r[0] == 429).count() > 1)
+        .count();
+    assert_eq!(
+        refused_again, 0,
+        "no client is refused a second time: {out}"
+    );
+    let (lo, hi) = refused_first
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &ms| (lo.min(ms), hi.max(ms)));
+    assert!(
+        hi - lo >= 60.0 * (refused_first.len() as f64 - 1.0) * 0.8,
+        "the advice spreads the burst over its turns: {out}"
+    );
 }

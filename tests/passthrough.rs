@@ -187,6 +187,18 @@ async fn an_unreachable_upstream_is_a_502() {
     for stream in [false, true] {
         let resp = chat(&client, &proxy.url(), None, "x", stream, 1).await;
         assert_eq!(resp.status(), 502);
+        // Come back once its health was checked again, not at once (a
+        // client's SDK would otherwise add retries of its own).
+        let advised = |resp: &http::Response<_>| {
+            let h = |n| {
+                resp.headers()
+                    .get(n)
+                    .and_then(|v: &http::HeaderValue| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            (h("retry-after"), h("retry-after-ms"))
+        };
+        assert_eq!(advised(&resp), (Some("5".into()), Some("5000".into())));
         let body = body_json(resp).await;
         assert_eq!(body["error"]["code"], "upstream_unavailable");
         assert_eq!(body["error"]["type"], "upstream_error");

@@ -75,6 +75,7 @@
 //! ```
 
 pub mod adaptive;
+mod advice;
 pub mod future;
 mod layer;
 pub mod passing;

@@ -26,6 +26,8 @@ use crate::types::{Priority, TenantId};
 pub struct Permit {
     scheduler: Option<Arc<Scheduler>>,
     priority: Priority,
+    /// Where the scheduler keeps its start time.
+    slot: u32,
     tenant: TenantId,
     started: Instant,
     /// Only with preemption on (boxed: a permit travels inside the
@@ -71,11 +73,13 @@ impl Permit {
         scheduler: Arc<Scheduler>,
         priority: Priority,
         tenant: TenantId,
+        slot: u32,
         started: Instant,
     ) -> Self {
         Self {
             scheduler: Some(scheduler),
             priority,
+            slot,
             tenant,
             started,
             preempt: None,
@@ -85,6 +89,11 @@ impl Permit {
     /// When the request was dispatched.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Where the scheduler keeps its start time.
+    pub(crate) fn slot(&self) -> u32 {
+        self.slot
     }
 
     /// The priority it runs at.
@@ -208,7 +217,7 @@ impl Drop for Permit {
         }
         if let Some(scheduler) = self.scheduler.take() {
             let run = self.run();
-            scheduler.release(self.priority, self.tenant, self.started, run);
+            scheduler.release(self.priority, self.tenant, self.slot, self.started, run);
         }
     }
 }

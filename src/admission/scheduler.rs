@@ -113,8 +113,8 @@ impl Scheduler {
                 false => st.preempt_for(self, priority),
             };
             if room || handover.is_some() {
-                st.start(priority, share.id, now);
-                let mut permit = Permit::new(self.clone(), priority, share.id, now);
+                let slot = st.start(priority, share.id, now);
+                let mut permit = Permit::new(self.clone(), priority, share.id, slot, now);
                 if let Some(rx) = handover {
                     permit.handed_over(rx);
                 }
@@ -145,7 +145,7 @@ impl Scheduler {
                         // The victim was last in line; had it stayed, it would
                         // now stand behind everyone queued.
                         let place = st.queue.len() + 1;
-                        let retry = st.retry_after(place, cap);
+                        let retry = st.advise_refused(victim_key.priority(), place);
                         evicted = Some((victim, retry));
                         Acquire::Queued(Ticket::new(self.clone(), key, rx, st.queue_timeout))
                     }
@@ -153,7 +153,7 @@ impl Scheduler {
                         st.forget_if_idle(share.id);
                         let most = st.places_that_matter(cap);
                         let place = st.queue.ahead_of_new(priority, share.id, most) + 1;
-                        let retry = st.retry_after(place, cap);
+                        let retry = st.advise_refused(priority, place);
                         Acquire::Rejected(Overloaded::new(Reason::QueueFull, retry))
                     }
                 }
@@ -210,14 +210,14 @@ impl Scheduler {
 
     /// A snapshot of the state, for /status.
     pub fn snapshot(&self) -> QueueStatus {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
         QueueStatus {
             waiting: st.queue.len(),
             running: st.running,
             max_concurrency: st.max_concurrency,
             max_queue: st.queue.capacity(),
             completed: st.completed,
-            service_time_ms: st.service_secs.map(|s| s * 1000.0),
+            service_time_ms: st.turns.turn().map(|s| s * 1000.0),
             waiting_by_priority: st.queue.waiting_by_priority().collect(),
             running_by_priority: st.running_by_priority.clone(),
             reservations: st.reservations(),
@@ -242,8 +242,9 @@ impl Scheduler {
 
     /// The delay to advise a request that would stand `place`-th in line.
     pub fn advise(&self, place: usize) -> Duration {
-        let st = self.state.lock();
-        st.retry_after(place, st.retry_after_cap)
+        let mut st = self.state.lock();
+        let cap = st.retry_after_cap;
+        st.retry_after(place, cap)
     }
 
     /// Called by a [`Permit`] when its request is over: account for it, then
@@ -252,6 +253,7 @@ impl Scheduler {
         self: &Arc<Self>,
         priority: Priority,
         tenant: TenantId,
+        slot: u32,
         started: Instant,
         run: Option<u64>,
     ) {
@@ -260,7 +262,7 @@ impl Scheduler {
             if let Some(run) = run {
                 st.victims.remove(&(priority, run));
             }
-            st.finish(priority, tenant, started, Instant::now());
+            st.finish(priority, tenant, slot, started, Instant::now());
         }
         self.dispatch();
     }
@@ -280,8 +282,8 @@ impl Scheduler {
                 };
                 // Start before the waiting count drops, so the tenant's
                 // state is not forgotten in between.
-                st.start(key.priority(), key.tenant(), now);
-                let mut permit = Permit::new(self.clone(), key.priority(), key.tenant(), now);
+                let slot = st.start(key.priority(), key.tenant(), now);
+                let mut permit = Permit::new(self.clone(), key.priority(), key.tenant(), slot, now);
                 if let Some(r) = waiter.replay {
                     permit.set_preemptions(r.preemptions);
                 }
@@ -298,12 +300,13 @@ impl Scheduler {
                 // the start without recording a service time, and try the
                 // next one.
                 let run = permit.run();
+                let slot = permit.slot();
                 permit.disarm();
                 let mut st = self.state.lock();
                 if let Some(run) = run {
                     st.victims.remove(&(key.priority(), run));
                 }
-                st.abandon(key.priority(), key.tenant(), now);
+                st.abandon(key.priority(), key.tenant(), slot);
             }
         }
     }
@@ -376,7 +379,7 @@ impl Scheduler {
         let place = st.queue.ahead_of(key, most) + 1;
         st.queue.remove(key)?;
         st.waiting_one_less(key.tenant());
-        let retry = st.retry_after(place, cap);
+        let retry = st.advise_refused(key.priority(), place);
         Some(Overloaded::new(Reason::QueueTimeout, retry))
     }
 }

@@ -12,6 +12,7 @@ use http::HeaderValue;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::advice::{self, Returning, TurnTimes};
 use super::permit::{Permit, Preempted};
 use super::queue::{Place, PriorityQueue, TenantMap};
 use super::scheduler::{Grant, Replayable, Scheduler};
@@ -56,18 +57,10 @@ pub(super) struct Candidate {
     pub(super) seq: u64,
     pub(super) arrived: Instant,
     pub(super) started: Instant,
+    /// Its entry among the running requests' start times.
+    pub(super) slot: u32,
     pub(super) replay: Replayable,
 }
-
-/// Smoothing factor of the service-time average: each completion moves it a
-/// tenth of the way, so a few outliers do not swing the advice but a real
-/// change of backend speed shows within a few dozen requests.
-pub(super) const EWMA_ALPHA: f64 = 0.1;
-
-/// Until the first completion is measured, a slot is assumed to take at least
-/// this long: a short LLM generation. Replaced by the measurement as soon as
-/// one request completes.
-pub(super) const COLD_SERVICE_SECS: f64 = 1.0;
 
 #[derive(Debug)]
 pub(super) struct State {
@@ -80,11 +73,18 @@ pub(super) struct State {
     pub(super) tenants: TenantMap<TenantState>,
     /// Running requests per priority.
     pub(super) running_by_priority: BTreeMap<Priority, usize>,
-    /// Smoothed time a permit is held (dispatch to last byte), in seconds.
-    pub(super) service_secs: Option<f64>,
-    /// Sum of the start times of running permits, in seconds since `epoch`,
-    /// so the mean age of running requests is known before any completes.
-    pub(super) running_start_sum: f64,
+    /// Recent times a permit was held (dispatch to last byte).
+    pub(super) turns: TurnTimes,
+    /// Start times of the running permits, in seconds since `epoch`, by
+    /// the slot each permit holds (NaN: free), so the advice knows how long
+    /// each has run.
+    pub(super) starts: Vec<f64>,
+    /// Free entries of `starts`.
+    pub(super) free_starts: Vec<u32>,
+    /// Refused clients that will come back (see [`advice`](super::advice)).
+    pub(super) returning: Returning,
+    /// State of the advice's jitter.
+    pub(super) jitter: u64,
     pub(super) completed: u64,
     pub(super) epoch: Instant,
     pub(super) retry_after_cap: Duration,
@@ -127,8 +127,11 @@ impl State {
             },
             tenants: TenantMap::default(),
             running_by_priority: BTreeMap::new(),
-            service_secs: None,
-            running_start_sum: 0.0,
+            turns: TurnTimes::default(),
+            starts: Vec::new(),
+            free_starts: Vec::new(),
+            returning: Returning::default(),
+            jitter: 0x2545_f491_4f6c_dd1d,
             completed: 0,
             epoch: Instant::now(),
             retry_after_cap: limits.retry_after_cap,
@@ -191,7 +194,7 @@ impl State {
     }
 
     /// Could a request started now be expected to finish by `deadline`?
-    pub(super) fn can_finish_by(&self, deadline: Instant, now: Instant) -> bool {
+    pub(super) fn can_finish_by(&mut self, deadline: Instant, now: Instant) -> bool {
         let took = self.service_estimate(now).unwrap_or(0.0);
         now + Duration::from_secs_f64(took) < deadline
     }
@@ -333,6 +336,7 @@ impl State {
                 seq,
                 arrived,
                 started: permit.started(),
+                slot: permit.slot(),
                 replay,
             },
         );
@@ -386,7 +390,7 @@ impl State {
                     // Waiting again before it stops running, so its
                     // tenant is not forgotten in between.
                     self.waiting_one_more(c.tenant);
-                    self.abandon(vp, c.tenant, c.started);
+                    self.abandon(vp, c.tenant, c.slot);
                     let now = Instant::now();
                     let counts = self.preempted.entry(vp).or_default();
                     counts.preemptions += 1;
@@ -425,16 +429,30 @@ impl State {
         t.duration_since(self.epoch).as_secs_f64()
     }
 
-    pub(super) fn start(&mut self, priority: Priority, tenant: TenantId, now: Instant) {
+    /// A request starts running now: returns the slot its start time is
+    /// kept in (its permit carries it).
+    pub(super) fn start(&mut self, priority: Priority, tenant: TenantId, now: Instant) -> u32 {
         if let Some(t) = self.tenants.get_mut(&tenant) {
             t.running += 1;
         }
         self.running += 1;
         *self.running_by_priority.entry(priority).or_default() += 1;
-        self.running_start_sum += self.secs(now);
+        let at = self.secs(now);
+        match self.free_starts.pop() {
+            Some(slot) => {
+                self.starts[slot as usize] = at;
+                slot
+            }
+            None => {
+                self.starts.push(at);
+                (self.starts.len() - 1) as u32
+            }
+        }
     }
 
-    pub(super) fn abandon(&mut self, priority: Priority, tenant: TenantId, started: Instant) {
+    /// A running request stops without completing (preempted, or never
+    /// delivered): its slot is free, no hold time is recorded.
+    pub(super) fn abandon(&mut self, priority: Priority, tenant: TenantId, slot: u32) {
         if let Some(t) = self.tenants.get_mut(&tenant) {
             let was_at_cap = t.at_cap();
             t.running = t.running.saturating_sub(1);
@@ -447,54 +465,54 @@ impl State {
         self.forget_if_idle(tenant);
         self.running -= 1;
         dec(&mut self.running_by_priority, priority);
-        self.running_start_sum -= self.secs(started);
-        if self.running == 0 {
-            self.running_start_sum = 0.0;
+        if let Some(s) = self.starts.get_mut(slot as usize) {
+            if !s.is_nan() {
+                *s = f64::NAN;
+                self.free_starts.push(slot);
+            }
         }
     }
 
+    /// A running request completed: its hold time is recorded.
     pub(super) fn finish(
         &mut self,
         priority: Priority,
         tenant: TenantId,
+        slot: u32,
         started: Instant,
         now: Instant,
     ) {
-        self.abandon(priority, tenant, started);
+        self.abandon(priority, tenant, slot);
         self.completed += 1;
-        let took = now.duration_since(started).as_secs_f64();
-        self.service_secs = Some(match self.service_secs {
-            None => took,
-            Some(avg) => avg + EWMA_ALPHA * (took - avg),
-        });
+        self.turns.record(now.duration_since(started).as_secs_f64());
     }
 
-    /// The time one slot takes to turn over: the smoothed service time once
-    /// any request completed. Before that, the mean age of the running
-    /// requests (a lower bound of their service time), but at least
-    /// [`COLD_SERVICE_SECS`]: at a cold start every request arrived at once,
-    /// their age is near zero, and advising a retry in milliseconds would
-    /// spend a client's few retries before anything could have finished.
-    pub(super) fn service_estimate(&self, now: Instant) -> Option<f64> {
-        if let Some(s) = self.service_secs {
+    /// The time one slot takes to turn over: the robust mean of recent hold
+    /// times once any request completed; before that, the oldest running
+    /// request's age, at least [`advice::COLD_TURN_SECS`]. None when
+    /// nothing ran and nothing runs.
+    pub(super) fn service_estimate(&mut self, now: Instant) -> Option<f64> {
+        if let Some(s) = self.turns.turn() {
             return Some(s);
         }
-        if self.running > 0 {
-            let mean_start = self.running_start_sum / self.running as f64;
-            return Some((self.secs(now) - mean_start).max(COLD_SERVICE_SECS));
-        }
-        None
+        let now = self.secs(now);
+        self.starts
+            .iter()
+            .filter(|s| !s.is_nan())
+            .map(|&s| now - s)
+            .reduce(f64::max)
+            .map(|age| age.max(advice::COLD_TURN_SECS))
     }
 
     /// How far back in line a place still changes the advice: past it, the
     /// wait is at `cap`.
-    pub(super) fn places_that_matter(&self, cap: Duration) -> usize {
+    pub(super) fn places_that_matter(&mut self, cap: Duration) -> usize {
         let slots = self.max_concurrency.max(1) as f64;
         match self.service_estimate(Instant::now()) {
             Some(s) if s > 0.0 => {
                 let n = (cap.as_secs_f64() * slots / s).ceil();
                 if n.is_finite() && n < usize::MAX as f64 {
-                    (n as usize).saturating_add(1)
+                    (n as usize).saturating_add(slots as usize)
                 } else {
                     usize::MAX
                 }
@@ -504,17 +522,67 @@ impl State {
         }
     }
 
-    /// The wait of a request standing `place`-th in line (1 = next): the line
-    /// drains at `max_concurrency / service_time` requests per second.
-    pub(super) fn retry_after(&self, place: usize, cap: Duration) -> Duration {
-        let slots = self.max_concurrency.max(1) as f64;
-        let secs = match self.service_estimate(Instant::now()) {
-            Some(s) => place as f64 * s / slots,
+    /// When each of the `max_concurrency` slots frees, in seconds from
+    /// `now`, soonest first: free ones at once, the others when their
+    /// request ends (running requests over a lowered limit end first).
+    fn frees(&mut self, now: Instant) -> Vec<f64> {
+        let now = self.secs(now);
+        let mut ends: Vec<f64> = Vec::with_capacity(self.running);
+        for i in 0..self.starts.len() {
+            let s = self.starts[i];
+            if !s.is_nan() {
+                let age = (now - s).max(0.0);
+                ends.push(self.turns.remaining(age));
+            }
+        }
+        ends.sort_by(f64::total_cmp);
+        let k = self.max_concurrency;
+        let mut frees = vec![0.0; k.saturating_sub(ends.len())];
+        let over = ends.len().saturating_sub(k);
+        frees.extend_from_slice(&ends[over..]);
+        frees
+    }
+
+    /// The wait of a request standing `place`-th in line (1 = next), at
+    /// most `cap`: see [`advice`](super::advice).
+    pub(super) fn retry_after(&mut self, place: usize, cap: Duration) -> Duration {
+        let now = Instant::now();
+        let secs = match self.service_estimate(now) {
+            Some(turn) => {
+                let frees = self.frees(now);
+                advice::start_after(place, &frees, turn, cap.as_secs_f64())
+            }
             // Nothing has run yet and nothing is running, so the line is not
             // moving because of load: the earliest sensible retry.
             None => 0.0,
         };
         Duration::from_secs_f64(secs.max(0.001)).min(cap)
+    }
+
+    /// The advice for a client refused now at `priority`, that would have
+    /// stood `place`-th in the queue: behind the clients refused before it
+    /// (which it then joins), spread over a band.
+    pub(super) fn advise_refused(&mut self, priority: Priority, place: usize) -> Duration {
+        let cap = self.retry_after_cap;
+        let now = Instant::now();
+        let slots = self.max_concurrency.max(1) as f64;
+        let step = match self.service_estimate(now) {
+            Some(turn) => {
+                self.returning.drain(self.secs(now), slots / turn.max(1e-3));
+                turn / slots
+            }
+            None => {
+                self.returning.clear();
+                0.0
+            }
+        };
+        let ahead = self.returning.ahead_of(priority);
+        let center = self.retry_after(place.saturating_add(ahead), cap);
+        let most = self.places_that_matter(cap);
+        self.returning.add(priority, most);
+        self.jitter = self.jitter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let unit = (crate::random::splitmix(self.jitter) >> 11) as f64 / (1u64 << 53) as f64;
+        advice::spread(center, Duration::from_secs_f64(step), unit, cap)
     }
 }
 
@@ -564,20 +632,71 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn advice_follows_the_place_and_the_measured_turn_time() {
+    async fn advice_follows_the_place_the_turn_time_and_what_runs() {
         let mut st = state(2, &[]);
         let cap = Duration::from_secs(60);
         // Nothing ran and nothing runs: the earliest sensible retry.
         assert_eq!(st.retry_after(5, cap), Duration::from_millis(1));
         let t0 = Instant::now();
-        st.start(0, 0, t0);
+        let slot = st.start(0, 0, t0);
         tokio::time::advance(Duration::from_secs(4)).await;
-        st.finish(0, 0, t0, Instant::now());
-        // One turn took 4 s over 2 slots: place n waits n * 2 s.
-        assert_eq!(st.retry_after(1, cap), Duration::from_secs(2));
-        assert_eq!(st.retry_after(3, cap), Duration::from_secs(6));
+        st.finish(0, 0, slot, t0, Instant::now());
+        // One turn took 4 s. Both slots taken now, one 1 s ago, one just.
+        st.start(0, 0, Instant::now() - Duration::from_secs(1));
+        st.start(0, 0, Instant::now());
+        let ms = |st: &mut State, p| st.retry_after(p, cap).as_millis();
+        // Slots free in 3 s and 4 s, then every 4 s.
+        let near = |got: u128, want: u128| got.abs_diff(want) <= 1;
+        assert!(near(ms(&mut st, 1), 3000), "{}", ms(&mut st, 1));
+        assert!(near(ms(&mut st, 2), 4000));
+        assert!(near(ms(&mut st, 3), 7000));
+        assert!(near(ms(&mut st, 4), 8000));
         assert_eq!(st.retry_after(1000, cap), cap);
-        // Past 60 s * 2 / 4 s = 30 places, every place advises the cap.
-        assert_eq!(st.places_that_matter(cap), 31);
+        // Past 60 s * 2 / 4 s = 30 places (and a turn of the slots), every
+        // place advises the cap.
+        assert_eq!(st.places_that_matter(cap), 32);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_refusals_is_told_to_come_back_one_after_another() {
+        let mut st = state(1, &[]);
+        for _ in 0..10 {
+            let t0 = Instant::now();
+            let slot = st.start(0, 0, t0);
+            tokio::time::advance(Duration::from_millis(500)).await;
+            st.finish(0, 0, slot, t0, Instant::now());
+        }
+        let running = st.start(0, 0, Instant::now());
+        // Fifty refused at once, all seeing the same queue (place 3).
+        let advised: Vec<Duration> = (0..50).map(|_| st.advise_refused(0, 3)).collect();
+        // Each comes back after the one before, by about a turn.
+        let mut sorted = advised.clone();
+        sorted.sort();
+        let spread = sorted[49] - sorted[0];
+        assert!(spread >= Duration::from_secs(20), "spread {spread:?}");
+        assert!(advised[49] > advised[0]);
+        // The first is told when place 3 starts (1.5 s: the running
+        // request's 0.5 s and two turns), the last when place 52 would
+        // (26 s), each up to a fifth later.
+        let first = advised[0].as_secs_f64();
+        assert!((1.5..=1.8).contains(&first), "{first}");
+        let last = advised[49].as_secs_f64();
+        assert!((26.0..=31.2).contains(&last), "{last}");
+        // Time passes, the slot turning every 0.5 s: the line they form
+        // drains with it.
+        let mut slot = running;
+        for _ in 0..50 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            st.finish(
+                0,
+                0,
+                slot,
+                Instant::now() - Duration::from_millis(500),
+                Instant::now(),
+            );
+            slot = st.start(0, 0, Instant::now());
+        }
+        let later = st.advise_refused(0, 3).as_secs_f64();
+        assert!((1.5..=1.8).contains(&later), "{later}");
     }
 }

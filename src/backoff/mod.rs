@@ -67,6 +67,9 @@ pub trait Targets: std::fmt::Debug + Send + Sync + 'static {
     /// Another upstream in service that serves `model`, for a retry whose
     /// upstream `from` went out of service.
     fn reroute(&self, model: Option<&str>, from: usize) -> Result<usize, BoxError>;
+    /// When a client whose upstream did not answer should try again: by
+    /// then its health was checked again.
+    fn unavailable_advice(&self) -> Duration;
 }
 
 #[derive(Debug)]
@@ -78,6 +81,8 @@ struct Shared {
     /// another.
     targets: Arc<dyn Targets>,
     recorder: Arc<Recorder>,
+    /// The advice a 502 carries (see [`Targets::unavailable_advice`]).
+    advice: Duration,
 }
 
 /// Builds [`Backoff`] services; clones share the budget and the cooldown.
@@ -93,6 +98,7 @@ impl BackoffLayer {
     pub fn new(policy: RetryPolicy, recorder: Arc<Recorder>, targets: Arc<dyn Targets>) -> Self {
         Self {
             shared: Arc::new(Shared {
+                advice: targets.unavailable_advice(),
                 budget: RetryBudget::new(policy.budget),
                 policy,
                 targets,
@@ -150,21 +156,22 @@ where
         // Only admitted requests, whose bodies are in memory, can be sent
         // again; the rest go straight through.
         let admitted = req.extensions().get::<Admit>().is_some();
+        let advice = self.shared.advice;
         if !admitted || self.shared.policy.max_retries == 0 {
-            return ResponseFuture::direct(self.inner.call(req));
+            return ResponseFuture::direct(self.inner.call(req), advice);
         }
         let (parts, body) = req.into_parts();
         let body = match body {
             Either::Left(full) => full,
             Either::Right(streamed) => {
                 let req = Request::from_parts(parts, Either::Right(streamed));
-                return ResponseFuture::direct(self.inner.call(req));
+                return ResponseFuture::direct(self.inner.call(req), advice);
             }
         };
         // Every attempt, the first included, waits out a pause first, so it
         // goes through a clone made ready in the loop.
         let retry = retry_loop(self.inner.clone(), parts, body, self.shared.clone());
-        ResponseFuture::retrying(Box::pin(retry))
+        ResponseFuture::retrying(Box::pin(retry), advice)
     }
 }
 
@@ -414,6 +421,9 @@ pin_project_lite::pin_project! {
     pub struct ResponseFuture<F, T> {
         #[pin]
         state: State<F, T>,
+        // What a 502 advises: without it, a client's SDK adds retries of
+        // its own, on its own schedule, to those already made here.
+        advice: Duration,
     }
 }
 
@@ -428,15 +438,17 @@ pin_project_lite::pin_project! {
 }
 
 impl<F, T> ResponseFuture<F, T> {
-    fn direct(fut: F) -> Self {
+    fn direct(fut: F, advice: Duration) -> Self {
         Self {
             state: State::Direct { fut },
+            advice,
         }
     }
 
-    fn retrying(fut: RetryFuture<T>) -> Self {
+    fn retrying(fut: RetryFuture<T>, advice: Duration) -> Self {
         Self {
             state: State::Retrying { fut },
+            advice,
         }
     }
 }
@@ -455,9 +467,16 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let this = self.project();
+        let polled = match this.state.project() {
             StateProj::Direct { fut } => fut.poll(cx).map_err(Into::into),
             StateProj::Retrying { fut } => fut.as_mut().poll(cx),
+        };
+        match polled {
+            Poll::Ready(Err(e)) if error::cause::<UpstreamUnavailable>(&*e).is_some() => {
+                Poll::Ready(Err(error::Advised::wrap(e, *this.advice)))
+            }
+            other => other,
         }
     }
 }

@@ -588,6 +588,10 @@ impl crate::backoff::Targets for Router {
     fn reroute(&self, model: Option<&str>, from: usize) -> Result<usize, BoxError> {
         self.pick(model, Some(from))
     }
+
+    fn unavailable_advice(&self) -> Duration {
+        self.retry_after
+    }
 }
 
 /// What the upstreams in service serve, for a 404.

@@ -1,6 +1,6 @@
 """The official OpenAI Python SDK against anteroom, unchanged but for its base URL.
 
-Usage: openai_client.py BASE_URL basic|retry|stream_error
+Usage: openai_client.py BASE_URL basic|retry|stream_error|burst [N]
 Prints one JSON line with what it saw; exits non-zero when an expectation fails.
 """
 
@@ -65,6 +65,45 @@ elif mode == "retry":
         # The SDK slept the advised delay before its retry (the retry's own
         # round trip comes on top).
         ok = waited >= advised * 0.95 and int(seen[0][2]) >= 1
+elif mode == "burst":
+    # N clients at once, each an SDK client of its own (max_retries 2):
+    # every client's statuses and advised waits, in order.
+    import threading
+
+    n = int(sys.argv[3])
+    results = [None] * n
+    start = threading.Barrier(n)
+
+    def one(i):
+        mine = []
+        c = openai.OpenAI(
+            base_url=base_url,
+            api_key="not-needed",
+            max_retries=2,
+            http_client=factory(
+                event_hooks={
+                    "response": [
+                        lambda r: mine.append([r.status_code, r.headers.get("retry-after-ms")])
+                    ]
+                }
+            ),
+        )
+        start.wait()
+        try:
+            c.chat.completions.create(
+                model="anteroom-sim", messages=messages, max_tokens=1
+            )
+        except openai.APIError as e:
+            mine.append(["raised", type(e).__name__])
+        results[i] = mine
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["clients"] = results
+    ok = all(r and r[-1][0] == 200 for r in results)
 elif mode == "stream_error":
     # The backend dies after three tokens: anteroom ends the stream with an
     # error event, which the SDK must raise as an APIError.
