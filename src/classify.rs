@@ -599,6 +599,16 @@ where
                         },
                     };
                     let fields = json_scan::scan(&bytes);
+                    if fields.empty_messages && parts.uri.path().ends_with("/chat/completions") {
+                        // Started, it would generate from nothing until the
+                        // context is full, holding a slot (curator's probe).
+                        return Poll::Ready(Err(BadRequest::new(
+                            "empty_messages",
+                            "`messages` is empty: a chat completion needs at least one message"
+                                .into(),
+                        )
+                        .into()));
+                    }
                     let tenant = parts.extensions.get::<Tenant>();
                     let Decision {
                         priority,

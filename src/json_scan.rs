@@ -24,6 +24,8 @@ pub struct Fields<'a> {
     pub max_tokens: Option<u64>,
     /// A top-level `stream_options` key is there (whatever its value).
     pub stream_options: bool,
+    /// The (last) top-level `messages` is an empty array.
+    pub empty_messages: bool,
 }
 
 /// Scan `body` for the [`Fields`].
@@ -133,6 +135,11 @@ fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
                 }
             }
             b"stream_options" => out.stream_options = true,
+            // The last one counts, as in the backends' parsers.
+            b"messages" => {
+                out.empty_messages =
+                    value.first() == Some(&b'[') && skip_ws(value, 1) + 1 == value.len()
+            }
             b"stream" => {
                 out.stream = match value {
                     b"true" => Some(true),
@@ -285,6 +292,11 @@ mod tests {
         assert_eq!(f.model, Some(&b"llama-3"[..]));
         assert_eq!(f.stream, Some(true));
         assert_eq!(f.max_tokens, None);
+        assert!(scan(br#"{"messages": [ ] }"#).empty_messages);
+        assert!(scan(br#"{"messages":[{"role":"user"}],"messages":[]}"#).empty_messages);
+        assert!(!scan(br#"{"messages":[],"messages":[{"role":"user"}]}"#).empty_messages);
+        assert!(!scan(br#"{"messages":[{}]}"#).empty_messages);
+        assert!(!scan(br#"{"x":{"messages":[]}}"#).empty_messages);
         let f = scan(br#"{"max_tokens":64,"x":{"max_tokens":9}}"#);
         assert_eq!(f.max_tokens, Some(64));
         let f = scan(br#"{"max_completion_tokens": 100, "max_output_tokens": null}"#);

@@ -114,6 +114,41 @@ async fn a_bad_priority_header_is_a_400() {
     assert_eq!(sim.stats().received, 0);
 }
 
+/// A chat request with no messages (curator's start-up probe) would have
+/// the backend generate from nothing until its context is full: refused
+/// before it takes a slot. Ollama's `/api/chat` with none loads the model
+/// and is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_request_with_no_messages_is_a_400() {
+    trace_init();
+    let (sim, proxy, client) = setup(sim_config(Mode::Batch), |_| {}).await;
+    for body in [
+        r#"{"model":"m","messages":[]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":"x"}],"messages":[ ]}"#,
+    ] {
+        let req = Request::post(format!("{}/v1/chat/completions", proxy.url()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let body = body_json(resp).await;
+        assert_eq!(body["error"]["code"], "empty_messages");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(sim.stats().received, 0);
+    let resp = client
+        .request(
+            Request::post(format!("{}/v1/chat/completions", proxy.url()))
+                .body(Full::new(Bytes::from(chat_body(false, 1))))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    assert_eq!(sim.stats().received, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_is_a_413_whether_declared_or_streamed() {
     trace_init();
