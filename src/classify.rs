@@ -449,6 +449,8 @@ fn classified(
             && !fields.stream_options
             && path.ends_with("/completions"),
         upgrade: upgrade_shape(path, fields),
+        generation: path.ends_with("/completions"),
+        max_tokens: fields.max_tokens,
     }
 }
 

@@ -47,12 +47,65 @@ pub fn with_priority(body: &[u8], priority: i32) -> Option<Vec<u8>> {
 /// text). `None` if it has no such key or is not a JSON object the scanner
 /// reads.
 pub(crate) fn with_value(body: &[u8], name: &[u8], value: &[u8]) -> Option<Vec<u8>> {
-    let mut spans = Vec::new();
-    let mut i = skip_ws(body, 0);
-    if *body.get(i)? != b'{' {
+    let (spans, _) = value_spans(body, &[name])?;
+    splice(body, &spans, value)
+}
+
+/// The token fields a generation's length is asked by.
+const MAX_TOKENS_KEYS: [&[u8]; 3] = [
+    b"max_tokens",
+    b"max_completion_tokens",
+    b"max_output_tokens",
+];
+
+/// `body` asking for at most `n` tokens: every top-level `max_tokens`,
+/// `max_completion_tokens` or `max_output_tokens` set to `n`, or, with
+/// none, `"max_tokens": n` added first. `None` if it is not a JSON object
+/// the scanner reads.
+pub(crate) fn with_max_tokens(body: &[u8], n: u64) -> Option<Vec<u8>> {
+    let (spans, open) = value_spans(body, &MAX_TOKENS_KEYS)?;
+    let value = n.to_string();
+    if !spans.is_empty() {
+        return splice(body, &spans, value.as_bytes());
+    }
+    let empty = *body.get(skip_ws(body, open + 1))? == b'}';
+    let mut out = Vec::with_capacity(body.len() + 24);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(b"\"max_tokens\":");
+    out.extend_from_slice(value.as_bytes());
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(&body[open + 1..]);
+    Some(out)
+}
+
+/// `body` with each span replaced by `value`; `None` without spans.
+fn splice(body: &[u8], spans: &[(usize, usize)], value: &[u8]) -> Option<Vec<u8>> {
+    if spans.is_empty() {
         return None;
     }
-    i = skip_ws(body, i + 1);
+    let mut out = Vec::with_capacity(body.len() + value.len());
+    let mut at = 0;
+    for &(start, end) in spans {
+        out.extend_from_slice(&body[at..start]);
+        out.extend_from_slice(value);
+        at = end;
+    }
+    out.extend_from_slice(&body[at..]);
+    Some(out)
+}
+
+/// Where the values of the top-level keys named in `names` are, and where
+/// the object opens; `None` if `body` is not a JSON object the scanner
+/// reads to its end.
+fn value_spans(body: &[u8], names: &[&[u8]]) -> Option<(Vec<(usize, usize)>, usize)> {
+    let mut spans = Vec::new();
+    let open = skip_ws(body, 0);
+    if *body.get(open)? != b'{' {
+        return None;
+    }
+    let mut i = skip_ws(body, open + 1);
     if *body.get(i)? != b'}' {
         loop {
             if *body.get(i)? != b'"' {
@@ -67,7 +120,7 @@ pub(crate) fn with_value(body: &[u8], name: &[u8], value: &[u8]) -> Option<Vec<u
             }
             let start = skip_ws(body, i + 1);
             let end = value_end(body, start)?;
-            if key == name {
+            if names.contains(&key) {
                 spans.push((start, end));
             }
             i = skip_ws(body, end);
@@ -78,18 +131,7 @@ pub(crate) fn with_value(body: &[u8], name: &[u8], value: &[u8]) -> Option<Vec<u
             }
         }
     }
-    if spans.is_empty() {
-        return None;
-    }
-    let mut out = Vec::with_capacity(body.len() + value.len());
-    let mut at = 0;
-    for (start, end) in spans {
-        out.extend_from_slice(&body[at..start]);
-        out.extend_from_slice(value);
-        at = end;
-    }
-    out.extend_from_slice(&body[at..]);
-    Some(out)
+    Some((spans, open))
 }
 
 fn scan_into<'a>(b: &'a [u8], out: &mut Fields<'a>) -> Option<()> {
@@ -297,6 +339,20 @@ mod tests {
         assert!(!scan(br#"{"messages":[],"messages":[{"role":"user"}]}"#).empty_messages);
         assert!(!scan(br#"{"messages":[{}]}"#).empty_messages);
         assert!(!scan(br#"{"x":{"messages":[]}}"#).empty_messages);
+        let bounded =
+            |b: &str| String::from_utf8(with_max_tokens(b.as_bytes(), 64).unwrap()).unwrap();
+        assert_eq!(bounded(r#"{"m":1}"#), r#"{"max_tokens":64,"m":1}"#);
+        assert_eq!(bounded(r#" { } "#), r#" {"max_tokens":64} "#);
+        assert_eq!(
+            bounded(r#"{"max_tokens":null,"max_completion_tokens": 9000}"#),
+            r#"{"max_tokens":64,"max_completion_tokens": 64}"#
+        );
+        assert_eq!(
+            bounded(r#"{"x":{"max_tokens":1}}"#),
+            r#"{"max_tokens":64,"x":{"max_tokens":1}}"#
+        );
+        assert_eq!(with_max_tokens(b"[1]", 64), None);
+        assert_eq!(with_max_tokens(br#"{"a":"#, 64), None);
         let f = scan(br#"{"max_tokens":64,"x":{"max_tokens":9}}"#);
         assert_eq!(f.max_tokens, Some(64));
         let f = scan(br#"{"max_completion_tokens": 100, "max_output_tokens": null}"#);

@@ -149,6 +149,57 @@ async fn a_chat_request_with_no_messages_is_a_400() {
     assert_eq!(sim.stats().received, 1);
 }
 
+/// `default_max_tokens` bounds a generation that names none (a client's
+/// probe, a forgotten limit), `max_tokens_cap` clamps a larger ask; the
+/// upstream sees the bounded request and the answer says what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_is_given_a_default_and_a_cap() {
+    trace_init();
+    let mut cfg = sim_config(Mode::Batch);
+    cfg.output_tokens = 40;
+    let (_sim, proxy, client) = setup(cfg, |c| {
+        c.default_max_tokens = Some(3);
+        c.max_tokens_cap = Some(5);
+    })
+    .await;
+    let ask = |body: String| {
+        Request::post(format!("{}/v1/chat/completions", proxy.url()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let header = |resp: &http::Response<_>, name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+    };
+    for (body, tokens, asked) in [
+        (
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#.to_owned(),
+            3,
+            Some("none"),
+        ),
+        (chat_body(false, 50), 5, Some("50")),
+        (chat_body(false, 4), 4, None),
+    ] {
+        let resp = client.request(ask(body.clone())).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            header(&resp, "x-anteroom-max-tokens-asked").as_deref(),
+            asked,
+            "{body}"
+        );
+        let sent = header(&resp, "x-anteroom-max-tokens");
+        assert_eq!(sent.is_some(), asked.is_some(), "{body}");
+        let json = body_json(resp).await;
+        assert_eq!(json["usage"]["completion_tokens"], tokens, "{body}");
+    }
+    // Streamed: the same bound.
+    let resp = client.request(ask(chat_body(true, 50))).await.unwrap();
+    assert_eq!(header(&resp, "x-anteroom-max-tokens").as_deref(), Some("5"));
+    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    assert_eq!(text.matches("tok").count(), 5, "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_is_a_413_whether_declared_or_streamed() {
     trace_init();

@@ -77,6 +77,10 @@ pub struct Backend {
     /// Its own `stream_upgrade`: 0 unset (the top-level one holds), 1 off,
     /// 2 on. Set at start and by a reload.
     stream_upgrade: AtomicU8,
+    /// Its `default_max_tokens` and `max_tokens_cap` (0: off), read by
+    /// each admitted generation, set at start and by a reload.
+    default_max_tokens: AtomicU64,
+    max_tokens_cap: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -109,7 +113,26 @@ impl Backend {
                 Setting::Auto => 0,
             }),
             stream_upgrade: AtomicU8::new(0),
+            default_max_tokens: AtomicU64::new(0),
+            max_tokens_cap: AtomicU64::new(0),
         }
+    }
+
+    /// What its generations may ask for.
+    pub fn max_tokens(&self) -> crate::types::TokenBounds {
+        let read = |a: &AtomicU64| Some(a.load(Ordering::Relaxed)).filter(|&n| n > 0);
+        crate::types::TokenBounds {
+            default: read(&self.default_max_tokens),
+            cap: read(&self.max_tokens_cap),
+        }
+    }
+
+    /// Set what its generations may ask for.
+    pub(crate) fn set_max_tokens(&self, b: crate::types::TokenBounds) {
+        self.default_max_tokens
+            .store(b.default.unwrap_or(0), Ordering::Relaxed);
+        self.max_tokens_cap
+            .store(b.cap.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Its own `stream_upgrade` (its `[[upstream]]` table's), if set.
@@ -294,6 +317,10 @@ impl crate::upstream::Peer for Backend {
 
     fn may_dress_refusals(&self) -> bool {
         Backend::may_dress_refusals(self)
+    }
+
+    fn max_tokens(&self) -> crate::types::TokenBounds {
+        Backend::max_tokens(self)
     }
 }
 

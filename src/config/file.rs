@@ -129,6 +129,14 @@ pub struct FileConfig {
     /// streams, for their true time to first token, and answer with the
     /// JSON put back together.
     pub stream_upgrade: bool,
+    /// `max_tokens` set on an admitted generation that names none (every
+    /// upstream's, unless its table sets its own; none: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<u64>,
+    /// The most `max_tokens` an admitted generation may ask for; larger
+    /// asks are clamped (none: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_cap: Option<u64>,
     /// The key sent to the upstream(s) as `Authorization: Bearer …`, in
     /// place of the client's (vLLM's `--api-key`). Prefer `upstream_api_key_env`.
     pub upstream_api_key: Secret,
@@ -240,6 +248,8 @@ impl Default for FileConfig {
             trust_tenant_header: false,
             stream_usage: true,
             stream_upgrade: false,
+            default_max_tokens: None,
+            max_tokens_cap: None,
             upstream_api_key: Secret::default(),
             upstream_api_key_env: String::new(),
             drain_timeout: "25s".into(),
@@ -305,6 +315,12 @@ pub struct UpstreamEntry {
     /// Its own `stream_upgrade` (default: the top-level one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_upgrade: Option<bool>,
+    /// Its own `default_max_tokens` (default: the top-level one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<u64>,
+    /// Its own `max_tokens_cap` (default: the top-level one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_cap: Option<u64>,
 }
 
 /// A secret from the config: kept out of `Debug` output.

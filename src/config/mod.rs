@@ -123,4 +123,6 @@ pub struct ReplicaConfig {
     pub backend: backend::Setting,
     /// Its own `stream_upgrade`, if its table sets one.
     pub stream_upgrade: Option<bool>,
+    /// What its generations may ask for.
+    pub max_tokens: crate::types::TokenBounds,
 }

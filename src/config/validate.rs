@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::origin::Origin;
+use crate::types::TokenBounds;
 
 /// Reads an environment variable: `None` when it is not set.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -47,9 +48,17 @@ impl FileConfig {
             Some(&self.upstream_api_key).filter(|k| !k.0.is_empty()),
             Some(self.upstream_api_key_env.trim()).filter(|v| !v.is_empty()),
         )?;
-        let replicas =
-            self.upstream
-                .replicas(env, first_limit, default_key.as_deref(), self.backend)?;
+        let bounds = TokenBounds {
+            default: self.default_max_tokens,
+            cap: self.max_tokens_cap,
+        };
+        let replicas = self.upstream.replicas(
+            env,
+            first_limit,
+            default_key.as_deref(),
+            self.backend,
+            bounds,
+        )?;
         let upstream_ca_file = Some(self.upstream_ca_file.trim())
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
@@ -346,6 +355,7 @@ impl Upstreams {
         default_limit: usize,
         default_key: Option<&str>,
         default_backend: backend::Setting,
+        bounds: TokenBounds,
     ) -> Result<Vec<ReplicaConfig>, ConfigError> {
         let keyed = |origin: Origin, key: Option<&str>, at: &str| match key {
             Some(k) => origin
@@ -366,6 +376,7 @@ impl Upstreams {
                 weight: 1,
                 backend: default_backend,
                 stream_upgrade: None,
+                max_tokens: token_bounds("top level", bounds)?,
             }]),
             Upstreams::Many(entries) if entries.is_empty() => {
                 Err(ConfigError("upstream: at least one is needed".into()))
@@ -402,12 +413,37 @@ impl Upstreams {
                         weight: e.weight,
                         backend: e.backend.unwrap_or(default_backend),
                         stream_upgrade: e.stream_upgrade,
+                        max_tokens: token_bounds(
+                            &key,
+                            TokenBounds {
+                                default: e.default_max_tokens.or(bounds.default),
+                                cap: e.max_tokens_cap.or(bounds.cap),
+                            },
+                        )?,
                     });
                 }
                 Ok(out)
             }
         }
     }
+}
+
+/// `default_max_tokens` and `max_tokens_cap` as `at` sets them: each at
+/// least 1, the default no more than the cap.
+fn token_bounds(at: &str, b: TokenBounds) -> Result<TokenBounds, ConfigError> {
+    if b.default == Some(0) || b.cap == Some(0) {
+        return Err(ConfigError(format!(
+            "{at}: default_max_tokens and max_tokens_cap must be at least 1"
+        )));
+    }
+    if let (Some(d), Some(c)) = (b.default, b.cap) {
+        if d > c {
+            return Err(ConfigError(format!(
+                "{at}: default_max_tokens ({d}) is more than max_tokens_cap ({c})"
+            )));
+        }
+    }
+    Ok(b)
 }
 
 /// The key an upstream is sent: given in the file, or read from `env`.
@@ -490,6 +526,32 @@ mod tests {
         assert_eq!(c.limits.max_concurrency, 4);
         assert_eq!(c.limits.queue_timeout, Duration::from_secs(180));
         assert_eq!(c.rules.max_body_bytes, 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn token_bounds_merge_and_are_checked() {
+        let c = FileConfig::parse(
+            "default_max_tokens = 256\nmax_tokens_cap = 2048\n\
+             [[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\nmodels = [\"m\"]\n\
+             [[upstream]]\nname = \"b\"\nurl = \"http://127.0.0.1:2\"\nmodels = [\"n\"]\nmax_tokens_cap = 512\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let bounds: Vec<_> = c.replicas.iter().map(|r| r.max_tokens).collect();
+        let b = |d, c| TokenBounds {
+            default: Some(d),
+            cap: Some(c),
+        };
+        assert_eq!(bounds, [b(256, 2048), b(256, 512)]);
+        for bad in [
+            "default_max_tokens = 0",
+            "max_tokens_cap = 0",
+            "default_max_tokens = 600\nmax_tokens_cap = 500",
+        ] {
+            let err = FileConfig::parse(bad).unwrap().validate().unwrap_err();
+            assert!(err.0.contains("max_tokens"), "{bad}: {err}");
+        }
     }
 
     #[test]

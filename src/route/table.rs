@@ -258,6 +258,7 @@ impl Router {
             };
             // Read by each request: it changes in place.
             backend.set_stream_upgrade(config.stream_upgrade);
+            backend.set_max_tokens(config.max_tokens);
             if moved {
                 change.readdressed.push(config.name.clone());
             }
@@ -531,6 +532,7 @@ impl Row {
     fn new(id: u64, config: ReplicaConfig, scheduler: Arc<Scheduler>) -> Self {
         let backend = crate::backend::Backend::new(config.backend);
         backend.set_stream_upgrade(config.stream_upgrade);
+        backend.set_max_tokens(config.max_tokens);
         Self {
             id,
             backend: Arc::new(backend),
@@ -556,6 +558,7 @@ pub(crate) fn one_row(scheduler: Arc<Scheduler>) -> Arc<Router> {
         weight: 1,
         backend: crate::config::backend::Setting::Auto,
         stream_upgrade: None,
+        max_tokens: Default::default(),
     };
     Router::new(vec![config], vec![scheduler], 3, Duration::from_secs(1))
 }
@@ -644,6 +647,7 @@ mod tests {
             weight: 1,
             backend: crate::config::backend::Setting::Auto,
             stream_upgrade: None,
+            max_tokens: Default::default(),
         }
     }
 

@@ -26,6 +26,11 @@ pub struct Classified {
     /// A chat or text completion that may be sent as a stream and answered
     /// as JSON, of this shape (see [`crate::upstream::upgrade`]).
     pub upgrade: Option<crate::types::Shape>,
+    /// A chat or text completion: its upstream's `default_max_tokens` and
+    /// `max_tokens_cap` apply.
+    pub generation: bool,
+    /// The `max_tokens` (or `max_completion_tokens`) it asked for.
+    pub max_tokens: Option<u64>,
 }
 
 /// A request's notes, filled in by the steps it passes. Cloning shares them.

@@ -131,6 +131,8 @@ pub trait Peer: Send + Sync + std::fmt::Debug {
     /// Whether it may answer a stream with a refusal dressed as one, so a
     /// stream's first event is read ahead ([`guard`]).
     fn may_dress_refusals(&self) -> bool;
+    /// Its upstream's `default_max_tokens` and `max_tokens_cap`.
+    fn max_tokens(&self) -> crate::types::TokenBounds;
 }
 
 /// Where a client tells whether a request reached upstream `i` of the
@@ -294,6 +296,19 @@ where
                     .unwrap_or(self.stream_upgrade)
             })
             .filter(|_| rewrite_body(&mut req, upgrade::ask_stream));
+        // An upstream's bounds on a generation's length, when it has any.
+        let bounded = tap
+            .as_ref()
+            .and_then(Tap::classified)
+            .filter(|c| c.generation)
+            .and_then(|c| {
+                let to = self.backend.as_ref()?.max_tokens().apply(c.max_tokens)?;
+                rewrite_body_with(&mut req, &|b| crate::json_scan::with_max_tokens(b, to))
+                    .then_some(Bounded {
+                        to,
+                        asked: c.max_tokens,
+                    })
+            });
         // One allocation per request: hyper's send future cannot be named.
         let send: SendFuture<B> = Box::pin(self.pool.clone().send(req));
         let now = Instant::now();
@@ -313,7 +328,32 @@ where
             upgrade,
             assembling: None,
             first_piece: None,
+            bounded,
         }
+    }
+}
+
+/// A generation sent with `max_tokens` set to `to` by its upstream's
+/// bounds (it `asked` for more, or for none).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounded {
+    to: u64,
+    asked: Option<u64>,
+}
+
+impl Bounded {
+    /// Say so in the answer's headers: `x-anteroom-max-tokens` (what it was
+    /// sent with) and `x-anteroom-max-tokens-asked` (what it asked for, or
+    /// `none`).
+    fn tell(self, headers: &mut http::HeaderMap) {
+        headers.insert("x-anteroom-max-tokens", http::HeaderValue::from(self.to));
+        headers.insert(
+            "x-anteroom-max-tokens-asked",
+            match self.asked {
+                Some(n) => http::HeaderValue::from(n),
+                None => http::HeaderValue::from_static("none"),
+            },
+        );
     }
 }
 
@@ -355,6 +395,8 @@ pin_project! {
         // A plain answer while its first piece is read (boxed: only an
         // answer whose body lags its headers carries it).
         first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
+        // Its `max_tokens` was set by the upstream's bounds.
+        bounded: Option<Bounded>,
     }
 }
 
@@ -409,6 +451,14 @@ where
 /// Replace a buffered request body with `f` of it, its length with the new
 /// one's; whether it was (`f` gave one).
 fn rewrite_body<B: Replay>(req: &mut Request<B>, f: fn(&[u8]) -> Option<Vec<u8>>) -> bool {
+    rewrite_body_with(req, &f)
+}
+
+/// [`rewrite_body`] with a closure.
+fn rewrite_body_with<B: Replay>(
+    req: &mut Request<B>,
+    f: &dyn Fn(&[u8]) -> Option<Vec<u8>>,
+) -> bool {
     match req.body_mut().rewrite(f) {
         Some(len) => {
             req.headers_mut()
@@ -541,6 +591,9 @@ where
         Poll::Ready(match result {
             Ok(Ok(mut resp)) => {
                 rewrite::response(&mut resp);
+                if let Some(b) = this.bounded {
+                    b.tell(resp.headers_mut());
+                }
                 // Media types are case-insensitive (RFC 9110 §8.3.1):
                 // `Text/Event-Stream` is a stream, and is guarded as one.
                 let sse = crate::telemetry::Framing::of(

@@ -320,7 +320,7 @@ pub trait Replay: Sized {
 
     /// Replace a buffered body with `f` of it, if `f` gives one: its new
     /// length. A streamed body is left as it is (`None`).
-    fn rewrite(&mut self, f: fn(&[u8]) -> Option<Vec<u8>>) -> Option<usize> {
+    fn rewrite(&mut self, f: &dyn Fn(&[u8]) -> Option<Vec<u8>>) -> Option<usize> {
         let _ = f;
         None
     }
@@ -334,7 +334,7 @@ impl<B> Replay for http_body_util::Either<http_body_util::Full<Bytes>, B> {
         }
     }
 
-    fn rewrite(&mut self, f: fn(&[u8]) -> Option<Vec<u8>>) -> Option<usize> {
+    fn rewrite(&mut self, f: &dyn Fn(&[u8]) -> Option<Vec<u8>>) -> Option<usize> {
         let http_body_util::Either::Left(full) = self else {
             return None;
         };

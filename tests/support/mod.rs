@@ -324,6 +324,8 @@ pub fn entry(name: &str, url: String, models: Models, max: usize) -> UpstreamEnt
         api_key_env: None,
         backend: None,
         stream_upgrade: None,
+        default_max_tokens: None,
+        max_tokens_cap: None,
     }
 }
 
