@@ -342,7 +342,7 @@ mod tests {
         let bounded =
             |b: &str| String::from_utf8(with_max_tokens(b.as_bytes(), 64).unwrap()).unwrap();
         assert_eq!(bounded(r#"{"m":1}"#), r#"{"max_tokens":64,"m":1}"#);
-        assert_eq!(bounded(r#" { } "#), r#" {"max_tokens":64} "#);
+        assert_eq!(bounded(r#" { } "#), r#" {"max_tokens":64 } "#);
         assert_eq!(
             bounded(r#"{"max_tokens":null,"max_completion_tokens": 9000}"#),
             r#"{"max_tokens":64,"max_completion_tokens": 64}"#
