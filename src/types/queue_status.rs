@@ -18,7 +18,8 @@ pub struct QueueStatus {
     pub max_queue: usize,
     /// Requests completed since start.
     pub completed: u64,
-    /// Smoothed service time per request, in milliseconds, once measured.
+    /// The turn time a slot takes (the mean of the last 64 hold times
+    /// without their top and bottom tenth), in milliseconds, once measured.
     pub service_time_ms: Option<f64>,
     /// Waiting requests by priority.
     pub waiting_by_priority: BTreeMap<Priority, usize>,
