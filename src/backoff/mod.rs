@@ -411,8 +411,7 @@ fn with_retry_advice<B>(mut resp: Response<B>, delay: Duration) -> Response<B> {
 /// Full jitter: a uniformly random delay in `[0, ceiling]`.
 fn jitter(ceiling: Duration) -> Duration {
     static STATE: AtomicU64 = AtomicU64::new(0x2545_f491_4f6c_dd1d);
-    let x = crate::random::splitmix(STATE.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
-    let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
+    let unit = crate::random::unit(STATE.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
     ceiling.mul_f64(unit)
 }
 
