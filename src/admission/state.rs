@@ -507,8 +507,14 @@ impl State {
     /// How far back in line a place still changes the advice: past it, the
     /// wait is at `cap`.
     pub(super) fn places_that_matter(&mut self, cap: Duration) -> usize {
+        let turn = self.service_estimate(Instant::now());
+        self.places_within(cap, turn)
+    }
+
+    /// [`places_that_matter`](Self::places_that_matter) at this `turn`.
+    fn places_within(&self, cap: Duration, turn: Option<f64>) -> usize {
         let slots = self.max_concurrency.max(1) as f64;
-        match self.service_estimate(Instant::now()) {
+        match turn {
             Some(s) if s > 0.0 => {
                 let n = (cap.as_secs_f64() * slots / s).ceil();
                 if n.is_finite() && n < usize::MAX as f64 {
@@ -547,7 +553,19 @@ impl State {
     /// most `cap`: see [`advice`](super::advice).
     pub(super) fn retry_after(&mut self, place: usize, cap: Duration) -> Duration {
         let now = Instant::now();
-        let secs = match self.service_estimate(now) {
+        let turn = self.service_estimate(now);
+        self.wait_at(place, cap, turn, now)
+    }
+
+    /// [`retry_after`](Self::retry_after) at this `turn`.
+    fn wait_at(
+        &mut self,
+        place: usize,
+        cap: Duration,
+        turn: Option<f64>,
+        now: Instant,
+    ) -> Duration {
+        let secs = match turn {
             Some(turn) => {
                 let frees = self.frees(now);
                 advice::start_after(place, &frees, turn, cap.as_secs_f64())
@@ -566,7 +584,9 @@ impl State {
         let cap = self.retry_after_cap;
         let now = Instant::now();
         let slots = self.max_concurrency.max(1) as f64;
-        let step = match self.service_estimate(now) {
+        // Asked once: each ask sums the window.
+        let turn = self.service_estimate(now);
+        let step = match turn {
             Some(turn) => {
                 self.returning.drain(self.secs(now), slots / turn.max(1e-3));
                 turn / slots
@@ -577,11 +597,11 @@ impl State {
             }
         };
         let ahead = self.returning.ahead_of(priority);
-        let center = self.retry_after(place.saturating_add(ahead), cap);
-        let most = self.places_that_matter(cap);
+        let center = self.wait_at(place.saturating_add(ahead), cap, turn, now);
+        let most = self.places_within(cap, turn);
         self.returning.add(priority, most);
         self.jitter = self.jitter.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let unit = (crate::random::splitmix(self.jitter) >> 11) as f64 / (1u64 << 53) as f64;
+        let unit = crate::random::unit(self.jitter);
         advice::spread(center, Duration::from_secs_f64(step), unit, cap)
     }
 }
