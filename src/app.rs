@@ -113,7 +113,7 @@ where
         // Times the request and keeps its one record; inside the rescue so
         // it sees errors as errors (with their code), outside everything
         // else so its clock starts at arrival and stops at the last byte.
-        .layer(TelemetryLayer::new(recorder.clone()))
+        .layer(TelemetryLayer::new(recorder.clone()).rate_limit_headers(config.rate_limit_headers))
         // Who is asking: a 401 before anything is buffered or queued, but
         // recorded (inside telemetry); the key's name is the tenant.
         .layer(AuthLayer::shared(live.keys.clone()))

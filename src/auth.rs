@@ -25,7 +25,8 @@ use tower::{Layer, Service};
 use crate::config::KeySetting;
 use crate::error::{RateLimited, Unauthorized};
 use crate::telemetry::Tap;
-use crate::types::{digest, ClientAddr, Priority, Share, Tenant, TokenBudget};
+use crate::types::tokens::Limiter;
+use crate::types::{digest, Allowance, ClientAddr, Priority, Share, Tenant, TokenBudget};
 use crate::BoxError;
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -42,7 +43,7 @@ pub struct Key {
     /// The most urgent priority it may ask for; more urgent is clamped.
     pub max_priority: Option<Priority>,
     /// Its requests-per-minute limit (governor's GCRA), if any.
-    pub limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
+    pub limiter: Option<Arc<Limiter>>,
     /// Its share in fair queuing (weight, cap of requests in flight).
     pub share: Share,
     /// Its tokens-per-minute limit, if any.
@@ -85,11 +86,9 @@ impl Key {
     }
 
     /// A limiter for `per_minute` requests a minute (0: none).
-    pub fn limiter(per_minute: u32) -> Option<Arc<governor::DefaultDirectRateLimiter>> {
+    pub fn limiter(per_minute: u32) -> Option<Arc<Limiter>> {
         let n = std::num::NonZeroU32::new(per_minute)?;
-        Some(Arc::new(governor::RateLimiter::direct(
-            governor::Quota::per_minute(n),
-        )))
+        Some(Arc::new(crate::types::tokens::limiter(n)))
     }
 }
 
@@ -241,17 +240,33 @@ where
             );
             return ResponseFuture::refused(Unauthorized::new(why));
         };
-        if let Some(tap) = req.extensions().get::<Tap>() {
+        let tap = req.extensions().get::<Tap>();
+        if let Some(tap) = tap {
             tap.set_tenant(key.name.clone());
+            if let Some(t) = &key.tokens {
+                tap.set_tokens_limit(t.per_minute().get());
+            }
         }
         if let Some(limiter) = &key.limiter {
-            if let Err(not_until) = limiter.check() {
-                use governor::clock::Clock;
-                // The limiter's own answer of when this request would pass.
-                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-                key.rate_limited
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return ResponseFuture::refused(RateLimited::requests(wait));
+            match limiter.check() {
+                Ok(state) => {
+                    if let (Some(tap), Some(rpm)) = (tap, key.requests_per_minute) {
+                        let left = state.remaining_burst_capacity();
+                        tap.set_key_allowance(Allowance::per_minute(rpm, left));
+                    }
+                }
+                Err(not_until) => {
+                    use governor::clock::Clock;
+                    // The limiter's own answer of when this request would pass.
+                    let wait =
+                        not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                    key.rate_limited
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let (Some(tap), Some(rpm)) = (tap, key.requests_per_minute) {
+                        tap.set_key_allowance(Allowance::exhausted(rpm, wait));
+                    }
+                    return ResponseFuture::refused(RateLimited::requests(wait));
+                }
             }
         }
         // The key is anteroom's: it does not go on to the backend.
@@ -400,8 +415,7 @@ mod tests {
             &old,
             vec![key("a", 10, 1000), key("b", 20, 1000), key("c", 1, 1)],
         );
-        let same = |x: &Option<Arc<governor::DefaultDirectRateLimiter>>,
-                    y: &Option<Arc<governor::DefaultDirectRateLimiter>>| {
+        let same = |x: &Option<Arc<Limiter>>, y: &Option<Arc<Limiter>>| {
             Arc::ptr_eq(x.as_ref().unwrap(), y.as_ref().unwrap())
         };
         assert!(same(&new[0].limiter, &old[0].limiter), "unchanged: kept");

@@ -416,18 +416,22 @@ fn charge_tokens(
     // a small charge.
     let charged =
         prompt.saturating_add(max_tokens.unwrap_or(crate::types::DEFAULT_COMPLETION_ESTIMATE));
-    if let Err(wait) = budget.charge(charged) {
-        tenant
-            .rate_limited
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Err(RateLimited::tokens(wait).into());
-    }
+    let left = match budget.charge(charged) {
+        Ok(left) => left,
+        Err(wait) => {
+            tenant
+                .rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(RateLimited::tokens(wait).into());
+        }
+    };
     Ok(Some(crate::types::TokenCharge {
         budget: budget.clone(),
         // What was counted: a charge is cut to a minute's tokens, and so is
         // its correction (else a huge max_tokens earns a credit).
         charged: charged.min(budget.largest_charge()),
         prompt,
+        left,
     }))
 }
 

@@ -114,6 +114,16 @@ impl RateLimited {
             limit: "tokens-per-minute",
         }
     }
+
+    /// When the request would pass.
+    pub(crate) fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+
+    /// The tokens-per-minute limit refused it (else requests-per-minute).
+    pub(crate) fn on_tokens(&self) -> bool {
+        self.limit == "tokens-per-minute"
+    }
 }
 
 impl fmt::Display for RateLimited {
@@ -330,6 +340,37 @@ impl StdError for Advised {
     }
 }
 
+/// An error whose answer carries these headers as well (a refusal's
+/// `x-ratelimit-*` headers): the wrapper the telemetry layer puts on an
+/// error, as it sees errors before they become answers.
+#[derive(Debug)]
+pub(crate) struct Headed {
+    inner: BoxError,
+    headers: http::HeaderMap,
+}
+
+impl Headed {
+    /// `inner`, answered with `headers` too (none: `inner` as it is).
+    pub(crate) fn wrap(inner: BoxError, headers: http::HeaderMap) -> BoxError {
+        if headers.is_empty() {
+            return inner;
+        }
+        Box::new(Self { inner, headers })
+    }
+}
+
+impl fmt::Display for Headed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl StdError for Headed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.inner)
+    }
+}
+
 /// The upstream sent no response headers in time (504).
 #[derive(Debug)]
 pub struct UpstreamTimeout {
@@ -527,6 +568,16 @@ pub(crate) fn describe(err: &(dyn StdError + 'static)) -> Described {
 
 /// Turn any request-path error into the response the client gets.
 pub fn rescue(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
+    let mut resp = answer(err);
+    if let Some(h) = cause::<Headed>(err) {
+        for (name, value) in &h.headers {
+            resp.headers_mut().insert(name, value.clone());
+        }
+    }
+    resp
+}
+
+fn answer(err: &(dyn StdError + 'static)) -> Response<Full<Bytes>> {
     let d = describe(err);
     if d.status.is_server_error() {
         tracing::warn!(code = d.code, error = %chain(err), "request failed");

@@ -20,6 +20,7 @@ mod openai_sdk;
 mod panics;
 mod passthrough;
 mod preemption;
+mod ratelimit;
 mod reload;
 mod routing;
 mod stack;

@@ -46,10 +46,9 @@ pub(super) const SPREAD: f64 = 0.2;
 pub(super) struct TurnTimes {
     ring: Vec<f64>,
     next: usize,
-    /// `ring`, sorted, when `fresh`: sorted on the first read after a
-    /// completion, so a completion costs a store and nothing more.
+    /// `ring`, sorted: kept so as each completion comes (a binary search
+    /// and a move of at most [`WINDOW`] numbers), so a read never sorts.
     sorted: Vec<f64>,
-    fresh: bool,
 }
 
 impl TurnTimes {
@@ -58,26 +57,19 @@ impl TurnTimes {
         if self.ring.len() < WINDOW {
             self.ring.push(secs);
         } else {
-            self.ring[self.next] = secs;
+            let old = std::mem::replace(&mut self.ring[self.next], secs);
+            let at = self.sorted.partition_point(|d| d.total_cmp(&old).is_lt());
+            self.sorted.remove(at);
         }
         self.next = (self.next + 1) % WINDOW;
-        self.fresh = false;
-    }
-
-    fn sorted(&mut self) -> &[f64] {
-        if !self.fresh {
-            self.sorted.clear();
-            self.sorted.extend_from_slice(&self.ring);
-            self.sorted.sort_by(f64::total_cmp);
-            self.fresh = true;
-        }
-        &self.sorted
+        let at = self.sorted.partition_point(|d| d.total_cmp(&secs).is_lt());
+        self.sorted.insert(at, secs);
     }
 
     /// The turn time: the mean with the top and bottom tenth (at least one
     /// each, from three samples on) left out. None before any completion.
-    pub(super) fn turn(&mut self) -> Option<f64> {
-        let s = self.sorted();
+    pub(super) fn turn(&self) -> Option<f64> {
+        let s = &self.sorted;
         let n = s.len();
         if n == 0 {
             return None;
@@ -90,8 +82,8 @@ impl TurnTimes {
     /// How much longer a request that has held its slot for `age` seconds
     /// holds it: the median residual of the recent requests that ran
     /// longer; as long again as it ran when none did (or nothing is known).
-    pub(super) fn remaining(&mut self, age: f64) -> f64 {
-        let s = self.sorted();
+    pub(super) fn remaining(&self, age: f64) -> f64 {
+        let s = &self.sorted;
         let from = s.partition_point(|&d| d <= age);
         let longer = &s[from..];
         match longer.len() {
@@ -238,6 +230,21 @@ mod tests {
             t.record(1.0);
         }
         assert_eq!(t.turn(), Some(1.0));
+    }
+
+    #[test]
+    fn the_sorted_window_is_the_ring_sorted() {
+        // Kept in order as times come and go, through several wraps and
+        // with repeated values.
+        let mut t = TurnTimes::default();
+        let mut x = 7u64;
+        for i in 0..5 * WINDOW + 3 {
+            x = crate::random::splitmix(x);
+            t.record(((x % 50) as f64) / 10.0);
+            let mut want = t.ring.clone();
+            want.sort_by(f64::total_cmp);
+            assert_eq!(t.sorted, want, "after {} records", i + 1);
+        }
     }
 
     #[test]

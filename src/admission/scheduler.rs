@@ -23,7 +23,9 @@ use super::queue::{Place, Push};
 use super::state::{State, Waiter};
 pub use super::ticket::Ticket;
 use crate::config::Limits;
-use crate::types::{Overloaded, Priority, QueueStatus, Reason, Share, TenantId, TenantStatus};
+use crate::types::{
+    Allowance, Overloaded, Priority, QueueStatus, Reason, Share, TenantId, TenantStatus,
+};
 
 /// What admission may do with a request whose body is held whole, so that
 /// it can be stopped and sent again: how often that happened already, and
@@ -210,7 +212,7 @@ impl Scheduler {
 
     /// A snapshot of the state, for /status.
     pub fn snapshot(&self) -> QueueStatus {
-        let mut st = self.state.lock();
+        let st = self.state.lock();
         QueueStatus {
             waiting: st.queue.len(),
             running: st.running,
@@ -238,6 +240,13 @@ impl Scheduler {
                 t
             },
         }
+    }
+
+    /// The room for requests at `priority`, as a rate-limit allowance: the
+    /// slots they may use and the queue's places when all are free, those
+    /// free now, and how long until all are at the measured turn time.
+    pub fn room(&self, priority: Priority) -> Allowance {
+        self.state.lock().room(priority, Instant::now())
     }
 
     /// The delay to advise a request that would stand `place`-th in line.

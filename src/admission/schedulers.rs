@@ -8,7 +8,7 @@
 use std::fmt;
 
 use super::scheduler::{Acquire, Replayable};
-use crate::types::{Priority, Share};
+use crate::types::{Allowance, Priority, Share};
 use crate::BoxError;
 
 /// The upstreams' schedulers, by route (an index into the upstream table).
@@ -22,6 +22,12 @@ pub trait Schedulers: fmt::Debug + Send + Sync + 'static {
         share: &Share,
         replay: &dyn Fn() -> Option<Replayable>,
     ) -> Acquire;
+
+    /// The room upstream `route`'s queue has for requests at `priority`
+    /// (see [`Scheduler::room`](super::Scheduler::room)); None: not known.
+    fn room(&self, _route: usize, _priority: Priority) -> Option<Allowance> {
+        None
+    }
 
     /// Another upstream in service that serves `model`, for a request
     /// whose upstream `from` was taken out of service while it waited.

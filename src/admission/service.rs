@@ -97,6 +97,17 @@ where
         let acquired = self
             .schedulers
             .acquire(route, admit.priority, &admit.share, &|| req.replayable());
+        // What is left for the next, when the client is told (it costs a
+        // lock, so only then).
+        if let Some(tap) = req
+            .extensions()
+            .get::<crate::telemetry::Tap>()
+            .filter(|t| t.wants_rate_headers())
+        {
+            if let Some(room) = self.schedulers.room(route, admit.priority) {
+                tap.set_room(room);
+            }
+        }
         match acquired {
             Acquire::Admitted(permit) => {
                 ResponseFuture::admitted(inner, req, permit, &self.schedulers)

@@ -504,6 +504,33 @@ impl State {
             .map(|age| age.max(advice::COLD_TURN_SECS))
     }
 
+    /// The room for requests at `priority` (see [`Scheduler::room`]): the
+    /// slots they may use (what reservations of more urgent levels leave)
+    /// plus the queue's places; what of it is free; and the time the slots
+    /// take to work through what fills the rest, at the turn time.
+    pub(super) fn room(&mut self, priority: Priority, now: Instant) -> crate::types::Allowance {
+        let reserved: usize = self
+            .reserved
+            .iter()
+            .filter(|r| priority > r.max_priority)
+            .map(|r| r.slots)
+            .sum();
+        let slots = self.max_concurrency.saturating_sub(reserved);
+        let queue = self.queue.capacity();
+        let free =
+            self.headroom_for(priority, false, None) + queue.saturating_sub(self.queue.len());
+        let limit = slots.saturating_add(queue).min(u32::MAX as usize) as u32;
+        let remaining = free.min(limit as usize) as u32;
+        let turn = self.service_estimate(now).unwrap_or(0.0);
+        let busy = f64::from(limit - remaining);
+        let secs = busy * turn / self.max_concurrency.max(1) as f64;
+        crate::types::Allowance {
+            limit,
+            remaining,
+            reset: Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX),
+        }
+    }
+
     /// How far back in line a place still changes the advice: past it, the
     /// wait is at `cap`.
     pub(super) fn places_that_matter(&mut self, cap: Duration) -> usize {

@@ -158,6 +158,9 @@ pub struct FileConfig {
     pub max_connections_per_ip: usize,
     /// Most concurrent HTTP/2 streams per client connection.
     pub http2_max_streams: u32,
+    /// Answer with OpenAI's `x-ratelimit-*` headers (a key's limits and
+    /// the queue's room), for clients that pace themselves by them.
+    pub rate_limit_headers: bool,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -258,6 +261,7 @@ impl Default for FileConfig {
             upstream_ca_file: String::new(),
             max_connections: 65_536,
             max_connections_per_ip: 0,
+            rate_limit_headers: true,
             http2_max_streams: 256,
         }
     }

@@ -84,6 +84,8 @@ pub struct Config {
     pub keys: Vec<KeySetting>,
     /// Limits on each client connection.
     pub server: ServerLimits,
+    /// Answer with OpenAI's `x-ratelimit-*` headers.
+    pub rate_limit_headers: bool,
 }
 
 /// The PEM files of the listener's certificate chain and private key.

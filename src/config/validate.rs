@@ -251,6 +251,7 @@ impl FileConfig {
                 },
             },
             tls,
+            rate_limit_headers: self.rate_limit_headers,
             drain_timeout: match parse_duration(&self.drain_timeout) {
                 Ok(d) => d,
                 Err(e) => return Err(ConfigError(format!("drain_timeout: {e}"))),

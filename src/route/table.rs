@@ -574,6 +574,14 @@ impl crate::admission::Schedulers for Router {
         Router::acquire(self, route, priority, share, replay)
     }
 
+    fn room(
+        &self,
+        route: usize,
+        priority: crate::types::Priority,
+    ) -> Option<crate::types::Allowance> {
+        Some(self.table.load().row(route).scheduler.room(priority))
+    }
+
     fn reroute(&self, model: Option<&str>, from: usize) -> Result<usize, BoxError> {
         self.pick(model, Some(from))
     }

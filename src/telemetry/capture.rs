@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::headers::{Buf, CLAMPED_HEADER, QUEUE_MS_HEADER, SERVER_TIMING};
+use super::headers::{CLAMPED_HEADER, QUEUE_MS_HEADER, SERVER_TIMING};
 use super::{Finished, Framing, Observer, Outcome, Recorder, Tap, Timings, TokenSource};
+use crate::types::HeaderBuf;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
@@ -69,12 +70,12 @@ impl Capture {
         let upstream = upstream.saturating_sub(dispatched);
         let queue = dispatched.saturating_sub(self.wasted());
         // By hand: float formatting cost more than the rest of this layer.
-        let mut out = Buf::new();
+        let mut out = HeaderBuf::new();
         out.push(b"queue;dur=");
-        out.push_millis(queue);
+        out.millis(queue);
         out.push(b", upstream;dur=");
-        out.push_millis(upstream);
-        if let Ok(v) = HeaderValue::from_bytes(out.as_bytes()) {
+        out.millis(upstream);
+        if let Some(v) = out.value() {
             headers.append(SERVER_TIMING, v);
         }
         headers.insert(QUEUE_MS_HEADER, HeaderValue::from(queue.as_millis() as u64));

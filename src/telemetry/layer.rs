@@ -25,12 +25,23 @@ use crate::BoxError;
 #[derive(Clone, Debug)]
 pub struct TelemetryLayer {
     recorder: Arc<Recorder>,
+    rate_headers: bool,
 }
 
 impl TelemetryLayer {
     /// Record into `recorder`.
     pub fn new(recorder: Arc<Recorder>) -> Self {
-        Self { recorder }
+        Self {
+            recorder,
+            rate_headers: false,
+        }
+    }
+
+    /// Also answer with OpenAI's `x-ratelimit-*` headers, from what the
+    /// steps below note in the tap (see [`crate::types::ratelimit`]).
+    pub fn rate_limit_headers(mut self, on: bool) -> Self {
+        self.rate_headers = on;
+        self
     }
 }
 
@@ -41,6 +52,7 @@ impl<S> Layer<S> for TelemetryLayer {
         Telemetry {
             inner,
             recorder: self.recorder.clone(),
+            rate_headers: self.rate_headers,
         }
     }
 }
@@ -50,6 +62,7 @@ impl<S> Layer<S> for TelemetryLayer {
 pub struct Telemetry<S> {
     inner: S,
     recorder: Arc<Recorder>,
+    rate_headers: bool,
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Telemetry<S>
@@ -75,7 +88,7 @@ where
             self.recorder.metrics.client_retries.inc();
         }
         let now = Instant::now();
-        let tap = Tap::new(now);
+        let tap = Tap::new(now, self.rate_headers);
         let capture = Capture {
             recorder: self.recorder.clone(),
             tap: tap.clone(),
@@ -175,6 +188,7 @@ where
                 let ct = resp.headers().get(http::header::CONTENT_TYPE);
                 capture.observer = Observer::new(Framing::of(ct.map(HeaderValue::as_bytes)));
                 capture.timing_headers(resp.headers_mut());
+                capture.tap.rate_headers(resp.headers_mut(), None);
                 Poll::Ready(Ok(resp.map(|inner| TimedBody::new(inner, capture))))
             }
             Err(e) => {
@@ -188,6 +202,15 @@ where
                     .is_some_and(|o| o.reason() != crate::types::Reason::PastDrain)
                     || error::cause::<error::RateLimited>(&*e).is_some();
                 capture.finish(Outcome::Ok);
+                let e = match capture.tap.wants_rate_headers() {
+                    true => {
+                        let mut headers = http::HeaderMap::new();
+                        let refused = error::cause::<error::RateLimited>(&*e);
+                        capture.tap.rate_headers(&mut headers, refused);
+                        error::Headed::wrap(e, headers)
+                    }
+                    false => e,
+                };
                 Poll::Ready(Err(e))
             }
         }

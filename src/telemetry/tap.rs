@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::observe;
-use crate::types::Priority;
+use crate::types::{Allowance, Priority};
 
 /// What [`classify`](crate::classify) learnt about an admitted request.
 #[derive(Clone, Debug, Default)]
@@ -63,10 +63,28 @@ pub(super) struct TapInner {
     /// run (nanoseconds).
     pub(super) preemptions: AtomicU32,
     pub(super) preempted_ns: AtomicU64,
+    /// What its rate-limit headers say, when they are sent
+    /// (`rate_limit_headers`).
+    pub(super) rate: Option<parking_lot::Mutex<RateNotes>>,
+}
+
+/// What a request's `x-ratelimit-*` headers are made of, noted by the steps
+/// that know it.
+#[derive(Debug, Default)]
+pub(super) struct RateNotes {
+    /// Its key's requests-per-minute allowance (auth).
+    pub(super) key: Option<Allowance>,
+    /// The room of the queue it stood in (admission).
+    pub(super) room: Option<Allowance>,
+    /// Its key's tokens a minute (auth); what is left comes with the
+    /// charge, or with the refusal.
+    pub(super) tokens_limit: Option<u32>,
 }
 
 impl Tap {
-    pub(crate) fn new(arrival: Instant) -> Self {
+    /// A request's tap; with `rate`, it also collects what its
+    /// `x-ratelimit-*` headers say.
+    pub(crate) fn new(arrival: Instant, rate: bool) -> Self {
         Self(Arc::new(TapInner {
             arrival,
             dispatched: AtomicU64::new(0),
@@ -83,6 +101,7 @@ impl Tap {
             last_token: AtomicU64::new(0),
             preemptions: AtomicU32::new(0),
             preempted_ns: AtomicU64::new(0),
+            rate: rate.then(Default::default),
         }))
     }
 
@@ -110,6 +129,66 @@ impl Tap {
     /// The upstream it was last handed to.
     pub fn upstream(&self) -> Option<Arc<str>> {
         self.0.upstream.lock().clone()
+    }
+
+    /// Whether its rate-limit headers are sent: what they say is worth
+    /// finding out.
+    pub(crate) fn wants_rate_headers(&self) -> bool {
+        self.0.rate.is_some()
+    }
+
+    /// Note its key's requests-per-minute allowance, after it.
+    pub(crate) fn set_key_allowance(&self, a: Allowance) {
+        if let Some(r) = &self.0.rate {
+            r.lock().key = Some(a);
+        }
+    }
+
+    /// Note the room of the queue it stands in, after it.
+    pub(crate) fn set_room(&self, a: Allowance) {
+        if let Some(r) = &self.0.rate {
+            r.lock().room = Some(a);
+        }
+    }
+
+    /// Note its key's tokens-per-minute limit.
+    pub(crate) fn set_tokens_limit(&self, per_minute: u32) {
+        if let Some(r) = &self.0.rate {
+            r.lock().tokens_limit = Some(per_minute);
+        }
+    }
+
+    /// The `x-ratelimit-*` headers of its answer; `refused`, when a key's
+    /// limit refused it (that allowance is then empty until the wait).
+    pub(super) fn rate_headers(
+        &self,
+        headers: &mut http::HeaderMap,
+        refused: Option<&crate::error::RateLimited>,
+    ) {
+        let Some(r) = &self.0.rate else {
+            return;
+        };
+        let notes = r.lock();
+        let mut key = notes.key;
+        let mut tokens = self
+            .0
+            .tokens
+            .get()
+            .map(|c| Allowance::per_minute(c.budget.per_minute().get(), c.left));
+        if let Some(e) = refused {
+            let (limit, a) = match e.on_tokens() {
+                true => (notes.tokens_limit, &mut tokens),
+                false => (key.map(|k| k.limit), &mut key),
+            };
+            if let Some(limit) = limit {
+                *a = Some(Allowance::exhausted(limit, e.retry_after()));
+            }
+        }
+        let requests = match (key, notes.room) {
+            (Some(k), Some(room)) => Some(k.within(room)),
+            (k, room) => k.or(room),
+        };
+        crate::types::ratelimit::write(headers, requests, tokens, notes.tokens_limit);
     }
 
     /// Note who is asking (the API key's name).

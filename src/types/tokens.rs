@@ -14,7 +14,7 @@ use std::time::Duration;
 /// spell of over-estimates cannot bank a burst bigger than the limit itself.
 #[derive(Debug)]
 pub struct TokenBudget {
-    limiter: governor::DefaultDirectRateLimiter,
+    limiter: Limiter,
     per_minute: std::num::NonZeroU32,
     /// Tokens owed (positive) or credited (negative) by corrections.
     adjust: std::sync::atomic::AtomicI64,
@@ -25,32 +25,44 @@ impl TokenBudget {
     pub fn new(per_minute: u32) -> Option<Arc<Self>> {
         let per_minute = std::num::NonZeroU32::new(per_minute)?;
         Some(Arc::new(Self {
-            limiter: governor::RateLimiter::direct(governor::Quota::per_minute(per_minute)),
+            limiter: limiter(per_minute),
             per_minute,
             adjust: std::sync::atomic::AtomicI64::new(0),
         }))
     }
 
-    /// Charge `estimate` tokens (plus any debt, less any credit). Over the
-    /// limit: the limiter's answer of how long until the charge would pass.
-    /// A charge larger than a whole minute's tokens is cut to one minute's,
-    /// so a huge request waits for a full bucket rather than forever.
-    pub fn charge(&self, estimate: u64) -> Result<(), Duration> {
+    /// Charge `estimate` tokens (plus any debt, less any credit); `Ok`
+    /// holds the tokens left after it (credit counted). Over the limit: the
+    /// limiter's answer of how long until the charge would pass. A charge
+    /// larger than a whole minute's tokens is cut to one minute's, so a
+    /// huge request waits for a full bucket rather than forever.
+    pub fn charge(&self, estimate: u64) -> Result<u32, Duration> {
         use std::sync::atomic::Ordering::Relaxed;
         let adjust = self.adjust.swap(0, Relaxed);
         let due = i64::try_from(estimate)
             .unwrap_or(i64::MAX)
             .saturating_add(adjust);
         if due <= 0 {
-            // Paid from credit; what is left stays.
-            self.add(due);
-            return Ok(());
+            // Paid from credit; what is left stays. governor cannot be
+            // read without a charge: one token is taken to see what the
+            // bucket holds, and given back as credit.
+            let left = match self.limiter.check() {
+                Ok(state) => {
+                    self.add(due - 1);
+                    state.remaining_burst_capacity()
+                }
+                Err(_) => {
+                    self.add(due);
+                    0
+                }
+            };
+            return Ok(self.with_credit(left));
         }
         let cap = self.per_minute.get();
         let n = u32::try_from(due).unwrap_or(cap).min(cap);
         let n = std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
         match self.limiter.check_n(n) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(state)) => Ok(self.with_credit(state.remaining_burst_capacity())),
             Ok(Err(not_until)) => {
                 use governor::clock::Clock;
                 // Nothing was charged: the adjustment stays due.
@@ -63,6 +75,13 @@ impl TokenBudget {
                 Err(Duration::from_secs(60))
             }
         }
+    }
+
+    /// `left` in the bucket, plus the credit (less the debt) the next
+    /// charge uses, within a minute's tokens.
+    fn with_credit(&self, left: u32) -> u32 {
+        let total = i64::from(left) - self.owed();
+        total.clamp(0, i64::from(self.per_minute.get())) as u32
     }
 
     /// Its limit: tokens a minute.
@@ -98,6 +117,23 @@ impl TokenBudget {
     }
 }
 
+/// A requests- or tokens-per-minute limiter that tells what it has left
+/// when it lets one through (governor's state-information middleware: the
+/// same GCRA, with a snapshot of the bucket on each positive decision).
+pub type Limiter = governor::RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    governor::clock::DefaultClock,
+    governor::middleware::StateInformationMiddleware,
+>;
+
+/// A limiter of `per_minute` a minute: bursts up to it, then one every
+/// minute ÷ `per_minute`.
+pub fn limiter(per_minute: std::num::NonZeroU32) -> Limiter {
+    governor::RateLimiter::direct(governor::Quota::per_minute(per_minute))
+        .with_middleware::<governor::middleware::StateInformationMiddleware>()
+}
+
 /// The tokens a request was charged, kept in its
 /// [`Tap`](crate::telemetry::Tap) until it ends.
 #[derive(Clone, Debug)]
@@ -108,6 +144,8 @@ pub struct TokenCharge {
     pub charged: u64,
     /// Of which, the prompt's estimate (used when `usage` has no prompt count).
     pub prompt: u64,
+    /// The tokens the budget had left after the charge.
+    pub left: u32,
 }
 
 /// Tokens assumed for the answer of a request that names no `max_tokens`:
@@ -127,15 +165,17 @@ mod tests {
     #[test]
     fn token_budget_credits_and_debts_carry_to_the_next_charge() {
         let b = TokenBudget::new(1000).unwrap();
-        b.charge(900).unwrap();
+        assert_eq!(b.charge(900), Ok(100), "100 left");
         // Without correction 200 more would not fit.
         assert!(b.charge(200).is_err());
-        // The 900 used only 100: 800 credited, so 200 is paid from it.
+        // The 900 used only 100: 800 credited, so 200 is paid from it;
+        // 700 are left: 99 in the bucket and 601 of credit (the token taken
+        // to read the bucket is credited back).
         b.correct(900, 100);
-        b.charge(200).unwrap();
-        assert_eq!(b.owed(), -600);
+        assert_eq!(b.charge(200), Ok(700));
+        assert_eq!(b.owed(), -601);
         // Used more than charged: a debt the next charge pays.
-        b.correct(0, 700);
+        b.correct(0, 701);
         assert_eq!(b.owed(), 100);
         // A refused charge leaves the debt due.
         assert!(b.charge(950).is_err());

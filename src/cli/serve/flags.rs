@@ -159,6 +159,9 @@ pub struct ServeArgs {
     /// true time to first token (key: stream_upgrade).
     #[arg(long, value_name = "BOOL")]
     pub stream_upgrade: Option<bool>,
+    /// Answer with OpenAI's x-ratelimit-* headers (key: rate_limit_headers).
+    #[arg(long, value_name = "BOOL")]
+    pub rate_limit_headers: Option<bool>,
     /// The environment variable holding the key to send the upstream
     /// (key: upstream_api_key_env). The key itself can only be given in
     /// the file (upstream_api_key): a flag would show in `ps`.
@@ -263,6 +266,7 @@ impl ServeArgs {
             trust_tenant_header,
             stream_usage,
             stream_upgrade,
+            rate_limit_headers,
             upstream_api_key_env,
             drain_timeout,
             tls_cert,
