@@ -83,7 +83,8 @@ async fn requests_go_to_the_upstream_that_serves_their_model() {
         assert_eq!(records[id].upstream.as_deref(), Some(upstream), "{id}");
     }
 
-    // The model list is the union of both.
+    // The model list: the names each upstream is configured with (one the
+    // backend does not report too), and what the "*" one reports.
     let req = Request::get(format!("{}/v1/models", proxy.url()))
         .body(Full::default())
         .unwrap();
@@ -94,7 +95,10 @@ async fn requests_go_to_the_upstream_that_serves_their_model() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["alpha", "beta", "other"], "{list}");
+    assert_eq!(ids, ["alpha", "beta", "beta-large", "other"], "{list}");
+    let large = &list["data"][2];
+    assert_eq!(large["owned_by"], "b", "not reported: named by anteroom");
+    assert!(large.get("created").is_none(), "not known: {large}");
 }
 
 #[tokio::test]
@@ -204,6 +208,45 @@ fn upstream_tables_parse_and_validate() {
     .validate()
     .unwrap_err();
     assert!(dup.0.contains("upstream `x`"), "{}", dup.0);
+
+    // Aliases: a name, a { name, backend } table, "*" among them.
+    let file = anteroom::config::FileConfig::parse(
+        r#"
+        [[upstream]]
+        name = "rig"
+        url = "http://10.0.0.1:8000"
+        models = ["phi", { name = "llama-3-8b", backend = "rig" }, "*"]
+        "#,
+    )
+    .unwrap();
+    let c = file.validate().unwrap();
+    let m = &c.replicas[0].models;
+    assert!(m.names("llama-3-8b") && m.names("phi") && !m.names("rig"));
+    assert!(m.any() && m.serves("rig"));
+    // It writes out as it was written.
+    let again = anteroom::config::FileConfig::parse(&toml::to_string(&file).unwrap()).unwrap();
+    assert_eq!(again, file);
+    for (models, why) in [
+        ("[]", "models is empty"),
+        (r#"["a", "a"]"#, "listed twice"),
+        (r#"["a", { name = "a", backend = "b" }]"#, "listed twice"),
+        (r#"[{ name = "*", backend = "b" }]"#, "no backend name"),
+        (r#"[{ name = "", backend = "b" }]"#, "non-empty"),
+        (r#"[{ name = "a", backend = "b\"c" }]"#, "without quotes"),
+    ] {
+        let err = anteroom::config::FileConfig::parse(&format!(
+            "[[upstream]]\nname = \"x\"\nurl = \"http://a:1\"\nmodels = {models}\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(err.0.contains(why), "{models}: {}", err.0);
+    }
+    let unknown = anteroom::config::FileConfig::parse(
+        "[[upstream]]\nname = \"x\"\nurl = \"http://a:1\"\nmodels = [{ name = \"a\", alias = \"b\" }]\n",
+    )
+    .unwrap_err();
+    assert!(unknown.to_string().contains("models is"), "{unknown}");
 }
 
 /// Two upstreams that both take any model share sequential work evenly: a
@@ -351,4 +394,95 @@ async fn a_huge_model_list_is_read_only_up_to_a_bound() {
         .filter_map(|m| m["id"].as_str())
         .collect();
     assert_eq!(ids, ["alpha"]);
+}
+
+/// `{ name, backend }` in an upstream's models: the client asks for its
+/// name, the backend (which, like vLLM, serves only its own) gets its
+/// name, and the answer says the client's again, streamed, not streamed,
+/// and put together from a stream (`stream_upgrade`). `/v1/models` lists
+/// the names clients may use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_is_renamed_on_the_way_up_and_back_down() {
+    use anteroom::config::ModelName;
+    let mut cfg = named("rig");
+    cfg.mode = Mode::Llama;
+    cfg.only_model = true;
+    cfg.output_tokens = 6;
+    let backend = sim(cfg).await;
+    let url = backend.url();
+    let proxy = proxy("http://unused:1", |c| {
+        c.backend =
+            anteroom::config::backend::Setting::Is(anteroom::config::backend::Kind::LlamaCpp);
+        c.upstream = Upstreams::Many(vec![entry(
+            "rig",
+            url,
+            Models::List(vec![
+                ModelName {
+                    name: "llama-3-8b".into(),
+                    backend: Some("rig".into()),
+                },
+                "*".into(),
+            ]),
+            4,
+        )]);
+    })
+    .await;
+    let client = client();
+    let send = |model: &str, stream: bool, upgrade: bool| {
+        let body = serde_json::json!({
+            "model": model,
+            "max_tokens": 6,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "say \"model\":\"rig\""}],
+        });
+        let mut req = Request::post(format!("{}/v1/chat/completions", proxy.url()));
+        if upgrade {
+            req = req.header("x-anteroom-stream-upgrade", "1");
+        }
+        client.request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+    };
+
+    // Not streamed (as it came, and put together from a stream).
+    for upgrade in [false, true] {
+        let resp = send("llama-3-8b", false, upgrade).await.unwrap();
+        assert_eq!(resp.status(), 200, "the backend got its own name");
+        let json = body_json(resp).await;
+        assert_eq!(json["model"], "llama-3-8b", "upgrade {upgrade}: {json}");
+        assert!(!json.to_string().contains("\"rig\""), "{json}");
+    }
+    // Streamed: every event.
+    let resp = send("llama-3-8b", true, false).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(events.len() >= 6, "{text}");
+    for e in &events {
+        assert_eq!(e["model"], "llama-3-8b", "{e}");
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The backend's own name, taken by "*": as it is, both ways.
+    let resp = send("rig", false, false).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_json(resp).await["model"], "rig");
+    // Without the alias the backend refuses the name: the rename is what
+    // let the first requests in.
+    let resp = send("llama-3-70b", false, false).await.unwrap();
+    assert_eq!(resp.status(), 404);
+    body_bytes(resp).await;
+
+    // The list: the alias (with the backend's entry for it), then what
+    // "*" adds.
+    let req = Request::get(format!("{}/v1/models", proxy.url()))
+        .body(Full::default())
+        .unwrap();
+    let list = body_json(client.request(req).await.unwrap()).await;
+    let data = list["data"].as_array().unwrap();
+    let ids: Vec<&str> = data.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["llama-3-8b", "rig"], "{list}");
+    assert_eq!(data[0]["owned_by"], "anteroom-sim", "the backend's entry");
 }

@@ -81,6 +81,11 @@ pub struct Backend {
     /// each admitted generation, set at start and by a reload.
     default_max_tokens: AtomicU64,
     max_tokens_cap: AtomicU64,
+    /// The names its upstream's `models` map to the backend's own (see
+    /// [`rename`](crate::upstream::rename)); `has_aliases` says whether
+    /// there are any with one load, for each admitted request.
+    aliases: arc_swap::ArcSwapOption<crate::upstream::rename::Aliases>,
+    has_aliases: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -115,7 +120,26 @@ impl Backend {
             stream_upgrade: AtomicU8::new(0),
             default_max_tokens: AtomicU64::new(0),
             max_tokens_cap: AtomicU64::new(0),
+            aliases: arc_swap::ArcSwapOption::empty(),
+            has_aliases: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Take the aliases among `models` (set at start and by a reload).
+    pub(crate) fn set_aliases(&self, models: &crate::config::Models) {
+        let aliases = crate::upstream::rename::Aliases::of(models);
+        self.has_aliases.store(aliases.is_some(), Ordering::Release);
+        self.aliases.store(aliases);
+    }
+
+    /// For a request for `model`: the backend's name for it, as a JSON
+    /// string, and the rewriting of the answer; `None` when it is not an
+    /// alias.
+    pub fn alias(&self, model: &str) -> Option<(bytes::Bytes, crate::upstream::rename::Rename)> {
+        if !self.has_aliases.load(Ordering::Acquire) {
+            return None;
+        }
+        self.aliases.load().as_ref()?.find(model)
     }
 
     /// What its generations may ask for.
@@ -321,6 +345,10 @@ impl crate::upstream::Peer for Backend {
 
     fn max_tokens(&self) -> crate::types::TokenBounds {
         Backend::max_tokens(self)
+    }
+
+    fn alias(&self, model: &str) -> Option<(bytes::Bytes, crate::upstream::rename::Rename)> {
+        Backend::alias(self, model)
     }
 }
 

@@ -83,6 +83,10 @@ pub struct SimulateArgs {
     /// llama-server sometimes writes them).
     #[arg(long)]
     pub pair_tokens: bool,
+    /// A generation for another model than --model is a 404 (as vLLM
+    /// answers a name it does not serve).
+    #[arg(long)]
+    pub only_model: bool,
     /// Answer every POST badly, in this way (a broken or hostile backend,
     /// for testing what anteroom does with it); the other flags are unused.
     #[arg(long, value_enum, value_name = "KIND")]
@@ -114,6 +118,7 @@ impl SimulateArgs {
             max_queued: self.max_queued,
             sse_refusal: self.sse_refusal,
             pair_tokens: self.pair_tokens,
+            only_model: self.only_model,
         }
     }
 }

@@ -268,13 +268,30 @@ impl Default for FileConfig {
 }
 
 /// `upstream`: one URL, or several `[[upstream]]` tables.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Upstreams {
     /// `upstream = "http://127.0.0.1:1234"`.
     One(String),
     /// `[[upstream]]` tables.
     Many(Vec<UpstreamEntry>),
+}
+
+// By hand: serde's untagged enum says only "did not match any variant"
+// of a table with a typo in it; this says what is wrong in the table.
+impl<'de> Deserialize<'de> for Upstreams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(url) => Ok(Upstreams::One(url)),
+            v @ toml::Value::Array(_) => Vec::<UpstreamEntry>::deserialize(v)
+                .map(Upstreams::Many)
+                .map_err(|e| D::Error::custom(format!("[[upstream]]: {}", e.message()))),
+            _ => Err(D::Error::custom(
+                "upstream is a URL, or [[upstream]] tables",
+            )),
+        }
+    }
 }
 
 impl From<&str> for Upstreams {
@@ -354,8 +371,91 @@ pub enum Models {
     /// Any model (`"*"`).
     #[default]
     Any,
-    /// These.
-    List(Vec<String>),
+    /// These (a `"*"` among them: any other too).
+    List(Vec<ModelName>),
+}
+
+/// One name in an upstream's `models`: the name clients ask for, and the
+/// backend's own name for it when that differs (`{ name = "llama-3-8b",
+/// backend = "rig" }`): `model` is rewritten on the way up, and back in
+/// the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelName {
+    /// What clients ask for (`"*"`: any model).
+    pub name: String,
+    /// What the backend calls it, if not `name`.
+    pub backend: Option<String>,
+}
+
+impl From<&str> for ModelName {
+    fn from(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            backend: None,
+        }
+    }
+}
+
+impl ModelName {
+    /// The backend's name for it.
+    pub fn backend_name(&self) -> &str {
+        self.backend.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Whether it names the backend's model otherwise than clients do.
+    pub fn is_alias(&self) -> bool {
+        self.backend.as_deref().is_some_and(|b| b != self.name)
+    }
+
+    fn is_wildcard(&self) -> bool {
+        self.name == "*"
+    }
+}
+
+impl Serialize for ModelName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match &self.backend {
+            None => s.serialize_str(&self.name),
+            Some(b) => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("name", &self.name)?;
+                m.serialize_entry("backend", b)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            name: String,
+            backend: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Table(Table),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "a model is a name, or a table { name = \"…\", backend = \"…\" }",
+            )
+        })? {
+            Raw::Word(name) => Ok(Self {
+                name,
+                backend: None,
+            }),
+            Raw::Table(t) => Ok(Self {
+                name: t.name,
+                backend: t.backend,
+            }),
+        }
+    }
 }
 
 impl Serialize for Models {
@@ -373,23 +473,54 @@ impl<'de> Deserialize<'de> for Models {
         #[serde(untagged)]
         enum Raw {
             Word(String),
-            List(Vec<String>),
+            List(Vec<ModelName>),
         }
-        match Raw::deserialize(d)? {
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "models is \"*\", a name, or a list of names and { name, backend } tables",
+            )
+        })? {
             Raw::Word(w) if w == "*" => Ok(Models::Any),
-            Raw::Word(w) => Ok(Models::List(vec![w])),
+            Raw::Word(w) => Ok(Models::List(vec![w.as_str().into()])),
             Raw::List(l) => Ok(Models::List(l)),
         }
     }
 }
 
 impl Models {
-    /// Does it serve `model`?
+    /// Does it serve `model` (by the name clients use)?
     pub fn serves(&self, model: &str) -> bool {
+        self.any() || self.names(model)
+    }
+
+    /// Does it name `model` (not only take it as any)?
+    pub fn names(&self, model: &str) -> bool {
+        match self {
+            Models::Any => false,
+            Models::List(l) => l.iter().any(|m| !m.is_wildcard() && m.name == model),
+        }
+    }
+
+    /// Does it take any model (`"*"`, alone or in its list)?
+    pub fn any(&self) -> bool {
         match self {
             Models::Any => true,
-            Models::List(l) => l.iter().any(|m| m == model),
+            Models::List(l) => l.iter().any(ModelName::is_wildcard),
         }
+    }
+
+    /// `"*"` alone: any model, each as its backend names it.
+    pub fn is_plain_any(&self) -> bool {
+        matches!(self, Models::Any)
+    }
+
+    /// The names it lists, `"*"` left out.
+    pub fn named(&self) -> impl Iterator<Item = &ModelName> {
+        let l = match self {
+            Models::Any => &[][..],
+            Models::List(l) => &l[..],
+        };
+        l.iter().filter(|m| !m.is_wildcard())
     }
 }
 

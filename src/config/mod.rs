@@ -27,7 +27,9 @@ mod validate;
 pub use admission::{Adaptive, AdaptiveBounds, Limits, Preemption, Reservation};
 pub use admit_rules::AdmitRules;
 pub use client::{ClientSettings, RetryPolicy, StreamTimeouts};
-pub use file::{Concurrency, FileConfig, KeyEntry, Models, Secret, UpstreamEntry, Upstreams};
+pub use file::{
+    Concurrency, FileConfig, KeyEntry, ModelName, Models, Secret, UpstreamEntry, Upstreams,
+};
 pub use keys::KeySetting;
 pub use server::ServerLimits;
 pub use validate::{parse_duration, Env};

@@ -394,11 +394,7 @@ impl Upstreams {
                             "{key}: weight and max_concurrency must be at least 1"
                         )));
                     }
-                    if matches!(&e.models, Models::List(l) if l.is_empty()) {
-                        return Err(ConfigError(format!(
-                            "{key}: models is empty (use \"*\" for any)"
-                        )));
-                    }
+                    model_names(&key, &e.models)?;
                     let own =
                         upstream_key(env, &key, e.api_key.as_ref(), e.api_key_env.as_deref())?;
                     out.push(ReplicaConfig {
@@ -427,6 +423,41 @@ impl Upstreams {
             }
         }
     }
+}
+
+/// An upstream's `models` as `at` lists them: not empty, each name once,
+/// `"*"` with no backend name, and no name JSON would write with escapes
+/// (a request's `model` is matched, and an answer's rewritten, as bytes).
+fn model_names(at: &str, models: &Models) -> Result<(), ConfigError> {
+    let Models::List(list) = models else {
+        return Ok(());
+    };
+    if list.is_empty() {
+        return Err(ConfigError(format!(
+            "{at}: models is empty (use \"*\" for any)"
+        )));
+    }
+    let plain = |n: &str| !n.is_empty() && !n.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    for (i, m) in list.iter().enumerate() {
+        if !plain(&m.name) || m.backend.as_deref().is_some_and(|b| !plain(b)) {
+            return Err(ConfigError(format!(
+                "{at}: model {:?}: a name must be non-empty, without quotes, backslashes or control characters",
+                m.name
+            )));
+        }
+        if m.name == "*" && m.backend.is_some() {
+            return Err(ConfigError(format!(
+                "{at}: \"*\" takes any model as it is named: it has no backend name"
+            )));
+        }
+        if list[..i].iter().any(|o| o.name == m.name) {
+            return Err(ConfigError(format!(
+                "{at}: model {:?} is listed twice",
+                m.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `default_max_tokens` and `max_tokens_cap` as `at` sets them: each at

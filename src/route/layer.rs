@@ -69,7 +69,13 @@ where
 
     fn call(&mut self, mut req: Request<ClassifiedBody<B>>) -> Self::Future {
         let table = self.shared.table();
-        if table.active_len() == 1 {
+        // One upstream that takes any model as it is named: its list is
+        // the backend's, as it is.
+        if table.active_len() == 1
+            && !(req.method() == Method::GET
+                && req.uri().path() == "/v1/models"
+                && !table.row(table.first()).config.models.is_plain_any())
+        {
             // One upstream: nothing to decide, everything passes as it is
             // (named only when a reload made it other than the first).
             let only = table.first();

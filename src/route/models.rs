@@ -1,4 +1,5 @@
-//! `GET /v1/models` with several upstreams: the union of their lists.
+//! `GET /v1/models` with several upstreams, or names of anteroom's: the
+//! names clients may ask for, over all upstreams.
 
 use std::sync::Arc;
 
@@ -10,10 +11,11 @@ use tower::{Service, ServiceExt};
 
 use super::Router;
 use crate::classify::ClassifiedBody;
+use crate::config::Models;
 use crate::types::Route;
 use crate::BoxError;
 
-/// Ask every upstream for its models and merge the lists.
+/// Ask every upstream for its models; the names clients may use, merged.
 pub(super) async fn models_union<S, B, ResB>(
     svc: S,
     shared: Arc<Router>,
@@ -51,24 +53,59 @@ where
             Ok::<_, BoxError>(serde_json::from_slice::<serde_json::Value>(&bytes)?)
         }
         .await;
-        let list = match answer {
-            Ok(v) => v,
+        let reported: Vec<serde_json::Value> = match answer {
+            Ok(mut v) => match v["data"].take() {
+                serde_json::Value::Array(a) => a,
+                _ => Vec::new(),
+            },
             Err(e) => {
                 tracing::warn!(upstream = %replica.name, error = %e, "model list unavailable");
-                continue;
+                Vec::new()
             }
         };
-        for m in list["data"].as_array().into_iter().flatten() {
+        for m in usable(&replica.models, &replica.name, reported) {
             let Some(id) = m["id"].as_str() else { continue };
-            if replica.models.serves(id) && !ids.iter().any(|x| x == id) {
+            if !ids.iter().any(|x| x == id) {
                 ids.push(id.to_owned());
-                data.push(m.clone());
+                data.push(m);
             }
         }
     }
     Ok(Bytes::from(serde_json::to_vec(
         &serde_json::json!({"object": "list", "data": data}),
     )?))
+}
+
+/// The models clients may ask an upstream for, from what its backend
+/// `reported`: each configured name, with the backend's entry for it (its
+/// own name for it, if it has one, put back to the client's) or, when
+/// the backend does not list it, `{"id", "object": "model", "owned_by"}`
+/// (no `created`: it is not known); with `"*"`, what else the backend
+/// reports, as it reports it.
+fn usable(
+    models: &Models,
+    upstream: &str,
+    mut reported: Vec<serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for name in models.named() {
+        let entry = reported
+            .iter()
+            .find(|m| m["id"].as_str() == Some(name.backend_name()))
+            .cloned();
+        out.push(match entry {
+            Some(mut m) => {
+                m["id"] = name.name.clone().into();
+                m
+            }
+            None => serde_json::json!({"id": name.name, "object": "model", "owned_by": upstream}),
+        });
+    }
+    if models.any() {
+        reported.retain(|m| m["id"].as_str().is_some());
+        out.append(&mut reported);
+    }
+    out
 }
 
 /// The largest model list read from one upstream for `GET /v1/models`.

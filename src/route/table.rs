@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::health::health_checks;
 use crate::admission::{Acquire, Scheduler};
 use crate::backoff::Cooldown;
-use crate::config::{Models, ReplicaConfig};
+use crate::config::ReplicaConfig;
 use crate::error::ModelNotFound;
 use crate::types::{Overloaded, Reason};
 use crate::BoxError;
@@ -259,6 +259,7 @@ impl Router {
             // Read by each request: it changes in place.
             backend.set_stream_upgrade(config.stream_upgrade);
             backend.set_max_tokens(config.max_tokens);
+            backend.set_aliases(&config.models);
             if moved {
                 change.readdressed.push(config.name.clone());
             }
@@ -395,11 +396,8 @@ impl Router {
     ) -> Result<usize, BoxError> {
         // Upstreams that name the model come first; `"*"` ones take the rest,
         // and what the named ones cannot take while out of service.
-        let named = |r: &ReplicaConfig| match (&r.models, model) {
-            (Models::List(l), Some(m)) => l.iter().any(|x| x == m),
-            _ => false,
-        };
-        let any = |r: &ReplicaConfig| matches!(r.models, Models::Any) || model.is_none();
+        let named = |r: &ReplicaConfig| model.is_some_and(|m| r.models.names(m));
+        let any = |r: &ReplicaConfig| r.models.any() || model.is_none();
         let table = self.table.load();
         let mut served = false;
         // One turn of the round-robin per pick, whichever tier decides: a
@@ -533,6 +531,7 @@ impl Row {
         let backend = crate::backend::Backend::new(config.backend);
         backend.set_stream_upgrade(config.stream_upgrade);
         backend.set_max_tokens(config.max_tokens);
+        backend.set_aliases(&config.models);
         Self {
             id,
             backend: Arc::new(backend),
@@ -552,7 +551,7 @@ pub(crate) fn one_row(scheduler: Arc<Scheduler>) -> Arc<Router> {
     let config = ReplicaConfig {
         name: "upstream".into(),
         origin: crate::origin::Origin::parse("http://127.0.0.1:9").expect("a valid origin"),
-        models: Models::Any,
+        models: crate::config::Models::Any,
         // Read only by a reload; the scheduler keeps its own limits.
         max_concurrency: 1,
         weight: 1,
@@ -609,14 +608,12 @@ impl crate::backoff::Targets for Router {
 fn served_by(table: &Table) -> String {
     let mut out: Vec<String> = Vec::new();
     for (_, s) in table.active() {
-        match &s.config.models {
-            Models::Any => out.push(format!("any model on `{}`", s.config.name)),
-            Models::List(l) => {
-                for m in l {
-                    if !out.contains(m) {
-                        out.push(m.clone());
-                    }
-                }
+        if s.config.models.any() {
+            out.push(format!("any model on `{}`", s.config.name));
+        }
+        for m in s.config.models.named() {
+            if !out.contains(&m.name) {
+                out.push(m.name.clone());
             }
         }
     }
@@ -626,7 +623,7 @@ fn served_by(table: &Table) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Limits;
+    use crate::config::{Limits, Models};
     use crate::types::Share;
 
     fn limits(n: usize) -> Limits {
@@ -649,7 +646,7 @@ mod tests {
             models: if models.is_empty() {
                 Models::Any
             } else {
-                Models::List(models.iter().map(|m| m.to_string()).collect())
+                Models::List(models.iter().map(|&m| m.into()).collect())
             },
             max_concurrency: 1,
             weight: 1,

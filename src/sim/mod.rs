@@ -114,6 +114,9 @@ pub struct SimConfig {
     /// sometimes writes them (and vLLM's content events fall short of its
     /// tokens): counting events is then short.
     pub pair_tokens: bool,
+    /// A generation for another model than `model` is a 404, as vLLM
+    /// answers a name it does not serve (llama-server takes any).
+    pub only_model: bool,
 }
 
 impl Default for SimConfig {
@@ -140,6 +143,7 @@ impl Default for SimConfig {
             max_queued: None,
             sse_refusal: false,
             pair_tokens: false,
+            only_model: false,
         }
     }
 }
@@ -652,6 +656,16 @@ async fn admit(state: &Arc<SimState>, req: Request<Incoming>) -> Result<Admitted
             ));
         }
     };
+    if state.cfg.only_model {
+        let asked = value.get("model").and_then(|v| v.as_str()).unwrap_or("");
+        if asked != state.cfg.model {
+            guard.finish();
+            return Err(json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": {"message": format!("The model `{asked}` does not exist."), "type": "NotFoundError", "param": "model", "code": 404}}),
+            ));
+        }
+    }
     // From the prompt, not the whole body: a request's other fields (its
     // `stream`, say) do not change how long its prompt is.
     let prompt_len = value

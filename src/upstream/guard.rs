@@ -91,6 +91,9 @@ pub struct StreamGuard<B> {
     /// The usage event anteroom asked for, to be taken out (boxed: only
     /// such streams carry it).
     strip: Option<Box<super::usage::Strip>>,
+    /// The answer's `model` renamed back to the client's name (boxed: only
+    /// such answers carry it).
+    rename: Option<Box<super::rename::Rename>>,
 }
 
 impl<B> std::fmt::Debug for StreamGuard<B> {
@@ -119,6 +122,7 @@ impl<B> StreamGuard<B> {
             seen_data: false,
             trailers_ahead: None,
             strip: None,
+            rename: None,
         }
     }
 
@@ -127,6 +131,11 @@ impl<B> StreamGuard<B> {
     pub(crate) fn stripping_usage(mut self) -> Self {
         self.strip = Some(Box::default());
         self
+    }
+
+    /// Rename the answer's `model` back to the client's name from here on.
+    pub(crate) fn renaming(&mut self, rename: Box<super::rename::Rename>) {
+        self.rename = Some(rename);
     }
 
     /// What of `data` the client gets: all of it, unless usage is taken
@@ -183,6 +192,7 @@ impl<B> StreamGuard<B> {
             seen_data: false,
             trailers_ahead: None,
             strip: None,
+            rename: None,
         }
     }
 
@@ -239,6 +249,79 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.rename.is_none() {
+            return this.poll_guarded(cx);
+        }
+        loop {
+            let polled = this.poll_guarded(cx);
+            let Some(rename) = this.rename.as_mut() else {
+                return polled;
+            };
+            return match polled {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = rename.feed(data);
+                        if out.is_empty() {
+                            // All of it held: the next piece completes it.
+                            continue;
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(out))))
+                    }
+                    Err(trailers) => {
+                        // What was held goes before the trailers.
+                        if let Some(held) = rename.finish() {
+                            this.trailers_ahead = trailers.into_trailers().ok().map(Box::new);
+                            return Poll::Ready(Some(Ok(Frame::data(held))));
+                        }
+                        Poll::Ready(Some(Ok(trailers)))
+                    }
+                },
+                Poll::Ready(None) => match rename.finish() {
+                    Some(held) => Poll::Ready(Some(Ok(Frame::data(held)))),
+                    None => Poll::Ready(None),
+                },
+                other => other,
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ahead.is_none()
+            && self.trailers_ahead.is_none()
+            && self.rename.as_ref().is_none_or(|r| !r.holds())
+            && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.rename.is_some() {
+            // Renamed: any length.
+            return SizeHint::new();
+        }
+        let ahead = self.ahead.as_ref().map_or(0, |a| a.len() as u64);
+        match &self.inner {
+            // A refusal's body: exactly what was put ahead.
+            None => SizeHint::with_exact(ahead),
+            // An error event may be added: never an exact length.
+            Some(b) => {
+                let mut h = SizeHint::new();
+                h.set_lower(b.size_hint().lower() + ahead);
+                h
+            }
+        }
+    }
+}
+
+impl<B> StreamGuard<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The next frame, guarded, before any rename.
+    fn poll_guarded(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         if let Some(ahead) = this.ahead.take() {
             if let Some(ahead) = this.pass(ahead) {
                 return Poll::Ready(Some(Ok(Frame::data(ahead))));
@@ -365,26 +448,6 @@ where
                 return Poll::Ready(Some(Ok(this.fail(code, &message))));
             }
             timer.as_mut().reset(wake_at(due, this.drain.as_ref(), now));
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ahead.is_none()
-            && self.trailers_ahead.is_none()
-            && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let ahead = self.ahead.as_ref().map_or(0, |a| a.len() as u64);
-        match &self.inner {
-            // A refusal's body: exactly what was put ahead.
-            None => SizeHint::with_exact(ahead),
-            // An error event may be added: never an exact length.
-            Some(b) => {
-                let mut h = SizeHint::new();
-                h.set_lower(b.size_hint().lower() + ahead);
-                h
-            }
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod guard;
 mod pool;
+pub mod rename;
 pub mod rewrite;
 pub mod upgrade;
 pub mod usage;
@@ -133,6 +134,10 @@ pub trait Peer: Send + Sync + std::fmt::Debug {
     fn may_dress_refusals(&self) -> bool;
     /// Its upstream's `default_max_tokens` and `max_tokens_cap`.
     fn max_tokens(&self) -> crate::types::TokenBounds;
+    /// For a request for `model`, when its upstream names it otherwise
+    /// for the backend: that name as a JSON string, and the rewriting of
+    /// the answer ([`rename`]).
+    fn alias(&self, model: &str) -> Option<(Bytes, rename::Rename)>;
 }
 
 /// Where a client tells whether a request reached upstream `i` of the
@@ -296,6 +301,16 @@ where
                     .unwrap_or(self.stream_upgrade)
             })
             .filter(|_| rewrite_body(&mut req, upgrade::ask_stream));
+        // A model its upstream names otherwise for the backend: that name
+        // up, and the client's back in the answer.
+        let rename = self.backend.as_ref().and_then(|b| {
+            let model = tap.as_ref().and_then(Tap::classified)?.model.as_deref()?;
+            let (name, rename) = b.alias(model)?;
+            rewrite_body_with(&mut req, &|body| {
+                crate::json_scan::with_value(body, b"model", &name)
+            })
+            .then(|| Box::new(rename))
+        });
         // An upstream's bounds on a generation's length, when it has any.
         let bounded = tap
             .as_ref()
@@ -329,6 +344,7 @@ where
             assembling: None,
             first_piece: None,
             bounded,
+            rename,
         }
     }
 }
@@ -397,6 +413,9 @@ pin_project! {
         first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
         // Its `max_tokens` was set by the upstream's bounds.
         bounded: Option<Bounded>,
+        // Its `model` was renamed for the backend: the answer's is renamed
+        // back (boxed: only such requests carry it).
+        rename: Option<Box<rename::Rename>>,
     }
 }
 
@@ -535,7 +554,31 @@ where
 {
     type Output = Result<Response<StreamGuard<PooledBody<B>>>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answer = ready!(self.as_mut().poll_answer(cx));
+        // Renamed once the answer is what goes on: its first piece, first
+        // event or put-together JSON was read as the backend wrote it.
+        Poll::Ready(match self.project().rename.take() {
+            Some(rename) => answer.map(|mut resp| {
+                resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+                resp.body_mut().renaming(rename);
+                resp
+            }),
+            None => answer,
+        })
+    }
+}
+
+impl<B> ResponseFuture<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// The answer as it will go on, but for the rename.
+    fn poll_answer(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<StreamGuard<PooledBody<B>>>, BoxError>> {
         let mut this = self.project();
         if let Some(resp) = this.first_piece.as_mut() {
             let read = ready!(resp.body_mut().poll_first_piece(cx));
