@@ -315,6 +315,10 @@ where
             Ok(p) => p,
             Err(e) => return ResponseFuture::failed(e.into()),
         };
+        let deadline = match header_deadline(&req) {
+            Ok(d) => d,
+            Err(e) => return ResponseFuture::failed(e.into()),
+        };
         let limit = rules.max_body_bytes;
         let declared = req
             .headers()
@@ -344,6 +348,7 @@ where
                     parts,
                     svc,
                     header_priority,
+                    deadline,
                     share,
                     default_priority: rules.default_priority,
                     limit,
@@ -480,10 +485,41 @@ fn header_priority<B>(req: &Request<B>) -> Result<Option<Priority>, BadRequest> 
         })
 }
 
+/// The header a client bounds its request's wait in the queue with.
+pub const DEADLINE_HEADER: &str = "x-anteroom-deadline-ms";
+
+/// Read `x-anteroom-deadline-ms`: absent is `None`; a whole number of
+/// milliseconds is the most the request may wait (0: only if it can start
+/// at once; more than fits is as long as can be, and `queue_timeout`
+/// bounds it); anything else (negative, a fraction, not a number) is an
+/// error.
+fn header_deadline<B>(req: &Request<B>) -> Result<Option<std::time::Duration>, BadRequest> {
+    let Some(value) = req.headers().get(DEADLINE_HEADER) else {
+        return Ok(None);
+    };
+    let digits = value.as_bytes().trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(BadRequest::new(
+            "invalid_deadline",
+            format!(
+                "the {DEADLINE_HEADER} header must be a whole number of milliseconds, 0 or more (the most this request may wait in the queue)"
+            ),
+        ));
+    }
+    // Digits only: the one failure left is a number too large, which is
+    // as long as can be.
+    let ms = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    Ok(Some(std::time::Duration::from_millis(ms)))
+}
+
 struct Pending<S> {
     parts: Parts,
     svc: S,
     header_priority: Option<Priority>,
+    deadline: Option<std::time::Duration>,
     share: Share,
     default_priority: Priority,
     limit: usize,
@@ -572,6 +608,7 @@ where
                         mut parts,
                         svc,
                         header_priority,
+                        deadline,
                         share,
                         default_priority,
                         limit,
@@ -655,6 +692,7 @@ where
                         priority,
                         share,
                         stream: fields.stream == Some(true),
+                        deadline,
                     });
                     let body = rewritten.unwrap_or(bytes);
                     let req = Request::from_parts(parts, Either::Left(Full::new(body)));

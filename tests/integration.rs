@@ -13,6 +13,7 @@ mod backoff;
 mod config;
 mod container;
 mod dashboard;
+mod deadline;
 mod demo;
 mod drain;
 mod hostile;

@@ -369,24 +369,26 @@ where
     S: Service<R> + Clone,
     R: Reroute,
 {
-    let admit = req.admit().cloned().unwrap_or_else(|| Admit::new(0));
+    let mut admit = req.admit().cloned().unwrap_or_else(|| Admit::new(0));
+    // What is left of its own deadline, if it had one.
+    admit.deadline = admit
+        .deadline
+        .map(|_| deadline.saturating_duration_since(Instant::now()));
     let i = router.reroute(req.model(), req.route())?;
     req.set_route(i);
     let replay = || req.replayable().map(|r| Replayable { preemptions, ..r });
-    Ok(
-        match router.acquire(i, admit.priority, &admit.share, &replay) {
-            Acquire::Admitted(permit) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                ResponseFuture {
-                    state: State::running(svc, req, permit, Some(left), router),
-                }
+    Ok(match router.acquire(i, &admit, &replay) {
+        Acquire::Admitted(permit) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ResponseFuture {
+                state: State::running(svc, req, permit, Some(left), router),
             }
-            Acquire::Queued(ticket) => ResponseFuture {
-                state: State::waiting(svc, req, ticket, deadline, router.clone(), preemptions),
-            },
-            Acquire::Rejected(err) => ResponseFuture::rejected(err),
+        }
+        Acquire::Queued(ticket) => ResponseFuture {
+            state: State::waiting(svc, req, ticket, deadline, router.clone(), preemptions),
         },
-    )
+        Acquire::Rejected(err) => ResponseFuture::rejected(err),
+    })
 }
 
 impl<S, R> std::fmt::Debug for ResponseFuture<S, R>

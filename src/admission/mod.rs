@@ -41,9 +41,9 @@
 //! struct One(Arc<Scheduler>);
 //!
 //! impl Schedulers for One {
-//!     fn acquire(&self, _route: usize, priority: Priority, share: &Share,
+//!     fn acquire(&self, _route: usize, admit: &Admit,
 //!                replay: &dyn Fn() -> Option<Replayable>) -> Acquire {
-//!         self.0.acquire_as(priority, share, replay)
+//!         self.0.acquire_within(admit.priority, &admit.share, admit.deadline, replay)
 //!     }
 //!     fn reroute(&self, _model: Option<&str>, _from: usize) -> Result<usize, anteroom::BoxError> {
 //!         Err(Overloaded::new(Reason::Rerouted, Duration::from_secs(1)).into())

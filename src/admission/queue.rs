@@ -78,6 +78,9 @@ impl std::hash::Hasher for IdHasher {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Place {
     priority: Priority,
+    /// Its deadline (milliseconds from the queue's epoch), `u64::MAX`
+    /// without one: within a priority, the nearest goes first.
+    due: u64,
     tag: u64,
     seq: u64,
     tenant: TenantId,
@@ -98,7 +101,15 @@ impl Place {
     pub fn seq(&self) -> u64 {
         self.seq
     }
+
+    /// Whether it was queued with a deadline of its own.
+    pub fn has_deadline(&self) -> bool {
+        self.due != NO_DEADLINE
+    }
 }
+
+/// The `due` of a place without a deadline: after every one with one.
+const NO_DEADLINE: u64 = u64::MAX;
 
 /// What happened to an entry offered to a full or non-full queue.
 #[derive(Debug)]
@@ -157,6 +168,8 @@ pub struct PriorityQueue<T> {
     promote_after: Duration,
     next_seq: u64,
     capacity: usize,
+    /// What deadlines are counted from.
+    epoch: Instant,
 }
 
 impl<T> PriorityQueue<T> {
@@ -172,6 +185,18 @@ impl<T> PriorityQueue<T> {
             promote_after: Duration::MAX,
             next_seq: 0,
             capacity,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// A deadline as a place's `due`.
+    fn due(&self, deadline: Option<Instant>) -> u64 {
+        match deadline {
+            None => NO_DEADLINE,
+            Some(t) => {
+                let ms = t.saturating_duration_since(self.epoch).as_millis();
+                ms.min(u128::from(NO_DEADLINE - 1)) as u64
+            }
         }
     }
 
@@ -217,12 +242,14 @@ impl<T> PriorityQueue<T> {
         self.levels.iter().map(|(p, l)| (*p, l.waiting))
     }
 
-    /// The key an entry of `tenant` at `priority` would get now.
-    fn key_for(&self, priority: Priority, tenant: TenantId) -> Place {
+    /// The key an entry of `tenant` at `priority` (due by `deadline`)
+    /// would get now.
+    fn key_for(&self, priority: Priority, deadline: Option<Instant>, tenant: TenantId) -> Place {
         let vtime = self.levels.get(&priority).map_or(0, |l| l.vtime);
         let finish = self.flows.get(&(tenant, priority)).map_or(0, |f| f.finish);
         Place {
             priority,
+            due: self.due(deadline),
             tag: vtime.max(finish),
             seq: self.next_seq,
             tenant,
@@ -241,31 +268,47 @@ impl<T> PriorityQueue<T> {
         now: Instant,
         item: T,
     ) -> Push<T> {
+        self.push_due(priority, None, tenant, weight, now, item)
+    }
+
+    /// [`push`](Self::push) an item that must start by `deadline`: within
+    /// its priority it goes before those due later and those without one
+    /// (it still takes a fair-queuing tag, so its tenant's share counts it).
+    pub fn push_due(
+        &mut self,
+        priority: Priority,
+        deadline: Option<Instant>,
+        tenant: TenantId,
+        weight: u32,
+        now: Instant,
+        item: T,
+    ) -> Push<T> {
         if self.len() >= self.capacity {
             let victim_key = match self.entries.last_key_value() {
                 Some((worst, _)) if worst.priority > priority => *worst,
                 _ => return Push::Full(item),
             };
             let victim = self.remove(&victim_key).expect("the last key is present");
-            let key = self.insert(priority, tenant, weight, now, item);
+            let key = self.insert(priority, deadline, tenant, weight, now, item);
             return Push::Evicted {
                 key,
                 victim_key,
                 victim,
             };
         }
-        Push::Queued(self.insert(priority, tenant, weight, now, item))
+        Push::Queued(self.insert(priority, deadline, tenant, weight, now, item))
     }
 
     fn insert(
         &mut self,
         priority: Priority,
+        deadline: Option<Instant>,
         tenant: TenantId,
         weight: u32,
         now: Instant,
         item: T,
     ) -> Place {
-        let key = self.key_for(priority, tenant);
+        let key = self.key_for(priority, deadline, tenant);
         self.next_seq += 1;
         self.levels.entry(priority).or_default().waiting += 1;
         let flow = self.flows.entry((tenant, priority)).or_insert(Flow {
@@ -307,6 +350,7 @@ impl<T> PriorityQueue<T> {
         level.waiting += 1;
         let key = Place {
             priority,
+            due: NO_DEADLINE,
             tag: level.vtime,
             seq,
             tenant,
@@ -353,7 +397,14 @@ impl<T> PriorityQueue<T> {
     /// it: its priority's virtual time moves to its tag.
     pub fn take(&mut self, key: &Place) -> Option<T> {
         let item = self.remove(key)?;
-        if let Some(level) = self.levels.get_mut(&key.priority) {
+        // One served ahead of its turn for its deadline does not move the
+        // virtual time: the others' next tags stay where fair shares put
+        // them.
+        if let Some(level) = self
+            .levels
+            .get_mut(&key.priority)
+            .filter(|_| !key.has_deadline())
+        {
             level.vtime = level.vtime.max(key.tag);
         }
         Some(item)
@@ -461,8 +512,14 @@ impl<T> PriorityQueue<T> {
     /// changes nothing: the advised wait is at its cap). `O(most)`: a
     /// rejection, under the scheduler's lock, costs no more with 10,000
     /// queued than with a hundred.
-    pub fn ahead_of_new(&self, priority: Priority, tenant: TenantId, most: usize) -> usize {
-        let bound = self.key_for(priority, tenant);
+    pub fn ahead_of_new(
+        &self,
+        priority: Priority,
+        deadline: Option<Instant>,
+        tenant: TenantId,
+        most: usize,
+    ) -> usize {
+        let bound = self.key_for(priority, deadline, tenant);
         self.entries.range(..bound).take(most).count()
     }
 
@@ -567,12 +624,12 @@ mod tests {
         push(&mut q, 1, "c");
         push(&mut q, 3, "d");
         assert_eq!(q.ahead_of(&k, usize::MAX), 2);
-        assert_eq!(q.ahead_of_new(3, 0, usize::MAX), 4);
-        assert_eq!(q.ahead_of_new(1, 0, usize::MAX), 2);
-        assert_eq!(q.ahead_of_new(-1, 0, usize::MAX), 0);
+        assert_eq!(q.ahead_of_new(3, None, 0, usize::MAX), 4);
+        assert_eq!(q.ahead_of_new(1, None, 0, usize::MAX), 2);
+        assert_eq!(q.ahead_of_new(-1, None, 0, usize::MAX), 0);
         // Counted only as far as it matters.
         assert_eq!(q.ahead_of(&k, 1), 1);
-        assert_eq!(q.ahead_of_new(3, 0, 3), 3);
+        assert_eq!(q.ahead_of_new(3, None, 0, 3), 3);
     }
 
     #[test]

@@ -87,6 +87,22 @@ impl Scheduler {
         share: &Share,
         replay: impl FnOnce() -> Option<Replayable>,
     ) -> Acquire {
+        self.acquire_within(priority, share, None, replay)
+    }
+
+    /// [`acquire_as`](Self::acquire_as) for a request that waits at most
+    /// `deadline` (its own, `x-anteroom-deadline-ms`; `queue_timeout`
+    /// stays the ceiling): within its priority it is served nearest
+    /// deadline first, and when its predicted start is already past the
+    /// deadline (or, with a deadline of zero, whenever it would wait at
+    /// all) it is refused at once instead of after waiting in vain.
+    pub fn acquire_within(
+        self: &Arc<Self>,
+        priority: Priority,
+        share: &Share,
+        deadline: Option<Duration>,
+        replay: impl FnOnce() -> Option<Replayable>,
+    ) -> Acquire {
         let now = Instant::now();
         let mut evicted = None;
         let outcome = {
@@ -125,6 +141,12 @@ impl Scheduler {
                     st.candidate(&mut permit, share, seq, now, replay);
                 }
                 Acquire::Admitted(permit)
+            } else if let Some(late) = deadline
+                .filter(|d| *d < st.queue_timeout)
+                .and_then(|d| st.past_deadline(priority, share.id, d, now))
+            {
+                st.forget_if_idle(share.id);
+                Acquire::Rejected(late)
             } else {
                 let (tx, rx) = oneshot::channel();
                 let waiter = Waiter {
@@ -132,10 +154,26 @@ impl Scheduler {
                     replay,
                     arrived: now,
                 };
-                match st.queue.push(priority, share.id, share.weight, now, waiter) {
+                // The wait: `queue_timeout`, or the request's own shorter
+                // deadline (a longer one is clamped to the ceiling, which
+                // every request has: it is as none).
+                let own = deadline.filter(|d| *d < st.queue_timeout);
+                let timeout = own.unwrap_or(st.queue_timeout);
+                let due = own.map(|d| now + d);
+                let ticket = |key| {
+                    let t = Ticket::new(self.clone(), key, rx, timeout);
+                    match own {
+                        Some(_) => t.by_deadline(),
+                        None => t,
+                    }
+                };
+                match st
+                    .queue
+                    .push_due(priority, due, share.id, share.weight, now, waiter)
+                {
                     Push::Queued(key) => {
                         st.waiting_one_more(share.id);
-                        Acquire::Queued(Ticket::new(self.clone(), key, rx, st.queue_timeout))
+                        Acquire::Queued(ticket(key))
                     }
                     Push::Evicted {
                         key,
@@ -149,12 +187,12 @@ impl Scheduler {
                         let place = st.queue.len() + 1;
                         let retry = st.advise_refused(victim_key.priority(), place);
                         evicted = Some((victim, retry));
-                        Acquire::Queued(Ticket::new(self.clone(), key, rx, st.queue_timeout))
+                        Acquire::Queued(ticket(key))
                     }
                     Push::Full(_) => {
                         st.forget_if_idle(share.id);
                         let most = st.places_that_matter(cap);
-                        let place = st.queue.ahead_of_new(priority, share.id, most) + 1;
+                        let place = st.queue.ahead_of_new(priority, due, share.id, most) + 1;
                         let retry = st.advise_refused(priority, place);
                         Acquire::Rejected(Overloaded::new(Reason::QueueFull, retry))
                     }
@@ -381,7 +419,7 @@ impl Scheduler {
 
     /// Take a waiter out of the queue because it waited too long, and say
     /// when to come back: after the requests that stood ahead of it drain.
-    pub(crate) fn time_out(&self, key: &Place) -> Option<Overloaded> {
+    pub(crate) fn time_out(&self, key: &Place, reason: Reason) -> Option<Overloaded> {
         let mut st = self.state.lock();
         let cap = st.retry_after_cap;
         let most = st.places_that_matter(cap);
@@ -389,7 +427,7 @@ impl Scheduler {
         st.queue.remove(key)?;
         st.waiting_one_less(key.tenant());
         let retry = st.advise_refused(key.priority(), place);
-        Some(Overloaded::new(Reason::QueueTimeout, retry))
+        Some(Overloaded::new(reason, retry))
     }
 }
 

@@ -8,18 +8,18 @@
 use std::fmt;
 
 use super::scheduler::{Acquire, Replayable};
-use crate::types::{Allowance, Priority, Share};
+use crate::types::{Admit, Allowance, Priority};
 use crate::BoxError;
 
 /// The upstreams' schedulers, by route (an index into the upstream table).
 pub trait Schedulers: fmt::Debug + Send + Sync + 'static {
-    /// Ask upstream `route`'s scheduler for a slot. `replay` is called only
-    /// when preemption is on (see [`Scheduler::acquire_as`](super::Scheduler::acquire_as)).
+    /// Ask upstream `route`'s scheduler for a slot for `admit` (its
+    /// priority, share and deadline). `replay` is called only when
+    /// preemption is on (see [`Scheduler::acquire_within`](super::Scheduler::acquire_within)).
     fn acquire(
         &self,
         route: usize,
-        priority: Priority,
-        share: &Share,
+        admit: &Admit,
         replay: &dyn Fn() -> Option<Replayable>,
     ) -> Acquire;
 

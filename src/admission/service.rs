@@ -94,9 +94,7 @@ where
             };
         };
         let route = crate::types::route_of(&req);
-        let acquired = self
-            .schedulers
-            .acquire(route, admit.priority, &admit.share, &|| req.replayable());
+        let acquired = self.schedulers.acquire(route, admit, &|| req.replayable());
         // What is left for the next, when the client is told (it costs a
         // lock, so only then).
         if let Some(tap) = req

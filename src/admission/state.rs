@@ -531,6 +531,35 @@ impl State {
         }
     }
 
+    /// For a request with its own `deadline` that would queue: the refusal
+    /// to answer at once when it cannot start in time (its predicted start,
+    /// at the place its deadline gives it, is past the deadline; a deadline
+    /// of zero waits for nothing), else `None`. Nothing measured yet
+    /// predicts no wait: it is not refused on a guess.
+    pub(super) fn past_deadline(
+        &mut self,
+        priority: Priority,
+        tenant: crate::types::TenantId,
+        deadline: Duration,
+        now: Instant,
+    ) -> Option<crate::types::Overloaded> {
+        let cap = self.retry_after_cap;
+        let most = self.places_that_matter(cap);
+        let due = Some(now + deadline.min(self.queue_timeout));
+        let place = self.queue.ahead_of_new(priority, due, tenant, most) + 1;
+        if !deadline.is_zero() {
+            let turn = self.service_estimate(now);
+            if self.wait_at(place, cap, turn, now) <= deadline {
+                return None;
+            }
+        }
+        let retry = self.advise_refused(priority, place);
+        Some(crate::types::Overloaded::new(
+            crate::types::Reason::Deadline,
+            retry,
+        ))
+    }
+
     /// How far back in line a place still changes the advice: past it, the
     /// wait is at `cap`.
     pub(super) fn places_that_matter(&mut self, cap: Duration) -> usize {

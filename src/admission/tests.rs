@@ -604,3 +604,152 @@ async fn draining_starts_only_what_can_finish_and_refuses_the_rest() {
     assert_eq!(err.reason(), Reason::Closed);
     assert_eq!(err.retry_after(), Duration::from_millis(1500));
 }
+
+fn within(scheduler: &Arc<Scheduler>, priority: i32, deadline: Option<u64>) -> Acquire {
+    scheduler.acquire_within(
+        priority,
+        &Share::default(),
+        deadline.map(Duration::from_millis),
+        || None,
+    )
+}
+
+/// Within a priority the nearest deadline goes first, then those without
+/// one in their fair order; a more urgent priority still goes before all.
+#[tokio::test(start_paused = true)]
+async fn the_nearest_deadline_goes_first_within_a_priority() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let Acquire::Admitted(busy) = within(&scheduler, 0, None) else {
+        panic!("the slot is free")
+    };
+    let mut tickets = Vec::new();
+    for (name, priority, deadline) in [
+        ("none-1", 0, None),
+        ("20s", 0, Some(20_000)),
+        ("none-2", 0, None),
+        ("10s", 0, Some(10_000)),
+        ("urgent", -1, None),
+        ("later-priority-5s", 3, Some(5_000)),
+    ] {
+        let Acquire::Queued(t) = within(&scheduler, priority, deadline) else {
+            panic!("{name} queues: nothing measured, nothing predicted")
+        };
+        tickets.push((name, t));
+    }
+    tickets.sort_by_key(|(_, t)| t.place());
+    let order: Vec<&str> = tickets.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        order,
+        [
+            "urgent",
+            "10s",
+            "20s",
+            "none-1",
+            "none-2",
+            "later-priority-5s"
+        ]
+    );
+    // And served so.
+    drop(busy);
+    let mut served = Vec::new();
+    let mut waiting: Vec<_> = tickets.into_iter().collect();
+    while !waiting.is_empty() {
+        let (name, ticket) = waiting.remove(0);
+        let permit = ticket.wait().await.expect("in its turn");
+        served.push(name);
+        drop(permit);
+    }
+    assert_eq!(served, order);
+}
+
+/// A queued request whose own deadline passes leaves with 429
+/// `deadline_exceeded` then, not at `queue_timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_bounds_the_wait_and_queue_timeout_stays_the_ceiling() {
+    let scheduler = Scheduler::new(limits(1, 10));
+    let svc = ServiceBuilder::new()
+        .layer(AdmissionLayer::new(crate::route::one_row(
+            scheduler.clone(),
+        )))
+        .service(recorder(Arc::default()));
+    let _busy = svc.clone().oneshot(req(0, "busy")).await.unwrap();
+    let with = |ms: u64| {
+        let mut r = req(0, "waits");
+        r.extensions_mut().get_mut::<Admit>().unwrap().deadline = Some(Duration::from_millis(ms));
+        r
+    };
+    let short = tokio::spawn(svc.clone().oneshot(with(2_000)));
+    // Longer than queue_timeout (30 s): clamped to it.
+    let long = tokio::spawn(svc.clone().oneshot(with(600_000)));
+    tokio::time::sleep(Duration::from_millis(1_900)).await;
+    assert_eq!(scheduler.snapshot().waiting, 2);
+    let err = short.await.unwrap().unwrap_err();
+    let d = describe(&*err);
+    assert_eq!((d.status.as_u16(), d.code), (429, "deadline_exceeded"));
+    assert!(d.retry_after.is_some());
+    assert_eq!(scheduler.snapshot().waiting, 1);
+    tokio::time::sleep(Duration::from_secs(27)).await;
+    assert_eq!(
+        scheduler.snapshot().waiting,
+        1,
+        "still within queue_timeout"
+    );
+    let err = long.await.unwrap().unwrap_err();
+    assert_eq!(describe(&*err).code, "queue_timeout");
+}
+
+/// With the turn time measured, a request whose predicted start is past
+/// its deadline is refused at once, with advice; one whose deadline
+/// leaves room queues. A deadline of zero waits for nothing.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_start_in_time_is_refused_at_once() {
+    let scheduler = Scheduler::new(limits(1, 50));
+    // Zero: admitted when a slot is free, refused when it would wait.
+    let Acquire::Admitted(p) = within(&scheduler, 0, Some(0)) else {
+        panic!("a free slot starts at once")
+    };
+    tokio::time::advance(Duration::from_secs(1)).await;
+    drop(p);
+    for _ in 0..20 {
+        let Acquire::Admitted(p) = within(&scheduler, 0, None) else {
+            panic!()
+        };
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(p);
+    }
+    // One running (just started), five queued: the sixth place starts in
+    // about six turns of one second.
+    let Acquire::Admitted(_running) = within(&scheduler, 0, None) else {
+        panic!()
+    };
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        let Acquire::Queued(t) = within(&scheduler, 0, None) else {
+            panic!()
+        };
+        queued.push(t);
+    }
+    let Acquire::Rejected(zero) = within(&scheduler, 0, Some(0)) else {
+        panic!("a deadline of zero does not wait")
+    };
+    assert_eq!(zero.reason(), Reason::Deadline);
+    // Behind the five (a less urgent priority): about six seconds away.
+    let Acquire::Rejected(late) = within(&scheduler, 1, Some(3_000)) else {
+        panic!("six seconds away: refused at once")
+    };
+    assert_eq!(late.reason(), Reason::Deadline);
+    assert!(
+        late.retry_after() >= Duration::from_secs(3),
+        "{:?}",
+        late.retry_after()
+    );
+    assert_eq!(scheduler.snapshot().waiting, 5, "the refused never queued");
+    let Acquire::Queued(_fits) = within(&scheduler, 1, Some(12_000)) else {
+        panic!("twelve seconds leave room")
+    };
+    // At their priority a deadline puts it ahead of those without: the
+    // first place is a turn away, within two seconds.
+    let Acquire::Queued(_ahead) = within(&scheduler, 0, Some(2_000)) else {
+        panic!("first in line, it starts in time")
+    };
+}

@@ -18,6 +18,8 @@ pub struct Ticket {
     rx: oneshot::Receiver<Grant>,
     pub(super) done: bool,
     timeout: Duration,
+    /// What its timeout is: `queue_timeout`, or its own shorter deadline.
+    expires: Reason,
 }
 
 impl Ticket {
@@ -33,11 +35,19 @@ impl Ticket {
             rx,
             done: false,
             timeout,
+            expires: Reason::QueueTimeout,
         }
     }
 
+    /// Its timeout is the request's own deadline, shorter than
+    /// `queue_timeout`.
+    pub(super) fn by_deadline(mut self) -> Self {
+        self.expires = Reason::Deadline;
+        self
+    }
+
     /// The most time it may wait (the scheduler's `queue_timeout` when it
-    /// was queued).
+    /// was queued, or the request's own shorter deadline).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -81,7 +91,7 @@ impl Ticket {
     /// `None` when the ticket had already left the queue (dispatched or
     /// evicted at the same moment): its grant is on its way, keep polling.
     pub(crate) fn expire(&mut self) -> Option<Overloaded> {
-        let err = self.scheduler.time_out(&self.key)?;
+        let err = self.scheduler.time_out(&self.key, self.expires)?;
         self.done = true;
         Some(err)
     }

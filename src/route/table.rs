@@ -191,15 +191,15 @@ impl Router {
     pub fn acquire(
         &self,
         i: usize,
-        priority: i32,
-        share: &crate::types::Share,
+        admit: &crate::types::Admit,
         replay: impl FnOnce() -> Option<crate::admission::Replayable>,
     ) -> Acquire {
-        self.table
-            .load()
-            .row(i)
-            .scheduler
-            .acquire_as(priority, share, replay)
+        self.table.load().row(i).scheduler.acquire_within(
+            admit.priority,
+            &admit.share,
+            admit.deadline,
+            replay,
+        )
     }
 
     /// Upstream `i`'s pause.
@@ -566,11 +566,10 @@ impl crate::admission::Schedulers for Router {
     fn acquire(
         &self,
         route: usize,
-        priority: crate::types::Priority,
-        share: &crate::types::Share,
+        admit: &crate::types::Admit,
         replay: &dyn Fn() -> Option<crate::admission::Replayable>,
     ) -> Acquire {
-        Router::acquire(self, route, priority, share, replay)
+        Router::acquire(self, route, admit, replay)
     }
 
     fn room(
@@ -624,7 +623,6 @@ fn served_by(table: &Table) -> String {
 mod tests {
     use super::*;
     use crate::config::{Limits, Models};
-    use crate::types::Share;
 
     fn limits(n: usize) -> Limits {
         Limits {
@@ -754,10 +752,11 @@ mod tests {
     #[tokio::test]
     async fn the_waiters_of_a_removed_upstream_are_sent_to_be_queued_elsewhere() {
         let r = router(vec![replica("a", 1, &[]), replica("b", 2, &[])]);
-        let Acquire::Admitted(_running) = r.acquire(1, 0, &Share::default(), || None) else {
+        let Acquire::Admitted(_running) = r.acquire(1, &crate::types::Admit::new(0), || None)
+        else {
             panic!("a free slot")
         };
-        let Acquire::Queued(waiting) = r.acquire(1, 0, &Share::default(), || None) else {
+        let Acquire::Queued(waiting) = r.acquire(1, &crate::types::Admit::new(0), || None) else {
             panic!("queued behind it")
         };
         r.reconfigure(vec![replica("a", 1, &[])], &limits(1), false);
@@ -773,7 +772,7 @@ mod tests {
             replica("m2", 3, &["m"]),
         ]);
         // m1 busy: m2 is the less loaded of those naming it.
-        let Acquire::Admitted(_busy) = r.acquire(1, 0, &Share::default(), || None) else {
+        let Acquire::Admitted(_busy) = r.acquire(1, &crate::types::Admit::new(0), || None) else {
             panic!()
         };
         for _ in 0..4 {

@@ -13,6 +13,9 @@ pub struct Admit {
     /// The client asked for a stream (its answer reaches it token by
     /// token, so it cannot be preempted once it answered).
     pub stream: bool,
+    /// The most it may wait in the queue, its own (`x-anteroom-deadline-ms`):
+    /// within its priority the nearest deadline goes first.
+    pub deadline: Option<std::time::Duration>,
 }
 
 impl Admit {
@@ -22,6 +25,7 @@ impl Admit {
             priority,
             share: Share::default(),
             stream: false,
+            deadline: None,
         }
     }
 }

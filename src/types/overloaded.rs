@@ -10,6 +10,9 @@ pub enum Reason {
     QueueFull,
     /// The request waited `queue_timeout` without being dispatched.
     QueueTimeout,
+    /// The request would not start, or did not, within its own deadline
+    /// (`x-anteroom-deadline-ms`).
+    Deadline,
     /// The request was queued, then pushed out by a more urgent one.
     Evicted,
     /// The proxy is shutting down (or the scheduler went away).
@@ -33,6 +36,7 @@ impl Reason {
         match self {
             Reason::QueueFull | Reason::Evicted => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
+            Reason::Deadline => "deadline_exceeded",
             Reason::Closed | Reason::PastDrain => "shutting_down",
             Reason::Rerouted => "no_healthy_upstream",
             Reason::BuffersFull => "buffers_full",
@@ -75,6 +79,9 @@ impl fmt::Display for Overloaded {
             Reason::QueueTimeout => {
                 f.write_str("the request waited in the queue for the longest time allowed; retry after the advised delay")
             }
+            Reason::Deadline => f.write_str(
+                "the request could not start within its deadline (x-anteroom-deadline-ms); retry after the advised delay",
+            ),
             Reason::Evicted => f.write_str(
                 "the queue is full and this request was displaced by a more urgent one; retry after the advised delay",
             ),
