@@ -1,5 +1,6 @@
 //! The admin listener, on a port of its own so no upstream path is shadowed:
-//! `GET /healthz`, `GET /status` and `GET /metrics` (Prometheus).
+//! `GET /healthz`, `GET /status`, `GET /status/requests/{id}` and `GET
+//! /metrics` (Prometheus).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,6 +33,18 @@ pub async fn serve(
         let keys = keys.clone();
         let reloader = reloader.clone();
         async move {
+            if req.method() == Method::GET {
+                if let Some(id) = req.uri().path().strip_prefix(REQUEST_STATUS) {
+                    let keys = keys.load();
+                    return Ok::<_, Infallible>(request_status(
+                        &router,
+                        &keys,
+                        admin_key.as_ref(),
+                        &req,
+                        id,
+                    ));
+                }
+            }
             if let Some(refused) = check_admin_key(admin_key.as_ref(), &req) {
                 return Ok::<_, Infallible>(refused);
             }
@@ -67,22 +80,108 @@ fn check_admin_key(key: Option<&[u8; 32]>, req: &Request<Incoming>) -> Option<Re
         path = req.uri().path(),
         "admin request refused: 401 (no or wrong admin key)"
     );
+    Some(unauthorized(
+        "the admin endpoints need the admin key: Authorization: Bearer <key>",
+    ))
+}
+
+/// Where a waiting request stands: `GET /status/requests/{x-request-id}`.
+const REQUEST_STATUS: &str = "/status/requests/";
+
+/// `GET /status/requests/{id}`: where the waiting request `id` stands (its
+/// place in line, priority, time waited, predicted start), or a 404 when
+/// none by that id waits (unknown, started, finished or gone). Who may
+/// see what: with the admin key, any request; else, with API keys, the
+/// caller's own only (its key, as it sends it to the proxy: another
+/// tenant's request is a 404 like an unknown one); with neither, anyone.
+fn request_status(
+    router: &Router,
+    keys: &crate::auth::Keys,
+    admin_key: Option<&[u8; 32]>,
+    req: &Request<Incoming>,
+    id: &str,
+) -> Response<Body> {
+    let presented = crate::auth::presented_key(req);
+    let admin = admin_key.is_some_and(|k| {
+        presented
+            .as_deref()
+            .is_some_and(|p| crate::auth::same(&crate::types::digest(p.as_bytes()), k))
+    });
+    let scope = if admin {
+        None
+    } else if !keys.is_empty() {
+        match presented.as_deref().and_then(|p| keys.find(p.as_bytes())) {
+            Some(key) => Some(key.name.clone()),
+            None => {
+                return unauthorized(
+                    "a request's status needs its API key (Authorization: Bearer … or x-api-key), or the admin key",
+                )
+            }
+        }
+    } else if admin_key.is_some() {
+        return unauthorized("the admin endpoints need the admin key: Authorization: Bearer <key>");
+    } else {
+        None
+    };
+    let id = percent_decode(id.as_bytes());
+    match router.waiting().find(&id, scope.as_deref()) {
+        Some(standing) => {
+            let mut v = serde_json::to_value(&standing).unwrap_or_default();
+            v["id"] = String::from_utf8_lossy(&id).into_owned().into();
+            v["state"] = "waiting".into();
+            text(StatusCode::OK, "application/json", v.to_string())
+        }
+        None => {
+            let d = crate::error::Described {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: "request_not_found",
+                retry_after: None,
+            };
+            crate::error::error_response(
+                &d,
+                "no request by this id is waiting (unknown, started, finished or gone)",
+            )
+            .map(|b| b.map_err(|never| match never {}).boxed_unsync())
+        }
+    }
+}
+
+/// A 401 in the OpenAI shape, saying `why`.
+fn unauthorized(why: &str) -> Response<Body> {
     let d = crate::error::Described {
         status: StatusCode::UNAUTHORIZED,
         kind: "invalid_request_error",
         code: "invalid_api_key",
         retry_after: None,
     };
-    let mut resp = crate::error::error_response(
-        &d,
-        "the admin endpoints need the admin key: Authorization: Bearer <key>",
-    )
-    .map(|b| b.map_err(|never| match never {}).boxed_unsync());
+    let mut resp = crate::error::error_response(&d, why)
+        .map(|b| b.map_err(|never| match never {}).boxed_unsync());
     resp.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,
         http::HeaderValue::from_static("Bearer"),
     );
-    Some(resp)
+    resp
+}
+
+/// `%XX` escapes of a path segment decoded (an id may hold `/`, `?` or
+/// `%`); anything else as it is.
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
 }
 
 /// One upstream's state, for `/status` and `/metrics`.
@@ -181,7 +280,7 @@ fn handle(
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: the admin listener serves GET /healthz, GET /status, GET /metrics and POST /reload\n"
+            "not found: the admin listener serves GET /healthz, GET /status, GET /status/requests/{id}, GET /metrics and POST /reload\n"
                 .into(),
         ),
     }

@@ -295,7 +295,7 @@ pub(crate) fn bearer_token(v: &http::HeaderValue) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-fn presented_key<B>(req: &Request<B>) -> Option<String> {
+pub(crate) fn presented_key<B>(req: &Request<B>) -> Option<String> {
     if let Some(v) = req.headers().get(AUTHORIZATION) {
         return bearer_token(v).map(str::to_owned);
     }

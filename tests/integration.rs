@@ -25,6 +25,7 @@ mod ratelimit;
 mod reload;
 mod routing;
 mod stack;
+mod standing;
 mod streams;
 mod telemetry;
 mod tenants;

@@ -49,6 +49,8 @@ pin_project! {
             router: Arc<dyn Schedulers>,
             // Times it was preempted so far.
             preemptions: u32,
+            // Its entry for `GET /status/requests/{id}`, while it waits.
+            listed: Option<super::listed::Listed>,
         },
         Running {
             #[pin]
@@ -97,10 +99,16 @@ where
         }
     }
 
-    pub(crate) fn queued(svc: S, req: R, ticket: Ticket, router: &Arc<dyn Schedulers>) -> Self {
+    pub(crate) fn queued(
+        svc: S,
+        req: R,
+        ticket: Ticket,
+        router: &Arc<dyn Schedulers>,
+        listed: Option<super::listed::Listed>,
+    ) -> Self {
         let deadline = Instant::now() + ticket.timeout();
         Self {
-            state: State::waiting(svc, req, ticket, deadline, router.clone(), 0),
+            state: State::waiting(svc, req, ticket, deadline, router.clone(), 0, listed),
         }
     }
 
@@ -171,7 +179,7 @@ where
         } = again;
         req.preempted(started.elapsed());
         let deadline = Instant::now() + left.unwrap_or_else(|| ticket.timeout());
-        State::waiting(svc, req, ticket, deadline, router, preemptions)
+        State::waiting(svc, req, ticket, deadline, router, preemptions, None)
     }
 
     fn waiting(
@@ -181,6 +189,7 @@ where
         deadline: Instant,
         router: Arc<dyn Schedulers>,
         preemptions: u32,
+        listed: Option<super::listed::Listed>,
     ) -> Self {
         State::Waiting {
             ticket,
@@ -189,6 +198,7 @@ where
             timed: true,
             router,
             preemptions,
+            listed,
         }
     }
 }
@@ -212,6 +222,7 @@ where
                     timed,
                     router,
                     preemptions,
+                    listed,
                 } => {
                     let grant = match ticket.poll_grant(cx) {
                         Poll::Ready(grant) => grant,
@@ -231,7 +242,14 @@ where
                             // Its upstream went out of service: queue at
                             // another, with the same priority and deadline.
                             let (svc, req) = pending.take().expect("polled after completion");
-                            let next = requeue(svc, req, router, deadline.deadline(), *preemptions);
+                            let next = requeue(
+                                svc,
+                                req,
+                                router,
+                                deadline.deadline(),
+                                *preemptions,
+                                listed.take(),
+                            );
                             match next {
                                 Ok(next) => {
                                     this.state.set(next.state);
@@ -364,6 +382,7 @@ fn requeue<S, R>(
     router: &Arc<dyn Schedulers>,
     deadline: Instant,
     preemptions: u32,
+    listed: Option<super::listed::Listed>,
 ) -> Result<ResponseFuture<S, R>, BoxError>
 where
     S: Service<R> + Clone,
@@ -384,9 +403,22 @@ where
                 state: State::running(svc, req, permit, Some(left), router),
             }
         }
-        Acquire::Queued(ticket) => ResponseFuture {
-            state: State::waiting(svc, req, ticket, deadline, router.clone(), preemptions),
-        },
+        Acquire::Queued(ticket) => {
+            if let Some(l) = &listed {
+                l.moved(&ticket);
+            }
+            ResponseFuture {
+                state: State::waiting(
+                    svc,
+                    req,
+                    ticket,
+                    deadline,
+                    router.clone(),
+                    preemptions,
+                    listed,
+                ),
+            }
+        }
         Acquire::Rejected(err) => ResponseFuture::rejected(err),
     })
 }

@@ -78,6 +78,7 @@ pub mod adaptive;
 mod advice;
 pub mod future;
 mod layer;
+pub mod listed;
 pub mod passing;
 mod permit;
 pub mod preempt;

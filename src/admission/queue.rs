@@ -370,6 +370,15 @@ impl<T> PriorityQueue<T> {
         key
     }
 
+    /// Whether `key` waits here (parked or not).
+    pub fn contains(&self, key: &Place) -> bool {
+        self.entries.contains_key(key)
+            || self
+                .parked
+                .get(&key.tenant)
+                .is_some_and(|p| p.contains_key(key))
+    }
+
     /// The item of a queued (not parked) entry.
     pub fn get(&self, key: &Place) -> Option<&T> {
         self.entries.get(key).map(|s| &s.item)

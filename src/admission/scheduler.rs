@@ -407,6 +407,11 @@ impl Scheduler {
 
     /// Take a waiter out of the queue (it gave up). Returns true when it was
     /// still there, false when it had already been dispatched or evicted.
+    /// Where a waiting `key` stands (see [`State::standing`]).
+    pub(crate) fn standing(&self, key: &Place) -> Option<(usize, Option<Duration>)> {
+        self.state.lock().standing(key, Instant::now())
+    }
+
     pub(crate) fn cancel(&self, key: &Place) -> bool {
         let mut st = self.state.lock();
         if st.queue.remove(key).is_some() {

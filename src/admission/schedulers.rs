@@ -29,6 +29,12 @@ pub trait Schedulers: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// Where waiting requests are listed for `GET /status/requests/{id}`;
+    /// None: they are not.
+    fn waiting(&self) -> Option<&std::sync::Arc<super::listed::Waiting>> {
+        None
+    }
+
     /// Another upstream in service that serves `model`, for a request
     /// whose upstream `from` was taken out of service while it waited.
     /// None: the refusal to answer with.

@@ -111,9 +111,19 @@ where
                 ResponseFuture::admitted(inner, req, permit, &self.schedulers)
             }
             Acquire::Queued(ticket) => {
+                let listed = self.schedulers.waiting().and_then(|w| {
+                    let id = req.extensions().get::<crate::types::RequestId>()?;
+                    let tap = req.extensions().get::<crate::telemetry::Tap>();
+                    Some(w.list(
+                        bytes::Bytes::copy_from_slice(id.0.as_bytes()),
+                        tap.and_then(|t| t.tenant()).cloned(),
+                        &ticket,
+                        tokio::time::Instant::now(),
+                    ))
+                });
                 let mut req = req;
                 req.detach();
-                ResponseFuture::queued(inner, req, ticket, &self.schedulers)
+                ResponseFuture::queued(inner, req, ticket, &self.schedulers, listed)
             }
             Acquire::Rejected(err) => ResponseFuture::rejected(err),
         }

@@ -560,6 +560,25 @@ impl State {
         ))
     }
 
+    /// Where `key` stands: its place in line (1: next) and its predicted
+    /// start from `now` (`None` before anything is measured); `None` when
+    /// it no longer waits.
+    pub(super) fn standing(
+        &mut self,
+        key: &Place,
+        now: Instant,
+    ) -> Option<(usize, Option<Duration>)> {
+        if !self.queue.contains(key) {
+            return None;
+        }
+        let place = self.queue.ahead_of(key, usize::MAX) + 1;
+        let turn = self.service_estimate(now);
+        // No request waits past `queue_timeout`: the estimate ends there.
+        let cap = self.queue_timeout;
+        let start = turn.map(|_| self.wait_at(place, cap, turn, now));
+        Some((place, start))
+    }
+
     /// How far back in line a place still changes the advice: past it, the
     /// wait is at `cap`.
     pub(super) fn places_that_matter(&mut self, cap: Duration) -> usize {

@@ -52,6 +52,11 @@ impl Ticket {
         self.timeout
     }
 
+    /// The scheduler it waits at.
+    pub(crate) fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
     /// The priority it waits at.
     pub fn priority(&self) -> Priority {
         self.key.priority()

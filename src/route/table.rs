@@ -121,6 +121,8 @@ pub struct Router {
     /// Set once backends are watched: a reload starts watchers for new
     /// upstreams (the identification interval).
     watching: std::sync::OnceLock<Duration>,
+    /// The requests waiting, by id (`GET /status/requests/{id}`).
+    waiting: Arc<crate::admission::listed::Waiting>,
 }
 
 impl Router {
@@ -156,7 +158,13 @@ impl Router {
             health: std::sync::OnceLock::new(),
             closed: AtomicBool::new(false),
             watching: std::sync::OnceLock::new(),
+            waiting: Arc::default(),
         })
+    }
+
+    /// The requests waiting, by id.
+    pub fn waiting(&self) -> &Arc<crate::admission::listed::Waiting> {
+        &self.waiting
     }
 
     /// The table as it is now.
@@ -570,6 +578,10 @@ impl crate::admission::Schedulers for Router {
         replay: &dyn Fn() -> Option<crate::admission::Replayable>,
     ) -> Acquire {
         Router::acquire(self, route, admit, replay)
+    }
+
+    fn waiting(&self) -> Option<&Arc<crate::admission::listed::Waiting>> {
+        Some(&self.waiting)
     }
 
     fn room(
