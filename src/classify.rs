@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request};
 use http_body::Body;
@@ -465,7 +465,7 @@ fn classified(
 
 /// Read `x-priority`: absent is `None`, anything but an `i32` is an error.
 fn header_priority<B>(req: &Request<B>) -> Result<Option<Priority>, BadRequest> {
-    let Some(value) = req.headers().get(PRIORITY_HEADER) else {
+    let Some(value) = req.headers().get(&PRIORITY_HEADER) else {
         return Ok(None);
     };
     value
@@ -486,7 +486,7 @@ fn header_priority<B>(req: &Request<B>) -> Result<Option<Priority>, BadRequest> 
 }
 
 /// The header a client bounds its request's wait in the queue with.
-pub const DEADLINE_HEADER: &str = "x-anteroom-deadline-ms";
+pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-anteroom-deadline-ms");
 
 /// Read `x-anteroom-deadline-ms`: absent is `None`; a whole number of
 /// milliseconds is the most the request may wait (0: only if it can start
@@ -494,7 +494,7 @@ pub const DEADLINE_HEADER: &str = "x-anteroom-deadline-ms";
 /// bounds it); anything else (negative, a fraction, not a number) is an
 /// error.
 fn header_deadline<B>(req: &Request<B>) -> Result<Option<std::time::Duration>, BadRequest> {
-    let Some(value) = req.headers().get(DEADLINE_HEADER) else {
+    let Some(value) = req.headers().get(&DEADLINE_HEADER) else {
         return Ok(None);
     };
     let digits = value.as_bytes().trim_ascii();

@@ -65,7 +65,8 @@ pub(super) struct TapInner {
     pub(super) preempted_ns: AtomicU64,
     /// What its rate-limit headers say, when they are sent
     /// (`rate_limit_headers`).
-    pub(super) rate: Option<parking_lot::Mutex<RateNotes>>,
+    /// Boxed: off, it costs the tap 8 bytes, not a hundred.
+    pub(super) rate: Option<Box<parking_lot::Mutex<RateNotes>>>,
 }
 
 /// What a request's `x-ratelimit-*` headers are made of, noted by the steps

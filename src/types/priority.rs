@@ -4,4 +4,6 @@
 pub type Priority = i32;
 
 /// The header that sets a request's priority.
-pub const PRIORITY_HEADER: &str = "x-priority";
+/// A `HeaderName`, not a `&str`: a lookup by name then skips parsing it.
+pub const PRIORITY_HEADER: http::header::HeaderName =
+    http::header::HeaderName::from_static("x-priority");

@@ -343,8 +343,8 @@ where
             upgrade,
             assembling: None,
             first_piece: None,
-            bounded,
-            rename,
+            extra: (bounded.is_some() || rename.is_some())
+                .then(|| Box::new(After { bounded, rename })),
         }
     }
 }
@@ -411,12 +411,20 @@ pin_project! {
         // A plain answer while its first piece is read (boxed: only an
         // answer whose body lags its headers carries it).
         first_piece: Option<Box<Response<StreamGuard<PooledBody<B>>>>>,
-        // Its `max_tokens` was set by the upstream's bounds.
-        bounded: Option<Bounded>,
-        // Its `model` was renamed for the backend: the answer's is renamed
-        // back (boxed: only such requests carry it).
-        rename: Option<Box<rename::Rename>>,
+        // What the answer is told or changed by, when the request was
+        // (boxed: few requests carry it, and every future's size counts).
+        extra: Option<Box<After>>,
     }
+}
+
+/// What a request's answer is told or changed by.
+#[derive(Debug)]
+struct After {
+    // Its `max_tokens` was set by the upstream's bounds.
+    bounded: Option<Bounded>,
+    // Its `model` was renamed for the backend: the answer's is renamed
+    // back.
+    rename: Option<Box<rename::Rename>>,
 }
 
 impl<B: Body + 'static> ResponseFuture<B> {
@@ -558,7 +566,8 @@ where
         let answer = ready!(self.as_mut().poll_answer(cx));
         // Renamed once the answer is what goes on: its first piece, first
         // event or put-together JSON was read as the backend wrote it.
-        Poll::Ready(match self.project().rename.take() {
+        let rename = self.project().extra.as_mut().and_then(|a| a.rename.take());
+        Poll::Ready(match rename {
             Some(rename) => answer.map(|mut resp| {
                 resp.headers_mut().remove(http::header::CONTENT_LENGTH);
                 resp.body_mut().renaming(rename);
@@ -634,7 +643,7 @@ where
         Poll::Ready(match result {
             Ok(Ok(mut resp)) => {
                 rewrite::response(&mut resp);
-                if let Some(b) = this.bounded {
+                if let Some(b) = this.extra.as_ref().and_then(|a| a.bounded) {
                     b.tell(resp.headers_mut());
                 }
                 // Media types are case-insensitive (RFC 9110 §8.3.1):
