@@ -131,32 +131,29 @@ fn request_status(
             v["state"] = "waiting".into();
             text(StatusCode::OK, "application/json", v.to_string())
         }
-        None => {
-            let d = crate::error::Described {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                code: "request_not_found",
-                retry_after: None,
-            };
-            crate::error::error_response(
-                &d,
-                "no request by this id is waiting (unknown, started, finished or gone)",
-            )
-            .map(|b| b.map_err(|never| match never {}).boxed_unsync())
-        }
+        None => client_error(
+            StatusCode::NOT_FOUND,
+            "request_not_found",
+            "no request by this id is waiting (unknown, started, finished or gone)",
+        ),
     }
+}
+
+/// A client's error in the OpenAI shape (`invalid_request_error`).
+fn client_error(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
+    let d = crate::error::Described {
+        status,
+        kind: "invalid_request_error",
+        code,
+        retry_after: None,
+    };
+    crate::error::error_response(&d, message)
+        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }
 
 /// A 401 in the OpenAI shape, saying `why`.
 fn unauthorized(why: &str) -> Response<Body> {
-    let d = crate::error::Described {
-        status: StatusCode::UNAUTHORIZED,
-        kind: "invalid_request_error",
-        code: "invalid_api_key",
-        retry_after: None,
-    };
-    let mut resp = crate::error::error_response(&d, why)
-        .map(|b| b.map_err(|never| match never {}).boxed_unsync());
+    let mut resp = client_error(StatusCode::UNAUTHORIZED, "invalid_api_key", why);
     resp.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,
         http::HeaderValue::from_static("Bearer"),

@@ -114,16 +114,6 @@ impl Waiting {
             })
         })
     }
-
-    /// How many requests are listed (for tests).
-    pub fn len(&self) -> usize {
-        self.by_id.lock().values().map(Vec::len).sum()
-    }
-
-    /// None listed.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 fn millis(d: Duration) -> u64 {
