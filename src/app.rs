@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::admission::AdmissionLayer;
 use crate::auth::AuthLayer;
@@ -14,6 +14,7 @@ use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::edge::EdgeLayer;
+use crate::keepalive::KeepAliveLayer;
 use crate::reload::Live;
 use crate::route::Clients;
 use crate::route::{RouteLayer, Router};
@@ -106,10 +107,7 @@ where
 {
     // Layers added first see the request first; this reads top-down like the
     // request path in the crate docs.
-    let svc = ServiceBuilder::new()
-        // Outermost: every error from below becomes an OpenAI-shaped response
-        // carrying the request id, and the body is boxed once.
-        .layer(EdgeLayer)
+    let below = ServiceBuilder::new()
         // Times the request and keeps its one record; inside the rescue so
         // it sees errors as errors (with their code), outside everything
         // else so its clock starts at arrival and stops at the last byte.
@@ -119,7 +117,11 @@ where
         .layer(AuthLayer::shared(live.keys.clone()))
         // Decide admitted or not and read the priority; buffers admitted
         // bodies, so a 400/413 is answered before the request takes a place.
-        .layer(ClassifyLayer::shared(live.rules.clone()).counting(live.buffered.clone()))
+        .layer(
+            ClassifyLayer::shared(live.rules.clone())
+                .counting(live.buffered.clone())
+                .keepalive(config.queue_keepalive.is_some()),
+        )
         // With several upstreams, pick one by the body's model (least
         // outstanding work); needs the model, so after classify, and
         // before admission, which queues on that upstream's scheduler.
@@ -136,5 +138,21 @@ where
         ))
         // Innermost: the pooled client to the model server.
         .service(upstream);
-    BoxCloneSyncService::new(svc)
+    // Outermost: every error from below becomes an OpenAI-shaped response
+    // carrying the request id, and the body is boxed once. With
+    // `queue_keepalive`, inside it and outside telemetry (whose record is
+    // then of the answer, not of the comments): a queued stream that
+    // asked is answered early. Two stacks, so that without it a request
+    // pays nothing for it.
+    match config.queue_keepalive {
+        Some(every) => BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(EdgeLayer)
+                .layer(
+                    KeepAliveLayer::new(every).counting(recorder.metrics.queue_keepalives.clone()),
+                )
+                .service(below),
+        ),
+        None => BoxCloneSyncService::new(EdgeLayer.layer(below)),
+    }
 }

@@ -220,6 +220,7 @@ pub type SharedAdmitRules = Arc<arc_swap::ArcSwap<AdmitRules>>;
 pub struct ClassifyLayer {
     rules: SharedAdmitRules,
     buffered: Arc<Buffered>,
+    keepalive: bool,
 }
 
 impl ClassifyLayer {
@@ -233,12 +234,20 @@ impl ClassifyLayer {
         Self {
             rules,
             buffered: Arc::default(),
+            keepalive: false,
         }
     }
 
     /// Count admitted bodies in `buffered`, shared with other stacks.
     pub fn counting(mut self, buffered: Arc<Buffered>) -> Self {
         self.buffered = buffered;
+        self
+    }
+
+    /// Read `x-anteroom-queue-keepalive` (`queue_keepalive` is set): a
+    /// malformed one is a 400, and a stream that asks is marked for it.
+    pub fn keepalive(mut self, on: bool) -> Self {
+        self.keepalive = on;
         self
     }
 }
@@ -251,6 +260,7 @@ impl<S> Layer<S> for ClassifyLayer {
             inner,
             rules: self.rules.clone(),
             buffered: self.buffered.clone(),
+            keepalive: self.keepalive,
         }
     }
 }
@@ -261,6 +271,7 @@ pub struct Classify<S> {
     inner: S,
     rules: SharedAdmitRules,
     buffered: Arc<Buffered>,
+    keepalive: bool,
 }
 
 impl<S, B> Service<Request<B>> for Classify<S>
@@ -319,6 +330,13 @@ where
             Ok(d) => d,
             Err(e) => return ResponseFuture::failed(e.into()),
         };
+        let keepalive = match self.keepalive {
+            false => false,
+            true => match crate::keepalive::asked(req.headers()) {
+                Ok(asked) => asked,
+                Err(e) => return ResponseFuture::failed(e.into()),
+            },
+        };
         let limit = rules.max_body_bytes;
         let declared = req
             .headers()
@@ -349,6 +367,7 @@ where
                     svc,
                     header_priority,
                     deadline,
+                    keepalive,
                     share,
                     default_priority: rules.default_priority,
                     limit,
@@ -520,6 +539,7 @@ struct Pending<S> {
     svc: S,
     header_priority: Option<Priority>,
     deadline: Option<std::time::Duration>,
+    keepalive: bool,
     share: Share,
     default_priority: Priority,
     limit: usize,
@@ -609,6 +629,7 @@ where
                         svc,
                         header_priority,
                         deadline,
+                        keepalive,
                         share,
                         default_priority,
                         limit,
@@ -693,6 +714,7 @@ where
                         share,
                         stream: fields.stream == Some(true),
                         deadline,
+                        keepalive: keepalive && fields.stream == Some(true),
                     });
                     let body = rewritten.unwrap_or(bytes);
                     let req = Request::from_parts(parts, Either::Left(Full::new(body)));

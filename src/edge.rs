@@ -140,6 +140,22 @@ fn generate_id() -> HeaderValue {
     HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
+/// The answer to an error from below: logged when it is a panic (a bug),
+/// with the request's id.
+pub(crate) fn rescued(
+    e: BoxError,
+    id: Option<&HeaderValue>,
+) -> Response<http_body_util::Full<Bytes>> {
+    if let Some(p) = error::cause::<error::Panicked>(&*e) {
+        tracing::error!(
+            request_id = ?id,
+            panic = p.message(),
+            "a panic while serving a request (a bug): answered 500"
+        );
+    }
+    error::rescue(&*e)
+}
+
 pin_project! {
     /// Response future of [`Edge`].
     #[derive(Debug)]
@@ -165,17 +181,8 @@ where
         let result = ready!(this.inner.poll(cx));
         let mut resp = match result {
             Ok(resp) => resp.map(|b| b.map_err(Into::into).boxed_unsync()),
-            Err(e) => {
-                let e: BoxError = e.into();
-                if let Some(p) = error::cause::<error::Panicked>(&*e) {
-                    tracing::error!(
-                        request_id = ?this.id.as_ref(),
-                        panic = p.message(),
-                        "a panic while serving a request (a bug): answered 500"
-                    );
-                }
-                error::rescue(&*e).map(|b| b.map_err(|never| match never {}).boxed_unsync())
-            }
+            Err(e) => rescued(e.into(), this.id.as_ref())
+                .map(|b| b.map_err(|never| match never {}).boxed_unsync()),
         };
         if let Some(id) = this.id.take() {
             resp.headers_mut().insert(REQUEST_ID, id);

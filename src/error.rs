@@ -11,7 +11,7 @@
 //!
 //! | status | `type` | `code` | when |
 //! |---|---|---|---|
-//! | 400 | `invalid_request_error` | `invalid_priority`, `invalid_body`, `invalid_path` | bad `x-priority`; unreadable body; an endpoint spelled otherwise (see [`crate::path`]) |
+//! | 400 | `invalid_request_error` | `invalid_priority`, `invalid_deadline`, `invalid_keepalive`, `invalid_body`, `invalid_path` | bad `x-priority`, `x-anteroom-deadline-ms` or `x-anteroom-queue-keepalive`; unreadable body; an endpoint spelled otherwise (see [`crate::path`]) |
 //! | 429 | `rate_limit_error` | `rate_limit_exceeded` | the key is over its `requests_per_minute` |
 //! | 401 | `invalid_request_error` | `invalid_api_key` | keys are configured and none (or a wrong one) was presented |
 //! | 405 | `invalid_request_error` | `method_not_allowed` | CONNECT (anteroom is not a forward proxy) |
@@ -48,6 +48,11 @@ pub struct BadRequest {
 impl BadRequest {
     pub(crate) fn new(code: &'static str, message: String) -> Self {
         Self { code, message }
+    }
+
+    /// Its `code`.
+    pub fn code(&self) -> &'static str {
+        self.code
     }
 }
 

@@ -18,6 +18,10 @@
 //!                 ◀── PermitBody (slot released at end of body or drop) ◀── upstream body
 //! ```
 //!
+//! With `queue_keepalive` set, [`keepalive`] sits between Edge and
+//! Telemetry: a queued stream that asked is answered early and kept alive
+//! with SSE comments, while telemetry records the answer underneath.
+//!
 //! [`app::build_stack`] is the one place that orders these layers.
 
 #![forbid(unsafe_code)]
@@ -38,6 +42,7 @@ pub mod edge;
 pub mod error;
 pub(crate) mod h2;
 pub mod json_scan;
+pub mod keepalive;
 pub mod memory;
 pub mod origin;
 pub mod path;

@@ -17,6 +17,7 @@ mod deadline;
 mod demo;
 mod drain;
 mod hostile;
+mod keepalive;
 mod openai_sdk;
 mod panics;
 mod passthrough;

@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use anteroom::cli::serve::Running;
 use anteroom::sim::Mode;
 use support::*;
 
@@ -66,6 +67,50 @@ fn run_script_with(python: &PathBuf, base: &str, mode: &str, args: &[&str]) -> s
     serde_json::from_str(stdout.trim()).expect("the script prints JSON")
 }
 
+/// Run the SDK script's `mode` (with `args`) against `proxy`, whose one
+/// slot is held meanwhile: once the script is ready (its import is slow),
+/// a non-streamed request of `busy_tokens` takes the slot, then the script
+/// is told to go. What it printed, and whether it exited 0.
+async fn run_while_busy(
+    python: &PathBuf,
+    proxy: &Running,
+    mode: &str,
+    args: &[&str],
+    busy_tokens: usize,
+) -> (serde_json::Value, bool) {
+    let base = proxy.url();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
+    let mut child = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(format!("{base}/v1"))
+        .arg(mode)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the SDK script");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+    assert_eq!(ready.unwrap().unwrap().as_deref(), Some("ready"));
+    let client = client();
+    let busy = tokio::spawn(async move {
+        body_bytes(chat(&client, &base, None, "busy", false, busy_tokens).await).await
+    });
+    wait_until("the slot to be taken", || {
+        proxy.scheduler.snapshot().running == 1
+    })
+    .await;
+    stdin.write_all(b"go\n").await.unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+    let line = line.unwrap().unwrap().unwrap_or_default();
+    let status = child.wait().await.unwrap();
+    busy.await.unwrap();
+    let out = serde_json::from_str(&line).expect("the script prints JSON");
+    (out, status.success())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_streams_and_retries_a_429_after_the_advised_delay() {
     trace_init();
@@ -95,34 +140,8 @@ async fn the_openai_sdk_streams_and_retries_a_429_after_the_advised_delay() {
     for i in 0..5 {
         body_bytes(chat(&client, &base, None, &format!("warm{i}"), false, 30).await).await;
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
-    let mut child = tokio::process::Command::new(&python)
-        .arg(script)
-        .arg(format!("{base}/v1"))
-        .arg("retry")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the SDK script");
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
-    assert_eq!(ready.unwrap().unwrap().as_deref(), Some("ready"));
-    let (c, u) = (client.clone(), base.clone());
-    let busy =
-        tokio::spawn(async move { body_bytes(chat(&c, &u, None, "busy", false, 30).await).await });
-    wait_until("the slot to be taken", || {
-        proxy.scheduler.snapshot().running == 1
-    })
-    .await;
-    stdin.write_all(b"go\n").await.unwrap();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
-    let line = line.unwrap().unwrap().unwrap_or_default();
-    let status = child.wait().await.unwrap();
-    busy.await.unwrap();
-    let retry: serde_json::Value = serde_json::from_str(&line).expect("the script prints JSON");
-    assert!(status.success(), "SDK retry run failed: {retry}");
+    let (retry, ok) = run_while_busy(&python, &proxy, "retry", &[], 30).await;
+    assert!(ok, "SDK retry run failed: {retry}");
     assert_eq!(retry["seen"][0][0], 429, "{retry}");
     assert_eq!(
         retry["seen"].as_array().unwrap().last().unwrap()[0],
@@ -201,5 +220,38 @@ async fn a_refused_burst_of_sdk_clients_comes_back_spread_and_gets_in() {
     assert!(
         hi - lo >= 60.0 * (refused_first.len() as f64 - 1.0) * 0.8,
         "the advice spreads the burst over its turns: {out}"
+    );
+}
+
+/// `queue_keepalive` through the real SDK: a stream that waits in the
+/// queue gets its head early and comments while it waits; the SDK skips
+/// the comments and yields the tokens, and raises the error event when the
+/// wait runs out after the head came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_skips_keepalive_comments_and_raises_a_late_refusal() {
+    trace_init();
+    let python = tokio::task::spawn_blocking(python_with_openai)
+        .await
+        .unwrap();
+    let mut cfg = sim_config(Mode::Serial);
+    cfg.ttft = Duration::from_millis(100);
+    cfg.tokens_per_second = 100.0;
+    let sim = sim(cfg).await;
+    let proxy = proxy(&sim.url(), |c| {
+        c.max_concurrency = 1.into();
+        c.queue_keepalive = "200ms".into();
+        c.queue_timeout = "1500ms".into();
+    })
+    .await;
+    // The slot is held for 0.1 s + 69 × 10 ms ≈ 0.8 s (the SDK's stream
+    // gets in), then for ≈ 3.1 s (its wait runs out at 1.5 s).
+    for (busy_tokens, expect) in [(70, "stream"), (300, "timeout")] {
+        let (out, ok) = run_while_busy(&python, &proxy, "keepalive", &[expect], busy_tokens).await;
+        assert!(ok, "SDK keepalive run ({expect}) failed: {out}");
+    }
+    let metrics = metrics_text(&proxy).await;
+    assert!(
+        metrics.contains("anteroom_queue_keepalive_streams_total 2"),
+        "{metrics}"
     );
 }

@@ -191,6 +191,7 @@ where
         preemptions: u32,
         listed: Option<super::listed::Listed>,
     ) -> Self {
+        req.mark_queued(true);
         State::Waiting {
             ticket,
             deadline: tokio::time::sleep_until(deadline),
@@ -261,6 +262,7 @@ where
                         Err(e) => return Poll::Ready(Err(e.into())),
                     };
                     let (svc, req) = pending.take().expect("polled after completion");
+                    req.mark_queued(false);
                     let left = deadline
                         .deadline()
                         .saturating_duration_since(Instant::now());
@@ -337,6 +339,11 @@ pub trait Reroute: Sized {
     fn replay(&self) -> Option<Self>;
     /// It was preempted after running `wasted` at the backend.
     fn preempted(&self, wasted: std::time::Duration);
+    /// It waits in the queue now (`true`) or holds a slot (`false`): for
+    /// `queue_keepalive`, when it asked for comments.
+    fn mark_queued(&self, queued: bool) {
+        let _ = queued;
+    }
 }
 
 impl<B: Replay> Reroute for http::Request<B> {
@@ -373,6 +380,14 @@ impl<B: Replay> Reroute for http::Request<B> {
             tap.preempted(wasted);
         }
     }
+
+    fn mark_queued(&self, queued: bool) {
+        if self.admit().is_some_and(|a| a.keepalive) {
+            if let Some(q) = self.extensions().get::<crate::keepalive::Queued>() {
+                q.set(queued);
+            }
+        }
+    }
 }
 
 /// Queue `req` at another upstream than the one that went out of service.
@@ -398,6 +413,7 @@ where
     let replay = || req.replayable().map(|r| Replayable { preemptions, ..r });
     Ok(match router.acquire(i, &admit, &replay) {
         Acquire::Admitted(permit) => {
+            req.mark_queued(false);
             let left = deadline.saturating_duration_since(Instant::now());
             ResponseFuture {
                 state: State::running(svc, req, permit, Some(left), router),

@@ -161,6 +161,10 @@ pub struct FileConfig {
     /// Answer with OpenAI's `x-ratelimit-*` headers (a key's limits and
     /// the queue's room), for clients that pace themselves by them.
     pub rate_limit_headers: bool,
+    /// A queued stream that asks for it is answered (200, SSE) after
+    /// waiting this long, and kept alive with a comment every this long
+    /// until its first byte. Empty: off.
+    pub queue_keepalive: String,
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -262,6 +266,7 @@ impl Default for FileConfig {
             max_connections: 65_536,
             max_connections_per_ip: 0,
             rate_limit_headers: true,
+            queue_keepalive: String::new(),
             http2_max_streams: 256,
         }
     }

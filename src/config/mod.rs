@@ -88,6 +88,8 @@ pub struct Config {
     pub server: ServerLimits,
     /// Answer with OpenAI's `x-ratelimit-*` headers.
     pub rate_limit_headers: bool,
+    /// Keep-alive comments for queued streams that ask, this often.
+    pub queue_keepalive: Option<Duration>,
 }
 
 /// The PEM files of the listener's certificate chain and private key.

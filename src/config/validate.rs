@@ -252,6 +252,17 @@ impl FileConfig {
             },
             tls,
             rate_limit_headers: self.rate_limit_headers,
+            queue_keepalive: match self.queue_keepalive.trim() {
+                "" => None,
+                v => match positive("queue_keepalive", v)? {
+                    d if d < Duration::from_millis(100) => {
+                        return Err(ConfigError(format!(
+                            "queue_keepalive: at least 100ms (it is how often each waiting stream gets a comment), not {v}"
+                        )))
+                    }
+                    d => Some(d),
+                },
+            },
             drain_timeout: match parse_duration(&self.drain_timeout) {
                 Ok(d) => d,
                 Err(e) => return Err(ConfigError(format!("drain_timeout: {e}"))),
@@ -604,6 +615,8 @@ mod tests {
             ("admit_paths = [\"/v1/chat/\"]", "admit_paths"),
             ("admit_paths = [\"/v1/%63hat\"]", "admit_paths"),
             ("max_body_bytes = 0", "max_body_bytes"),
+            ("queue_keepalive = \"50ms\"", "queue_keepalive"),
+            ("queue_keepalive = \"often\"", "queue_keepalive"),
         ];
         for (text, key) in cases {
             let err = FileConfig::parse(text)
@@ -611,6 +624,15 @@ mod tests {
                 .unwrap_err();
             assert!(err.0.contains(key), "{text}: {err}");
         }
+        let on = FileConfig::parse("queue_keepalive = \"15s\"").unwrap();
+        assert_eq!(
+            on.validate().unwrap().queue_keepalive,
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            FileConfig::default().validate().unwrap().queue_keepalive,
+            None
+        );
         let err = FileConfig::parse("max_queue = \"many\"").unwrap_err();
         assert!(err.0.contains("max_queue"), "{err}");
     }

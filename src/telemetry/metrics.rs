@@ -99,6 +99,8 @@ pub struct Metrics {
     /// Requests that came with `x-stainless-retry-count` > 0: the client's
     /// own retries.
     pub client_retries: IntCounter,
+    /// Streams answered early (`queue_keepalive`) because they waited.
+    pub queue_keepalives: IntCounter,
     retries: [IntCounter; 4],
     given_up: IntCounterVec,
     tenant_requests: IntCounterVec,
@@ -296,6 +298,11 @@ impl Metrics {
             "Requests that were a client's own retry (x-stainless-retry-count above 0).",
         )
         .expect("metric definitions are valid");
+        let queue_keepalives = IntCounter::new(
+            "anteroom_queue_keepalive_streams_total",
+            "Streams that asked for keep-alive comments and waited queue_keepalive in the queue: answered 200 early, kept alive with SSE comments, any error sent as an error event.",
+        )
+        .expect("metric definitions are valid");
 
         let tenant_requests = counter(
             "anteroom_tenant_requests_total",
@@ -340,6 +347,7 @@ impl Metrics {
             Box::new(given_up.clone()),
             Box::new(upstream_pauses.clone()),
             Box::new(client_retries.clone()),
+            Box::new(queue_keepalives.clone()),
             Box::new(tenant_requests.clone()),
             Box::new(tenant_tokens.clone()),
         ] {
@@ -387,6 +395,7 @@ impl Metrics {
             names,
             upstream_pauses,
             client_retries,
+            queue_keepalives,
             retries: [
                 crate::types::RetryReason::TooManyRequests,
                 crate::types::RetryReason::Unavailable,

@@ -16,6 +16,9 @@ pub struct Admit {
     /// The most it may wait in the queue, its own (`x-anteroom-deadline-ms`):
     /// within its priority the nearest deadline goes first.
     pub deadline: Option<std::time::Duration>,
+    /// A stream that asked for keep-alive comments while it waits
+    /// (`x-anteroom-queue-keepalive`, with `queue_keepalive` set).
+    pub keepalive: bool,
 }
 
 impl Admit {
@@ -26,6 +29,7 @@ impl Admit {
             share: Share::default(),
             stream: false,
             deadline: None,
+            keepalive: false,
         }
     }
 }

@@ -1,6 +1,6 @@
 """The official OpenAI Python SDK against anteroom, unchanged but for its base URL.
 
-Usage: openai_client.py BASE_URL basic|retry|stream_error|burst [N]
+Usage: openai_client.py BASE_URL basic|retry|stream_error|burst|keepalive [N|stream|timeout]
 Prints one JSON line with what it saw; exits non-zero when an expectation fails.
 """
 
@@ -26,12 +26,19 @@ def on_response(response):
 
 
 factory = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient
-client = openai.OpenAI(
-    base_url=base_url,
-    api_key="not-needed",
-    max_retries=2,
-    http_client=factory(event_hooks={"response": [on_response]}),
-)
+
+
+def sdk_client(hook):
+    """An SDK client (max_retries 2) that calls hook with every HTTP response."""
+    return openai.OpenAI(
+        base_url=base_url,
+        api_key="not-needed",
+        max_retries=2,
+        http_client=factory(event_hooks={"response": [hook]}),
+    )
+
+
+client = sdk_client(on_response)
 messages = [{"role": "user", "content": "hello"}]
 out = {"mode": mode}
 
@@ -76,18 +83,7 @@ elif mode == "burst":
 
     def one(i):
         mine = []
-        c = openai.OpenAI(
-            base_url=base_url,
-            api_key="not-needed",
-            max_retries=2,
-            http_client=factory(
-                event_hooks={
-                    "response": [
-                        lambda r: mine.append([r.status_code, r.headers.get("retry-after-ms")])
-                    ]
-                }
-            ),
-        )
+        c = sdk_client(lambda r: mine.append([r.status_code, r.headers.get("retry-after-ms")]))
         start.wait()
         try:
             c.chat.completions.create(
@@ -121,6 +117,40 @@ elif mode == "stream_error":
         out["error_message"] = str(e)
     out["streamed"] = "".join(parts)
     ok = out["error"] is not None and out.get("error_code") == "upstream_stream_error"
+elif mode == "keepalive":
+    # A stream that asks for keep-alive comments while it waits in the
+    # queue (argv[3]: "stream" when it gets in, "timeout" when its wait
+    # runs out after the head came): the SDK must skip the comments, and
+    # raise the error event.
+    print("ready", flush=True)
+    sys.stdin.readline()
+    heads = []
+    c = sdk_client(
+        lambda r: heads.append([r.status_code, r.headers.get("x-anteroom-queue-keepalive")])
+    )
+    parts = []
+    out["error"] = None
+    try:
+        for chunk in c.chat.completions.create(
+            model="anteroom-sim",
+            messages=messages,
+            max_tokens=5,
+            stream=True,
+            extra_headers={"x-anteroom-queue-keepalive": "1"},
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+    except openai.APIError as e:
+        out["error"] = type(e).__name__
+        out["error_code"] = getattr(e, "code", None)
+        out["error_body"] = getattr(e, "body", None)
+    out["streamed"] = "".join(parts)
+    out["heads"] = heads
+    kept = heads == [[200, "1"]]
+    if sys.argv[3] == "stream":
+        ok = kept and out["error"] is None and out["streamed"] == "tok0 tok1 tok2 tok3 tok4 "
+    else:
+        ok = kept and out["error"] == "APIError" and out["error_code"] == "queue_timeout"
 else:
     raise SystemExit(f"unknown mode {mode}")
 

@@ -162,6 +162,11 @@ pub struct ServeArgs {
     /// Answer with OpenAI's x-ratelimit-* headers (key: rate_limit_headers).
     #[arg(long, value_name = "BOOL")]
     pub rate_limit_headers: Option<bool>,
+    /// A queued stream that asks (x-anteroom-queue-keepalive: 1) is answered
+    /// after waiting this long, with an SSE comment every this long until
+    /// its first byte; "" for off (key: queue_keepalive).
+    #[arg(long, value_name = "DURATION")]
+    pub queue_keepalive: Option<String>,
     /// The environment variable holding the key to send the upstream
     /// (key: upstream_api_key_env). The key itself can only be given in
     /// the file (upstream_api_key): a flag would show in `ps`.
@@ -267,6 +272,7 @@ impl ServeArgs {
             stream_usage,
             stream_upgrade,
             rate_limit_headers,
+            queue_keepalive,
             upstream_api_key_env,
             drain_timeout,
             tls_cert,
