@@ -12,6 +12,7 @@ use crate::admission::AdmissionLayer;
 use crate::auth::AuthLayer;
 use crate::backoff::BackoffLayer;
 use crate::classify::{ClassifiedBody, ClassifyLayer};
+use crate::cluster::ClusterLayer;
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::edge::EdgeLayer;
 use crate::keepalive::KeepAliveLayer;
@@ -105,6 +106,41 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    // Inside the slot: a request the upstream refuses waits and goes
+    // again without losing its place; below the response's way out, so a
+    // refusal the client never sees can be retried. Innermost: the pooled
+    // client to the model server.
+    let sending =
+        BackoffLayer::new(config.retry.clone(), recorder.clone(), router.clone()).layer(upstream);
+    // In cluster mode, between admission and back-off: the replica's slot
+    // taken, wait for the cluster's lease. Two stacks, so that without it
+    // a request pays nothing for it.
+    match router.cluster().cloned() {
+        Some(cluster) => {
+            let leasing = ClusterLayer::new(cluster, router.clone(), config.limits.queue_timeout)
+                .layer(sending);
+            around(config, live, router, recorder, leasing)
+        }
+        None => around(config, live, router, recorder, sending),
+    }
+}
+
+/// The stack around `inner`, the service that sends an admitted request
+/// (back-off and the upstream client, in cluster mode behind the lease).
+fn around<S, B>(
+    config: &Config,
+    live: &Live,
+    router: Arc<Router>,
+    recorder: Arc<Recorder>,
+    inner: S,
+) -> Stack
+where
+    S: Service<Request<UpstreamBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     // Layers added first see the request first; this reads top-down like the
     // request path in the crate docs.
     let below = ServiceBuilder::new()
@@ -128,16 +164,7 @@ where
         .layer(RouteLayer::new(router.clone()))
         // Queue by priority, hold a slot until the response body ends.
         .layer(AdmissionLayer::new(router.clone()).passing(live.passing.clone()))
-        // Inside the slot: a request the upstream refuses waits and goes
-        // again without losing its place; below the response's way out, so
-        // a refusal the client never sees can be retried.
-        .layer(BackoffLayer::new(
-            config.retry.clone(),
-            recorder.clone(),
-            router,
-        ))
-        // Innermost: the pooled client to the model server.
-        .service(upstream);
+        .service(inner);
     // Outermost: every error from below becomes an OpenAI-shaped response
     // carrying the request id, and the body is boxed once. With
     // `queue_keepalive`, inside it and outside telemetry (whose record is

@@ -491,6 +491,14 @@ pub(crate) fn describe(err: &(dyn StdError + 'static)) -> Described {
             ),
         };
     }
+    if cause::<crate::cluster::Unavailable>(err).is_some() {
+        return d(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "cluster_unavailable",
+            Some(Duration::from_secs(1)),
+        );
+    }
     if let Some(e) = cause::<BadRequest>(err) {
         return d(
             StatusCode::BAD_REQUEST,

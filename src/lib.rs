@@ -22,6 +22,9 @@
 //! Telemetry: a queued stream that asked is answered early and kept alive
 //! with SSE comments, while telemetry records the answer underneath.
 //!
+//! With `[cluster]`, [`cluster`]'s layer sits between Admission and Backoff:
+//! a request with its replica's slot also waits for the cluster's lease.
+//!
 //! [`app::build_stack`] is the one place that orders these layers.
 
 #![forbid(unsafe_code)]
@@ -35,6 +38,7 @@ pub mod backend;
 pub mod backoff;
 pub mod classify;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod deadline;
 pub mod drain;

@@ -14,3 +14,6 @@ mod promtool;
 
 #[path = "tier2/llama_server.rs"]
 mod llama_server;
+
+#[path = "tier2/cluster.rs"]
+mod cluster;

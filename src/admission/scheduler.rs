@@ -242,6 +242,11 @@ impl Scheduler {
         self.dispatch();
     }
 
+    /// The most requests it lets run at once, now.
+    pub fn max_concurrency(&self) -> usize {
+        self.state.lock().max_concurrency
+    }
+
     /// Waiting and running now, without the per-priority maps.
     pub fn snapshot_counts(&self) -> (usize, usize) {
         let st = self.state.lock();

@@ -165,6 +165,49 @@ pub struct FileConfig {
     /// waiting this long, and kept alive with a comment every this long
     /// until its first byte. Empty: off.
     pub queue_keepalive: String,
+    /// Replicas sharing their limits through Redis: a `[cluster]` table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterEntry>,
+}
+
+/// The `[cluster]` table: replicas that share their limits through Redis
+/// (or Valkey).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterEntry {
+    /// `redis://[:password@]host:port[/db]` or `rediss://…` (TLS).
+    #[serde(default)]
+    pub redis_url: Secret,
+    /// Or: the environment variable that holds it (keeps a password out
+    /// of the file).
+    #[serde(default)]
+    pub redis_url_env: String,
+    /// The cluster's name: every key it uses starts with it, so clusters
+    /// can share one Redis.
+    #[serde(default = "cluster_name")]
+    pub name: String,
+    /// How long a lease lives without a heartbeat: a replica that dies
+    /// gives its slots back after this long.
+    #[serde(default = "lease_time")]
+    pub lease_time: String,
+    /// Most time one call to Redis may take; then it is failed.
+    #[serde(default = "redis_timeout")]
+    pub timeout: String,
+    /// When Redis cannot be reached: `"local"` (this replica admits its
+    /// share of each limit alone) or `"closed"` (503). No default: say.
+    pub on_unavailable: String,
+}
+
+fn cluster_name() -> String {
+    "anteroom".into()
+}
+
+fn lease_time() -> String {
+    "10s".into()
+}
+
+fn redis_timeout() -> String {
+    "250ms".into()
 }
 
 /// One `[[key]]` table. The secret is never written here in plain text.
@@ -267,6 +310,7 @@ impl Default for FileConfig {
             max_connections_per_ip: 0,
             rate_limit_headers: true,
             queue_keepalive: String::new(),
+            cluster: None,
             http2_max_streams: 256,
         }
     }

@@ -90,6 +90,44 @@ pub struct Config {
     pub rate_limit_headers: bool,
     /// Keep-alive comments for queued streams that ask, this often.
     pub queue_keepalive: Option<Duration>,
+    /// Shared limits through Redis, when `[cluster]` is set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`, validated.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// Where Redis is (with its password, if any: never printed).
+    pub redis_url: String,
+    /// The key prefix.
+    pub name: String,
+    /// How long a lease lives without a heartbeat.
+    pub lease_time: Duration,
+    /// Most time one call to Redis may take.
+    pub timeout: Duration,
+    /// What to do while Redis cannot be reached.
+    pub on_unavailable: OnUnavailable,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("name", &self.name)
+            .field("lease_time", &self.lease_time)
+            .field("timeout", &self.timeout)
+            .field("on_unavailable", &self.on_unavailable)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a replica does while Redis cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Admit its share of each limit alone (the limit divided by the
+    /// replicas seen alive last).
+    Local,
+    /// Refuse admitted requests with 503 `cluster_unavailable`.
+    Closed,
 }
 
 /// The PEM files of the listener's certificate chain and private key.

@@ -252,6 +252,11 @@ impl FileConfig {
             },
             tls,
             rate_limit_headers: self.rate_limit_headers,
+            cluster: self
+                .cluster
+                .as_ref()
+                .map(|c| cluster(c, env))
+                .transpose()?,
             queue_keepalive: match self.queue_keepalive.trim() {
                 "" => None,
                 v => match positive("queue_keepalive", v)? {
@@ -515,6 +520,83 @@ fn upstream_key(
     }
 }
 
+/// `[cluster]`, checked.
+fn cluster(
+    c: &super::file::ClusterEntry,
+    env: Env<'_>,
+) -> Result<super::ClusterConfig, ConfigError> {
+    let url = match (c.redis_url.0.trim(), c.redis_url_env.trim()) {
+        ("", "") => {
+            return Err(ConfigError(
+                "cluster.redis_url: set it (or cluster.redis_url_env)".into(),
+            ))
+        }
+        (url, "") => url.to_owned(),
+        ("", var) => match env(var) {
+            Some(v) if !v.trim().is_empty() => v.trim().to_owned(),
+            _ => {
+                return Err(ConfigError(format!(
+                    "cluster.redis_url_env: the environment variable {var} is not set"
+                )))
+            }
+        },
+        _ => {
+            return Err(ConfigError(
+                "cluster: give redis_url or redis_url_env, not both".into(),
+            ))
+        }
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(ConfigError(
+            "cluster.redis_url: must start with redis:// or rediss:// (TLS)".into(),
+        ));
+    }
+    if let Err(e) = redis::Client::open(url.as_str()) {
+        // The driver's words, without the URL (it may hold a password).
+        return Err(ConfigError(format!(
+            "cluster.redis_url: not a valid URL ({:?})",
+            e.kind()
+        )));
+    }
+    let name = c.name.trim();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+    {
+        return Err(ConfigError(
+            "cluster.name: printable, without spaces or braces".into(),
+        ));
+    }
+    let lease_time = positive("cluster.lease_time", &c.lease_time)?;
+    if lease_time < Duration::from_secs(1) {
+        return Err(ConfigError("cluster.lease_time: at least 1s".into()));
+    }
+    let timeout = positive("cluster.timeout", &c.timeout)?;
+    if timeout * 3 > lease_time {
+        return Err(ConfigError(
+            "cluster.timeout: at most a third of lease_time (heartbeats renew leases every third of it)"
+                .into(),
+        ));
+    }
+    let on_unavailable = match c.on_unavailable.trim() {
+        "local" => super::OnUnavailable::Local,
+        "closed" => super::OnUnavailable::Closed,
+        other => {
+            return Err(ConfigError(format!(
+                "cluster.on_unavailable: \"local\" or \"closed\", not {other:?}"
+            )))
+        }
+    };
+    Ok(super::ClusterConfig {
+        redis_url: url,
+        name: name.to_owned(),
+        lease_time,
+        timeout,
+        on_unavailable,
+    })
+}
+
 fn positive(key: &str, v: &str) -> Result<Duration, ConfigError> {
     match parse_duration(v) {
         Ok(d) if d > Duration::ZERO => Ok(d),
@@ -635,6 +717,38 @@ mod tests {
         );
         let err = FileConfig::parse("max_queue = \"many\"").unwrap_err();
         assert!(err.0.contains("max_queue"), "{err}");
+    }
+
+    #[test]
+    fn the_cluster_table_is_checked_and_says_what_is_wrong() {
+        let parse = |t: &str| FileConfig::parse(t).and_then(|f| f.validate());
+        let ok =
+            parse("[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\non_unavailable = \"local\"")
+                .unwrap()
+                .cluster
+                .unwrap();
+        assert_eq!(ok.name, "anteroom");
+        assert_eq!(ok.lease_time, Duration::from_secs(10));
+        assert_eq!(ok.timeout, Duration::from_millis(250));
+        assert_eq!(ok.on_unavailable, super::super::OnUnavailable::Local);
+        assert!(
+            !format!("{ok:?}").contains("6379"),
+            "the URL is never printed"
+        );
+        let cases = [
+            ("[cluster]\non_unavailable = \"local\"", "redis_url"),
+            ("[cluster]\nredis_url = \"redis://h\"", "on_unavailable"),
+            ("[cluster]\nredis_url = \"redis://h\"\non_unavailable = \"open\"", "on_unavailable"),
+            ("[cluster]\nredis_url = \"http://h\"\non_unavailable = \"local\"", "redis_url"),
+            ("[cluster]\nredis_url = \"redis://h\"\non_unavailable = \"local\"\nlease_time = \"500ms\"", "lease_time"),
+            ("[cluster]\nredis_url = \"redis://h\"\non_unavailable = \"local\"\ntimeout = \"5s\"", "timeout"),
+            ("[cluster]\nredis_url = \"redis://h\"\non_unavailable = \"local\"\nname = \"a b\"", "name"),
+            ("[cluster]\nredis_url = \"redis://h\"\non_unavailable = \"local\"\nredis = 1", "redis"),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).map(|_| ()).unwrap_err();
+            assert!(err.0.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -123,6 +123,8 @@ pub struct Router {
     watching: std::sync::OnceLock<Duration>,
     /// The requests waiting, by id (`GET /status/requests/{id}`).
     waiting: Arc<crate::admission::listed::Waiting>,
+    /// The shared slots, in cluster mode.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl Router {
@@ -159,7 +161,19 @@ impl Router {
             closed: AtomicBool::new(false),
             watching: std::sync::OnceLock::new(),
             waiting: Arc::default(),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Share the upstreams' slots through `cluster` (before any stack is
+    /// built; later calls change nothing).
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The shared slots, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
     }
 
     /// The requests waiting, by id.

@@ -134,6 +134,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The registry they are in (cluster mode adds its own).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Create and register every metric.
     pub fn new() -> Self {
         let p = &["priority"];

@@ -147,6 +147,15 @@ pub async fn start_app(
     let addr = listeners[0].local_addr()?;
     let admin_addr = admin.local_addr()?;
     let recorder = Recorder::new(config.request_log.as_deref())?;
+    // Cluster mode: one handle on the shared state for every worker, set
+    // before any stack is built.
+    let mut cluster_tasks = Vec::new();
+    if let Some(c) = &config.cluster {
+        let cluster = crate::cluster::Cluster::new(c, recorder.metrics.registry())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        cluster_tasks = cluster.start();
+        router.set_cluster(cluster);
+    }
     let schedulers = router.all_schedulers();
     let reloader = Arc::new(crate::reload::Reloader::new(
         config.file.clone(),
@@ -159,14 +168,15 @@ pub async fn start_app(
             "the admin listener is beyond loopback with no admin key: anyone who can reach it can read /status and /metrics and POST /reload (set admin_key_env)"
         );
     }
-    let mut tasks = vec![tokio::spawn(crate::admin::serve(
+    let mut tasks = cluster_tasks;
+    tasks.push(tokio::spawn(crate::admin::serve(
         admin,
         router.clone(),
         recorder.clone(),
         live.keys.clone(),
         reloader.clone(),
         config.admin_key,
-    ))];
+    )));
     let (stop, stopped) = tokio::sync::watch::channel(None::<Instant>);
     let drain = Drain::new();
     let mut serving = None;

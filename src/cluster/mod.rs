@@ -1,0 +1,583 @@
+//! Cluster mode (`[cluster]`): replicas that share each upstream's
+//! concurrency limit through Redis (or Valkey).
+//!
+//! Each replica keeps its own queue; what it shares is the slots. A request
+//! that its replica's scheduler lets go (a local slot: at most the limit per
+//! replica) then needs a *lease* from Redis before it is sent: one atomic
+//! script (`scripts::ACQUIRE`) registers it as a waiter, by its priority
+//! and the server's clock at its arrival, and grants it a slot when fewer
+//! than the limit are held and no more urgent (or, at its priority,
+//! earlier) waiter of any replica is ahead of it for the free ones. A
+//! request not granted waits for a slot to be given back anywhere (pub/sub,
+//! with a short poll in case a message is lost) and asks again, keeping its
+//! place. The lease is given back when the response body ends or is
+//! dropped, one more round trip, off the request's path.
+//!
+//! Leases and waiters live a `lease_time` unless renewed: each replica
+//! renews all of its own in one heartbeat per upstream every third of it, so
+//! a replica that dies gives its slots back within a lease time. Every call
+//! is bounded by `timeout`; while Redis cannot be reached, `on_unavailable`
+//! decides: `local` admits up to this replica's share of the limit (the
+//! limit divided by the replicas alive at the last heartbeat), `closed`
+//! answers 503 `cluster_unavailable`. Either way a log line and
+//! `anteroom_cluster_up` say so at once, and the next call that succeeds
+//! returns to the shared state.
+//!
+//! How close to one global queue this gets: among the requests presented
+//! to Redis (each replica presents at most the limit at once, its most
+//! urgent when they were presented), a freed slot goes to the most urgent,
+//! earliest one. A request that arrives at a replica whose presented
+//! requests are all waiting goes after them, whatever its priority.
+
+mod layer;
+mod scripts;
+
+pub use layer::{ClusterLayer, Clustered, LeaseBody, ResponseFuture};
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::Notify;
+
+use crate::config::{ClusterConfig, OnUnavailable};
+use crate::BoxError;
+
+/// How often a waiting request asks again when no message came (a lost
+/// pub/sub message, a lease that expired).
+const POLL: Duration = Duration::from_millis(200);
+
+/// A replica's handle on the shared state.
+pub struct Cluster {
+    client: redis::Client,
+    conn: arc_swap::ArcSwapOption<redis::aio::ConnectionManager>,
+    /// `{anteroom:NAME}`: every key starts with it (one hash slot).
+    prefix: String,
+    channel: String,
+    replica: String,
+    lease_ms: u64,
+    timeout: Duration,
+    on_unavailable: OnUnavailable,
+    acquire: redis::Script,
+    release: redis::Script,
+    renew: redis::Script,
+    /// Per upstream: the members this replica holds or waits with.
+    mine: Mutex<HashMap<String, HashSet<String>>>,
+    /// Per upstream: woken when a slot is given back anywhere.
+    wakes: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per upstream: requests running on this replica's share alone.
+    alone: Mutex<HashMap<String, usize>>,
+    next: AtomicU64,
+    up: AtomicBool,
+    replicas: AtomicUsize,
+    metrics: ClusterMetrics,
+}
+
+/// What cluster mode exports.
+#[derive(Clone, Debug)]
+pub struct ClusterMetrics {
+    /// 1 while Redis answers, 0 while it does not.
+    pub up: IntGauge,
+    /// Calls to Redis that failed or timed out.
+    pub errors: IntCounter,
+    /// Leases this replica holds now.
+    pub held_here: IntGauge,
+    /// Leases held in all (every replica), at the last heartbeat.
+    pub held_all: IntGauge,
+    /// Replicas alive at the last heartbeat.
+    pub replicas: IntGauge,
+    /// Leases found expired at a heartbeat (their requests ran on).
+    pub lost: IntCounter,
+}
+
+impl ClusterMetrics {
+    fn new(registry: &prometheus::Registry) -> Self {
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric definitions are valid");
+            let _ = registry.register(Box::new(g.clone()));
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric definitions are valid");
+            let _ = registry.register(Box::new(c.clone()));
+            c
+        };
+        Self {
+            up: gauge(
+                "anteroom_cluster_up",
+                "1 while the cluster's Redis answers; 0 while it does not (on_unavailable applies).",
+            ),
+            errors: counter(
+                "anteroom_cluster_redis_errors_total",
+                "Calls to the cluster's Redis that failed or took longer than cluster.timeout.",
+            ),
+            held_here: gauge(
+                "anteroom_cluster_leases_here",
+                "Upstream slots (leases) this replica holds now.",
+            ),
+            held_all: gauge(
+                "anteroom_cluster_leases",
+                "Upstream slots (leases) held by every replica, at the last heartbeat (summed over upstreams).",
+            ),
+            replicas: gauge(
+                "anteroom_cluster_replicas",
+                "Replicas alive at the last heartbeat.",
+            ),
+            lost: counter(
+                "anteroom_cluster_leases_lost_total",
+                "Leases found expired at a heartbeat while their request ran (Redis lost them, or the heartbeat was late).",
+            ),
+        }
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("prefix", &self.prefix)
+            .field("replica", &self.replica)
+            .field("up", &self.up.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Redis could not be reached, with `on_unavailable = "closed"` (503).
+#[derive(Debug)]
+pub struct Unavailable;
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the cluster's shared state (Redis) cannot be reached; retry after the advised delay",
+        )
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// How one call to Redis failed.
+#[derive(Debug)]
+enum CallError {
+    Redis(redis::RedisError),
+    TimedOut,
+    NotConnected,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Redis(e) => write!(f, "{e}"),
+            CallError::TimedOut => f.write_str("no answer within cluster.timeout"),
+            CallError::NotConnected => f.write_str("not connected"),
+        }
+    }
+}
+
+/// A slot a request holds: given back when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    upstream: String,
+    /// Its member in Redis; `None`: a slot of this replica's share alone.
+    member: Option<String>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        match self.member.take() {
+            Some(m) => {
+                self.cluster.metrics.held_here.dec();
+                self.cluster.give_back(&self.upstream, m);
+            }
+            None => {
+                if let Some(n) = self.cluster.alone.lock().get_mut(&self.upstream) {
+                    *n = n.saturating_sub(1);
+                }
+                self.cluster.wake(&self.upstream).notify_waiters();
+            }
+        }
+    }
+}
+
+/// A waiter's place, given up if it is dropped before its grant.
+struct Place {
+    cluster: Arc<Cluster>,
+    upstream: String,
+    member: Option<String>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(m) = self.member.take() {
+            self.cluster.give_back(&self.upstream, m);
+        }
+    }
+}
+
+impl Cluster {
+    /// The handle for `config`, registering its metrics in `registry`. It
+    /// connects when [`start`](Self::start) runs.
+    pub fn new(
+        config: &ClusterConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Self>, BoxError> {
+        let client = redis::Client::open(config.redis_url.as_str())
+            .map_err(|e| format!("cluster.redis_url: {:?}", e.kind()))?;
+        let prefix = format!("{{anteroom:{}}}", config.name);
+        let replica = format!(
+            "{}-{:016x}",
+            std::process::id(),
+            crate::random::splitmix(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or_default()
+            )
+        );
+        Ok(Arc::new(Self {
+            client,
+            conn: arc_swap::ArcSwapOption::empty(),
+            channel: format!("{prefix}:freed"),
+            prefix,
+            replica,
+            lease_ms: u64::try_from(config.lease_time.as_millis()).unwrap_or(u64::MAX),
+            timeout: config.timeout,
+            on_unavailable: config.on_unavailable,
+            acquire: redis::Script::new(scripts::ACQUIRE),
+            release: redis::Script::new(scripts::RELEASE),
+            renew: redis::Script::new(scripts::RENEW),
+            mine: Mutex::default(),
+            wakes: Mutex::default(),
+            alone: Mutex::default(),
+            next: AtomicU64::new(0),
+            up: AtomicBool::new(false),
+            replicas: AtomicUsize::new(1),
+            metrics: ClusterMetrics::new(registry),
+        }))
+    }
+
+    /// Connect, and keep the heartbeat and the wake-ups running, until the
+    /// returned tasks are aborted.
+    pub fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let connect = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(this.timeout))
+                    .set_response_timeout(Some(this.timeout))
+                    .set_max_delay(Duration::from_secs(2));
+                loop {
+                    match redis::aio::ConnectionManager::new_with_config(
+                        this.client.clone(),
+                        config.clone(),
+                    )
+                    .await
+                    {
+                        Ok(conn) => {
+                            this.conn.store(Some(Arc::new(conn)));
+                            this.succeeded();
+                            tracing::info!(replica = %this.replica, "cluster: connected to Redis");
+                            return;
+                        }
+                        Err(e) => {
+                            this.failed(&CallError::Redis(e));
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            })
+        };
+        let heartbeat = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let every =
+                    Duration::from_millis(this.lease_ms / 3).max(Duration::from_millis(100));
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    this.heartbeat().await;
+                }
+            })
+        };
+        let wakes = {
+            let this = self.clone();
+            tokio::spawn(async move { this.listen().await })
+        };
+        vec![connect, heartbeat, wakes]
+    }
+
+    /// Whether Redis answered the last call.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// This replica's id in Redis.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &ClusterMetrics {
+        &self.metrics
+    }
+
+    fn keys(&self, upstream: &str) -> [String; 3] {
+        let p = &self.prefix;
+        [
+            format!("{p}:u:{upstream}:leases"),
+            format!("{p}:u:{upstream}:waiters"),
+            format!("{p}:u:{upstream}:waiting"),
+        ]
+    }
+
+    fn wake(&self, upstream: &str) -> Arc<Notify> {
+        self.wakes
+            .lock()
+            .entry(upstream.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn succeeded(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            self.metrics.up.set(1);
+            tracing::info!(replica = %self.replica, "cluster: Redis answers; limits are shared");
+        }
+    }
+
+    fn failed(&self, e: &CallError) {
+        self.metrics.errors.inc();
+        if self.up.swap(false, Ordering::Relaxed) || self.metrics.errors.get() == 1 {
+            self.metrics.up.set(0);
+            let mode = match self.on_unavailable {
+                OnUnavailable::Local => "local: this replica admits its share alone",
+                OnUnavailable::Closed => "closed: admitted requests get 503",
+            };
+            tracing::warn!(error = %e, on_unavailable = mode, "cluster: Redis cannot be reached");
+        }
+    }
+
+    /// Run one call, bounded by `timeout`.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, CallError> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(CallError::NotConnected);
+        };
+        let mut conn = (*conn).clone();
+        let result =
+            match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(CallError::Redis(e)),
+                Err(_) => Err(CallError::TimedOut),
+            };
+        match &result {
+            Ok(_) => self.succeeded(),
+            Err(e) => self.failed(e),
+        }
+        result
+    }
+
+    /// Wait for a slot of `upstream` (of `limit` in all) at `priority`.
+    pub(crate) async fn lease(
+        self: Arc<Self>,
+        upstream: String,
+        limit: usize,
+        priority: i32,
+    ) -> Result<Lease, BoxError> {
+        let wake = self.wake(&upstream);
+        let mut place = Place {
+            cluster: self.clone(),
+            upstream: upstream.clone(),
+            member: None,
+        };
+        loop {
+            // Registered before asking, so a slot given back meanwhile wakes it.
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let member = place.member.clone().unwrap_or_default();
+            let suffix = format!(
+                "{}:{}",
+                self.replica,
+                self.next.fetch_add(1, Ordering::Relaxed)
+            );
+            let [leases, waiters, waiting] = self.keys(&upstream);
+            let mut invocation = self.acquire.prepare_invoke();
+            invocation
+                .key(leases)
+                .key(waiters)
+                .key(waiting)
+                .arg(limit)
+                .arg(self.lease_ms)
+                .arg(&member)
+                .arg(priority)
+                .arg(suffix);
+            match self.call::<(u8, String, usize)>(invocation).await {
+                Ok((granted, member, _held)) => {
+                    self.mine
+                        .lock()
+                        .entry(upstream.clone())
+                        .or_default()
+                        .insert(member.clone());
+                    if granted == 1 {
+                        place.member = None;
+                        self.metrics.held_here.inc();
+                        return Ok(Lease {
+                            cluster: self.clone(),
+                            upstream,
+                            member: Some(member),
+                        });
+                    }
+                    place.member = Some(member);
+                }
+                Err(_) => match self.on_unavailable {
+                    OnUnavailable::Closed => return Err(Unavailable.into()),
+                    OnUnavailable::Local => {
+                        if let Some(lease) = self.alone(&upstream, limit) {
+                            return Ok(lease);
+                        }
+                    }
+                },
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    /// A slot of this replica's share alone, while Redis is away.
+    fn alone(self: &Arc<Self>, upstream: &str, limit: usize) -> Option<Lease> {
+        let alive = self.replicas.load(Ordering::Relaxed).max(1);
+        let share = limit.div_ceil(alive).max(1);
+        // Leases granted before Redis went away run on in this share.
+        let held = usize::try_from(self.metrics.held_here.get()).unwrap_or(0);
+        let mut alone = self.alone.lock();
+        let n = alone.entry(upstream.to_owned()).or_default();
+        if *n + held >= share {
+            return None;
+        }
+        *n += 1;
+        Some(Lease {
+            cluster: self.clone(),
+            upstream: upstream.to_owned(),
+            member: None,
+        })
+    }
+
+    /// Give `member`'s slot (or place) back, off the caller's path.
+    fn give_back(self: &Arc<Self>, upstream: &str, member: String) {
+        if let Some(m) = self.mine.lock().get_mut(upstream) {
+            m.remove(&member);
+        }
+        // Dropped outside any runtime (the process ending): it expires.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        let upstream = upstream.to_owned();
+        runtime.spawn(async move {
+            let [leases, waiters, waiting] = this.keys(&upstream);
+            let mut invocation = this.release.prepare_invoke();
+            invocation
+                .key(leases)
+                .key(waiters)
+                .key(waiting)
+                .arg(&member)
+                .arg(&this.channel)
+                .arg(&upstream);
+            let _ = this.call::<u8>(invocation).await;
+            // Whether or not it reached Redis (then it expires), one of
+            // ours may go now.
+            this.wake(&upstream).notify_waiters();
+        });
+    }
+
+    /// Renew every lease and place this replica has, one call per upstream.
+    async fn heartbeat(&self) {
+        let mut all: Vec<(String, Vec<String>)> = {
+            let mine = self.mine.lock();
+            let wakes = self.wakes.lock();
+            wakes
+                .keys()
+                .map(|u| {
+                    let members = mine
+                        .get(u)
+                        .map(|m| m.iter().cloned().collect())
+                        .unwrap_or_default();
+                    (u.clone(), members)
+                })
+                .collect()
+        };
+        if all.is_empty() {
+            // No upstream asked for yet: still say this replica is alive.
+            all.push((String::new(), Vec::new()));
+        }
+        let mut held_all = 0;
+        for (upstream, members) in all {
+            let [leases, _, waiting] = self.keys(&upstream);
+            let mut invocation = self.renew.prepare_invoke();
+            invocation
+                .key(leases)
+                .key(waiting)
+                .key(format!("{}:replicas", self.prefix))
+                .arg(self.lease_ms)
+                .arg(&self.replica);
+            for m in &members {
+                invocation.arg(m);
+            }
+            if let Ok((alive, lost, held)) = self.call::<(usize, u64, i64)>(invocation).await {
+                self.replicas.store(alive.max(1), Ordering::Relaxed);
+                self.metrics.replicas.set(alive as i64);
+                held_all += held;
+                if lost > 0 {
+                    self.metrics.lost.inc_by(lost);
+                    tracing::warn!(upstream, lost, "cluster: leases expired while held (Redis lost them, or a heartbeat came late)");
+                }
+            }
+        }
+        self.metrics.held_all.set(held_all);
+    }
+
+    /// Wake this replica's waiters whenever a slot is given back anywhere.
+    async fn listen(self: Arc<Self>) {
+        use futures_core::Stream;
+        loop {
+            let pubsub =
+                match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+                    Ok(Ok(mut p)) => match p.subscribe(&self.channel).await {
+                        Ok(()) => Some(p),
+                        Err(_) => None,
+                    },
+                    _ => None,
+                };
+            let Some(pubsub) = pubsub else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut messages).poll_next(cx)).await
+            {
+                if let Ok(upstream) = msg.get_payload::<String>() {
+                    let wake = self.wakes.lock().get(&upstream).cloned();
+                    if let Some(w) = wake {
+                        w.notify_waiters();
+                    }
+                }
+            }
+            // The connection closed: every waiter asks again (a message
+            // may have been missed), then subscribe again.
+            for w in self.wakes.lock().values() {
+                w.notify_waiters();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Cluster mode against a real `redis-server` (installed by `.ci/run`):
+//! replicas share an upstream's slots, a dead replica's slots come back,
+//! and Redis going away does what `on_unavailable` says.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use anteroom::sim::{Mode, SimConfig};
+
+use crate::support::*;
+
+/// A `redis-server` of its own on a free loopback port, killed on drop.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start_on(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs Debian's redis-server)");
+        let redis = Self { child, port };
+        for _ in 0..500 {
+            if redis.ping() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `anteroom serve` in front of `upstream` with `[cluster]` on `redis`.
+async fn replica(upstream: &str, redis: &str, name: &str, extra: &str) -> Proc {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("cluster-{name}-{}.toml", free_port()));
+    std::fs::write(
+        &path,
+        format!(
+            "backend = \"openai\"\nmax_concurrency = 4\n[cluster]\nredis_url = \"{redis}\"\n\
+             name = \"{name}\"\nlease_time = \"2s\"\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    anteroom_process(upstream, &["--config", path.to_str().unwrap()]).await
+}
+
+/// `n` streamed chat requests at once, spread over `urls`: each one's
+/// status and whether its stream ended with `[DONE]`.
+async fn streams(urls: &[String], n: usize, tokens: usize) -> Vec<(u16, bool)> {
+    let client = client();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, url) = (client.clone(), urls[i % urls.len()].clone());
+            tokio::spawn(async move {
+                let resp = chat(&client, &url, None, &format!("s{i}"), true, tokens).await;
+                let status = resp.status().as_u16();
+                let body = body_bytes(resp).await;
+                (status, body.ends_with(b"data: [DONE]\n\n"))
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_four_slots_and_lose_no_request() {
+    let redis = Redis::start();
+    let sim = sim(SimConfig {
+        slots: 4,
+        ttft: Duration::from_millis(20),
+        tokens_per_second: 200.0,
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(
+            replica(
+                &sim.url(),
+                &redis.url(),
+                "share",
+                "on_unavailable = \"closed\"",
+            )
+            .await,
+        );
+    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let got = tokio::time::timeout(Duration::from_secs(120), streams(&urls, 200, 10))
+        .await
+        .expect("200 streams within two minutes");
+    assert!(got.iter().all(|&r| r == (200, true)), "{got:?}");
+    let stats = sim.stats();
+    assert_eq!(stats.completed, 200);
+    // Each replica alone would have let 4 in: 12 in all.
+    assert_eq!(stats.peak_in_flight, 4, "{stats:?}");
+    for r in &replicas {
+        let m = metrics_of(&r.admin).await;
+        assert!(m.contains("anteroom_cluster_up 1"), "{m}");
+        assert!(
+            m.contains("anteroom_cluster_leases_here 0"),
+            "all given back: {m}"
+        );
+    }
+}
+
+/// The admin listener's `/metrics`.
+async fn metrics_of(admin: &str) -> String {
+    let resp = client()
+        .request(
+            http::Request::get(format!("{admin}/metrics"))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    String::from_utf8(body_bytes(resp).await.to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_slots_come_back_within_the_lease_time() {
+    let redis = Redis::start();
+    let sim = sim(SimConfig {
+        slots: 8,
+        ttft: Duration::from_millis(10),
+        tokens_per_second: 10.0,
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    let mut a = replica(
+        &sim.url(),
+        &redis.url(),
+        "kill",
+        "on_unavailable = \"closed\"",
+    )
+    .await;
+    let b = replica(
+        &sim.url(),
+        &redis.url(),
+        "kill",
+        "on_unavailable = \"closed\"",
+    )
+    .await;
+    // A takes the four slots with streams of ten seconds.
+    let long = {
+        let url = a.url.clone();
+        tokio::spawn(async move { streams(&[url], 4, 100).await })
+    };
+    wait_until("A's four streams to run", || sim.stats().in_flight == 4).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    let _ = long.await;
+    // B's request waits for the dead replica's leases to expire (2 s).
+    let got = streams(std::slice::from_ref(&b.url), 1, 2).await;
+    assert_eq!(got, [(200, true)]);
+    let waited = killed.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "capacity back within the lease time (2 s): {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_closed_refuses_local_admits_its_share_and_both_come_back() {
+    let redis = Redis::start();
+    let sim = sim(SimConfig {
+        slots: 8,
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    let closed = replica(
+        &sim.url(),
+        &redis.url(),
+        "down",
+        "on_unavailable = \"closed\"",
+    )
+    .await;
+    let local = replica(
+        &sim.url(),
+        &redis.url(),
+        "down",
+        "on_unavailable = \"local\"",
+    )
+    .await;
+    assert_eq!(
+        streams(&[closed.url.clone(), local.url.clone()], 4, 2).await,
+        [(200, true); 4]
+    );
+    let port = redis.stop();
+    let client = client();
+    let refused = chat(&client, &closed.url, None, "refused", true, 2).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        body_json(refused).await["error"]["code"],
+        "cluster_unavailable"
+    );
+    assert_eq!(
+        streams(std::slice::from_ref(&local.url), 2, 2).await,
+        [(200, true); 2]
+    );
+    for r in [&closed, &local] {
+        let m = metrics_of(&r.admin).await;
+        assert!(m.contains("anteroom_cluster_up 0"), "{m}");
+    }
+    // Redis back (empty): both return to the shared slots by themselves.
+    let _redis = Redis::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = chat(&client, &closed.url, None, "back", true, 2).await;
+        if resp.status() == 200 {
+            body_bytes(resp).await;
+            break;
+        }
+        body_bytes(resp).await;
+        assert!(
+            Instant::now() < deadline,
+            "the closed replica never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        streams(std::slice::from_ref(&local.url), 2, 2).await,
+        [(200, true); 2]
+    );
+    for r in [&closed, &local] {
+        let m = metrics_of(&r.admin).await;
+        assert!(m.contains("anteroom_cluster_up 1"), "{m}");
+    }
+}
