@@ -257,6 +257,9 @@ fn handle(
             if !keys.is_empty() {
                 status["keys"] = keys.iter().map(Key::status).collect();
             }
+            if let Some(c) = router.cluster() {
+                status["cluster"] = c.status();
+            }
             let body = serde_json::to_string_pretty(&status)
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
             text(StatusCode::OK, "application/json", body)

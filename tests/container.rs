@@ -63,6 +63,23 @@ fn the_dockerfile_builds_like_ci_and_runs_unprivileged() {
         assert!(compose.contains(needle), "compose.yaml lacks {needle}");
     }
     assert!(cfg.drain_timeout < std::time::Duration::from_secs(60));
+    // The two-replica example: a valid config with [cluster], mounted by
+    // both replicas, Redis beside them.
+    let cluster = anteroom::app::read_config(&root().join("deploy/cluster.toml"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert!(cluster.cluster.is_some());
+    assert_eq!(cluster.listen.port(), 8080);
+    let compose = read("deploy/compose.cluster.yaml");
+    assert_eq!(
+        compose
+            .matches("./cluster.toml:/etc/anteroom/anteroom.toml")
+            .count(),
+        2
+    );
+    assert!(compose.contains("image: redis:7"), "Redis beside them");
+    assert!(cluster.drain_timeout < std::time::Duration::from_secs(60));
 }
 
 /// The release binary (built here if CI has not built it yet: `cargo build

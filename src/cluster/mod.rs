@@ -70,6 +70,8 @@ pub struct Cluster {
     wakes: Mutex<HashMap<String, Arc<Notify>>>,
     /// Per upstream: requests running on this replica's share alone.
     alone: Mutex<HashMap<String, usize>>,
+    /// Per upstream: leases this replica holds.
+    leased: Mutex<HashMap<String, usize>>,
     next: AtomicU64,
     up: AtomicBool,
     replicas: AtomicUsize,
@@ -91,6 +93,8 @@ pub struct ClusterMetrics {
     pub replicas: IntGauge,
     /// Leases found expired at a heartbeat (their requests ran on).
     pub lost: IntCounter,
+    /// Round trips to Redis that were answered, by how long they took.
+    pub round_trip: prometheus::Histogram,
 }
 
 impl ClusterMetrics {
@@ -105,7 +109,19 @@ impl ClusterMetrics {
             let _ = registry.register(Box::new(c.clone()));
             c
         };
+        let round_trip = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "anteroom_cluster_redis_seconds",
+                "Time of each answered call to the cluster's Redis (a script: acquire, release, heartbeat).",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+        )
+        .expect("metric definitions are valid");
+        let _ = registry.register(Box::new(round_trip.clone()));
         Self {
+            round_trip,
             up: gauge(
                 "anteroom_cluster_up",
                 "1 while the cluster's Redis answers; 0 while it does not (on_unavailable applies).",
@@ -190,6 +206,9 @@ impl Drop for Lease {
         match self.member.take() {
             Some(m) => {
                 self.cluster.metrics.held_here.dec();
+                if let Some(n) = self.cluster.leased.lock().get_mut(&self.upstream) {
+                    *n = n.saturating_sub(1);
+                }
                 self.cluster.give_back(&self.upstream, m);
             }
             None => {
@@ -252,6 +271,7 @@ impl Cluster {
             mine: Mutex::default(),
             wakes: Mutex::default(),
             alone: Mutex::default(),
+            leased: Mutex::default(),
             next: AtomicU64::new(0),
             up: AtomicBool::new(false),
             replicas: AtomicUsize::new(1),
@@ -320,6 +340,23 @@ impl Cluster {
         &self.replica
     }
 
+    /// The cluster as this replica sees it, for `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "replica": self.replica,
+            "redis_up": self.is_up(),
+            "replicas_alive": self.metrics.replicas.get(),
+            "leases_here": self.metrics.held_here.get(),
+            "leases_all": self.metrics.held_all.get(),
+            "redis_errors": self.metrics.errors.get(),
+            "leases_lost": self.metrics.lost.get(),
+            "on_unavailable": match self.on_unavailable {
+                OnUnavailable::Local => "local",
+                OnUnavailable::Closed => "closed",
+            },
+        })
+    }
+
     /// Its metrics.
     pub fn metrics(&self) -> &ClusterMetrics {
         &self.metrics
@@ -370,6 +407,7 @@ impl Cluster {
             return Err(CallError::NotConnected);
         };
         let mut conn = (*conn).clone();
+        let started = tokio::time::Instant::now();
         let result =
             match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
                 Ok(Ok(v)) => Ok(v),
@@ -377,7 +415,12 @@ impl Cluster {
                 Err(_) => Err(CallError::TimedOut),
             };
         match &result {
-            Ok(_) => self.succeeded(),
+            Ok(_) => {
+                self.metrics
+                    .round_trip
+                    .observe(started.elapsed().as_secs_f64());
+                self.succeeded();
+            }
             Err(e) => self.failed(e),
         }
         result
@@ -428,6 +471,7 @@ impl Cluster {
                     if granted == 1 {
                         place.member = None;
                         self.metrics.held_here.inc();
+                        *self.leased.lock().entry(upstream.clone()).or_default() += 1;
                         return Ok(Lease {
                             cluster: self.clone(),
                             upstream,
@@ -457,7 +501,7 @@ impl Cluster {
         let alive = self.replicas.load(Ordering::Relaxed).max(1);
         let share = limit.div_ceil(alive).max(1);
         // Leases granted before Redis went away run on in this share.
-        let held = usize::try_from(self.metrics.held_here.get()).unwrap_or(0);
+        let held = self.leased.lock().get(upstream).copied().unwrap_or(0);
         let mut alone = self.alone.lock();
         let n = alone.entry(upstream.to_owned()).or_default();
         if *n + held >= share {

@@ -268,3 +268,66 @@ async fn without_redis_closed_refuses_local_admits_its_share_and_both_come_back(
         assert!(m.contains("anteroom_cluster_up 1"), "{m}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_slot_goes_to_the_most_urgent_waiter_of_any_replica() {
+    let redis = Redis::start();
+    let sim = sim(SimConfig {
+        slots: 8,
+        ttft: Duration::from_millis(10),
+        tokens_per_second: 10.0,
+        ..sim_config(Mode::Batch)
+    })
+    .await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(
+            replica(
+                &sim.url(),
+                &redis.url(),
+                "urgent",
+                "on_unavailable = \"closed\"",
+            )
+            .await,
+        );
+    }
+    let (holder, patient, urgent) = (&replicas[0], &replicas[1], &replicas[2]);
+    let client = client();
+    let send = |url: &str, id: &str, priority: i32, tokens: usize| {
+        let (client, url, id) = (client.clone(), url.to_owned(), id.to_owned());
+        tokio::spawn(async move {
+            let resp = chat(&client, &url, Some(priority), &id, true, tokens).await;
+            let status = resp.status().as_u16();
+            body_bytes(resp).await;
+            status
+        })
+    };
+    // The four shared slots held from one replica, for 2 s to 3.5 s, so
+    // they come free one at a time.
+    let held: Vec<_> = (0..4)
+        .map(|i| send(&holder.url, &format!("hold{i}"), 5, 20 + 5 * i))
+        .collect();
+    wait_until("the slots to be held", || sim.stats().in_flight == 4).await;
+    // Less urgent ones wait at one replica, then urgent ones arrive at another.
+    let waiting: Vec<_> = (0..2)
+        .map(|i| send(&patient.url, &format!("patient{i}"), 10, 1))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let urgent_ones: Vec<_> = (0..2)
+        .map(|i| send(&urgent.url, &format!("urgent{i}"), 0, 1))
+        .collect();
+    for t in held.into_iter().chain(waiting).chain(urgent_ones) {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let order: Vec<String> = sim
+        .stats()
+        .order
+        .into_iter()
+        .filter(|id| !id.starts_with("hold"))
+        .collect();
+    assert_eq!(order.len(), 4, "{order:?}");
+    assert!(
+        order[..2].iter().all(|id| id.starts_with("urgent")),
+        "the urgent ones, queued later at another replica, went first: {order:?}"
+    );
+}
