@@ -18,9 +18,14 @@ struct Redis {
 
 impl Redis {
     fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, args: &[&str]) -> Self {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (.ci/run installs Debian's redis-server)");
@@ -47,8 +52,9 @@ impl Redis {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        // `+PONG`, or `-NOAUTH …` from one that wants a password: up.
+        let mut buf = [0u8; 1];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok()
     }
 
     fn stop(mut self) -> u16 {
@@ -330,4 +336,30 @@ async fn a_freed_slot_goes_to_the_most_urgent_waiter_of_any_replica() {
         order[..2].iter().all(|id| id.starts_with("urgent")),
         "the urgent ones, queued later at another replica, went first: {order:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_redis_password_is_unavailable_and_the_right_one_shares() {
+    let redis = Redis::start_with(free_port(), &["--requirepass", "s3cret"]);
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let wrong = format!("redis://:nope@127.0.0.1:{}", redis.port);
+    let right = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let refused = replica(&sim.url(), &wrong, "auth", "on_unavailable = \"closed\"").await;
+    let shared = replica(&sim.url(), &right, "auth", "on_unavailable = \"closed\"").await;
+    let client = client();
+    let resp = chat(&client, &refused.url, None, "wrong", true, 2).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        body_json(resp).await["error"]["code"],
+        "cluster_unavailable"
+    );
+    assert_eq!(
+        streams(std::slice::from_ref(&shared.url), 3, 2).await,
+        [(200, true); 3]
+    );
+    assert!(metrics_of(&shared.admin)
+        .await
+        .contains("anteroom_cluster_up 1"));
+    // The password is never in the log or the metrics.
+    assert!(!metrics_of(&refused.admin).await.contains("nope"));
 }
