@@ -89,12 +89,15 @@ where
         let table = self.layer.router.table();
         let row = table.row(crate::types::route_of(&req));
         let (upstream, limit) = (row.config.name.clone(), row.scheduler.max_concurrency());
+        let scheduler = row.scheduler.clone();
         let cluster = self.layer.cluster.clone();
         let wait = self.layer.queue_timeout;
         let leasing: Leasing = Box::pin(async move {
             match tokio::time::timeout(wait, cluster.lease(upstream, limit, priority)).await {
                 Ok(lease) => lease,
-                Err(_) => Err(Overloaded::new(Reason::QueueTimeout, super::POLL).into()),
+                // Advice as for one next in line here: the other replicas'
+                // turns are not measured here.
+                Err(_) => Err(Overloaded::new(Reason::QueueTimeout, scheduler.advise(1)).into()),
             }
         });
         ResponseFuture {

@@ -595,10 +595,12 @@ impl Cluster {
         loop {
             let pubsub =
                 match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
-                    Ok(Ok(mut p)) => match p.subscribe(&self.channel).await {
-                        Ok(()) => Some(p),
-                        Err(_) => None,
-                    },
+                    Ok(Ok(mut p)) => {
+                        match tokio::time::timeout(self.timeout, p.subscribe(&self.channel)).await {
+                            Ok(Ok(())) => Some(p),
+                            _ => None,
+                        }
+                    }
                     _ => None,
                 };
             let Some(pubsub) = pubsub else {

@@ -363,3 +363,51 @@ async fn a_wrong_redis_password_is_unavailable_and_the_right_one_shares() {
     // The password is never in the log or the metrics.
     assert!(!metrics_of(&refused.admin).await.contains("nope"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_costs_a_request_one_timeout_not_a_hang() {
+    let redis = Redis::start_with(free_port(), &["--enable-debug-command", "local"]);
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let r = replica(
+        &sim.url(),
+        &redis.url(),
+        "slow",
+        "on_unavailable = \"closed\"",
+    )
+    .await;
+    assert_eq!(
+        streams(std::slice::from_ref(&r.url), 2, 2).await,
+        [(200, true); 2]
+    );
+    // Redis busy for 2 s: it takes connections and answers nothing.
+    let mut stall = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    stall.write_all(b"DEBUG SLEEP 2\r\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = client();
+    let asked = Instant::now();
+    let resp = chat(&client, &r.url, None, "stalled", true, 2).await;
+    let took = asked.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        body_json(resp).await["error"]["code"],
+        "cluster_unavailable"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "bounded by cluster.timeout (250 ms), not by Redis: {took:?}"
+    );
+    // Answering again: shared as before.
+    let mut reply = [0u8; 5];
+    stall.read_exact(&mut reply).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = chat(&client, &r.url, None, "after", true, 2).await;
+        let ok = resp.status() == 200;
+        body_bytes(resp).await;
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never shared again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
