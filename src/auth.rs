@@ -279,6 +279,7 @@ where
             share: key.share.clone(),
             tokens: key.tokens.clone(),
             rate_limited: key.rate_limited.clone(),
+            requests_per_minute: key.requests_per_minute,
         });
         ResponseFuture::inner(self.inner.call(req))
     }

@@ -798,6 +798,7 @@ mod tests {
             share: crate::types::Share::default(),
             tokens: None,
             rate_limited: Default::default(),
+            requests_per_minute: None,
         }
     }
 

@@ -90,10 +90,14 @@ where
         let row = table.row(crate::types::route_of(&req));
         let (upstream, limit) = (row.config.name.clone(), row.scheduler.max_concurrency());
         let scheduler = row.scheduler.clone();
+        let rate = req
+            .extensions()
+            .get::<crate::types::Tenant>()
+            .and_then(|t| Some((t.name.clone(), t.requests_per_minute?)));
         let cluster = self.layer.cluster.clone();
         let wait = self.layer.queue_timeout;
         let leasing: Leasing = Box::pin(async move {
-            match tokio::time::timeout(wait, cluster.lease(upstream, limit, priority)).await {
+            match tokio::time::timeout(wait, cluster.lease(upstream, limit, priority, rate)).await {
                 Ok(lease) => lease,
                 // Advice as for one next in line here: the other replicas'
                 // turns are not measured here.

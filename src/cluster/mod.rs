@@ -54,6 +54,8 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct Cluster {
     client: redis::Client,
     conn: arc_swap::ArcSwapOption<redis::aio::ConnectionManager>,
+    /// Told when the first connection is made.
+    connected: Notify,
     /// `{anteroom:NAME}`: every key starts with it (one hash slot).
     prefix: String,
     channel: String,
@@ -259,6 +261,7 @@ impl Cluster {
         Ok(Arc::new(Self {
             client,
             conn: arc_swap::ArcSwapOption::empty(),
+            connected: Notify::new(),
             channel: format!("{prefix}:freed"),
             prefix,
             replica,
@@ -298,6 +301,7 @@ impl Cluster {
                     {
                         Ok(conn) => {
                             this.conn.store(Some(Arc::new(conn)));
+                            this.connected.notify_waiters();
                             this.succeeded();
                             tracing::info!(replica = %this.replica, "cluster: connected to Redis");
                             return;
@@ -403,8 +407,28 @@ impl Cluster {
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, CallError> {
-        let Some(conn) = self.conn.load_full() else {
-            return Err(CallError::NotConnected);
+        let conn = match self.conn.load_full() {
+            Some(conn) => conn,
+            None => {
+                // Starting: the first connection may be a moment away.
+                let connected = self.connected.notified();
+                tokio::pin!(connected);
+                connected.as_mut().enable();
+                match self.conn.load_full() {
+                    Some(conn) => conn,
+                    None => {
+                        let _ = tokio::time::timeout(self.timeout, connected).await;
+                        match self.conn.load_full() {
+                            Some(conn) => conn,
+                            None => {
+                                let e = CallError::NotConnected;
+                                self.failed(&e);
+                                return Err(e);
+                            }
+                        }
+                    }
+                }
+            }
         };
         let mut conn = (*conn).clone();
         let started = tokio::time::Instant::now();
@@ -426,13 +450,20 @@ impl Cluster {
         result
     }
 
-    /// Wait for a slot of `upstream` (of `limit` in all) at `priority`.
+    /// Wait for a slot of `upstream` (of `limit` in all) at `priority`,
+    /// for a key held to `rate` (its name, its requests per minute) across
+    /// replicas.
     pub(crate) async fn lease(
         self: Arc<Self>,
         upstream: String,
         limit: usize,
         priority: i32,
+        rate: Option<(Arc<str>, u32)>,
     ) -> Result<Lease, BoxError> {
+        let (rate_key, rpm) = match &rate {
+            Some((name, rpm)) => (format!("{}:rpm:{name}", self.prefix), *rpm),
+            None => (format!("{}:rpm:-", self.prefix), 0),
+        };
         let wake = self.wake(&upstream);
         let mut place = Place {
             cluster: self.clone(),
@@ -456,12 +487,21 @@ impl Cluster {
                 .key(leases)
                 .key(waiters)
                 .key(waiting)
+                .key(&rate_key)
                 .arg(limit)
                 .arg(self.lease_ms)
                 .arg(&member)
                 .arg(priority)
-                .arg(suffix);
-            match self.call::<(u8, String, usize)>(invocation).await {
+                .arg(suffix)
+                .arg(rpm);
+            match self.call::<(i64, String, usize)>(invocation).await {
+                Ok((-1, wait_ms, _)) => {
+                    // Over the key's rate, counted across replicas.
+                    let ms = wait_ms.parse::<u64>().unwrap_or(1000);
+                    return Err(
+                        crate::error::RateLimited::requests(Duration::from_millis(ms)).into(),
+                    );
+                }
                 Ok((granted, member, _held)) => {
                     self.mine
                         .lock()

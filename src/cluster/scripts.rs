@@ -13,10 +13,14 @@
 //! Expired members are swept by every script that reads the sets, so a
 //! replica that dies gives back its slots and its places after a lease time.
 
-/// Ask for a slot: `KEYS` leases, waiters, waiting; `ARGV` limit, lease
-/// ms, member (`""` the first time), priority, a unique suffix for a new
-/// member. Registers (or keeps) the member among the waiters and grants it
-/// a slot when fewer than `limit` are held and fewer waiters than the free
+/// Ask for a slot: `KEYS` leases, waiters, waiting, the key's request
+/// rate; `ARGV` limit, lease ms, member (`""` the first time), priority,
+/// a unique suffix for a new member, the key's requests per minute (`0`:
+/// none). The first time, the key's rate is checked and charged (GCRA, as
+/// governor does it locally: bursts up to a minute's requests, then one
+/// every minute ÷ the limit); over it, `{-1, ms until it would pass, 0}`.
+/// Then registers (or keeps) the member among the waiters and grants it a
+/// slot when fewer than `limit` are held and fewer waiters than the free
 /// slots are more urgent or came earlier at its priority. Returns
 /// `{granted, member, held}`.
 pub(super) const ACQUIRE: &str = r#"
@@ -24,6 +28,17 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
+local rpm = tonumber(ARGV[6])
+if ARGV[3] == '' and rpm > 0 then
+  local interval = 60000 / rpm
+  local tat = tonumber(redis.call('GET', KEYS[4]) or now)
+  if tat < now then tat = now end
+  local allow_at = tat + interval - 60000
+  if now < allow_at then
+    return {-1, tostring(math.ceil(allow_at - now)), 0}
+  end
+  redis.call('SET', KEYS[4], tostring(tat + interval), 'PX', math.ceil(tat + interval - now) + 1)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 for _, m in ipairs(gone) do redis.call('ZREM', KEYS[2], m) end

@@ -50,6 +50,9 @@ pub struct Tenant {
     pub tokens: Option<Arc<TokenBudget>>,
     /// See [`Key`](crate::auth::Key).
     pub rate_limited: Arc<std::sync::atomic::AtomicU64>,
+    /// Its `requests_per_minute`, which cluster mode also holds it to
+    /// across replicas.
+    pub requests_per_minute: Option<u32>,
 }
 
 /// The header that names a request's tenant, when the config trusts it.

@@ -411,3 +411,40 @@ async fn a_redis_that_stops_answering_costs_a_request_one_timeout_not_a_hang() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_requests_per_minute_hold_across_replicas() {
+    let redis = Redis::start();
+    let sim = sim(sim_config(Mode::Batch)).await;
+    let key = format!(
+        "on_unavailable = \"closed\"\n[[key]]\nname = \"team\"\nsha256 = \"{}\"\nrequests_per_minute = 30\n",
+        hex(anteroom::types::digest(b"sk-team"))
+    );
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(replica(&sim.url(), &redis.url(), "rate", &key).await);
+    }
+    let client = client();
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..45 {
+        let url = &replicas[i % 3].url;
+        let auth = [("authorization", "Bearer sk-team")];
+        let resp = chat_with(&client, url, &auth, &format!("r{i}"), false, 1).await;
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert!(header_u64(&resp, "retry-after-ms").unwrap() >= 1);
+                assert_eq!(
+                    body_json(resp).await["error"]["code"],
+                    "rate_limit_exceeded"
+                );
+                refused += 1;
+                continue;
+            }
+            s => panic!("unexpected {s}"),
+        }
+        body_bytes(resp).await;
+    }
+    // Each replica alone lets 30 a minute through: 45 in all.
+    assert_eq!((ok, refused), (30, 15));
+}
