@@ -86,6 +86,15 @@ async fn replica(upstream: &str, redis: &str, name: &str, extra: &str) -> Proc {
     anteroom_process(upstream, &["--config", path.to_str().unwrap()]).await
 }
 
+/// `n` replicas of one cluster, as [`replica`] starts each.
+async fn replicas(n: usize, upstream: &str, redis: &str, name: &str, extra: &str) -> Vec<Proc> {
+    let mut all = Vec::new();
+    for _ in 0..n {
+        all.push(replica(upstream, redis, name, extra).await);
+    }
+    all
+}
+
 /// `n` streamed chat requests at once, spread over `urls`: each one's
 /// status and whether its stream ended with `[DONE]`.
 async fn streams(urls: &[String], n: usize, tokens: usize) -> Vec<(u16, bool)> {
@@ -118,18 +127,14 @@ async fn three_replicas_share_four_slots_and_lose_no_request() {
         ..sim_config(Mode::Batch)
     })
     .await;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(
-            replica(
-                &sim.url(),
-                &redis.url(),
-                "share",
-                "on_unavailable = \"closed\"",
-            )
-            .await,
-        );
-    }
+    let replicas = replicas(
+        3,
+        &sim.url(),
+        &redis.url(),
+        "share",
+        "on_unavailable = \"closed\"",
+    )
+    .await;
     let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
     let got = tokio::time::timeout(Duration::from_secs(120), streams(&urls, 200, 10))
         .await
@@ -285,18 +290,14 @@ async fn a_freed_slot_goes_to_the_most_urgent_waiter_of_any_replica() {
         ..sim_config(Mode::Batch)
     })
     .await;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(
-            replica(
-                &sim.url(),
-                &redis.url(),
-                "urgent",
-                "on_unavailable = \"closed\"",
-            )
-            .await,
-        );
-    }
+    let replicas = replicas(
+        3,
+        &sim.url(),
+        &redis.url(),
+        "urgent",
+        "on_unavailable = \"closed\"",
+    )
+    .await;
     let (holder, patient, urgent) = (&replicas[0], &replicas[1], &replicas[2]);
     let client = client();
     let send = |url: &str, id: &str, priority: i32, tokens: usize| {
@@ -420,10 +421,7 @@ async fn a_keys_requests_per_minute_hold_across_replicas() {
         "on_unavailable = \"closed\"\n[[key]]\nname = \"team\"\nsha256 = \"{}\"\nrequests_per_minute = 30\n",
         hex(anteroom::types::digest(b"sk-team"))
     );
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(replica(&sim.url(), &redis.url(), "rate", &key).await);
-    }
+    let replicas = replicas(3, &sim.url(), &redis.url(), "rate", &key).await;
     let client = client();
     let (mut ok, mut refused) = (0, 0);
     for i in 0..45 {
