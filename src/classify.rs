@@ -456,6 +456,7 @@ fn charge_tokens(
         charged: charged.min(budget.largest_charge()),
         prompt,
         left,
+        shared: Default::default(),
     }))
 }
 

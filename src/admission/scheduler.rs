@@ -242,6 +242,13 @@ impl Scheduler {
         self.dispatch();
     }
 
+    /// In cluster mode: a slot's turn time at this replica's share of the
+    /// cluster's drain rate (seconds), the advice's estimate until this
+    /// replica has measured its own; `None` when the cluster measured none.
+    pub fn set_shared_turn(&self, secs: Option<f64>) {
+        self.state.lock().shared_turn = secs.filter(|s| s.is_finite() && *s > 0.0);
+    }
+
     /// The most requests it lets run at once, now.
     pub fn max_concurrency(&self) -> usize {
         self.state.lock().max_concurrency

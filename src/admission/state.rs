@@ -98,6 +98,10 @@ pub(super) struct State {
     pub(super) next_run: u64,
     /// Preemptions so far, by the victim's priority.
     pub(super) preempted: BTreeMap<Priority, PreemptedCounts>,
+    /// In cluster mode, the turn time of a slot at this replica's share of
+    /// the cluster's measured drain rate: the estimate until this replica
+    /// has measured its own.
+    pub(super) shared_turn: Option<f64>,
 }
 
 pub(super) fn dec(map: &mut BTreeMap<Priority, usize>, priority: Priority) {
@@ -141,6 +145,7 @@ impl State {
             victims: BTreeMap::new(),
             next_run: 0,
             preempted: BTreeMap::new(),
+            shared_turn: None,
         }
     }
 
@@ -496,12 +501,17 @@ impl State {
             return Some(s);
         }
         let now = self.secs(now);
-        self.starts
+        let oldest = self
+            .starts
             .iter()
             .filter(|s| !s.is_nan())
             .map(|&s| now - s)
-            .reduce(f64::max)
-            .map(|age| age.max(advice::COLD_TURN_SECS))
+            .reduce(f64::max);
+        match self.shared_turn {
+            // The cluster's drain, until this replica measured its own.
+            Some(shared) => Some(shared.max(oldest.unwrap_or(0.0))),
+            None => oldest.map(|age| age.max(advice::COLD_TURN_SECS)),
+        }
     }
 
     /// The room for requests at `priority` (see [`Scheduler::room`]): the
@@ -609,11 +619,24 @@ impl State {
     fn frees(&mut self, now: Instant) -> Vec<f64> {
         let now = self.secs(now);
         let mut ends: Vec<f64> = Vec::with_capacity(self.running);
+        // Nothing measured here: the cluster's turn, if it measured one.
+        let shared = self.shared_turn.filter(|_| self.turns.turn().is_none());
         for i in 0..self.starts.len() {
             let s = self.starts[i];
             if !s.is_nan() {
                 let age = (now - s).max(0.0);
-                ends.push(self.turns.remaining(age));
+                ends.push(match shared {
+                    // What is left of the cluster's turn, or as long
+                    // again as it ran once past it.
+                    Some(turn) => {
+                        if age < turn {
+                            turn - age
+                        } else {
+                            age
+                        }
+                    }
+                    _ => self.turns.remaining(age),
+                });
             }
         }
         ends.sort_by(f64::total_cmp);
@@ -750,6 +773,36 @@ mod tests {
         // Past 60 s * 2 / 4 s = 30 places (and a turn of the slots), every
         // place advises the cap.
         assert_eq!(st.places_that_matter(cap), 32);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_that_measured_nothing_advises_from_the_clusters_turn() {
+        let cap = Duration::from_secs(60);
+        let mut st = state(2, &[]);
+        st.start(0, 0, Instant::now());
+        st.start(0, 0, Instant::now());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        // Cold, alone: each running request is assumed to run as long
+        // again as it ran (0.5 s), then a slot turns every 0.5 s.
+        let ms = |st: &mut State, p| st.retry_after(p, cap).as_millis();
+        assert_eq!(ms(&mut st, 1), 500);
+        assert_eq!(ms(&mut st, 3), 1000);
+        // The cluster drains a slot every 2 s at this replica's share: the
+        // running ones have 1.5 s left, then every 2 s.
+        st.shared_turn = Some(2.0);
+        assert_eq!(ms(&mut st, 1), 1500);
+        assert_eq!(ms(&mut st, 3), 3500);
+        // Once this replica measured its own turns, they decide.
+        let slot = st.start(0, 0, Instant::now());
+        tokio::time::advance(Duration::from_millis(300)).await;
+        st.finish(
+            0,
+            0,
+            slot,
+            Instant::now() - Duration::from_millis(300),
+            Instant::now(),
+        );
+        assert!(ms(&mut st, 3) < 1500, "{}", ms(&mut st, 3));
     }
 
     #[tokio::test(start_paused = true)]

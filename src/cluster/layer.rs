@@ -90,19 +90,41 @@ where
         let row = table.row(crate::types::route_of(&req));
         let (upstream, limit) = (row.config.name.clone(), row.scheduler.max_concurrency());
         let scheduler = row.scheduler.clone();
-        let rate = req
-            .extensions()
-            .get::<crate::types::Tenant>()
-            .and_then(|t| Some((t.name.clone(), t.requests_per_minute?)));
+        let tenant = req.extensions().get::<crate::types::Tenant>();
+        let tap = req.extensions().get::<crate::telemetry::Tap>();
+        let tokens = tenant.and_then(|t| t.tokens.clone()).and_then(|budget| {
+            let tap = tap?;
+            let charged = tap.token_charge()?.charged;
+            Some((budget, charged, tap.clone()))
+        });
+        let refused = tenant.map(|t| t.rate_limited.clone());
+        let rates = tenant
+            .filter(|t| t.requests_per_minute.is_some() || tokens.is_some())
+            .map(|t| super::Rates {
+                tenant: t.name.clone(),
+                requests_per_minute: t.requests_per_minute.unwrap_or(0),
+                tokens,
+            });
         let cluster = self.layer.cluster.clone();
         let wait = self.layer.queue_timeout;
         let leasing: Leasing = Box::pin(async move {
-            match tokio::time::timeout(wait, cluster.lease(upstream, limit, priority, rate)).await {
-                Ok(lease) => lease,
-                // Advice as for one next in line here: the other replicas'
-                // turns are not measured here.
-                Err(_) => Err(Overloaded::new(Reason::QueueTimeout, scheduler.advise(1)).into()),
+            let leased =
+                match tokio::time::timeout(wait, cluster.lease(upstream, limit, priority, rates))
+                    .await
+                {
+                    Ok(lease) => lease,
+                    // Advice as for one next in line here: the other
+                    // replicas' turns reach it as the cluster's drain rate.
+                    Err(_) => {
+                        Err(Overloaded::new(Reason::QueueTimeout, scheduler.advise(1)).into())
+                    }
+                };
+            if let (Err(e), Some(n)) = (&leased, refused) {
+                if e.is::<crate::error::RateLimited>() {
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
+            leased
         });
         ResponseFuture {
             state: State::Leasing {

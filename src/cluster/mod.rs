@@ -23,6 +23,13 @@
 //! `anteroom_cluster_up` say so at once, and the next call that succeeds
 //! returns to the shared state.
 //!
+//! A key's `requests_per_minute` and `tokens_per_minute` are checked and
+//! charged in the lease's first call (all or nothing); token corrections
+//! from `usage` go with this replica's next charge for the key or its next
+//! heartbeat. Each release counts a completion; the heartbeat reads the
+//! count, and the cluster's drain rate is what a replica that measured no
+//! turn of its own advises from.
+//!
 //! How close to one global queue this gets: among the requests presented
 //! to Redis (each replica presents at most the limit at once, its most
 //! urgent when they were presented), a freed slot goes to the most urgent,
@@ -44,11 +51,64 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Notify;
 
 use crate::config::{ClusterConfig, OnUnavailable};
+use crate::types::TokenBudget;
 use crate::BoxError;
 
 /// How often a waiting request asks again when no message came (a lost
 /// pub/sub message, a lease that expired).
 const POLL: Duration = Duration::from_millis(200);
+
+/// Heartbeats over which the cluster's drain rate is measured.
+const DRAIN_WINDOW: usize = 5;
+
+/// A key's limits, held across replicas.
+#[derive(Debug)]
+pub(crate) struct Rates {
+    /// The key's name.
+    pub tenant: Arc<str>,
+    /// Its requests per minute (0: none).
+    pub requests_per_minute: u32,
+    /// Its tokens-per-minute budget and this request's estimate, and the
+    /// request's tap, told when the shared budget is charged (so that its
+    /// correction goes there too).
+    pub tokens: Option<(Arc<TokenBudget>, u64, crate::telemetry::Tap)>,
+}
+
+/// The cluster's completions for one upstream at the last heartbeats:
+/// (the server's clock in ms, completions so far).
+#[derive(Debug, Default)]
+struct Drain {
+    samples: std::collections::VecDeque<(i64, i64)>,
+}
+
+impl Drain {
+    /// Completions per second over the window, once two heartbeats saw it.
+    fn note(&mut self, at_ms: i64, done: i64) -> Option<f64> {
+        if self
+            .samples
+            .back()
+            .is_some_and(|&(t, d)| at_ms <= t || done < d)
+        {
+            // The clock went back or Redis restarted empty: start again.
+            self.samples.clear();
+        }
+        self.samples.push_back((at_ms, done));
+        if self.samples.len() > DRAIN_WINDOW {
+            self.samples.pop_front();
+        }
+        let (&(t0, d0), &(t1, d1)) = (self.samples.front()?, self.samples.back()?);
+        (t1 > t0).then(|| (d1 - d0) as f64 * 1000.0 / (t1 - t0) as f64)
+    }
+}
+
+/// A key's share of its limits while Redis is away (`local`): its limits
+/// divided by the replicas alive at the last heartbeat.
+#[derive(Debug)]
+struct Fallback {
+    alive: usize,
+    requests: Option<crate::types::tokens::Limiter>,
+    tokens: Option<Arc<TokenBudget>>,
+}
 
 /// A replica's handle on the shared state.
 pub struct Cluster {
@@ -66,6 +126,16 @@ pub struct Cluster {
     acquire: redis::Script,
     release: redis::Script,
     renew: redis::Script,
+    adjust: redis::Script,
+    /// Whose schedulers hear the cluster's drain rate.
+    router: std::sync::OnceLock<std::sync::Weak<crate::route::Router>>,
+    /// Per upstream: the cluster's completions at the last heartbeats.
+    drains: Mutex<HashMap<String, Drain>>,
+    /// Keys with a tokens-per-minute limit seen here: their corrections go
+    /// to Redis with the heartbeat.
+    budgets: Mutex<HashMap<Arc<str>, Arc<TokenBudget>>>,
+    /// Per key: its share of its limits while Redis is away.
+    fallbacks: Mutex<HashMap<Arc<str>, Fallback>>,
     /// Per upstream: the members this replica holds or waits with.
     mine: Mutex<HashMap<String, HashSet<String>>>,
     /// Per upstream: woken when a slot is given back anywhere.
@@ -97,6 +167,8 @@ pub struct ClusterMetrics {
     pub lost: IntCounter,
     /// Round trips to Redis that were answered, by how long they took.
     pub round_trip: prometheus::Histogram,
+    /// Requests completed per second by every replica, per upstream.
+    pub drain: prometheus::GaugeVec,
 }
 
 impl ClusterMetrics {
@@ -122,8 +194,18 @@ impl ClusterMetrics {
         )
         .expect("metric definitions are valid");
         let _ = registry.register(Box::new(round_trip.clone()));
+        let drain = prometheus::GaugeVec::new(
+            prometheus::Opts::new(
+                "anteroom_cluster_completions_per_second",
+                "Requests completed per second by every replica, per upstream, over the last heartbeats (the drain rate refusals are advised from until this replica measured its own).",
+            ),
+            &["upstream"],
+        )
+        .expect("metric definitions are valid");
+        let _ = registry.register(Box::new(drain.clone()));
         Self {
             round_trip,
+            drain,
             up: gauge(
                 "anteroom_cluster_up",
                 "1 while the cluster's Redis answers; 0 while it does not (on_unavailable applies).",
@@ -268,9 +350,14 @@ impl Cluster {
             lease_ms: u64::try_from(config.lease_time.as_millis()).unwrap_or(u64::MAX),
             timeout: config.timeout,
             on_unavailable: config.on_unavailable,
-            acquire: redis::Script::new(scripts::ACQUIRE),
+            acquire: redis::Script::new(&scripts::acquire()),
             release: redis::Script::new(scripts::RELEASE),
-            renew: redis::Script::new(scripts::RENEW),
+            renew: redis::Script::new(&scripts::renew()),
+            adjust: redis::Script::new(&scripts::adjust()),
+            router: std::sync::OnceLock::new(),
+            drains: Mutex::default(),
+            budgets: Mutex::default(),
+            fallbacks: Mutex::default(),
             mine: Mutex::default(),
             wakes: Mutex::default(),
             alone: Mutex::default(),
@@ -283,8 +370,13 @@ impl Cluster {
     }
 
     /// Connect, and keep the heartbeat and the wake-ups running, until the
-    /// returned tasks are aborted.
-    pub fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+    /// returned tasks are aborted; `router`'s schedulers hear the cluster's
+    /// drain rate.
+    pub fn start(
+        self: &Arc<Self>,
+        router: &Arc<crate::route::Router>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let _ = self.router.set(Arc::downgrade(router));
         let connect = {
             let this = self.clone();
             tokio::spawn(async move {
@@ -366,13 +458,18 @@ impl Cluster {
         &self.metrics
     }
 
-    fn keys(&self, upstream: &str) -> [String; 3] {
+    fn keys(&self, upstream: &str) -> [String; 4] {
         let p = &self.prefix;
         [
             format!("{p}:u:{upstream}:leases"),
             format!("{p}:u:{upstream}:waiters"),
             format!("{p}:u:{upstream}:waiting"),
+            format!("{p}:u:{upstream}:done"),
         ]
+    }
+
+    fn tokens_key(&self, tenant: &str) -> String {
+        format!("{}:tpm:{tenant}", self.prefix)
     }
 
     fn wake(&self, upstream: &str) -> Arc<Notify> {
@@ -451,19 +548,28 @@ impl Cluster {
     }
 
     /// Wait for a slot of `upstream` (of `limit` in all) at `priority`,
-    /// for a key held to `rate` (its name, its requests per minute) across
-    /// replicas.
+    /// for a key held to `rates` across replicas (checked and charged with
+    /// the first answered call, or against this replica's share of them
+    /// while Redis is away).
     pub(crate) async fn lease(
         self: Arc<Self>,
         upstream: String,
         limit: usize,
         priority: i32,
-        rate: Option<(Arc<str>, u32)>,
+        rates: Option<Rates>,
     ) -> Result<Lease, BoxError> {
-        let (rate_key, rpm) = match &rate {
-            Some((name, rpm)) => (format!("{}:rpm:{name}", self.prefix), *rpm),
-            None => (format!("{}:rpm:-", self.prefix), 0),
+        let (rate_key, tokens_key) = match &rates {
+            Some(r) => (
+                format!("{}:rpm:{}", self.prefix, r.tenant),
+                self.tokens_key(&r.tenant),
+            ),
+            None => (
+                format!("{}:rpm:-", self.prefix),
+                format!("{}:tpm:-", self.prefix),
+            ),
         };
+        // Rates checked (none to check, or checked once).
+        let mut rated = rates.is_none();
         let wake = self.wake(&upstream);
         let mut place = Place {
             cluster: self.clone(),
@@ -481,28 +587,69 @@ impl Cluster {
                 self.replica,
                 self.next.fetch_add(1, Ordering::Relaxed)
             );
-            let [leases, waiters, waiting] = self.keys(&upstream);
+            // What the key's limits are charged, the first time: a request,
+            // and its tokens' estimate with the corrections due.
+            let (rpm, tpm, owed, charge) = match (&rates, rated) {
+                (Some(r), false) => match &r.tokens {
+                    Some((budget, estimate, _)) => {
+                        let owed = budget.take_shared();
+                        let charge = i64::try_from(*estimate)
+                            .unwrap_or(i64::MAX)
+                            .saturating_add(owed);
+                        (
+                            r.requests_per_minute,
+                            budget.per_minute().get(),
+                            owed,
+                            charge,
+                        )
+                    }
+                    None => (r.requests_per_minute, 0, 0, 0),
+                },
+                _ => (0, 0, 0, 0),
+            };
+            let owed_back = || {
+                if let Some((budget, _, _)) = rates.as_ref().and_then(|r| r.tokens.as_ref()) {
+                    budget.owe_shared(owed);
+                }
+            };
+            let [leases, waiters, waiting, _] = self.keys(&upstream);
             let mut invocation = self.acquire.prepare_invoke();
             invocation
                 .key(leases)
                 .key(waiters)
                 .key(waiting)
                 .key(&rate_key)
+                .key(&tokens_key)
                 .arg(limit)
                 .arg(self.lease_ms)
                 .arg(&member)
                 .arg(priority)
                 .arg(suffix)
-                .arg(rpm);
+                .arg(rpm)
+                .arg(tpm)
+                .arg(charge);
             match self.call::<(i64, String, usize)>(invocation).await {
-                Ok((-1, wait_ms, _)) => {
+                Ok((refused @ (-1 | -2), wait_ms, _)) => {
                     // Over the key's rate, counted across replicas.
-                    let ms = wait_ms.parse::<u64>().unwrap_or(1000);
-                    return Err(
-                        crate::error::RateLimited::requests(Duration::from_millis(ms)).into(),
-                    );
+                    owed_back();
+                    let wait = Duration::from_millis(wait_ms.parse::<u64>().unwrap_or(1000));
+                    return Err(if refused == -1 {
+                        crate::error::RateLimited::requests(wait)
+                    } else {
+                        crate::error::RateLimited::tokens(wait)
+                    }
+                    .into());
                 }
                 Ok((granted, member, _held)) => {
+                    if !rated {
+                        rated = true;
+                        if let Some((r, (budget, _, tap))) =
+                            rates.as_ref().and_then(|r| Some((r, r.tokens.as_ref()?)))
+                        {
+                            tap.tokens_shared();
+                            self.budgets.lock().insert(r.tenant.clone(), budget.clone());
+                        }
+                    }
                     self.mine
                         .lock()
                         .entry(upstream.clone())
@@ -520,20 +667,69 @@ impl Cluster {
                     }
                     place.member = Some(member);
                 }
-                Err(_) => match self.on_unavailable {
-                    OnUnavailable::Closed => return Err(Unavailable.into()),
-                    OnUnavailable::Local => {
-                        if let Some(lease) = self.alone(&upstream, limit) {
-                            return Ok(lease);
+                Err(_) => {
+                    if !rated {
+                        owed_back();
+                    }
+                    match self.on_unavailable {
+                        OnUnavailable::Closed => return Err(Unavailable.into()),
+                        OnUnavailable::Local => {
+                            if let (false, Some(r)) = (rated, &rates) {
+                                self.fallback_rates(r)?;
+                                rated = true;
+                            }
+                            if let Some(lease) = self.alone(&upstream, limit) {
+                                return Ok(lease);
+                            }
                         }
                     }
-                },
+                }
             }
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
+    }
+
+    /// While Redis is away (`local`): check and charge `rates` at this
+    /// replica's share of them (each limit divided by the replicas alive at
+    /// the last heartbeat). The tokens are charged their estimate only:
+    /// corrections are for the shared budget.
+    fn fallback_rates(&self, rates: &Rates) -> Result<(), BoxError> {
+        let alive = self.replicas.load(Ordering::Relaxed).max(1);
+        let tpm = rates
+            .tokens
+            .as_ref()
+            .map_or(0, |(b, _, _)| b.per_minute().get());
+        let share = |per: u32| per.div_ceil(u32::try_from(alive).unwrap_or(u32::MAX));
+        let mut fallbacks = self.fallbacks.lock();
+        let fresh = || Fallback {
+            alive,
+            requests: std::num::NonZeroU32::new(share(rates.requests_per_minute))
+                .map(crate::types::tokens::limiter),
+            tokens: TokenBudget::new(share(tpm)),
+        };
+        let f = fallbacks.entry(rates.tenant.clone()).or_insert_with(fresh);
+        let same = f.alive == alive
+            && f.requests.is_some() == (rates.requests_per_minute > 0)
+            && f.tokens.as_ref().map_or(0, |b| b.per_minute().get()) == share(tpm);
+        if !same {
+            *f = fresh();
+        }
+        if let Some(limiter) = &f.requests {
+            if let Err(not_until) = limiter.check() {
+                use governor::clock::Clock;
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                return Err(crate::error::RateLimited::requests(wait).into());
+            }
+        }
+        if let (Some(budget), Some((_, estimate, _))) = (&f.tokens, &rates.tokens) {
+            budget
+                .charge(*estimate)
+                .map_err(crate::error::RateLimited::tokens)?;
+        }
+        Ok(())
     }
 
     /// A slot of this replica's share alone, while Redis is away.
@@ -567,12 +763,13 @@ impl Cluster {
         let this = self.clone();
         let upstream = upstream.to_owned();
         runtime.spawn(async move {
-            let [leases, waiters, waiting] = this.keys(&upstream);
+            let [leases, waiters, waiting, done] = this.keys(&upstream);
             let mut invocation = this.release.prepare_invoke();
             invocation
                 .key(leases)
                 .key(waiters)
                 .key(waiting)
+                .key(done)
                 .arg(&member)
                 .arg(&this.channel)
                 .arg(&upstream);
@@ -585,17 +782,27 @@ impl Cluster {
 
     /// Renew every lease and place this replica has, one call per upstream.
     async fn heartbeat(&self) {
+        // Every upstream configured (so the drain rate of one this replica
+        // has not sent to yet is known too) and any still held from before
+        // a reload.
+        let mut names: Vec<String> = self.wakes.lock().keys().cloned().collect();
+        if let Some(router) = self.router.get().and_then(std::sync::Weak::upgrade) {
+            for row in &router.table().rows {
+                if !names.iter().any(|n| *n == *row.config.name) {
+                    names.push(row.config.name.to_string());
+                }
+            }
+        }
         let mut all: Vec<(String, Vec<String>)> = {
             let mine = self.mine.lock();
-            let wakes = self.wakes.lock();
-            wakes
-                .keys()
+            names
+                .into_iter()
                 .map(|u| {
                     let members = mine
-                        .get(u)
+                        .get(&u)
                         .map(|m| m.iter().cloned().collect())
                         .unwrap_or_default();
-                    (u.clone(), members)
+                    (u, members)
                 })
                 .collect()
         };
@@ -605,28 +812,89 @@ impl Cluster {
         }
         let mut held_all = 0;
         for (upstream, members) in all {
-            let [leases, _, waiting] = self.keys(&upstream);
+            let [leases, _, waiting, done] = self.keys(&upstream);
             let mut invocation = self.renew.prepare_invoke();
             invocation
                 .key(leases)
                 .key(waiting)
                 .key(format!("{}:replicas", self.prefix))
+                .key(done)
                 .arg(self.lease_ms)
                 .arg(&self.replica);
             for m in &members {
                 invocation.arg(m);
             }
-            if let Ok((alive, lost, held)) = self.call::<(usize, u64, i64)>(invocation).await {
-                self.replicas.store(alive.max(1), Ordering::Relaxed);
-                self.metrics.replicas.set(alive as i64);
-                held_all += held;
-                if lost > 0 {
-                    self.metrics.lost.inc_by(lost);
-                    tracing::warn!(upstream, lost, "cluster: leases expired while held (Redis lost them, or a heartbeat came late)");
-                }
+            let Ok((alive, lost, held, done, now)) =
+                self.call::<(usize, u64, i64, i64, i64)>(invocation).await
+            else {
+                continue;
+            };
+            self.replicas.store(alive.max(1), Ordering::Relaxed);
+            self.metrics.replicas.set(alive as i64);
+            held_all += held;
+            if lost > 0 {
+                self.metrics.lost.inc_by(lost);
+                tracing::warn!(upstream, lost, "cluster: leases expired while held (Redis lost them, or a heartbeat came late)");
+            }
+            if !upstream.is_empty() {
+                let rate = self
+                    .drains
+                    .lock()
+                    .entry(upstream.clone())
+                    .or_default()
+                    .note(now, done);
+                self.heard_drain(&upstream, rate, alive.max(1));
             }
         }
         self.metrics.held_all.set(held_all);
+        self.send_corrections().await;
+    }
+
+    /// Tell the schedulers of `upstream` the cluster's drain `rate`
+    /// (completions per second across replicas): a slot turns, at this
+    /// replica's share of it (`alive` replicas), every limit × alive ÷ rate.
+    fn heard_drain(&self, upstream: &str, rate: Option<f64>, alive: usize) {
+        if let Some(r) = rate {
+            self.metrics.drain.with_label_values(&[upstream]).set(r);
+        }
+        let Some(router) = self.router.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let table = router.table();
+        for row in table.rows.iter().filter(|r| &*r.config.name == upstream) {
+            let limit = row.scheduler.max_concurrency() as f64;
+            let turn = rate.filter(|&r| r > 0.0).map(|r| limit * alive as f64 / r);
+            row.scheduler.set_shared_turn(turn);
+        }
+    }
+
+    /// Send the token corrections due to the keys' shared budgets, in one
+    /// call; what could not be sent stays due.
+    async fn send_corrections(&self) {
+        let due: Vec<(Arc<str>, Arc<TokenBudget>, i64)> = self
+            .budgets
+            .lock()
+            .iter()
+            .filter_map(|(name, b)| {
+                let n = b.take_shared();
+                (n != 0).then(|| (name.clone(), b.clone(), n))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut invocation = self.adjust.prepare_invoke();
+        for (name, budget, n) in &due {
+            invocation
+                .key(self.tokens_key(name))
+                .arg(budget.per_minute().get())
+                .arg(*n);
+        }
+        if self.call::<usize>(invocation).await.is_err() {
+            for (_, budget, n) in &due {
+                budget.owe_shared(*n);
+            }
+        }
     }
 
     /// Wake this replica's waiters whenever a slot is given back anywhere.

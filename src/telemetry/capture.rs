@@ -196,7 +196,11 @@ impl Capture {
                     .saturating_add(completion_tokens.unwrap_or(0)),
                 None => 0,
             };
-            c.budget.correct(c.charged, used);
+            c.budget.correct(
+                c.charged,
+                used,
+                c.shared.load(std::sync::atomic::Ordering::Relaxed),
+            );
         }
         let tpot = match (self.first_token, self.last_token, completion_tokens) {
             (Some(a), Some(b), Some(n)) if sse && n > 1 => {

@@ -203,6 +203,19 @@ impl Tap {
         let _ = self.0.tokens.set(charge);
     }
 
+    /// The tokens charged to the key's tokens-per-minute limit, if any.
+    pub(crate) fn token_charge(&self) -> Option<&crate::types::TokenCharge> {
+        self.0.tokens.get()
+    }
+
+    /// Its tokens were charged to the key's shared budget too (cluster
+    /// mode): their correction is due there as well.
+    pub(crate) fn tokens_shared(&self) {
+        if let Some(c) = self.0.tokens.get() {
+            c.shared.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Who is asking, if keys are configured.
     pub fn tenant(&self) -> Option<&Arc<str>> {
         self.0.tenant.get()

@@ -18,6 +18,10 @@ pub struct TokenBudget {
     per_minute: std::num::NonZeroU32,
     /// Tokens owed (positive) or credited (negative) by corrections.
     adjust: std::sync::atomic::AtomicI64,
+    /// The same, for the cluster's shared budget (cluster mode): corrections
+    /// of charges made in Redis, due there with this replica's next charge
+    /// for the key or its next heartbeat.
+    shared: std::sync::atomic::AtomicI64,
 }
 
 impl TokenBudget {
@@ -28,6 +32,7 @@ impl TokenBudget {
             limiter: limiter(per_minute),
             per_minute,
             adjust: std::sync::atomic::AtomicI64::new(0),
+            shared: std::sync::atomic::AtomicI64::new(0),
         }))
     }
 
@@ -100,18 +105,38 @@ impl TokenBudget {
         u64::from(self.per_minute.get())
     }
 
-    /// A request charged `charged` tokens turned out to use `used`.
-    pub(crate) fn correct(&self, charged: u64, used: u64) {
+    /// A request charged `charged` tokens turned out to use `used`; with
+    /// `shared`, the cluster's budget was charged too and is corrected
+    /// alike.
+    pub(crate) fn correct(&self, charged: u64, used: u64, shared: bool) {
         let diff = i64::try_from(used)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(charged).unwrap_or(i64::MAX));
         self.add(diff);
+        if shared {
+            self.owe_shared(diff);
+        }
+    }
+
+    /// Take the correction due to the cluster's budget (it is sent now).
+    pub(crate) fn take_shared(&self) -> i64 {
+        self.shared.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `n` more owed to the cluster's budget (a correction, or one taken
+    /// that could not be sent).
+    pub(crate) fn owe_shared(&self, n: i64) {
+        Self::bounded_add(&self.shared, n, self.per_minute);
     }
 
     fn add(&self, n: i64) {
+        Self::bounded_add(&self.adjust, n, self.per_minute);
+    }
+
+    fn bounded_add(to: &std::sync::atomic::AtomicI64, n: i64, per_minute: std::num::NonZeroU32) {
         use std::sync::atomic::Ordering::Relaxed;
-        let bound = i64::from(self.per_minute.get());
-        let _ = self.adjust.fetch_update(Relaxed, Relaxed, |a| {
+        let bound = i64::from(per_minute.get());
+        let _ = to.fetch_update(Relaxed, Relaxed, |a| {
             Some(a.saturating_add(n).clamp(-bound, bound))
         });
     }
@@ -136,7 +161,7 @@ pub fn limiter(per_minute: std::num::NonZeroU32) -> Limiter {
 
 /// The tokens a request was charged, kept in its
 /// [`Tap`](crate::telemetry::Tap) until it ends.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TokenCharge {
     /// The key's budget.
     pub budget: Arc<TokenBudget>,
@@ -146,6 +171,9 @@ pub struct TokenCharge {
     pub prompt: u64,
     /// The tokens the budget had left after the charge.
     pub left: u32,
+    /// Charged to the cluster's shared budget too (cluster mode, Redis
+    /// answering): then its correction is due there as well.
+    pub shared: std::sync::atomic::AtomicBool,
 }
 
 /// Tokens assumed for the answer of a request that names no `max_tokens`:
@@ -171,11 +199,11 @@ mod tests {
         // The 900 used only 100: 800 credited, so 200 is paid from it;
         // 700 are left: 99 in the bucket and 601 of credit (the token taken
         // to read the bucket is credited back).
-        b.correct(900, 100);
+        b.correct(900, 100, false);
         assert_eq!(b.charge(200), Ok(700));
         assert_eq!(b.owed(), -601);
         // Used more than charged: a debt the next charge pays.
-        b.correct(0, 701);
+        b.correct(0, 701, false);
         assert_eq!(b.owed(), 100);
         // A refused charge leaves the debt due.
         assert!(b.charge(950).is_err());
@@ -186,7 +214,7 @@ mod tests {
     fn token_credit_is_bounded_by_a_minute_of_tokens() {
         let b = TokenBudget::new(1000).unwrap();
         for _ in 0..10 {
-            b.correct(5000, 0);
+            b.correct(5000, 0, false);
         }
         assert_eq!(b.owed(), -1000);
         // A charge above the bucket is cut to a full bucket, not refused forever.

@@ -153,8 +153,8 @@ pub async fn start_app(
     if let Some(c) = &config.cluster {
         let cluster = crate::cluster::Cluster::new(c, recorder.metrics.registry())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        cluster_tasks = cluster.start();
-        router.set_cluster(cluster);
+        router.set_cluster(cluster.clone());
+        cluster_tasks = cluster.start(&router);
     }
     let schedulers = router.all_schedulers();
     let reloader = Arc::new(crate::reload::Reloader::new(
