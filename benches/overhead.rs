@@ -5,6 +5,9 @@
 //! release binary), drives them from this process on loopback, and reads the
 //! proxy's CPU time from /proc, so the CPU figure is the proxy's alone.
 //! Every loop is bounded in count. Run: `cargo bench --bench overhead`.
+//! With nginx installed it is measured the same way; with redis-server
+//! installed, so is anteroom in cluster mode (`[cluster]` on a Redis of its
+//! own on loopback), with Redis's CPU and its script calls per request.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -325,7 +328,12 @@ async fn main() {
     // And through a proxy on tokio and httparse without hyper
     // (examples/raw_proxy.rs): the floor for an HTTP/1.1 codec of our own.
     let raw = start_bare("raw_proxy", &sim_addr).await;
+    // And anteroom in cluster mode, when redis-server is installed.
+    let clustered = start_clustered(&sim_addr).await;
     let mut targets = vec![("anteroom", proxied.clone(), proxy.0.id())];
+    if let Some(c) = &clustered {
+        targets.push(("cluster", c.url.clone(), c.proxy.0.id()));
+    }
     if let Some((_, url, pid)) = &nginx {
         targets.push(("nginx", url.clone(), *pid));
     }
@@ -359,6 +367,8 @@ async fn main() {
             // Warm the proxy's upstream pool.
             concurrent(&client, url, &b, CONCURRENCY * 10).await;
             let p = sequential(&client, url, &b).await;
+            let redis = clustered.as_ref().filter(|_| *proxy_name == "cluster");
+            let redis0 = redis.map(Clustered::redis_load);
             let (user0, sys0) = cpu_times(*pid);
             let wall = concurrent(&client, url, &b, n).await;
             let (user1, sys1) = cpu_times(*pid);
@@ -375,6 +385,14 @@ async fn main() {
                 per(sys),
                 user + sys
             );
+            if let (Some(c), Some((cpu0, calls0))) = (redis, redis0) {
+                let (cpu1, calls1) = c.redis_load();
+                println!(
+                    "             Redis: CPU {:.1} µs per request; {:.2} script calls per request",
+                    per(cpu1 - cpu0),
+                    (calls1 - calls0) as f64 / n as f64
+                );
+            }
         }
         println!();
     }
@@ -532,4 +550,107 @@ http {{
         Client::builder(TokioExecutor::new()).build_http();
     wait_ready(&client, &format!("http://127.0.0.1:{port}/v1/models")).await;
     Some((Proc(child), url, pid))
+}
+
+/// anteroom in cluster mode and the redis-server it shares through.
+struct Clustered {
+    proxy: Proc,
+    redis: Proc,
+    redis_port: u16,
+    url: String,
+    config: std::path::PathBuf,
+}
+
+impl Clustered {
+    /// Redis's CPU time so far, and the scripts it has run (EVALSHA and
+    /// EVAL calls: one round trip each), from `INFO commandstats`.
+    fn redis_load(&self) -> (Duration, u64) {
+        use std::io::{Read, Write};
+        let (user, sys) = cpu_times(self.redis.0.id());
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.redis_port)).expect("redis");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"INFO commandstats\r\n").unwrap();
+        let mut text = String::new();
+        let mut buf = [0u8; 16384];
+        // The bulk reply ends with a blank line after the last section.
+        while !text.ends_with("\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        let calls = text
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        (user + sys, calls)
+    }
+}
+
+impl Drop for Clustered {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// anteroom with `[cluster]` on a redis-server of its own (loopback, no
+/// persistence), the same limits as the plain one, when redis-server is
+/// installed.
+async fn start_clustered(upstream: &str) -> Option<Clustered> {
+    let redis_port = free_port();
+    let redis = Command::new("redis-server")
+        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .ok()?;
+    let redis = Proc(redis);
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let config = std::env::temp_dir().join(format!(
+        "anteroom-bench-cluster-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &config,
+        format!(
+            "max_concurrency = 64\nmax_queue = 100000\nqueue_timeout = \"60s\"\n\
+             [cluster]\nredis_url = \"redis://127.0.0.1:{redis_port}\"\non_unavailable = \"closed\"\n"
+        ),
+    )
+    .ok()?;
+    let (port, admin) = (free_port(), free_port());
+    let proxy = spawn(&[
+        "serve",
+        "--config",
+        config.to_str()?,
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
+    ]);
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    wait_ready(&client, &format!("http://127.0.0.1:{admin}/healthz")).await;
+    Some(Clustered {
+        proxy,
+        redis,
+        redis_port,
+        url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        config,
+    })
 }

@@ -83,6 +83,12 @@ struct Drain {
 
 impl Drain {
     /// Completions per second over the window, once two heartbeats saw it.
+    fn rate(&self) -> Option<f64> {
+        let (&(t0, d0), &(t1, d1)) = (self.samples.front()?, self.samples.back()?);
+        (t1 > t0).then(|| (d1 - d0) as f64 * 1000.0 / (t1 - t0) as f64)
+    }
+
+    /// Note the count `done` at `at_ms`; the rate now.
     fn note(&mut self, at_ms: i64, done: i64) -> Option<f64> {
         if self
             .samples
@@ -96,8 +102,7 @@ impl Drain {
         if self.samples.len() > DRAIN_WINDOW {
             self.samples.pop_front();
         }
-        let (&(t0, d0), &(t1, d1)) = (self.samples.front()?, self.samples.back()?);
-        (t1 > t0).then(|| (d1 - d0) as f64 * 1000.0 / (t1 - t0) as f64)
+        self.rate()
     }
 }
 
@@ -446,6 +451,12 @@ impl Cluster {
             "leases_all": self.metrics.held_all.get(),
             "redis_errors": self.metrics.errors.get(),
             "leases_lost": self.metrics.lost.get(),
+            "completions_per_second": self
+                .drains
+                .lock()
+                .iter()
+                .filter_map(|(u, d)| Some((u.clone(), serde_json::Value::from(d.rate()?))))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
             "on_unavailable": match self.on_unavailable {
                 OnUnavailable::Local => "local",
                 OnUnavailable::Closed => "closed",

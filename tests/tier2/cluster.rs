@@ -631,6 +631,22 @@ async fn a_replica_that_served_nothing_advises_from_the_clusters_drain_rate() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let status = client
+        .request(
+            http::Request::get(format!("{}/status", b.admin))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = body_json(status).await;
+    let rates = status["cluster"]["completions_per_second"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        rates.values().any(|r| r.as_f64().unwrap() > 1.0),
+        "{status}"
+    );
     // A holds both slots for 3 s; at B two wait for a lease, one queues.
     let long: Vec<_> = (0..2)
         .map(|i| {
