@@ -110,7 +110,9 @@ impl Drain {
 /// divided by the replicas alive at the last heartbeat.
 #[derive(Debug)]
 struct Fallback {
-    alive: usize,
+    /// What it was made for: replicas alive, the key's requests and tokens
+    /// per minute.
+    made_for: (usize, u32, u32),
     requests: Option<crate::types::tokens::Limiter>,
     tokens: Option<Arc<TokenBudget>>,
 }
@@ -715,23 +717,21 @@ impl Cluster {
             .map_or(0, |(b, _, _)| b.per_minute().get());
         let share = |per: u32| per.div_ceil(u32::try_from(alive).unwrap_or(u32::MAX));
         let mut fallbacks = self.fallbacks.lock();
+        let made_for = (alive, rates.requests_per_minute, tpm);
         let fresh = || Fallback {
-            alive,
+            made_for,
             requests: std::num::NonZeroU32::new(share(rates.requests_per_minute))
                 .map(crate::types::tokens::limiter),
             tokens: TokenBudget::new(share(tpm)),
         };
         let f = fallbacks.entry(rates.tenant.clone()).or_insert_with(fresh);
-        let same = f.alive == alive
-            && f.requests.is_some() == (rates.requests_per_minute > 0)
-            && f.tokens.as_ref().map_or(0, |b| b.per_minute().get()) == share(tpm);
-        if !same {
+        if f.made_for != made_for {
+            // Another count of replicas, or the key's limits reloaded.
             *f = fresh();
         }
         if let Some(limiter) = &f.requests {
             if let Err(not_until) = limiter.check() {
-                use governor::clock::Clock;
-                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                let wait = crate::types::tokens::wait_until(&not_until);
                 return Err(crate::error::RateLimited::requests(wait).into());
             }
         }
