@@ -256,10 +256,8 @@ where
                     }
                 }
                 Err(not_until) => {
-                    use governor::clock::Clock;
                     // The limiter's own answer of when this request would pass.
-                    let wait =
-                        not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                    let wait = crate::types::tokens::wait_until(&not_until);
                     key.rate_limited
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let (Some(tap), Some(rpm)) = (tap, key.requests_per_minute) {

@@ -69,10 +69,9 @@ impl TokenBudget {
         match self.limiter.check_n(n) {
             Ok(Ok(state)) => Ok(self.with_credit(state.remaining_burst_capacity())),
             Ok(Err(not_until)) => {
-                use governor::clock::Clock;
                 // Nothing was charged: the adjustment stays due.
                 self.add(adjust);
-                Err(not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
+                Err(wait_until(&not_until))
             }
             // Cannot happen (n is at most the burst); treat it as a minute.
             Err(_) => {
@@ -151,6 +150,13 @@ pub type Limiter = governor::RateLimiter<
     governor::clock::DefaultClock,
     governor::middleware::StateInformationMiddleware,
 >;
+
+/// How long from now until a limiter's refusal `not_until` would pass:
+/// the limiter's own answer.
+pub fn wait_until(not_until: &governor::NotUntil<governor::clock::QuantaInstant>) -> Duration {
+    use governor::clock::Clock;
+    not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+}
 
 /// A limiter of `per_minute` a minute: bursts up to it, then one every
 /// minute ÷ `per_minute`.
