@@ -31,3 +31,4 @@ mod streams;
 mod telemetry;
 mod tenants;
 mod tls;
+mod traces;

@@ -168,6 +168,71 @@ pub struct FileConfig {
     /// Replicas sharing their limits through Redis: a `[cluster]` table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterEntry>,
+    /// OpenTelemetry traces to an OTLP collector: a `[traces]` table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<TracesEntry>,
+}
+
+/// The `[traces]` table: one OpenTelemetry trace per request, exported to
+/// an OTLP collector.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesEntry {
+    /// The collector's OTLP/HTTP address, as `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// would give it (`http://127.0.0.1:4318`): spans go to its
+    /// `/v1/traces`.
+    pub otlp_endpoint: String,
+    /// `"http/protobuf"` (the only one so far).
+    #[serde(default = "otlp_protocol")]
+    pub otlp_protocol: String,
+    /// Headers sent with every export (a vendor's API key).
+    #[serde(default)]
+    pub otlp_headers: std::collections::BTreeMap<String, Secret>,
+    /// The share of new traces kept, 0 to 1; a client's `traceparent`
+    /// decides for its own trace.
+    #[serde(default = "full_ratio")]
+    pub sampling_ratio: f64,
+    /// `service.name` of the resource.
+    #[serde(default = "service_name")]
+    pub service_name: String,
+    /// More resource attributes (`deployment.environment.name`, …).
+    #[serde(default)]
+    pub resource_attributes: std::collections::BTreeMap<String, String>,
+    /// Longest a finished span waits to be sent.
+    #[serde(default = "batch_delay")]
+    pub batch_delay: String,
+    /// Most finished requests whose spans wait to be sent (a request is
+    /// one trace of a few spans); past it new ones are dropped (and
+    /// counted).
+    #[serde(default = "max_queued_traces")]
+    pub max_queued_traces: usize,
+    /// Most time one export may take.
+    #[serde(default = "export_timeout")]
+    pub export_timeout: String,
+}
+
+fn otlp_protocol() -> String {
+    "http/protobuf".into()
+}
+
+fn full_ratio() -> f64 {
+    1.0
+}
+
+fn service_name() -> String {
+    "anteroom".into()
+}
+
+fn batch_delay() -> String {
+    "1s".into()
+}
+
+fn max_queued_traces() -> usize {
+    2048
+}
+
+fn export_timeout() -> String {
+    "10s".into()
 }
 
 /// The `[cluster]` table: replicas that share their limits through Redis
@@ -311,6 +376,7 @@ impl Default for FileConfig {
             rate_limit_headers: true,
             queue_keepalive: String::new(),
             cluster: None,
+            traces: None,
             http2_max_streams: 256,
         }
     }

@@ -28,7 +28,8 @@ pub use admission::{Adaptive, AdaptiveBounds, Limits, Preemption, Reservation};
 pub use admit_rules::AdmitRules;
 pub use client::{ClientSettings, RetryPolicy, StreamTimeouts};
 pub use file::{
-    Concurrency, FileConfig, KeyEntry, ModelName, Models, Secret, UpstreamEntry, Upstreams,
+    Concurrency, FileConfig, KeyEntry, ModelName, Models, Secret, TracesEntry, UpstreamEntry,
+    Upstreams,
 };
 pub use keys::KeySetting;
 pub use server::ServerLimits;
@@ -92,6 +93,41 @@ pub struct Config {
     pub queue_keepalive: Option<Duration>,
     /// Shared limits through Redis, when `[cluster]` is set.
     pub cluster: Option<ClusterConfig>,
+    /// OpenTelemetry traces, when `[traces]` is set.
+    pub traces: Option<TracesConfig>,
+}
+
+/// `[traces]`, validated.
+#[derive(Clone)]
+pub struct TracesConfig {
+    /// The collector (`/v1/traces` is its path).
+    pub collector: crate::origin::Origin,
+    /// Headers sent with every export.
+    pub headers: http::HeaderMap,
+    /// The share of new traces kept.
+    pub sampling_ratio: f64,
+    /// `service.name` and the other resource attributes.
+    pub service_name: String,
+    /// More resource attributes.
+    pub resource: Vec<(String, String)>,
+    /// Longest a finished span waits to be sent.
+    pub batch_delay: Duration,
+    /// Most finished requests whose spans wait to be sent.
+    pub max_queued_traces: usize,
+    /// Most time one export may take.
+    pub export_timeout: Duration,
+}
+
+impl std::fmt::Debug for TracesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TracesConfig")
+            .field("collector", self.collector.authority())
+            .field("sampling_ratio", &self.sampling_ratio)
+            .field("service_name", &self.service_name)
+            .field("batch_delay", &self.batch_delay)
+            .field("max_queued_traces", &self.max_queued_traces)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[cluster]`, validated.

@@ -257,6 +257,7 @@ impl FileConfig {
                 .as_ref()
                 .map(|c| cluster(c, env))
                 .transpose()?,
+            traces: self.traces.as_ref().map(traces).transpose()?,
             queue_keepalive: match self.queue_keepalive.trim() {
                 "" => None,
                 v => match positive("queue_keepalive", v)? {
@@ -594,6 +595,69 @@ fn cluster(
         lease_time,
         timeout,
         on_unavailable,
+    })
+}
+
+/// `[traces]`, checked.
+fn traces(t: &super::file::TracesEntry) -> Result<super::TracesConfig, ConfigError> {
+    match t.otlp_protocol.trim() {
+        "http/protobuf" => {}
+        "grpc" => {
+            return Err(ConfigError(
+                "traces.otlp_protocol: \"grpc\" is not supported yet; use \"http/protobuf\" (a collector's port 4318)".into(),
+            ))
+        }
+        other => {
+            return Err(ConfigError(format!(
+                "traces.otlp_protocol: \"http/protobuf\", not {other:?}"
+            )))
+        }
+    }
+    let url = t.otlp_endpoint.trim();
+    let base = url.trim_end_matches('/');
+    let base = base.strip_suffix("/v1/traces").unwrap_or(base);
+    let collector = crate::origin::Origin::parse(base)
+        .map_err(|e| ConfigError(format!("traces.otlp_endpoint: {e}")))?;
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in &t.otlp_headers {
+        let n = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+            ConfigError(format!(
+                "traces.otlp_headers: {name:?} is not a header name"
+            ))
+        })?;
+        let mut v = http::HeaderValue::from_str(value.0.trim()).map_err(|_| {
+            ConfigError(format!(
+                "traces.otlp_headers.{name}: the value has characters a header cannot carry"
+            ))
+        })?;
+        v.set_sensitive(true);
+        headers.insert(n, v);
+    }
+    if !(0.0..=1.0).contains(&t.sampling_ratio) {
+        return Err(ConfigError(format!(
+            "traces.sampling_ratio: from 0 to 1, not {}",
+            t.sampling_ratio
+        )));
+    }
+    if t.service_name.trim().is_empty() {
+        return Err(ConfigError("traces.service_name: cannot be empty".into()));
+    }
+    if t.max_queued_traces == 0 {
+        return Err(ConfigError("traces.max_queued_traces: at least 1".into()));
+    }
+    Ok(super::TracesConfig {
+        collector,
+        headers,
+        sampling_ratio: t.sampling_ratio,
+        service_name: t.service_name.trim().to_owned(),
+        resource: t
+            .resource_attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        batch_delay: positive("traces.batch_delay", &t.batch_delay)?,
+        max_queued_traces: t.max_queued_traces,
+        export_timeout: positive("traces.export_timeout", &t.export_timeout)?,
     })
 }
 

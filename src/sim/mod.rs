@@ -183,6 +183,11 @@ pub struct Stats {
     /// a slot, then `done <id>` or `cancel <id>` (first 100,000).
     #[serde(default)]
     pub events: Vec<String>,
+    /// The `traceparent` of each generation request that carried one, with
+    /// its `x-request-id`, in arrival order (first 100,000): what a traced
+    /// backend would make its spans' parent.
+    #[serde(default)]
+    pub traceparents: Vec<(String, String)>,
 }
 
 const ORDER_LOG_MAX: usize = 100_000;
@@ -212,6 +217,7 @@ pub struct SimState {
     responses: AtomicU64,
     order: Mutex<Vec<String>>,
     events: Mutex<Vec<String>>,
+    traceparents: Mutex<Vec<(String, String)>>,
     next_id: AtomicU64,
 }
 
@@ -243,6 +249,7 @@ impl SimState {
             responses: AtomicU64::new(0),
             order: Mutex::new(Vec::new()),
             events: Mutex::new(Vec::new()),
+            traceparents: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
         })
     }
@@ -263,6 +270,7 @@ impl SimState {
             refused_connections: self.refused_connections.load(Ordering::SeqCst),
             order: self.order.lock().clone(),
             events: self.events.lock().clone(),
+            traceparents: self.traceparents.lock().clone(),
         }
     }
 
@@ -637,6 +645,16 @@ async fn admit(state: &Arc<SimState>, req: Request<Incoming>) -> Result<Admitted
         let mut order = state.order.lock();
         if order.len() < ORDER_LOG_MAX {
             order.push(id.clone());
+        }
+    }
+    if let Some(tp) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        let mut seen = state.traceparents.lock();
+        if seen.len() < ORDER_LOG_MAX {
+            seen.push((id.clone(), tp.to_owned()));
         }
     }
     let bytes = match req.into_body().collect().await {

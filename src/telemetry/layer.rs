@@ -88,7 +88,15 @@ where
             self.recorder.metrics.client_retries.inc();
         }
         let now = Instant::now();
-        let tap = Tap::new(now, self.rate_headers);
+        // Traced: the request's ids, and whether its spans are kept (then
+        // its path and id are, as for the log).
+        let trace = self
+            .recorder
+            .tracer
+            .as_ref()
+            .map(|t| t.begin(req.headers()));
+        let keep = self.recorder.log.is_some() || trace.as_ref().is_some_and(|t| t.sampled);
+        let tap = Tap::new(now, self.rate_headers, trace);
         let capture = Capture {
             recorder: self.recorder.clone(),
             tap: tap.clone(),
@@ -97,17 +105,17 @@ where
             // Only the log reads these; a copy, so that a waiting request's
             // record does not hold its connection's read buffer (see
             // `admission::Detach`).
-            uri: match self.recorder.log {
-                Some(_) => Uri::try_from(req.uri().path()).unwrap_or_default(),
-                None => Uri::default(),
+            uri: match keep {
+                true => Uri::try_from(req.uri().path()).unwrap_or_default(),
+                false => Uri::default(),
             },
             client: req.extensions().get::<ClientAddr>().map(|c| c.addr().ip()),
-            request_id: match self.recorder.log {
-                Some(_) => req
+            request_id: match keep {
+                true => req
                     .headers()
                     .get(REQUEST_ID)
                     .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()),
-                None => None,
+                false => None,
             },
             status: 499,
             error: None,

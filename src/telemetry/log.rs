@@ -163,7 +163,7 @@ mod tests {
             received: SystemTime::now(),
             method: http::Method::POST,
             uri: http::Uri::from_static("/v1/chat/completions"),
-            tap: Tap::new(tokio::time::Instant::now(), false),
+            tap: Tap::new(tokio::time::Instant::now(), false, None),
             client: None,
             priority: Some(0),
             stream: false,

@@ -47,6 +47,7 @@ mod layer;
 mod recorder;
 mod signals;
 mod tap;
+pub mod trace;
 
 pub use log::RequestLog;
 pub use metrics::Metrics;
@@ -60,3 +61,4 @@ pub use recorder::Recorder;
 pub(crate) use signals::micros;
 pub use signals::{Signals, Taken};
 pub use tap::{Classified, Tap};
+pub use trace::Tracer;

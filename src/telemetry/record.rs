@@ -170,7 +170,7 @@ pub struct Timings {
 /// handles (reference-counted or `Copy`). The strings of its [`Record`] are
 /// made by [`Finished::into_record`], on the request log's thread, and only
 /// when there is a log.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Finished {
     /// `x-request-id`.
     pub request_id: Option<HeaderValue>,

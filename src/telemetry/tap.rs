@@ -67,6 +67,8 @@ pub(super) struct TapInner {
     /// (`rate_limit_headers`).
     /// Boxed: off, it costs the tap 8 bytes, not a hundred.
     pub(super) rate: Option<Box<parking_lot::Mutex<RateNotes>>>,
+    /// Its trace, when the proxy is traced (`[traces]`).
+    pub(super) trace: Option<Box<super::trace::TraceNotes>>,
 }
 
 /// What a request's `x-ratelimit-*` headers are made of, noted by the steps
@@ -85,7 +87,11 @@ pub(super) struct RateNotes {
 impl Tap {
     /// A request's tap; with `rate`, it also collects what its
     /// `x-ratelimit-*` headers say.
-    pub(crate) fn new(arrival: Instant, rate: bool) -> Self {
+    pub(crate) fn new(
+        arrival: Instant,
+        rate: bool,
+        trace: Option<Box<super::trace::TraceNotes>>,
+    ) -> Self {
         Self(Arc::new(TapInner {
             arrival,
             dispatched: AtomicU64::new(0),
@@ -103,7 +109,34 @@ impl Tap {
             preemptions: AtomicU32::new(0),
             preempted_ns: AtomicU64::new(0),
             rate: rate.then(Default::default),
+            trace,
         }))
+    }
+
+    /// Its trace, when the proxy is traced.
+    pub(crate) fn trace(&self) -> Option<&super::trace::TraceNotes> {
+        self.0.trace.as_deref()
+    }
+
+    /// Time since arrival.
+    fn since_arrival(&self) -> Duration {
+        self.0.arrival.elapsed()
+    }
+
+    /// Note an attempt upstream beginning now, and give the upstream its
+    /// `traceparent` (traced proxies only).
+    pub(crate) fn trace_upstream(&self, headers: &mut http::HeaderMap) {
+        if let Some(t) = &self.0.trace {
+            t.to_upstream(self.since_arrival(), headers);
+        }
+    }
+
+    /// Note that the running attempt upstream ended now: answered with
+    /// `status`, or not (`error`).
+    pub(crate) fn attempt_ended(&self, status: Option<u16>, error: Option<&'static str>) {
+        if let Some(t) = &self.0.trace {
+            t.attempt_ended(self.since_arrival(), status, error);
+        }
     }
 
     /// What classify found, if it has run.
@@ -260,6 +293,9 @@ impl Tap {
     /// backend: what that attempt stamped is forgotten (the next attempt
     /// is timed afresh; its client saw nothing of this one).
     pub fn preempted(&self, wasted: Duration) {
+        if let Some(trace) = &self.0.trace {
+            trace.preempted(self.since_arrival());
+        }
         let t = &self.0;
         t.preemptions.fetch_add(1, Ordering::Relaxed);
         let ns = wasted.as_nanos().min(u128::from(u64::MAX)) as u64;

@@ -28,7 +28,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::origin::Origin;
 pub use guard::StreamGuard;
-pub(crate) use pool::connect;
+pub(crate) use pool::{connect, Pool};
 pub use pool::{PooledBody, Replay};
 
 use crate::config::{ClientSettings, ConfigError, ReplicaConfig, StreamTimeouts};
@@ -36,7 +36,6 @@ use crate::drain::Drain;
 use crate::error::{UpstreamTimeout, UpstreamUnavailable};
 use crate::telemetry::Tap;
 use crate::BoxError;
-use pool::Pool;
 
 /// Attach TLS settings to the `https://` upstreams among `replicas`: the
 /// webpki roots, plus the CAs of `ca_file`, read now. With neither an
@@ -267,6 +266,7 @@ where
         let tap = req.extensions_mut().remove::<Tap>();
         if let Some(tap) = &tap {
             tap.dispatched_to(&self.name);
+            tap.trace_upstream(req.headers_mut());
         }
         // A vLLM stream that did not ask for its usage: ask, and take the
         // answer's usage event out again.
@@ -630,6 +630,14 @@ where
             tap.headers_arrived();
         }
         let result = result.map(|sent| sent.map_err(failure));
+        if let Some(tap) = tap.as_ref().filter(|t| t.trace().is_some()) {
+            match &result {
+                Ok(Ok(resp)) => tap.attempt_ended(Some(resp.status().as_u16()), None),
+                Ok(Err(e)) => tap.attempt_ended(None, Some(crate::error::describe(&**e).code)),
+                Err(Cut::Elapsed) => tap.attempt_ended(None, Some("upstream_timeout")),
+                Err(Cut::Drained) => tap.attempt_ended(None, Some("drained")),
+            }
+        }
         if let Some((router, i)) = this.report.take() {
             // Any answer (even a 429) shows the upstream is up; a request
             // whose own body failed says nothing of it.

@@ -326,6 +326,12 @@ pub trait Replay: Sized {
     }
 }
 
+impl Replay for http_body_util::Full<Bytes> {
+    fn replay(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
 impl<B> Replay for http_body_util::Either<http_body_util::Full<Bytes>, B> {
     fn replay(&self) -> Option<Self> {
         match self {

@@ -146,7 +146,11 @@ pub async fn start_app(
     let admin = TcpListener::bind(config.admin_listen).await?;
     let addr = listeners[0].local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let recorder = Recorder::new(config.request_log.as_deref())?;
+    let recorder = Recorder::with_traces(
+        config.request_log.as_deref(),
+        config.traces.as_ref(),
+        config.upstream_ca_file.as_deref(),
+    )?;
     // Cluster mode: one handle on the shared state for every worker, set
     // before any stack is built.
     let mut cluster_tasks = Vec::new();
